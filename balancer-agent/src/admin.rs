@@ -1,0 +1,290 @@
+//! The admin API: one JSON request and one JSON response per connection on a
+//! root-only Unix socket. The CLI (`status`, `services`, `endpoints`) is its
+//! client.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use crate::{
+    agent::Agent,
+    dataplane::{MapFill, ProgramStatus},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot listen on admin socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot reach the agent at {path}: {source} (is `balancer-agent run` running, and are you root?)")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("admin socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("admin socket {path}: bad response: {source}")]
+    Decode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("agent: {0}")]
+    Remote(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Services,
+    Endpoints { name: Option<String> },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Response {
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(default)]
+    data: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgramView {
+    pub name: String,
+    pub attach_type: String,
+    pub attached: bool,
+}
+
+impl From<&ProgramStatus> for ProgramView {
+    fn from(p: &ProgramStatus) -> Self {
+        Self {
+            name: p.name.into(),
+            attach_type: p.attach_type.into(),
+            attached: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MapView {
+    pub name: String,
+    pub entries: usize,
+    pub max_entries: u32,
+}
+
+impl From<MapFill> for MapView {
+    fn from(m: MapFill) -> Self {
+        Self {
+            name: m.name.into(),
+            entries: m.entries,
+            max_entries: m.max_entries,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReloadView {
+    /// Loads attempted, the first included.
+    pub attempts: u64,
+    /// Loads that were applied.
+    pub applied: u64,
+    pub ok: bool,
+    /// Unix time, milliseconds.
+    pub at_unix_ms: u64,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub services: usize,
+    pub frontends: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceView {
+    pub kind: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    pub version: String,
+    pub cgroup: String,
+    pub programs: Vec<ProgramView>,
+    pub maps: Vec<MapView>,
+    pub source: SourceView,
+    pub last_reload: ReloadView,
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PortView {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: u16,
+    pub protocol: String,
+    pub algorithm: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointView {
+    pub address: String,
+    pub port: u16,
+    pub zone: Option<String>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// Takes new connections (ready, or the serving-terminating fallback).
+    pub usable: bool,
+    pub active_connections: u64,
+    pub connections_total: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub addresses: Vec<String>,
+    pub ports: Vec<PortView>,
+    pub endpoints: Vec<EndpointView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrainingView {
+    pub address: String,
+    pub port: u16,
+    pub active_connections: u64,
+    pub connections_total: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointsView {
+    pub services: Vec<ServiceView>,
+    /// Backends no longer in any service whose connections are still open.
+    #[serde(default)]
+    pub draining: Vec<DrainingView>,
+}
+
+/// Bind the socket with mode 0600 (set through the umask, so there is no
+/// window in which another user could connect).
+pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+    use nix::sys::stat::{Mode, umask};
+    let bind_err = |source| AdminError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(bind_err)?;
+    }
+    // A stale socket from a previous run: only remove it if nobody answers.
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(bind_err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another agent is listening there",
+            )));
+        }
+        std::fs::remove_file(path).map_err(bind_err)?;
+    }
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(path);
+    umask(old);
+    listener.map_err(bind_err)
+}
+
+pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, agent).await {
+                tracing::debug!(error = %e, "admin connection failed");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read).take(64 * 1024);
+    reader.read_line(&mut line).await?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Response {
+            ok: false,
+            error: Some(format!("bad request: {e}")),
+            data: serde_json::Value::Null,
+        },
+        Ok(req) => {
+            let result = {
+                let agent = agent.lock().unwrap_or_else(|p| p.into_inner());
+                agent.answer(&req)
+            };
+            match result {
+                Ok(data) => Response {
+                    ok: true,
+                    error: None,
+                    data,
+                },
+                Err(e) => Response {
+                    ok: false,
+                    error: Some(e),
+                    data: serde_json::Value::Null,
+                },
+            }
+        }
+    };
+    let mut body = serde_json::to_vec(&response).unwrap_or_default();
+    body.push(b'\n');
+    write.write_all(&body).await?;
+    write.shutdown().await
+}
+
+use tokio::io::AsyncReadExt as _;
+
+/// Send one request to the agent and decode the answer.
+pub async fn request<T: for<'de> Deserialize<'de>>(
+    path: &Path,
+    req: &Request,
+) -> Result<T, AdminError> {
+    let io = |source| AdminError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| AdminError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut body = serde_json::to_vec(req).unwrap_or_default();
+    body.push(b'\n');
+    stream.write_all(&body).await.map_err(io)?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await.map_err(io)?;
+    let resp: Response = serde_json::from_slice(&buf).map_err(|source| AdminError::Decode {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !resp.ok {
+        return Err(AdminError::Remote(resp.error.unwrap_or_default()));
+    }
+    serde_json::from_value(resp.data).map_err(|source| AdminError::Decode {
+        path: path.to_owned(),
+        source,
+    })
+}

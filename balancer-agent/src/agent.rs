@@ -1,0 +1,192 @@
+//! The running agent: the data path, the state it serves, and the answers to
+//! admin requests.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use crate::{
+    admin::{
+        DrainingView, EndpointView, EndpointsView, MapView, PortView, ProgramView, ReloadView,
+        Request, ServiceView, SourceView, StatusView,
+    },
+    dataplane::Dataplane,
+    state::{DesiredState, Protocol},
+};
+
+pub struct Agent {
+    pub dataplane: Dataplane,
+    pub state: DesiredState,
+    pub source_path: PathBuf,
+    pub reload: ReloadView,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Agent {
+    pub fn new(dataplane: Dataplane, source_path: PathBuf) -> Self {
+        Self {
+            dataplane,
+            state: DesiredState::default(),
+            source_path,
+            reload: ReloadView::default(),
+        }
+    }
+
+    /// Publish a new desired state; on failure the previous one stays.
+    pub fn apply(&mut self, state: DesiredState) -> Result<(), String> {
+        self.reload.attempts += 1;
+        self.reload.at_unix_ms = now_ms();
+        for s in &state.services {
+            for p in &s.ports {
+                if p.protocol == Protocol::Http2 {
+                    tracing::warn!(
+                        service = %s.name, port = p.port,
+                        "protocol http2: stream-level balancing is not available yet; \
+                         balancing this port per connection"
+                    );
+                }
+            }
+        }
+        match self.dataplane.apply(&state) {
+            Ok(summary) => {
+                tracing::info!(
+                    services = state.services.len(),
+                    frontends = summary.frontends,
+                    map_writes = summary.ops,
+                    "endpoints applied"
+                );
+                self.reload.ok = true;
+                self.reload.error = None;
+                self.reload.applied += 1;
+                self.reload.services = state.services.len();
+                self.reload.frontends = summary.frontends;
+                self.state = state;
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                self.reload.ok = false;
+                self.reload.error = Some(msg.clone());
+                Err(msg)
+            }
+        }
+    }
+
+    /// Record an update the source could not produce (a bad file); the
+    /// serving state is unchanged.
+    pub fn reject(&mut self, error: String) {
+        self.reload.attempts += 1;
+        self.reload.ok = false;
+        self.reload.error = Some(error);
+        self.reload.at_unix_ms = now_ms();
+    }
+
+    pub fn answer(&self, req: &Request) -> Result<serde_json::Value, String> {
+        let v = match req {
+            Request::Status => serde_json::to_value(self.status()),
+            Request::Services | Request::Endpoints { name: None } => {
+                serde_json::to_value(self.endpoints(None))
+            }
+            Request::Endpoints { name: Some(n) } => {
+                if !self.state.services.iter().any(|s| &s.name == n) {
+                    return Err(format!("no service named {n:?}"));
+                }
+                serde_json::to_value(self.endpoints(Some(n)))
+            }
+        };
+        v.map_err(|e| e.to_string())
+    }
+
+    pub fn status(&self) -> StatusView {
+        StatusView {
+            version: env!("CARGO_PKG_VERSION").into(),
+            cgroup: self.dataplane.cgroup().display().to_string(),
+            programs: self.dataplane.programs().iter().map(ProgramView::from).collect(),
+            maps: self.dataplane.map_fill().into_iter().map(MapView::from).collect(),
+            source: SourceView {
+                kind: "file".into(),
+                path: self.source_path.display().to_string(),
+            },
+            last_reload: self.reload.clone(),
+            counters: self
+                .dataplane
+                .counters()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    pub fn endpoints(&self, only: Option<&str>) -> EndpointsView {
+        let mut services = Vec::new();
+        for s in &self.state.services {
+            if only.is_some_and(|n| n != s.name) {
+                continue;
+            }
+            let mut endpoints = Vec::new();
+            for e in &s.endpoints {
+                let usable = s
+                    .usable_endpoints(e.address.is_ipv4())
+                    .iter()
+                    .any(|u| u.address == e.address);
+                let mut target_ports: Vec<u16> = s.ports.iter().map(|p| p.target_port).collect();
+                target_ports.sort_unstable();
+                target_ports.dedup();
+                for port in target_ports {
+                    let stats = self
+                        .dataplane
+                        .backend_id(&std::net::SocketAddr::new(e.address, port))
+                        .map(|id| self.dataplane.stats(id))
+                        .unwrap_or_default();
+                    endpoints.push(EndpointView {
+                        address: e.address.to_string(),
+                        port,
+                        zone: e.zone.clone(),
+                        ready: e.ready,
+                        serving: e.serving,
+                        terminating: e.terminating,
+                        usable,
+                        active_connections: stats.active,
+                        connections_total: stats.total,
+                    });
+                }
+            }
+            services.push(ServiceView {
+                name: s.name.clone(),
+                addresses: s.addresses.iter().map(ToString::to_string).collect(),
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| PortView {
+                        name: p.name.clone(),
+                        port: p.port,
+                        target_port: p.target_port,
+                        protocol: p.protocol.as_str().into(),
+                        algorithm: p.algorithm.as_str().into(),
+                    })
+                    .collect(),
+                endpoints,
+            });
+        }
+        let draining = self
+            .dataplane
+            .draining()
+            .into_iter()
+            .map(|(addr, st)| DrainingView {
+                address: addr.ip().to_string(),
+                port: addr.port(),
+                active_connections: st.active,
+                connections_total: st.total,
+            })
+            .collect();
+        EndpointsView { services, draining }
+    }
+}

@@ -1,0 +1,362 @@
+//! The kernel data path: loading and attaching the eBPF programs, and
+//! writing the desired state into their maps.
+
+pub mod plan;
+
+use std::{
+    fs::File,
+    net::SocketAddr,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+};
+use balancer_common::{
+    Backend, BackendStats, COUNTER_COUNT, COUNTER_NAMES, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS,
+    ServiceKey, ServiceState, ServiceValue, SlotKey, map_names,
+};
+use serde::Serialize;
+
+use crate::state::DesiredState;
+use plan::{Op, PlanError, Programmer};
+
+/// The eBPF object, built by aya-build from `balancer-ebpf` (see build.rs).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer"));
+
+/// Programs and where they attach. The names are the functions in
+/// `balancer-ebpf/src/programs.rs`.
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    "balancer_connect4",
+    "balancer_connect6",
+    "balancer_getpeername4",
+    "balancer_getpeername6",
+];
+const SOCK_OPS_PROGRAM: &str = "balancer_sock_ops";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("cgroup {path} does not exist")]
+    CgroupMissing { path: PathBuf },
+    #[error("{path} is not a cgroup v2 directory (the programs attach to the unified hierarchy)")]
+    NotCgroup2 { path: PathBuf },
+    #[error("cannot open cgroup {path}: {source}")]
+    CgroupOpen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object failed: {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error(
+        "the kernel refused program {program} ({source}); it needs Linux 5.10 or later with BTF, \
+         CONFIG_CGROUP_BPF and sk_storage support, and CAP_BPF + CAP_NET_ADMIN"
+    )]
+    Load {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching {program} to cgroup {cgroup} failed: {source}")]
+    Attach {
+        program: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+struct Maps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend>,
+    stats: HashMap<MapData, u32, BackendStats>,
+    service_state: Array<MapData, ServiceState>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramStatus {
+    pub name: &'static str,
+    pub attach_type: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MapFill {
+    pub name: &'static str,
+    pub entries: usize,
+    pub max_entries: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ApplySummary {
+    pub ops: usize,
+    pub frontends: usize,
+}
+
+pub struct Dataplane {
+    /// Owns the programs and their links; dropping it detaches everything.
+    _ebpf: Ebpf,
+    maps: Maps,
+    cgroup: PathBuf,
+    programs: Vec<ProgramStatus>,
+    programmer: Programmer,
+}
+
+/// Checks that `path` is a cgroup v2 directory.
+fn check_cgroup(path: &Path) -> Result<File, DataplaneError> {
+    if !path.exists() {
+        return Err(DataplaneError::CgroupMissing {
+            path: path.to_owned(),
+        });
+    }
+    if !path.join("cgroup.procs").exists() || !path.join("cgroup.controllers").exists() {
+        return Err(DataplaneError::NotCgroup2 {
+            path: path.to_owned(),
+        });
+    }
+    File::open(path).map_err(|source| DataplaneError::CgroupOpen {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl Dataplane {
+    /// Load the programs and attach them to `cgroup`. On any error, whatever
+    /// was attached is detached again (the links drop with the object).
+    pub fn attach(cgroup: &Path) -> Result<Self, DataplaneError> {
+        let cgroup_fd = check_cgroup(cgroup)?;
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(DataplaneError::Object)?;
+        let mut programs = Vec::new();
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Load {
+                    program: name,
+                    source: ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(|source| DataplaneError::Load { program: name, source })?;
+            prog.load()
+                .map_err(|source| DataplaneError::Load { program: name, source })?;
+            prog.attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
+                .map_err(|source| DataplaneError::Attach {
+                    program: name,
+                    cgroup: cgroup.to_owned(),
+                    source,
+                })?;
+            programs.push(ProgramStatus {
+                name,
+                attach_type: name.trim_start_matches("balancer_"),
+            });
+        }
+        let sock_ops: &mut SockOps = ebpf
+            .program_mut(SOCK_OPS_PROGRAM)
+            .ok_or(DataplaneError::Load {
+                program: SOCK_OPS_PROGRAM,
+                source: ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| DataplaneError::Load {
+                program: SOCK_OPS_PROGRAM,
+                source,
+            })?;
+        sock_ops.load().map_err(|source| DataplaneError::Load {
+            program: SOCK_OPS_PROGRAM,
+            source,
+        })?;
+        sock_ops
+            .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
+            .map_err(|source| DataplaneError::Attach {
+                program: SOCK_OPS_PROGRAM,
+                cgroup: cgroup.to_owned(),
+                source,
+            })?;
+        programs.push(ProgramStatus {
+            name: SOCK_OPS_PROGRAM,
+            attach_type: "sock_ops",
+        });
+
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))
+        };
+        let maps = Maps {
+            services: HashMap::try_from(take(map_names::SERVICES)?)
+                .map_err(map_err(map_names::SERVICES))?,
+            slots: HashMap::try_from(take(map_names::SLOTS)?).map_err(map_err(map_names::SLOTS))?,
+            backends: HashMap::try_from(take(map_names::BACKENDS)?)
+                .map_err(map_err(map_names::BACKENDS))?,
+            stats: HashMap::try_from(take(map_names::BACKEND_STATS)?)
+                .map_err(map_err(map_names::BACKEND_STATS))?,
+            service_state: Array::try_from(take(map_names::SERVICE_STATE)?)
+                .map_err(map_err(map_names::SERVICE_STATE))?,
+            counters: PerCpuArray::try_from(take(map_names::COUNTERS)?)
+                .map_err(map_err(map_names::COUNTERS))?,
+        };
+        Ok(Self {
+            _ebpf: ebpf,
+            maps,
+            cgroup: cgroup.to_owned(),
+            programs,
+            programmer: Programmer::default(),
+        })
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    pub fn programs(&self) -> &[ProgramStatus] {
+        &self.programs
+    }
+
+    /// Publish `state`: plan every write first (nothing is written if the
+    /// state does not fit), then apply them in order.
+    pub fn apply(&mut self, state: &DesiredState) -> Result<ApplySummary, DataplaneError> {
+        let frontends = state.frontends();
+        let (ops, next) = self.programmer.plan(&frontends)?;
+        for op in &ops {
+            self.write(op)?;
+        }
+        self.programmer.commit(next);
+        self.collect_drained();
+        Ok(ApplySummary {
+            ops: ops.len(),
+            frontends: frontends.len(),
+        })
+    }
+
+    fn write(&mut self, op: &Op) -> Result<(), DataplaneError> {
+        const BPF_ANY: u64 = 0;
+        const BPF_NOEXIST: u64 = 1;
+        let m = &mut self.maps;
+        match op {
+            Op::EnsureStats(id) => match m.stats.insert(id, BackendStats::default(), BPF_NOEXIST) {
+                Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
+                r => r,
+            }
+            .map_err(map_err(map_names::BACKEND_STATS)),
+            Op::PutBackend(id, b) => m
+                .backends
+                .insert(id, b, BPF_ANY)
+                .map_err(map_err(map_names::BACKENDS)),
+            Op::PutSlot(k, id) => m.slots.insert(k, id, BPF_ANY).map_err(map_err(map_names::SLOTS)),
+            Op::PutService(k, v) => {
+                // A new service id starts its round-robin cursor at 0.
+                let _ = m.service_state.set(v.id, ServiceState::default(), BPF_ANY);
+                m.services
+                    .insert(k, v, BPF_ANY)
+                    .map_err(map_err(map_names::SERVICES))
+            }
+            Op::DeleteSlot(k) => ignore_missing(m.slots.remove(k)).map_err(map_err(map_names::SLOTS)),
+            Op::DeleteService(k) => {
+                ignore_missing(m.services.remove(k)).map_err(map_err(map_names::SERVICES))
+            }
+            Op::DeleteBackend(id) => {
+                ignore_missing(m.backends.remove(id)).map_err(map_err(map_names::BACKENDS))
+            }
+        }
+    }
+
+    /// Delete the stats of removed backends whose last connection closed.
+    pub fn collect_drained(&mut self) {
+        let ids: Vec<u32> = self.programmer.draining.keys().copied().collect();
+        for id in ids {
+            let active = self.maps.stats.get(&id, 0).map(|s| s.active).unwrap_or(0);
+            if active == 0 && self.programmer.finish_draining(id) {
+                let _ = self.maps.stats.remove(&id);
+            }
+        }
+    }
+
+    pub fn backend_id(&self, addr: &SocketAddr) -> Option<u32> {
+        self.programmer.backend_id(addr)
+    }
+
+    pub fn stats(&self, id: u32) -> BackendStats {
+        self.maps.stats.get(&id, 0).unwrap_or_default()
+    }
+
+    /// Backends removed from the state that still have open connections.
+    pub fn draining(&self) -> Vec<(SocketAddr, BackendStats)> {
+        self.programmer
+            .draining
+            .iter()
+            .map(|(id, addr)| (*addr, self.stats(*id)))
+            .collect()
+    }
+
+    pub fn map_fill(&self) -> Vec<MapFill> {
+        let m = &self.maps;
+        vec![
+            MapFill {
+                name: map_names::SERVICES,
+                entries: m.services.keys().count(),
+                max_entries: MAX_SERVICES,
+            },
+            MapFill {
+                name: map_names::SLOTS,
+                entries: m.slots.keys().count(),
+                max_entries: MAX_SLOTS,
+            },
+            MapFill {
+                name: map_names::BACKENDS,
+                entries: m.backends.keys().count(),
+                max_entries: MAX_BACKENDS,
+            },
+            MapFill {
+                name: map_names::BACKEND_STATS,
+                entries: m.stats.keys().count(),
+                max_entries: MAX_BACKENDS,
+            },
+        ]
+    }
+
+    /// The data path's decision counters, summed over CPUs.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        (0..COUNTER_COUNT)
+            .map(|i| {
+                let total = self
+                    .maps
+                    .counters
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                (COUNTER_NAMES[i as usize], total)
+            })
+            .collect()
+    }
+}
+
+fn is_errno(e: &MapError, errno: i32) -> bool {
+    match e {
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(errno),
+        MapError::KeyNotFound | MapError::ElementNotFound => errno == libc::ENOENT,
+        _ => false,
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
+        r => r,
+    }
+}

@@ -1,0 +1,245 @@
+//! balancer-agent: the node agent (`run`) and its CLI (`status`, `services`,
+//! `endpoints`).
+#![forbid(unsafe_code)]
+
+mod admin;
+mod agent;
+mod cli;
+mod dataplane;
+mod source;
+mod state;
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{admin::Request, agent::Agent, dataplane::Dataplane, source::file};
+
+const DEFAULT_ADMIN_SOCKET: &str = "/run/balancer/admin.sock";
+
+#[derive(Parser)]
+#[command(version, about = "Socket-level load balancer for Kubernetes Services")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, Default)]
+enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the eBPF programs, attach them to a cgroup and keep their maps in
+    /// sync with an endpoints file.
+    Run {
+        /// YAML or JSON endpoints file; reloaded when it changes.
+        #[arg(long)]
+        endpoints_file: PathBuf,
+        /// cgroup v2 directory to attach to (default: the cgroup v2 root).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        /// bpffs directory for pins (used by later releases for restarts).
+        #[arg(long, default_value = "/sys/fs/bpf/balancer")]
+        bpffs: PathBuf,
+        /// Address of the HTTP/2 frame router (for `protocol: http2` ports).
+        #[arg(long)]
+        proxy_addr: Option<std::net::SocketAddr>,
+    },
+    /// Programs, cgroup, maps, source and the last reload.
+    Status {
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Services and their ports.
+    Services {
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Endpoints with their live connection counts.
+    Endpoints {
+        /// Only this service (namespace/name).
+        name: Option<String>,
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Run {
+                endpoints_file,
+                cgroup,
+                admin_socket,
+                bpffs: _,
+                proxy_addr,
+            } => run(endpoints_file, cgroup, admin_socket, proxy_addr).await,
+            Command::Status {
+                admin_socket,
+                output,
+            } => {
+                let v = admin::request(&admin_socket, &Request::Status).await?;
+                cli::print_status(&v, matches!(output, Output::Json))
+            }
+            Command::Services {
+                admin_socket,
+                output,
+            } => {
+                let v = admin::request(&admin_socket, &Request::Services).await?;
+                cli::print_services(&v, matches!(output, Output::Json))
+            }
+            Command::Endpoints {
+                name,
+                admin_socket,
+                output,
+            } => {
+                let v = admin::request(&admin_socket, &Request::Endpoints { name }).await?;
+                cli::print_endpoints(&v, matches!(output, Output::Json))
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The cgroup v2 mount point, from /proc/self/mountinfo.
+fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    for line in info.lines() {
+        // ... mount-point ... - fstype source options
+        let mut halves = line.split(" - ");
+        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
+            continue;
+        };
+        if right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mnt) = left.split_whitespace().nth(4)
+        {
+            return Ok(PathBuf::from(mnt));
+        }
+    }
+    anyhow::bail!("no cgroup v2 hierarchy is mounted; pass --cgroup")
+}
+
+async fn run(
+    endpoints_file: PathBuf,
+    cgroup: Option<PathBuf>,
+    admin_socket: PathBuf,
+    proxy_addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "balancer-agent run must run as root: loading eBPF programs needs CAP_BPF, \
+             CAP_NET_ADMIN and CAP_SYS_ADMIN"
+        );
+    }
+    // Parse the file before touching the kernel: a bad file attaches nothing.
+    let (bytes, initial) = file::load(&endpoints_file).await?;
+    let cgroup = match cgroup {
+        Some(c) => c,
+        None => cgroup2_root()?,
+    };
+    let listener = admin::bind(&admin_socket)?;
+    let _socket_guard = RemoveOnDrop(admin_socket.clone());
+    let dataplane = Dataplane::attach(&cgroup)?;
+    tracing::info!(cgroup = %cgroup.display(), "programs attached");
+    if let Some(addr) = proxy_addr {
+        tracing::info!(%addr, "--proxy-addr noted; the HTTP/2 frame router is not part of this release");
+    }
+    let mut agent = Agent::new(dataplane, endpoints_file.clone());
+    agent
+        .apply(initial)
+        .map_err(|e| anyhow::anyhow!("cannot program the endpoints: {e}"))?;
+    let agent = Arc::new(Mutex::new(agent));
+
+    let admin_task = tokio::spawn(admin::serve(listener, agent.clone()));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let watch_task = tokio::spawn(file::watch(endpoints_file, bytes, tx));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut gc = tokio::time::interval(Duration::from_secs(1));
+    tracing::info!(admin_socket = %admin_socket.display(), "agent ready");
+    loop {
+        tokio::select! {
+            Some(update) = rx.recv() => {
+                let mut a = agent.lock().unwrap_or_else(|p| p.into_inner());
+                match update {
+                    Ok(state) => {
+                        if let Err(e) = a.apply(state) {
+                            tracing::error!(error = %e, "reload refused; keeping the last good state");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload refused; keeping the last good state");
+                        a.reject(e.to_string());
+                    }
+                }
+            }
+            _ = gc.tick() => {
+                agent.lock().unwrap_or_else(|p| p.into_inner()).dataplane.collect_drained();
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: detaching"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: detaching"); break; }
+        }
+    }
+    admin_task.abort();
+    watch_task.abort();
+    let _ = admin_task.await;
+    let _ = watch_task.await;
+    // The last reference: dropping it drops the eBPF object, which closes
+    // the link fds and so detaches every program.
+    drop(agent);
+    tracing::info!("detached; bye");
+    Ok(())
+}
+
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+

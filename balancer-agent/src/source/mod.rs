@@ -1,0 +1,3 @@
+//! Endpoint sources. Each produces complete [`crate::state::DesiredState`]
+//! values; the agent publishes them.
+pub mod file;

@@ -1,0 +1,211 @@
+//! Types shared by the kernel programs and the agent, and the pure backend
+//! selection logic that both run.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding and no
+//! `bool`, and its size is asserted, so the kernel and the agent can never
+//! disagree on a layout. Addresses are stored as four raw 32-bit words in
+//! network byte order, exactly as the kernel hands them to `cgroup/connect6`;
+//! IPv4 addresses use the IPv4-mapped IPv6 form `::ffff:a.b.c.d`, so one
+//! service map serves both families and IPv4-mapped connects on IPv6 sockets
+//! hit the IPv4 service naturally.
+#![no_std]
+
+pub mod select;
+
+/// Names of the maps in the eBPF object; the agent looks them up by these.
+pub mod map_names {
+    pub const SERVICES: &str = "SERVICES";
+    pub const SLOTS: &str = "SLOTS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const SERVICE_STATE: &str = "SERVICE_STATE";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const SOCK_STATE: &str = "SOCK_STATE";
+}
+
+/// Map capacities. The agent refuses a desired state that does not fit
+/// rather than letting a map insert fail half way through an update.
+pub const MAX_SERVICES: u32 = 65_536;
+pub const MAX_BACKENDS: u32 = 65_536;
+pub const MAX_SLOTS: u32 = 262_144;
+/// Backends per service port (slots are numbered `0..count`).
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
+
+/// Protocol numbers used in [`ServiceKey::proto`].
+pub const PROTO_TCP: u8 = 6;
+
+/// Word 2 of an IPv4-mapped IPv6 address (`::ffff:0:0/96`) as a raw
+/// network-order word.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Key of the `SERVICES` map: a VIP and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    /// VIP, network-order words; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u32; 4],
+    /// VIP port, network byte order (as in `bpf_sock_addr.user_port`).
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+
+/// Selection algorithm of a service port, stored in [`ServiceValue::algorithm`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    Random = 0,
+    RoundRobin = 1,
+    LeastConn = 2,
+}
+
+impl Algorithm {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Random),
+            1 => Some(Self::RoundRobin),
+            2 => Some(Self::LeastConn),
+            _ => None,
+        }
+    }
+}
+
+/// Value of the `SERVICES` map.
+///
+/// `backend_count` is the publication point of an update: the agent writes
+/// slots `0..n` first and this value last, so a reader that sees count `n`
+/// finds every slot below `n` filled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Stable id of this VIP:port, the first half of every [`SlotKey`].
+    pub id: u32,
+    /// Number of usable backends; 0 means connect() gets ECONNREFUSED.
+    pub backend_count: u32,
+    /// An [`Algorithm`] as `u8`.
+    pub algorithm: u8,
+    pub _pad: [u8; 3],
+    pub _reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+
+/// Key of the `SLOTS` map: the n-th backend of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
+
+/// Value of the `BACKENDS` map, keyed by backend id (`u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Backend {
+    /// Pod address, network-order words; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u32; 4],
+    /// Target port, network byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 20);
+
+impl Backend {
+    /// True when the address is IPv4 (stored IPv4-mapped).
+    pub const fn is_v4(&self) -> bool {
+        self.addr[0] == 0 && self.addr[1] == 0 && self.addr[2] == V4_MAPPED_WORD
+    }
+}
+
+/// Value of the `BACKEND_STATS` map, keyed by backend id. Updated with
+/// atomic adds by `sock_ops`; read by least-conn and by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendStats {
+    /// Connections established and not yet closed.
+    pub active: u64,
+    /// Connections ever established.
+    pub total: u64,
+}
+const _: () = assert!(core::mem::size_of::<BackendStats>() == 16);
+
+/// Value of the `SERVICE_STATE` array, indexed by service id: mutable
+/// per-service state the kernel owns (the round-robin cursor).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceState {
+    pub cursor: u64,
+}
+const _: () = assert!(core::mem::size_of::<ServiceState>() == 8);
+
+/// Per-socket state in the `SOCK_STATE` socket storage, written by connect
+/// and read by `sock_ops` and `getpeername`. It lives and dies with the
+/// socket, so it can never leak or be evicted the way a cookie-keyed LRU
+/// entry can.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockState {
+    /// VIP the application connected to (network-order words).
+    pub vip_addr: [u32; 4],
+    /// VIP port, network byte order.
+    pub vip_port: u16,
+    /// 1 once `sock_ops` has counted this socket as active, 0 before it is
+    /// counted and again after it was uncounted on close. This flag is what
+    /// keeps the counts exact: a socket is decremented only if it was
+    /// incremented, and at most once.
+    pub counted: u8,
+    pub _pad: u8,
+    /// Backend chosen for this socket.
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockState>() == 24);
+
+/// Indexes into the `COUNTERS` per-CPU array: every decision the data path
+/// takes is counted under exactly one reason.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect() to a VIP rewritten to a backend.
+    Balanced = 0,
+    /// connect() to a VIP with no usable backend: ECONNREFUSED.
+    NoBackend = 1,
+    /// A slot or backend lookup failed (an update in flight); ECONNREFUSED.
+    LookupMiss = 2,
+    /// Socket storage could not be created: rewritten but not counted.
+    StorageFull = 3,
+    /// IPv6 VIP whose backend is IPv4 or the reverse: refused.
+    FamilyMismatch = 4,
+    /// sock_ops counted an established connection.
+    Established = 5,
+    /// sock_ops uncounted a closed connection.
+    Closed = 6,
+    /// getpeername() rewritten back to the VIP.
+    PeerRewritten = 7,
+}
+
+pub const COUNTER_NAMES: [&str; 8] = [
+    "balanced",
+    "no_backend",
+    "lookup_miss",
+    "storage_full",
+    "family_mismatch",
+    "established",
+    "closed",
+    "peer_rewritten",
+];
+pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers
+    // and explicit padding fields, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for ServiceState {}
+    unsafe impl aya::Pod for SockState {}
+}

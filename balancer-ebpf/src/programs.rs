@@ -1,0 +1,333 @@
+use core::{
+    ffi::c_void,
+    intrinsics::AtomicOrdering,
+    num::NonZeroU32,
+    ptr::{self, read_volatile, write_volatile},
+};
+
+use aya_ebpf::{
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG},
+    btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
+    helpers::{bpf_get_prandom_u32, generated::bpf_set_retval, generated::bpf_sk_storage_get},
+    macros::{btf_map, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use balancer_common::{
+    Algorithm, Backend, BackendStats, COUNTER_COUNT, Counter, MAX_BACKENDS, MAX_SERVICES,
+    MAX_SLOTS, PROTO_TCP, ServiceKey, ServiceState, ServiceValue, SlotKey, SockState,
+    V4_MAPPED_WORD,
+    select::{pick_least_conn, pick_random, pick_round_robin},
+};
+
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const ECONNREFUSED: i32 = 111;
+const TCP_CLOSE: u32 = 7;
+/// Return values of cgroup sock_addr programs.
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+const MAX_SERVICES_USIZE: usize = MAX_SERVICES as usize;
+
+#[btf_map]
+static SERVICES: HashMap<ServiceKey, ServiceValue, MAX_SERVICES_USIZE> = HashMap::new();
+#[btf_map]
+static SLOTS: HashMap<SlotKey, u32, { MAX_SLOTS as usize }> = HashMap::new();
+#[btf_map]
+static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
+#[btf_map]
+static BACKEND_STATS: HashMap<u32, BackendStats, { MAX_BACKENDS as usize }> = HashMap::new();
+#[btf_map]
+static SERVICE_STATE: Array<ServiceState, MAX_SERVICES_USIZE> = Array::new();
+#[btf_map]
+static COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+#[btf_map]
+static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
+
+/// Atomic add whose result is not used: BPF's `lock xadd`.
+///
+/// The fetching form needs the v3 instruction set, which the default BPF CPU
+/// of bpf-linker does not enable (LLVM: "Invalid usage of the XADD return
+/// value"), and aya-build owns the rustflags; so nothing here reads the
+/// result.
+#[inline(always)]
+fn atomic_add(p: *mut u64, v: u64) {
+    // SAFETY: `p` points into a map value the kernel keeps alive for the
+    // duration of the program. `AtomicU64::fetch_add` does not lower to BPF's
+    // atomic add with this toolchain, the intrinsic does.
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+#[inline(always)]
+fn count(c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // Per-CPU slot: a plain add cannot race with another CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+enum Verdict {
+    /// Not a service: leave the connect() alone.
+    Pass,
+    /// Rewrite the destination to this backend.
+    Rewrite(Backend),
+    /// A service without a usable backend: fail with ECONNREFUSED, as
+    /// kube-proxy's REJECT rule does.
+    Refuse,
+}
+
+/// Pick a backend for a connect() to `key`, and record the choice in the
+/// socket's storage for `sock_ops` and `getpeername`.
+#[inline(always)]
+fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
+    let Some(svc) = (unsafe { SERVICES.get(key) }) else {
+        return Verdict::Pass;
+    };
+    let svc = *svc;
+    let Some(n) = NonZeroU32::new(svc.backend_count) else {
+        count(Counter::NoBackend);
+        return Verdict::Refuse;
+    };
+    // The cursor is read, then advanced atomically. Two CPUs can read the
+    // same value and pick the same start slot; that costs one tie-break, not
+    // correctness, and needs no fetching atomic (see `atomic_add`).
+    let cursor = match SERVICE_STATE.get_ptr_mut(svc.id) {
+        Some(state) => {
+            let p = unsafe { ptr::addr_of_mut!((*state).cursor) };
+            let c = unsafe { read_volatile(p) };
+            atomic_add(p, 1);
+            c
+        }
+        None => 0,
+    };
+    let rand = unsafe { bpf_get_prandom_u32() };
+    let slot = match Algorithm::from_u8(svc.algorithm) {
+        Some(Algorithm::Random) => Some(pick_random(n, rand)),
+        Some(Algorithm::RoundRobin) => Some(pick_round_robin(n, cursor)),
+        Some(Algorithm::LeastConn) | None => pick_least_conn(n, cursor, rand, |slot| {
+            let id = unsafe { SLOTS.get(SlotKey { service_id: svc.id, slot }) }?;
+            let stats = unsafe { BACKEND_STATS.get(*id) }?;
+            Some(stats.active)
+        }),
+    };
+    let Some(slot) = slot else {
+        count(Counter::LookupMiss);
+        return Verdict::Refuse;
+    };
+    let Some(&backend_id) = (unsafe { SLOTS.get(SlotKey { service_id: svc.id, slot }) }) else {
+        count(Counter::LookupMiss);
+        return Verdict::Refuse;
+    };
+    let Some(&backend) = (unsafe { BACKENDS.get(backend_id) }) else {
+        count(Counter::LookupMiss);
+        return Verdict::Refuse;
+    };
+
+    let mut fresh = SockState {
+        vip_addr: key.addr,
+        vip_port: key.port,
+        counted: 0,
+        _pad: 0,
+        backend_id,
+    };
+    let st = unsafe { SOCK_STATE.get_or_insert_ptr_mut(ctx, Some(&mut fresh)) };
+    if st.is_null() {
+        // Balancing matters more than accounting: connect anyway, uncounted.
+        count(Counter::StorageFull);
+    } else {
+        // An existing entry (a socket that connects again after a failed
+        // attempt) is repointed; its `counted` flag is left alone so a
+        // counted socket is still uncounted exactly once.
+        unsafe {
+            (*st).vip_addr = key.addr;
+            (*st).vip_port = key.port;
+            (*st).backend_id = backend_id;
+        }
+    }
+    count(Counter::Balanced);
+    Verdict::Rewrite(backend)
+}
+
+#[inline(always)]
+fn refuse() -> i32 {
+    // A cgroup program that returns 0 fails the syscall with EPERM unless it
+    // set another error first; ECONNREFUSED is what a client of a Service
+    // without endpoints gets from kube-proxy, and what it retries on.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    DENY
+}
+
+#[inline(always)]
+fn is_tcp(sa: *const aya_ebpf::bindings::bpf_sock_addr) -> bool {
+    unsafe { (*sa).type_ == SOCK_STREAM && (*sa).protocol == IPPROTO_TCP }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn balancer_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if !is_tcp(sa) {
+        return ALLOW;
+    }
+    let key = unsafe {
+        ServiceKey {
+            addr: [0, 0, V4_MAPPED_WORD, (*sa).user_ip4],
+            port: (*sa).user_port as u16,
+            proto: PROTO_TCP,
+            _pad: 0,
+        }
+    };
+    match balance(&ctx, &key) {
+        Verdict::Pass => ALLOW,
+        Verdict::Refuse => refuse(),
+        Verdict::Rewrite(backend) => {
+            if !backend.is_v4() {
+                count(Counter::FamilyMismatch);
+                return refuse();
+            }
+            unsafe {
+                (*sa).user_ip4 = backend.addr[3];
+                (*sa).user_port = u32::from(backend.port);
+            }
+            ALLOW
+        }
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn balancer_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if !is_tcp(sa) {
+        return ALLOW;
+    }
+    // One 32-bit load per word: the verifier only allows narrow or aligned
+    // access to user_ip6, and the compiler must not merge them.
+    let key = unsafe {
+        ServiceKey {
+            addr: [
+                read_volatile(&raw const (*sa).user_ip6[0]),
+                read_volatile(&raw const (*sa).user_ip6[1]),
+                read_volatile(&raw const (*sa).user_ip6[2]),
+                read_volatile(&raw const (*sa).user_ip6[3]),
+            ],
+            port: (*sa).user_port as u16,
+            proto: PROTO_TCP,
+            _pad: 0,
+        }
+    };
+    match balance(&ctx, &key) {
+        Verdict::Pass => ALLOW,
+        Verdict::Refuse => refuse(),
+        Verdict::Rewrite(backend) => {
+            let vip_is_v4 = key.addr[0] == 0 && key.addr[1] == 0 && key.addr[2] == V4_MAPPED_WORD;
+            if vip_is_v4 != backend.is_v4() {
+                count(Counter::FamilyMismatch);
+                return refuse();
+            }
+            // An IPv4 backend behind an IPv4-mapped VIP stays IPv4-mapped:
+            // the IPv6 socket connects to ::ffff:pod.
+            unsafe {
+                write_volatile(&raw mut (*sa).user_ip6[0], backend.addr[0]);
+                write_volatile(&raw mut (*sa).user_ip6[1], backend.addr[1]);
+                write_volatile(&raw mut (*sa).user_ip6[2], backend.addr[2]);
+                write_volatile(&raw mut (*sa).user_ip6[3], backend.addr[3]);
+                (*sa).user_port = u32::from(backend.port);
+            }
+            ALLOW
+        }
+    }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn balancer_getpeername4(ctx: SockAddrContext) -> i32 {
+    let st = unsafe { SOCK_STATE.get_ptr_mut(&ctx) };
+    if st.is_null() {
+        return ALLOW;
+    }
+    let sa = ctx.sock_addr;
+    unsafe {
+        (*sa).user_ip4 = (*st).vip_addr[3];
+        (*sa).user_port = u32::from((*st).vip_port);
+    }
+    count(Counter::PeerRewritten);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn balancer_getpeername6(ctx: SockAddrContext) -> i32 {
+    let st = unsafe { SOCK_STATE.get_ptr_mut(&ctx) };
+    if st.is_null() {
+        return ALLOW;
+    }
+    let sa = ctx.sock_addr;
+    unsafe {
+        let vip = (*st).vip_addr;
+        write_volatile(&raw mut (*sa).user_ip6[0], vip[0]);
+        write_volatile(&raw mut (*sa).user_ip6[1], vip[1]);
+        write_volatile(&raw mut (*sa).user_ip6[2], vip[2]);
+        write_volatile(&raw mut (*sa).user_ip6[3], vip[3]);
+        (*sa).user_port = u32::from((*st).vip_port);
+    }
+    count(Counter::PeerRewritten);
+    ALLOW
+}
+
+/// The socket storage of a sock_ops socket, if connect() balanced it.
+#[inline(always)]
+fn sock_state(ctx: &SockOpsContext) -> *mut SockState {
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return ptr::null_mut();
+    }
+    let map = ptr::from_ref(&SOCK_STATE).cast_mut().cast::<c_void>();
+    unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0) }.cast()
+}
+
+/// Connection accounting.
+///
+/// +1 on ACTIVE_ESTABLISHED, -1 when the socket reaches TCP_CLOSE (which a
+/// client socket reaches on entering TIME_WAIT, after LAST_ACK, or on a
+/// reset). Only sockets connect() balanced have storage, and the `counted`
+/// flag in it makes the pair exact: a socket is uncounted only if it was
+/// counted, and only once, so the counts return to exactly 0 however
+/// connections end.
+#[sock_ops]
+pub fn balancer_sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => on_close(&ctx),
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext) {
+    let st = sock_state(ctx);
+    if st.is_null() || unsafe { (*st).counted } != 0 {
+        return;
+    }
+    let backend_id = unsafe { (*st).backend_id };
+    let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) else {
+        return;
+    };
+    atomic_add(unsafe { ptr::addr_of_mut!((*stats).active) }, 1);
+    atomic_add(unsafe { ptr::addr_of_mut!((*stats).total) }, 1);
+    unsafe { (*st).counted = 1 };
+    count(Counter::Established);
+    // STATE_CB only fires for sockets that ask for it.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    let st = sock_state(ctx);
+    if st.is_null() || unsafe { (*st).counted } == 0 {
+        return;
+    }
+    unsafe { (*st).counted = 0 };
+    let backend_id = unsafe { (*st).backend_id };
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        atomic_add(unsafe { ptr::addr_of_mut!((*stats).active) }, u64::MAX);
+    }
+    count(Counter::Closed);
+}
