@@ -1,1 +1,690 @@
+//! Test harness: a local "cluster" made of network namespaces, real servers
+//! in pod namespaces, a client in its own cgroup, and the agent as a real
+//! process. Every test builds its own topology, named after the test, and
+//! everything is removed on drop, also when the test fails.
+//!
+//! Layout (DESIGN.md 5): a node namespace holding a bridge; pods and clients
+//! on veth pairs into it. Pods live in 198.18.0.0/16 and fd00:18::/64, VIPs
+//! in 198.19.0.0/16 and fd00:19::/64. No namespace has a default route, so an
+//! unrewritten connect to a VIP fails with ENETUNREACH and never leaves.
 
+pub mod bpfquery;
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+/// Fails (never skips) when not root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root: it creates network namespaces, cgroups and loads eBPF programs. \
+         Run it with `cargo xtask test` as root."
+    );
+}
+
+/// Path of a binary of this workspace (built by `cargo xtask test`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(format!(
+        "LBT_BIN_{}",
+        name.to_uppercase().replace('-', "_")
+    )) {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/test-binary -> target/<profile>/<name>
+    let mut dir = exe.parent().expect("deps dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (`cargo build --bins`, which `cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
+pub fn peer_bin() -> PathBuf {
+    workspace_bin("lbt-peer")
+}
+
+pub fn agent_bin() -> PathBuf {
+    workspace_bin("balancer-agent")
+}
+
+/// Run a command, failing with its stderr.
+pub fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    sh("ip", args).map(|_| ())
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A short, unique prefix for one test's objects: tag, pid and a counter.
+pub fn unique_prefix(tag: &str) -> String {
+    let tag: String = tag
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(12)
+        .collect();
+    format!(
+        "lbt-{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        ip(&["netns", "add", name])?;
+        let ns = Self { name: name.into() };
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["netns", "exec", &self.name, cmd];
+        full.extend_from_slice(args);
+        sh("ip", &full)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Kill whatever still runs in it, then delete it.
+        if let Ok(pids) = sh("ip", &["netns", "pids", &self.name]) {
+            for pid in pids.split_whitespace() {
+                let _ = sh("kill", &["-9", pid]);
+            }
+        }
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// A cgroup v2 directory, removed on drop (its processes are killed first).
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+pub fn cgroup2_root() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    for line in info.lines() {
+        let mut halves = line.split(" - ");
+        if let (Some(left), Some(right)) = (halves.next(), halves.next())
+            && right.split_whitespace().next() == Some("cgroup2")
+            && let Some(m) = left.split_whitespace().nth(4)
+        {
+            return PathBuf::from(m);
+        }
+    }
+    panic!("no cgroup v2 hierarchy mounted");
+}
+
+impl Cgroup {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let path = cgroup2_root().join(name);
+        std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
+                for pid in procs.split_whitespace() {
+                    let _ = sh("kill", &["-9", pid]);
+                }
+            }
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A server process in a pod namespace.
+pub struct Server {
+    child: Child,
+    /// (active, total) connections as the server counts them.
+    pub counts: Arc<Mutex<(u64, u64)>>,
+}
+
+impl Server {
+    pub fn start(ns: &str, name: &str, ports: &[u16]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(peer_bin());
+        cmd.args(["serve", "--netns", ns, "--name", name]);
+        for p in ports {
+            cmd.args(["--port", &p.to_string()]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning lbt-peer serve")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let counts = Arc::new(Mutex::new((0, 0)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let counts = counts.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if line == "listening" {
+                        let _ = tx.send(());
+                    } else if let Some(rest) = line.strip_prefix("conn ") {
+                        let mut it = rest.split(' ').filter_map(|n| n.parse::<u64>().ok());
+                        if let (Some(a), Some(t)) = (it.next(), it.next()) {
+                            *counts.lock().unwrap_or_else(|p| p.into_inner()) = (a, t);
+                        }
+                    }
+                }
+            });
+        }
+        rx.recv_timeout(Duration::from_secs(10))
+            .context("server did not start listening")?;
+        Ok(Self { child, counts })
+    }
+
+    pub fn active(&self) -> u64 {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+    pub fn total(&self) -> u64 {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One pod: a namespace on the bridge with a server.
+pub struct Pod {
+    pub name: String,
+    pub ns: Netns,
+    pub v4: IpAddr,
+    pub v6: IpAddr,
+    pub server: Option<Server>,
+}
+
+/// Result of a client run.
+#[derive(Debug, Clone)]
+pub struct ClientResult {
+    pub pods: BTreeMap<String, u64>,
+    pub errors: BTreeMap<String, u64>,
+    pub peers: BTreeMap<String, u64>,
+    pub order: Vec<String>,
+    pub elapsed_s: f64,
+}
+
+impl ClientResult {
+    fn parse(v: &Value) -> anyhow::Result<Self> {
+        let map = |k: &str| -> BTreeMap<String, u64> {
+            v[k].as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Ok(Self {
+            pods: map("pods"),
+            errors: map("errors"),
+            peers: map("peers"),
+            order: v["order"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+                .unwrap_or_default(),
+            elapsed_s: v["elapsed_s"].as_f64().unwrap_or(0.0),
+        })
+    }
+
+    pub fn count(&self, pod: &str) -> u64 {
+        self.pods.get(pod).copied().unwrap_or(0)
+    }
+}
+
+/// A client holding its connections open until [`HeldClient::close`].
+pub struct HeldClient {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    pub result: ClientResult,
+}
+
+impl HeldClient {
+    /// Close every connection and wait for the client to exit.
+    pub fn close(mut self) -> anyhow::Result<()> {
+        if let Some(mut s) = self.stdin.take() {
+            writeln!(s, "close")?;
+        }
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(20))
+            .context("client did not close")?;
+        anyhow::ensure!(line == "closed", "client said {line}");
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for HeldClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The local cluster of one test.
+pub struct Topology {
+    pub prefix: String,
+    pub pods: Vec<Pod>,
+    /// Client namespace balanced by the agent (its processes are in `cgroup`).
+    pub client: Netns,
+    pub cgroup: Cgroup,
+    /// Holds the bridge; dropped last.
+    pub node: Netns,
+    veth_seq: AtomicU32,
+}
+
+impl Topology {
+    /// `n` pods, each running a server on `ports`, and one client namespace.
+    pub fn new(tag: &str, n: usize, ports: &[u16]) -> anyhow::Result<Self> {
+        require_root();
+        let prefix = unique_prefix(tag);
+        let node = Netns::new(&format!("{prefix}-node"))?;
+        ip(&["-n", &node.name, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &node.name, "link", "set", "br0", "up"])?;
+        let cgroup = Cgroup::new(&prefix)?;
+        let client = Netns::new(&format!("{prefix}-client"))?;
+        let topo_client_v4: IpAddr = "198.18.200.1".parse()?;
+        let topo_client_v6: IpAddr = "fd00:18::c8:1".parse()?;
+        let mut t = Self {
+            prefix: prefix.clone(),
+            pods: Vec::new(),
+            client,
+            cgroup,
+            node,
+            veth_seq: AtomicU32::new(0),
+        };
+        t.plug(&t.client.name.clone(), topo_client_v4, topo_client_v6)?;
+        for i in 0..n {
+            let name = format!("pod{i}");
+            let ns = Netns::new(&format!("{prefix}-{name}"))?;
+            let v4: IpAddr = format!("198.18.1.{}", 10 + i).parse()?;
+            let v6: IpAddr = format!("fd00:18::1:{:x}", 0x10 + i).parse()?;
+            t.plug(&ns.name, v4, v6)?;
+            let server = if ports.is_empty() {
+                None
+            } else {
+                Some(Server::start(&ns.name, &name, ports)?)
+            };
+            t.pods.push(Pod {
+                name,
+                ns,
+                v4,
+                v6,
+                server,
+            });
+        }
+        Ok(t)
+    }
+
+    /// A veth from the bridge into namespace `ns`, as eth0 with two addresses.
+    pub fn plug(&self, ns: &str, v4: IpAddr, v6: IpAddr) -> anyhow::Result<()> {
+        let port = format!("v{}", self.veth_seq.fetch_add(1, Ordering::SeqCst));
+        let node = &self.node.name;
+        ip(&["-n", node, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        ip(&["-n", node, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&["-n", ns, "addr", "add", &format!("{v4}/16"), "dev", "eth0"])?;
+        ip(&["-n", ns, "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    /// An extra client namespace (not in the agent's cgroup unless the
+    /// client joins it), e.g. for the kube-proxy baseline.
+    pub fn extra_client(&self, tag: &str, v4: &str, v6: &str) -> anyhow::Result<Netns> {
+        let ns = Netns::new(&format!("{}-{tag}", self.prefix))?;
+        self.plug(&ns.name, v4.parse()?, v6.parse()?)?;
+        Ok(ns)
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).expect("pod")
+    }
+
+    /// Server-side active counts per pod.
+    pub fn server_active(&self) -> BTreeMap<String, u64> {
+        self.pods
+            .iter()
+            .filter_map(|p| p.server.as_ref().map(|s| (p.name.clone(), s.active())))
+            .collect()
+    }
+
+    /// Wait until `cond` holds, or fail after `timeout` with `what`.
+    pub fn wait_for(
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut() -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if cond()? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {timeout:?} waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn client_cmd(ns: &str, cgroup: Option<&Path>, addr: &str, count: usize, mode: &str) -> Command {
+    let mut cmd = Command::new(peer_bin());
+    cmd.args(["client", "--netns", ns, "--connect", addr, "--count", &count.to_string(), "--mode", mode]);
+    if let Some(cg) = cgroup {
+        cmd.args(["--cgroup", &cg.display().to_string()]);
+    }
+    cmd
+}
+
+/// Open `count` connections one after another and keep them open.
+pub fn hold_connections(
+    ns: &str,
+    cgroup: Option<&Path>,
+    addr: &str,
+    count: usize,
+) -> anyhow::Result<HeldClient> {
+    let mut child = client_cmd(ns, cgroup, addr, count, "hold")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawning lbt-peer client")?;
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(60))
+        .context("client printed no result")?;
+    let result = ClientResult::parse(&serde_json::from_str(&first).context("client output")?)?;
+    Ok(HeldClient {
+        child,
+        stdin,
+        lines: rx,
+        result,
+    })
+}
+
+/// Open and close `count` connections one after another.
+pub fn short_connections(
+    ns: &str,
+    cgroup: Option<&Path>,
+    addr: &str,
+    count: usize,
+) -> anyhow::Result<ClientResult> {
+    let out = client_cmd(ns, cgroup, addr, count, "short")
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running lbt-peer client")?;
+    anyhow::ensure!(out.status.success(), "client failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    ClientResult::parse(&serde_json::from_str(text.lines().next().unwrap_or(""))?)
+}
+
+/// The agent as a real process, stopped with SIGTERM on drop.
+pub struct Agent {
+    child: Option<Child>,
+    pub admin_socket: PathBuf,
+    pub endpoints_file: PathBuf,
+    pub dir: PathBuf,
+    pub stderr_log: PathBuf,
+}
+
+impl Agent {
+    /// Write `endpoints_yaml` to a file and start the agent on `cgroup`.
+    pub fn start(prefix: &str, cgroup: &Path, endpoints_yaml: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(prefix);
+        std::fs::create_dir_all(&dir)?;
+        let endpoints_file = dir.join("endpoints.yaml");
+        std::fs::write(&endpoints_file, endpoints_yaml)?;
+        let admin_socket = dir.join("admin.sock");
+        let stderr_log = dir.join("agent.log");
+        let child = Command::new(agent_bin())
+            .args(["run", "--endpoints-file"])
+            .arg(&endpoints_file)
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("--admin-socket")
+            .arg(&admin_socket)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_log)?)
+            .spawn()
+            .context("spawning balancer-agent")?;
+        let mut agent = Self {
+            child: Some(child),
+            admin_socket,
+            endpoints_file,
+            dir,
+            stderr_log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if agent.cli(&["status", "-o", "json"]).is_ok() {
+                return Ok(agent);
+            }
+            if let Some(c) = agent.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("agent exited with {status}: {}", agent.log());
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not come up: {}", agent.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Run a CLI command against this agent's admin socket.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(agent_bin())
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .output()?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn endpoints_json(&self) -> anyhow::Result<Value> {
+        Ok(serde_json::from_str(&self.cli(&["endpoints", "-o", "json"])?)?)
+    }
+
+    pub fn status_json(&self) -> anyhow::Result<Value> {
+        Ok(serde_json::from_str(&self.cli(&["status", "-o", "json"])?)?)
+    }
+
+    /// active_connections per "address:port" of one service.
+    pub fn active_by_endpoint(&self, service: &str) -> anyhow::Result<BTreeMap<String, u64>> {
+        let v = self.endpoints_json()?;
+        let mut out = BTreeMap::new();
+        for s in v["services"].as_array().context("services")? {
+            if s["name"] != service {
+                continue;
+            }
+            for e in s["endpoints"].as_array().context("endpoints")? {
+                out.insert(
+                    format!("{}", e["address"].as_str().unwrap_or("")),
+                    e["active_connections"].as_u64().context("active_connections")?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replace the endpoints file and wait until the agent has tried it.
+    pub fn reload(&self, yaml: &str) -> anyhow::Result<Value> {
+        let before = self.status_json()?["last_reload"]["attempts"].as_u64().unwrap_or(0);
+        // Write-then-rename, as editors and ConfigMap updates do.
+        let tmp = self.dir.join("endpoints.yaml.tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &self.endpoints_file)?;
+        let mut status = Value::Null;
+        Topology::wait_for("the agent to reload", Duration::from_secs(10), || {
+            status = self.status_json()?;
+            Ok(status["last_reload"]["attempts"].as_u64().unwrap_or(0) > before)
+        })?;
+        Ok(status)
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("already stopped")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("agent did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// kube-proxy's rule shape for one service port, for an iptables-restore
+/// `nat` table: KUBE-SERVICES -> KUBE-SVC-* -> KUBE-SEP-* with
+/// `statistic --mode random --probability 1/(n-i)`, DNAT in each SEP.
+pub fn kube_proxy_rules(vip: &str, port: u16, backends: &[(String, u16)]) -> String {
+    let svc = "KUBE-SVC-TESTSVC0000000";
+    let mut r = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
+    r += &format!(":{svc} - [0:0]\n");
+    for i in 0..backends.len() {
+        r += &format!(":KUBE-SEP-TESTSEP{i:08} - [0:0]\n");
+    }
+    r += "-A OUTPUT -j KUBE-SERVICES\n";
+    r += &format!("-A KUBE-SERVICES -d {vip}/32 -p tcp -m tcp --dport {port} -j {svc}\n");
+    let n = backends.len();
+    for (i, (addr, bport)) in backends.iter().enumerate() {
+        let sep = format!("KUBE-SEP-TESTSEP{i:08}");
+        if i + 1 < n {
+            let p = 1.0 / (n - i) as f64;
+            r += &format!(
+                "-A {svc} -m statistic --mode random --probability {p:.11} -j {sep}\n"
+            );
+        } else {
+            r += &format!("-A {svc} -j {sep}\n");
+        }
+        r += &format!("-A {sep} -p tcp -m tcp -j DNAT --to-destination {addr}:{bport}\n");
+    }
+    r += "COMMIT\n";
+    r
+}
+
+/// Install kube-proxy-shaped rules in `ns` (which needs a route to the VIP).
+pub fn install_kube_proxy(ns: &Netns, rules: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "iptables-restore", "--noflush"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("iptables-restore (install iptables: cargo xtask setup)")?;
+    child.stdin.take().context("stdin")?.write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "iptables-restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Endpoints YAML for one service over some pods.
+pub fn endpoints_yaml(
+    name: &str,
+    vips: &[&str],
+    port: u16,
+    target_port: u16,
+    algorithm: &str,
+    endpoints: &[String],
+) -> String {
+    let mut y = format!(
+        "services:\n  - name: {name}\n    addresses: [{}]\n    ports:\n      - port: {port}\n        targetPort: {target_port}\n        algorithm: {algorithm}\n    endpoints:\n",
+        vips.iter().map(|v| format!("'{v}'")).collect::<Vec<_>>().join(", ")
+    );
+    if endpoints.is_empty() {
+        y = y.replace("    endpoints:\n", "    endpoints: []\n");
+    }
+    for e in endpoints {
+        y += &format!("      - address: '{e}'\n");
+    }
+    y
+}

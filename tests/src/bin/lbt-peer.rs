@@ -1,0 +1,180 @@
+//! Test peer: a TCP server that tells each client which pod it reached and
+//! reports its live connection count, and a client that opens connections
+//! from inside a test cgroup and network namespace.
+//!
+//! ```text
+//! lbt-peer serve  --netns NS --name POD --port P [--port P2]
+//! lbt-peer client --netns NS --cgroup DIR --connect ADDR --count N --mode hold|short
+//! ```
+//!
+//! The server prints `conn <active> <total>` on every change. The client
+//! prints one JSON line with its results; in `hold` mode it then keeps the
+//! connections open until a line arrives on stdin, closes them and prints
+//! `closed`.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn args_all(args: &[String], name: &str) -> Vec<String> {
+    args.windows(2)
+        .filter(|w| w[0] == name)
+        .map(|w| w[1].clone())
+        .collect()
+}
+
+fn enter_netns(ns: &str) -> anyhow::Result<()> {
+    let f = std::fs::File::open(format!("/run/netns/{ns}")).with_context(|| format!("netns {ns}"))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    // Cgroup first (the path lives in this mount namespace), then netns.
+    if let Some(cg) = arg(&args, "--cgroup") {
+        std::fs::write(format!("{cg}/cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {cg}"))?;
+    }
+    if let Some(ns) = arg(&args, "--netns") {
+        enter_netns(&ns)?;
+    }
+    match args.get(1).map(String::as_str) {
+        Some("serve") => serve(&args),
+        Some("client") => client(&args),
+        _ => bail!("usage: lbt-peer serve|client ..."),
+    }
+}
+
+fn serve(args: &[String]) -> anyhow::Result<()> {
+    let name = arg(args, "--name").context("--name")?;
+    let ports = args_all(args, "--port");
+    let active = Arc::new(AtomicU64::new(0));
+    let total = Arc::new(AtomicU64::new(0));
+    let out = Arc::new(Mutex::new(std::io::stdout()));
+    let report = {
+        let (active, total, out) = (active.clone(), total.clone(), out.clone());
+        move || {
+            let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(
+                o,
+                "conn {} {}",
+                active.load(Ordering::SeqCst),
+                total.load(Ordering::SeqCst)
+            );
+            let _ = o.flush();
+        }
+    };
+    let mut handles = Vec::new();
+    for port in ports {
+        // [::] takes IPv4 too (as IPv4-mapped) in a fresh namespace.
+        let l = TcpListener::bind(format!("[::]:{port}")).with_context(|| format!("bind {port}"))?;
+        let (name, active, total, report) =
+            (name.clone(), active.clone(), total.clone(), report.clone());
+        handles.push(std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                active.fetch_add(1, Ordering::SeqCst);
+                total.fetch_add(1, Ordering::SeqCst);
+                report();
+                let (name, active, report) = (name.clone(), active.clone(), report.clone());
+                std::thread::spawn(move || {
+                    let _ = conn.write_all(format!("{name}\n").as_bytes());
+                    let mut buf = [0u8; 512];
+                    // Echo until the client closes.
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    report();
+                });
+            }
+        }));
+    }
+    println!("listening");
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn errno_name(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
+        Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::ETIMEDOUT) => "ETIMEDOUT".into(),
+        Some(libc::EHOSTUNREACH) => "EHOSTUNREACH".into(),
+        Some(n) => format!("errno{n}"),
+        None => e.kind().to_string(),
+    }
+}
+
+/// Connect and read the pod's name.
+fn open(addr: SocketAddr) -> Result<(TcpStream, String), String> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| errno_name(&e))?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| errno_name(&e))?;
+    let mut line = String::new();
+    let mut r = BufReader::new(&s);
+    r.read_line(&mut line).map_err(|e| errno_name(&e))?;
+    Ok((s, line.trim().to_owned()))
+}
+
+fn client(args: &[String]) -> anyhow::Result<()> {
+    let addr: SocketAddr = arg(args, "--connect").context("--connect")?.parse()?;
+    let count: usize = arg(args, "--count").context("--count")?.parse()?;
+    let mode = arg(args, "--mode").unwrap_or_else(|| "hold".into());
+    let mut pods: BTreeMap<String, u64> = BTreeMap::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut peers: BTreeMap<String, u64> = BTreeMap::new();
+    let mut order = Vec::new();
+    let mut held = Vec::new();
+    let start = Instant::now();
+    for _ in 0..count {
+        match open(addr) {
+            Ok((s, pod)) => {
+                *pods.entry(pod.clone()).or_default() += 1;
+                if let Ok(p) = s.peer_addr() {
+                    *peers.entry(p.to_string()).or_default() += 1;
+                }
+                order.push(pod);
+                if mode == "hold" {
+                    held.push(s);
+                }
+            }
+            Err(e) => *errors.entry(e).or_default() += 1,
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let result = serde_json::json!({
+        "pods": pods, "errors": errors, "peers": peers,
+        "order": if count <= 1000 { order } else { vec![] },
+        "elapsed_s": elapsed,
+    });
+    println!("{result}");
+    std::io::stdout().flush()?;
+    if mode == "hold" {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        drop(held);
+        println!("closed");
+    }
+    Ok(())
+}
