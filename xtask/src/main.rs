@@ -1,1 +1,50 @@
-fn main(){}
+//! `cargo xtask <command>`: setup, build, test, demo and bench, one module
+//! each.
+
+mod bench;
+mod build;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Developer tasks for the balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what is missing: Debian packages, the nightly toolchain with
+    /// rust-src, bpf-linker. Idempotent.
+    Setup,
+    /// Release build; the agent lands at target/release/balancer-agent.
+    Build,
+    /// Setup when needed, then every unit and integration test (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// A local cluster of network namespaces: kube-proxy rules vs the agent.
+    Demo,
+    /// Benchmarks; results go to bench/results/.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run().map(|_| ()),
+        Command::Build => build::run(),
+        Command::Test { args } => test::run(&args),
+        Command::Demo => demo::run(),
+        Command::Bench { which } => bench::run(which),
+    }
+}

@@ -1,0 +1,104 @@
+//! The demo behind `cargo xtask demo`: a local "cluster" of network
+//! namespaces (a node bridge, 4 pods running real servers, a client), and 64
+//! long-lived connections to one Service, first through kube-proxy-shaped
+//! iptables rules, then through the agent. Prints both distributions side by
+//! side and removes everything it created, also on Ctrl-C.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::Context;
+use balancer_tests::{
+    Agent, Topology, hold_connections, install_kube_proxy, kube_proxy_rules, sh,
+};
+
+const ENDPOINTS: &str = include_str!("../../demo/endpoints.yaml");
+const VIP: &str = "198.19.0.10:80";
+const CONNECTIONS: usize = 64;
+
+fn bar(n: u64, max: u64, width: usize) -> String {
+    let len = if max == 0 { 0 } else { (n as usize * width).div_ceil(max as usize) };
+    "█".repeat(len) + &" ".repeat(width - len)
+}
+
+fn ratio(c: &BTreeMap<String, u64>, pods: usize) -> f64 {
+    let total: u64 = c.values().sum();
+    c.values().copied().max().unwrap_or(0) as f64 / (total as f64 / pods as f64)
+}
+
+fn main() -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+    }
+    let check = || -> anyhow::Result<()> {
+        anyhow::ensure!(!stop.load(Ordering::SeqCst), "interrupted; cleaning up");
+        Ok(())
+    };
+
+    println!("Building a local cluster: node bridge, 4 pods (198.18.1.10-13:8080), a client.");
+    let t = Topology::new("demo", 4, &[8080])?;
+    check()?;
+
+    println!("\n1. kube-proxy: iptables KUBE-SVC/KUBE-SEP chain, random per connection.");
+    let kp = t.extra_client("kp", "198.18.201.1", "fd00:18::c9:1")?;
+    sh("ip", &["-n", &kp.name, "route", "add", "198.19.0.0/16", "dev", "eth0"])?;
+    let backends: Vec<(String, u16)> = t.pods.iter().map(|p| (p.v4.to_string(), 8080)).collect();
+    install_kube_proxy(&kp, &kube_proxy_rules("198.19.0.10", 80, &backends))?;
+    let kube = hold_connections(&kp.name, None, VIP, CONNECTIONS)?;
+    println!("   {CONNECTIONS} connections to {VIP} opened.");
+    check()?;
+
+    println!("\n2. balancer-agent: eBPF connect4 + sock_ops on the client's cgroup, least-conn.");
+    let agent = Agent::start(&t.prefix, &t.cgroup.path, ENDPOINTS)?;
+    let ours = hold_connections(&t.client.name, Some(&t.cgroup.path), VIP, CONNECTIONS)?;
+    println!("   {CONNECTIONS} connections to {VIP} opened.");
+    check()?;
+
+    let max = kube
+        .result
+        .pods
+        .values()
+        .chain(ours.result.pods.values())
+        .copied()
+        .max()
+        .unwrap_or(1);
+    println!(
+        "\n{:<18} {:<28} {:<28}",
+        "pod", "kube-proxy (iptables)", "balancer (least-conn)"
+    );
+    for p in &t.pods {
+        let a = kube.result.count(&p.name);
+        let b = ours.result.count(&p.name);
+        println!(
+            "{:<18} {} {:>3}   {} {:>3}",
+            format!("{} {}", p.name, p.v4),
+            bar(a, max, 22),
+            a,
+            bar(b, max, 22),
+            b
+        );
+    }
+    println!(
+        "{:<18} {:<26} {:<28}",
+        "busiest/mean",
+        format!("{:.2}x", ratio(&kube.result.pods, 4)),
+        format!("{:.2}x", ratio(&ours.result.pods, 4))
+    );
+
+    println!("\nThe agent's own view (`balancer-agent endpoints`), live counts from sock_ops:\n");
+    print!("{}", agent.cli(&["endpoints"])?);
+    check()?;
+
+    kube.close()?;
+    ours.close()?;
+    println!("\nConnections closed; removing namespaces, cgroup and the agent.");
+    Ok(())
+}
