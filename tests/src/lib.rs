@@ -177,6 +177,10 @@ impl Drop for Cgroup {
     }
 }
 
+/// Every server also listens here: it answers with its name and closes at
+/// once (see `lbt-peer serve --sink-port`).
+pub const SINK_PORT: u16 = 9090;
+
 /// A server process in a pod namespace.
 pub struct Server {
     child: Child,
@@ -187,7 +191,7 @@ pub struct Server {
 impl Server {
     pub fn start(ns: &str, name: &str, ports: &[u16]) -> anyhow::Result<Self> {
         let mut cmd = Command::new(peer_bin());
-        cmd.args(["serve", "--netns", ns, "--name", name]);
+        cmd.args(["serve", "--netns", ns, "--name", name, "--sink-port", &SINK_PORT.to_string()]);
         for p in ports {
             cmd.args(["--port", &p.to_string()]);
         }
@@ -471,7 +475,28 @@ pub fn short_connections(
     addr: &str,
     count: usize,
 ) -> anyhow::Result<ClientResult> {
-    let out = client_cmd(ns, cgroup, addr, count, "short")
+    run_client(ns, cgroup, addr, count, "short")
+}
+
+/// Open `count` connections one after another to a sink port, each closed
+/// by the server first.
+pub fn rate_connections(
+    ns: &str,
+    cgroup: Option<&Path>,
+    addr: &str,
+    count: usize,
+) -> anyhow::Result<ClientResult> {
+    run_client(ns, cgroup, addr, count, "rate")
+}
+
+fn run_client(
+    ns: &str,
+    cgroup: Option<&Path>,
+    addr: &str,
+    count: usize,
+    mode: &str,
+) -> anyhow::Result<ClientResult> {
+    let out = client_cmd(ns, cgroup, addr, count, mode)
         .stderr(Stdio::inherit())
         .output()
         .context("running lbt-peer client")?;
@@ -624,29 +649,33 @@ impl Drop for Agent {
 /// `nat` table: KUBE-SERVICES -> KUBE-SVC-* -> KUBE-SEP-* with
 /// `statistic --mode random --probability 1/(n-i)`, DNAT in each SEP.
 pub fn kube_proxy_rules(vip: &str, port: u16, backends: &[(String, u16)]) -> String {
-    let svc = "KUBE-SVC-TESTSVC0000000";
-    let mut r = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
-    r += &format!(":{svc} - [0:0]\n");
-    for i in 0..backends.len() {
-        r += &format!(":KUBE-SEP-TESTSEP{i:08} - [0:0]\n");
-    }
-    r += "-A OUTPUT -j KUBE-SERVICES\n";
-    r += &format!("-A KUBE-SERVICES -d {vip}/32 -p tcp -m tcp --dport {port} -j {svc}\n");
-    let n = backends.len();
-    for (i, (addr, bport)) in backends.iter().enumerate() {
-        let sep = format!("KUBE-SEP-TESTSEP{i:08}");
-        if i + 1 < n {
-            let p = 1.0 / (n - i) as f64;
-            r += &format!(
-                "-A {svc} -m statistic --mode random --probability {p:.11} -j {sep}\n"
-            );
-        } else {
-            r += &format!("-A {svc} -j {sep}\n");
+    kube_proxy_services(&[(vip, port, backends)])
+}
+
+/// The same for several service ports in one table.
+pub fn kube_proxy_services(services: &[(&str, u16, &[(String, u16)])]) -> String {
+    let mut chains = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
+    let mut rules = String::from("-A OUTPUT -j KUBE-SERVICES\n");
+    for (si, (vip, port, backends)) in services.iter().enumerate() {
+        let svc = format!("KUBE-SVC-TESTSVC{si:08}");
+        chains += &format!(":{svc} - [0:0]\n");
+        rules += &format!("-A KUBE-SERVICES -d {vip}/32 -p tcp -m tcp --dport {port} -j {svc}\n");
+        let n = backends.len();
+        for (i, (addr, bport)) in backends.iter().enumerate() {
+            let sep = format!("KUBE-SEP-TEST{si:04}SEP{i:04}");
+            chains += &format!(":{sep} - [0:0]\n");
+            if i + 1 < n {
+                let p = 1.0 / (n - i) as f64;
+                rules += &format!(
+                    "-A {svc} -m statistic --mode random --probability {p:.11} -j {sep}\n"
+                );
+            } else {
+                rules += &format!("-A {svc} -j {sep}\n");
+            }
+            rules += &format!("-A {sep} -p tcp -m tcp -j DNAT --to-destination {addr}:{bport}\n");
         }
-        r += &format!("-A {sep} -p tcp -m tcp -j DNAT --to-destination {addr}:{bport}\n");
     }
-    r += "COMMIT\n";
-    r
+    chains + &rules + "COMMIT\n"
 }
 
 /// Install kube-proxy-shaped rules in `ns` (which needs a route to the VIP).

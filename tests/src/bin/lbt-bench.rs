@@ -15,8 +15,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use balancer_tests::{
-    Agent, Topology, endpoints_yaml, hold_connections, install_kube_proxy, kube_proxy_rules, sh,
-    short_connections,
+    Agent, Topology, endpoints_yaml, hold_connections, install_kube_proxy, kube_proxy_services, rate_connections, sh,
+    SINK_PORT,
 };
 use serde_json::json;
 
@@ -58,12 +58,24 @@ fn l4(out: PathBuf) -> anyhow::Result<()> {
     let agent = Agent::start(
         &t.prefix,
         &t.cgroup.path,
-        &endpoints_yaml("bench/echo", &[VIP], 80, 8080, "least-conn", &eps),
+        &format!(
+            "{}{}",
+            endpoints_yaml("bench/echo", &[VIP], 80, 8080, "least-conn", &eps),
+            endpoints_yaml("bench/sink", &[VIP], 90, SINK_PORT, "least-conn", &eps)
+                .trim_start_matches("services:\n")
+        ),
     )?;
     let kp = t.extra_client("kp", "198.18.201.1", "fd00:18::c9:1")?;
     sh("ip", &["-n", &kp.name, "route", "add", "198.19.0.0/16", "dev", "eth0"])?;
     let backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), 8080)).collect();
-    install_kube_proxy(&kp, &kube_proxy_rules(VIP, 80, &backends))?;
+    let sink_backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), SINK_PORT)).collect();
+    install_kube_proxy(
+        &kp,
+        &kube_proxy_services(&[(VIP, 80, &backends), (VIP, 90, &sink_backends)]),
+    )?;
+    // Baseline namespace: no iptables rules (so no conntrack) and not in
+    // the agent's cgroup, the way a pod talks to a pod IP.
+    let plain = t.extra_client("plain", "198.18.202.1", "fd00:18::ca:1")?;
     let vip = format!("{VIP}:80");
 
     // Spread.
@@ -83,13 +95,14 @@ fn l4(out: PathBuf) -> anyhow::Result<()> {
     }
 
     // Connect rate, interleaved rounds so drift hits every mode alike.
-    let direct_addr = format!("{}:8080", eps[0]);
+    let direct_addr = format!("{}:{SINK_PORT}", eps[0]);
+    let sink_vip = format!("{VIP}:90");
     let mut rates: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     eprintln!("connect rate: {rounds} rounds x {rate_n} sequential connections per mode");
     for _ in 0..rounds {
-        let d = short_connections(&kp.name, None, &direct_addr, rate_n)?;
-        let c = short_connections(&t.client.name, Some(&t.cgroup.path), &vip, rate_n)?;
-        let i = short_connections(&kp.name, None, &vip, rate_n)?;
+        let d = rate_connections(&plain.name, None, &direct_addr, rate_n)?;
+        let c = rate_connections(&t.client.name, Some(&t.cgroup.path), &sink_vip, rate_n)?;
+        let i = rate_connections(&kp.name, None, &sink_vip, rate_n)?;
         for (mode, r) in [("direct", d), ("connect4", c), ("iptables_dnat", i)] {
             anyhow::ensure!(r.errors.is_empty(), "{mode}: {:?}", r.errors);
             rates.entry(mode).or_default().push(rate_n as f64 / r.elapsed_s);
@@ -111,7 +124,7 @@ fn l4(out: PathBuf) -> anyhow::Result<()> {
             "least_conn": os,
         },
         "connect_rate": {
-            "metric": "sequential connect + first byte + close per second (best of rounds)",
+            "metric": "sequential connect + first byte + server close + close, per second (best of rounds)",
             "connections_per_round": rate_n,
             "rounds": rounds,
             "direct_per_s": direct,
@@ -128,7 +141,7 @@ fn l4(out: PathBuf) -> anyhow::Result<()> {
          {:<14} {:>6} {:>6} {:>6} {:>6}\n\
          {:<14} {:>6.2} {:>6.2} {:>6.2} {:>6.2}\n\
          {:<14} {:>6.2} {:>6.2} {:>6.2} {:>6.2}\n\n\
-         connect rate (connect + first byte + close, sequential), best of {rounds} x {rate_n}\n\
+         connect rate (connect, first byte, server FIN, close; sequential), best of {rounds} x {rate_n}\n\
          {:<14} {:>9.0}/s  1.00x\n\
          {:<14} {:>9.0}/s  {:.2}x\n\
          {:<14} {:>9.0}/s  {:.2}x\n",

@@ -3,8 +3,8 @@
 //! from inside a test cgroup and network namespace.
 //!
 //! ```text
-//! lbt-peer serve  --netns NS --name POD --port P [--port P2]
-//! lbt-peer client --netns NS --cgroup DIR --connect ADDR --count N --mode hold|short
+//! lbt-peer serve  --netns NS --name POD --port P [--port P2] [--sink-port S]
+//! lbt-peer client --netns NS --cgroup DIR --connect ADDR --count N --mode hold|short|rate
 //! ```
 //!
 //! The server prints `conn <active> <total>` on every change. The client
@@ -108,6 +108,21 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
             }
         }));
     }
+    // Sink ports answer with the pod's name and close at once, without a
+    // thread per connection: for connect-rate measurements, where the
+    // server must not be the bottleneck. The server closes first, so the
+    // client never sits in TIME_WAIT.
+    for port in args_all(args, "--sink-port") {
+        let l = TcpListener::bind(format!("[::]:{port}")).with_context(|| format!("bind {port}"))?;
+        let reply = format!("{name}\n");
+        handles.push(std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.write_all(reply.as_bytes());
+                let _ = conn.shutdown(std::net::Shutdown::Write);
+            }
+        }));
+    }
     println!("listening");
     for h in handles {
         let _ = h.join();
@@ -157,6 +172,10 @@ fn client(args: &[String]) -> anyhow::Result<()> {
                 order.push(pod);
                 if mode == "hold" {
                     held.push(s);
+                } else if mode == "rate" {
+                    // Wait for the server's FIN, then close.
+                    let mut rest = Vec::new();
+                    let _ = (&s).read_to_end(&mut rest);
                 }
             }
             Err(e) => *errors.entry(e).or_default() += 1,
