@@ -26,7 +26,9 @@ pub enum AdminError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot reach the agent at {path}: {source} (is `balancer-agent run` running, and are you root?)")]
+    #[error(
+        "cannot reach the agent at {path}: {source} (is `balancer-agent run` running, and are you root?)"
+    )]
     Connect {
         path: PathBuf,
         source: std::io::Error,

@@ -109,8 +109,18 @@ impl Agent {
         StatusView {
             version: env!("CARGO_PKG_VERSION").into(),
             cgroup: self.dataplane.cgroup().display().to_string(),
-            programs: self.dataplane.programs().iter().map(ProgramView::from).collect(),
-            maps: self.dataplane.map_fill().into_iter().map(MapView::from).collect(),
+            programs: self
+                .dataplane
+                .programs()
+                .iter()
+                .map(ProgramView::from)
+                .collect(),
+            maps: self
+                .dataplane
+                .map_fill()
+                .into_iter()
+                .map(MapView::from)
+                .collect(),
             source: SourceView {
                 kind: "file".into(),
                 path: self.source_path.display().to_string(),

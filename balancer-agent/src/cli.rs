@@ -51,9 +51,14 @@ pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
     let _ = writeln!(o, "cgroup:    {}", v.cgroup);
     let _ = writeln!(o, "source:    {} {}", v.source.kind, v.source.path);
     let r = &v.last_reload;
-    let _ = writeln!(o, 
+    let _ = writeln!(
+        o,
         "reload:    {} ({} applied of {} loads; {} services, {} frontends)",
-        if r.ok { "ok" } else { "FAILED, serving the last good state" },
+        if r.ok {
+            "ok"
+        } else {
+            "FAILED, serving the last good state"
+        },
         r.applied,
         r.attempts,
         r.services,
@@ -66,7 +71,13 @@ pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
     let rows: Vec<Vec<String>> = v
         .programs
         .iter()
-        .map(|p| vec![p.name.clone(), p.attach_type.clone(), if p.attached { "yes" } else { "no" }.into()])
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.attach_type.clone(),
+                if p.attached { "yes" } else { "no" }.into(),
+            ]
+        })
         .collect();
     let _ = write!(o, "{}", table(&["PROGRAM", "ATTACH", "ATTACHED"], &rows));
     o.push('\n');
@@ -75,12 +86,21 @@ pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
         .iter()
         .map(|m| {
             let pct = 100.0 * m.entries as f64 / f64::from(m.max_entries.max(1));
-            vec![m.name.clone(), m.entries.to_string(), m.max_entries.to_string(), format!("{pct:.1}%")]
+            vec![
+                m.name.clone(),
+                m.entries.to_string(),
+                m.max_entries.to_string(),
+                format!("{pct:.1}%"),
+            ]
         })
         .collect();
     let _ = write!(o, "{}", table(&["MAP", "ENTRIES", "MAX", "FILL"], &rows));
     o.push('\n');
-    let rows: Vec<Vec<String>> = v.counters.iter().map(|(k, n)| vec![k.clone(), n.to_string()]).collect();
+    let rows: Vec<Vec<String>> = v
+        .counters
+        .iter()
+        .map(|(k, n)| vec![k.clone(), n.to_string()])
+        .collect();
     let _ = write!(o, "{}", table(&["COUNTER", "VALUE"], &rows));
     emit(&o)
 }
@@ -119,7 +139,12 @@ pub fn print_services(v: &EndpointsView, as_json: bool) -> anyhow::Result<()> {
             let ports = s
                 .ports
                 .iter()
-                .map(|p| format!("{}->{}/{}/{}", p.port, p.target_port, p.protocol, p.algorithm))
+                .map(|p| {
+                    format!(
+                        "{}->{}/{}/{}",
+                        p.port, p.target_port, p.protocol, p.algorithm
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(",");
             let usable = s.endpoints.iter().filter(|e| e.usable).count();
@@ -131,7 +156,10 @@ pub fn print_services(v: &EndpointsView, as_json: bool) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    emit(&table(&["SERVICE", "ADDRESSES", "PORTS", "ENDPOINTS"], &rows))
+    emit(&table(
+        &["SERVICE", "ADDRESSES", "PORTS", "ENDPOINTS"],
+        &rows,
+    ))
 }
 
 pub fn print_endpoints(v: &EndpointsView, as_json: bool) -> anyhow::Result<()> {
@@ -175,5 +203,10 @@ pub fn print_endpoints(v: &EndpointsView, as_json: bool) -> anyhow::Result<()> {
             d.connections_total.to_string(),
         ]);
     }
-    emit(&table(&["SERVICE", "ENDPOINT", "STATE", "USABLE", "ZONE", "ACTIVE", "TOTAL"], &rows))
+    emit(&table(
+        &[
+            "SERVICE", "ENDPOINT", "STATE", "USABLE", "ZONE", "ACTIVE", "TOTAL",
+        ],
+        &rows,
+    ))
 }

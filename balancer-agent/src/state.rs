@@ -97,7 +97,11 @@ impl ServiceSpec {
     /// serving ones that are terminating (so a rolling update of a
     /// single-replica service does not refuse connections); else none.
     pub fn usable_endpoints(&self, v4: bool) -> Vec<&EndpointSpec> {
-        let family = || self.endpoints.iter().filter(move |e| e.address.is_ipv4() == v4);
+        let family = || {
+            self.endpoints
+                .iter()
+                .filter(move |e| e.address.is_ipv4() == v4)
+        };
         let ready: Vec<_> = family().filter(|e| e.ready).collect();
         if !ready.is_empty() {
             return ready;
@@ -197,13 +201,19 @@ mod tests {
 
     #[test]
     fn frontends_map_target_ports_and_families() {
-        let mut s = svc(vec![ep("198.18.0.1", true, true, false), ep("fd00:18::1", true, true, false)]);
+        let mut s = svc(vec![
+            ep("198.18.0.1", true, true, false),
+            ep("fd00:18::1", true, true, false),
+        ]);
         s.addresses.push("fd00:19::1".parse().expect("ip"));
         let f = DesiredState { services: vec![s] }.frontends();
         assert_eq!(f.len(), 2);
         assert_eq!(f[0].vip.to_string(), "198.19.0.1:80");
         assert_eq!(f[0].backends, vec!["198.18.0.1:8080".parse().expect("sa")]);
         assert_eq!(f[1].vip.to_string(), "[fd00:19::1]:80");
-        assert_eq!(f[1].backends, vec!["[fd00:18::1]:8080".parse().expect("sa")]);
+        assert_eq!(
+            f[1].backends,
+            vec!["[fd00:18::1]:8080".parse().expect("sa")]
+        );
     }
 }

@@ -158,7 +158,10 @@ mod tests {
     fn least_conn_prefers_least_loaded() {
         let loads = [5u64, 9, 1, 7];
         for c in 0..4 {
-            assert_eq!(pick_least_conn(nz(4), c, 0, |s| Some(loads[s as usize])), Some(2));
+            assert_eq!(
+                pick_least_conn(nz(4), c, 0, |s| Some(loads[s as usize])),
+                Some(2)
+            );
         }
     }
 

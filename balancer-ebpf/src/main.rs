@@ -9,7 +9,16 @@
 //!
 //! Entry points are thin; the decisions are in [`balance`] and the selection
 //! functions of `balancer_common::select`, which the agent's unit tests run.
-#![cfg_attr(target_arch = "bpf", no_std, no_main, feature(core_intrinsics), expect(internal_features, reason = "atomic_xadd is the one way to get BPF atomic adds"))]
+#![cfg_attr(
+    target_arch = "bpf",
+    no_std,
+    no_main,
+    feature(core_intrinsics),
+    expect(
+        internal_features,
+        reason = "atomic_xadd is the one way to get BPF atomic adds"
+    )
+)]
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

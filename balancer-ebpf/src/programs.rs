@@ -6,7 +6,9 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG},
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
     btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
     helpers::{bpf_get_prandom_u32, generated::bpf_set_retval, generated::bpf_sk_storage_get},
     macros::{btf_map, cgroup_sock_addr, sock_ops},
@@ -105,7 +107,12 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
         Some(Algorithm::Random) => Some(pick_random(n, rand)),
         Some(Algorithm::RoundRobin) => Some(pick_round_robin(n, cursor)),
         Some(Algorithm::LeastConn) | None => pick_least_conn(n, cursor, rand, |slot| {
-            let id = unsafe { SLOTS.get(SlotKey { service_id: svc.id, slot }) }?;
+            let id = unsafe {
+                SLOTS.get(SlotKey {
+                    service_id: svc.id,
+                    slot,
+                })
+            }?;
             let stats = unsafe { BACKEND_STATS.get(*id) }?;
             Some(stats.active)
         }),
@@ -114,7 +121,12 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
         count(Counter::LookupMiss);
         return Verdict::Refuse;
     };
-    let Some(&backend_id) = (unsafe { SLOTS.get(SlotKey { service_id: svc.id, slot }) }) else {
+    let Some(&backend_id) = (unsafe {
+        SLOTS.get(SlotKey {
+            service_id: svc.id,
+            slot,
+        })
+    }) else {
         count(Counter::LookupMiss);
         return Verdict::Refuse;
     };

@@ -37,10 +37,8 @@ pub fn require_root() {
 
 /// Path of a binary of this workspace (built by `cargo xtask test`).
 pub fn workspace_bin(name: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(format!(
-        "LBT_BIN_{}",
-        name.to_uppercase().replace('-', "_")
-    )) {
+    if let Some(p) = std::env::var_os(format!("LBT_BIN_{}", name.to_uppercase().replace('-', "_")))
+    {
         return p.into();
     }
     let exe = std::env::current_exe().expect("current exe");
@@ -191,7 +189,15 @@ pub struct Server {
 impl Server {
     pub fn start(ns: &str, name: &str, ports: &[u16]) -> anyhow::Result<Self> {
         let mut cmd = Command::new(peer_bin());
-        cmd.args(["serve", "--netns", ns, "--name", name, "--sink-port", &SINK_PORT.to_string()]);
+        cmd.args([
+            "serve",
+            "--netns",
+            ns,
+            "--name",
+            name,
+            "--sink-port",
+            &SINK_PORT.to_string(),
+        ]);
         for p in ports {
             cmd.args(["--port", &p.to_string()]);
         }
@@ -275,7 +281,11 @@ impl ClientResult {
             peers: map("peers"),
             order: v["order"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default(),
             elapsed_s: v["elapsed_s"].as_f64().unwrap_or(0.0),
         })
@@ -376,10 +386,21 @@ impl Topology {
     pub fn plug(&self, ns: &str, v4: IpAddr, v6: IpAddr) -> anyhow::Result<()> {
         let port = format!("v{}", self.veth_seq.fetch_add(1, Ordering::SeqCst));
         let node = &self.node.name;
-        ip(&["-n", node, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        ip(&[
+            "-n", node, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ])?;
         ip(&["-n", node, "link", "set", &port, "master", "br0", "up"])?;
         ip(&["-n", ns, "addr", "add", &format!("{v4}/16"), "dev", "eth0"])?;
-        ip(&["-n", ns, "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         Ok(())
     }
@@ -425,7 +446,17 @@ impl Topology {
 
 fn client_cmd(ns: &str, cgroup: Option<&Path>, addr: &str, count: usize, mode: &str) -> Command {
     let mut cmd = Command::new(peer_bin());
-    cmd.args(["client", "--netns", ns, "--connect", addr, "--count", &count.to_string(), "--mode", mode]);
+    cmd.args([
+        "client",
+        "--netns",
+        ns,
+        "--connect",
+        addr,
+        "--count",
+        &count.to_string(),
+        "--mode",
+        mode,
+    ]);
     if let Some(cg) = cgroup {
         cmd.args(["--cgroup", &cg.display().to_string()]);
     }
@@ -577,7 +608,11 @@ impl Agent {
     }
 
     pub fn endpoints_json(&self) -> anyhow::Result<Value> {
-        Ok(serde_json::from_str(&self.cli(&["endpoints", "-o", "json"])?)?)
+        Ok(serde_json::from_str(&self.cli(&[
+            "endpoints",
+            "-o",
+            "json",
+        ])?)?)
     }
 
     pub fn status_json(&self) -> anyhow::Result<Value> {
@@ -594,8 +629,10 @@ impl Agent {
             }
             for e in s["endpoints"].as_array().context("endpoints")? {
                 out.insert(
-                    format!("{}", e["address"].as_str().unwrap_or("")),
-                    e["active_connections"].as_u64().context("active_connections")?,
+                    e["address"].as_str().unwrap_or("").to_string(),
+                    e["active_connections"]
+                        .as_u64()
+                        .context("active_connections")?,
                 );
             }
         }
@@ -604,7 +641,9 @@ impl Agent {
 
     /// Replace the endpoints file and wait until the agent has tried it.
     pub fn reload(&self, yaml: &str) -> anyhow::Result<Value> {
-        let before = self.status_json()?["last_reload"]["attempts"].as_u64().unwrap_or(0);
+        let before = self.status_json()?["last_reload"]["attempts"]
+            .as_u64()
+            .unwrap_or(0);
         // Write-then-rename, as editors and ConfigMap updates do.
         let tmp = self.dir.join("endpoints.yaml.tmp");
         std::fs::write(&tmp, yaml)?;
@@ -652,8 +691,11 @@ pub fn kube_proxy_rules(vip: &str, port: u16, backends: &[(String, u16)]) -> Str
     kube_proxy_services(&[(vip, port, backends)])
 }
 
+/// A service port for [`kube_proxy_services`]: VIP, port, backends.
+pub type KubeService<'a> = (&'a str, u16, &'a [(String, u16)]);
+
 /// The same for several service ports in one table.
-pub fn kube_proxy_services(services: &[(&str, u16, &[(String, u16)])]) -> String {
+pub fn kube_proxy_services(services: &[KubeService<'_>]) -> String {
     let mut chains = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
     let mut rules = String::from("-A OUTPUT -j KUBE-SERVICES\n");
     for (si, (vip, port, backends)) in services.iter().enumerate() {
@@ -686,7 +728,11 @@ pub fn install_kube_proxy(ns: &Netns, rules: &str) -> anyhow::Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .context("iptables-restore (install iptables: cargo xtask setup)")?;
-    child.stdin.take().context("stdin")?.write_all(rules.as_bytes())?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(rules.as_bytes())?;
     let out = child.wait_with_output()?;
     anyhow::ensure!(
         out.status.success(),
@@ -707,7 +753,10 @@ pub fn endpoints_yaml(
 ) -> String {
     let mut y = format!(
         "services:\n  - name: {name}\n    addresses: [{}]\n    ports:\n      - port: {port}\n        targetPort: {target_port}\n        algorithm: {algorithm}\n    endpoints:\n",
-        vips.iter().map(|v| format!("'{v}'")).collect::<Vec<_>>().join(", ")
+        vips.iter()
+            .map(|v| format!("'{v}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     if endpoints.is_empty() {
         y = y.replace("    endpoints:\n", "    endpoints: []\n");

@@ -17,7 +17,10 @@ fn run_agent(args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .expect("spawn agent");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -28,9 +31,18 @@ fn bad_file_at_start_exits_nonzero_naming_the_field_and_attaches_nothing() {
     let dir = std::env::temp_dir().join(&prefix);
     std::fs::create_dir_all(&dir).expect("dir");
     let cases = [
-        ("services:\n  - name: a/b\n    addresses: [198.19.0.300]\n    ports: [{port: 80}]\n", "services[0].addresses[0]"),
-        ("services:\n  - name: a/b\n    addresses: [198.19.0.1]\n    ports:\n      - port: 0\n", "1..=65535"),
-        ("services:\n  - name: a/b\n    addresses: [198.19.0.1]\n    ports:\n      - port: 80\n        protocol: sctp\n", "services[0].ports[0].protocol"),
+        (
+            "services:\n  - name: a/b\n    addresses: [198.19.0.300]\n    ports: [{port: 80}]\n",
+            "services[0].addresses[0]",
+        ),
+        (
+            "services:\n  - name: a/b\n    addresses: [198.19.0.1]\n    ports:\n      - port: 0\n",
+            "1..=65535",
+        ),
+        (
+            "services:\n  - name: a/b\n    addresses: [198.19.0.1]\n    ports:\n      - port: 80\n        protocol: sctp\n",
+            "services[0].ports[0].protocol",
+        ),
         ("services: [\n", "line"),
     ];
     for (i, (yaml, needle)) in cases.iter().enumerate() {
@@ -46,7 +58,10 @@ fn bad_file_at_start_exits_nonzero_naming_the_field_and_attaches_nothing() {
             sock.to_str().expect("path"),
         ]);
         assert!(!ok, "a bad file must fail the start");
-        assert!(stderr.contains(needle), "error should name {needle:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "error should name {needle:?}: {stderr}"
+        );
         assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
         for (name, n) in bpfquery::attachments(&cg.path).expect("query") {
             assert_eq!(n, 0, "{name} attached after a failed start");
@@ -79,9 +94,19 @@ fn missing_cgroup_and_missing_root_are_one_clear_line() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(agent_bin())
-        .args(["run", "--endpoints-file", f.to_str().expect("p"), "--admin-socket"])
+        .args([
+            "run",
+            "--endpoints-file",
+            f.to_str().expect("p"),
+            "--admin-socket",
+        ])
         .arg(dir.join("nobody.sock"))
         .output()
         .expect("setpriv");
@@ -110,23 +135,49 @@ fn bad_reload_keeps_the_last_good_state_and_a_good_one_applies() {
     // Same state, still balancing.
     let after = agent.endpoints_json().expect("json");
     assert_eq!(before["services"], after["services"]);
-    let r = short_connections(&t.client.name, Some(&t.cgroup.path), &format!("{VIP}:80"), 8)
-        .expect("client");
+    let r = short_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        8,
+    )
+    .expect("client");
     assert_eq!((r.count("pod0"), r.count("pod1")), (4, 4), "{r:?}");
 
     // Duplicate VIP:port on reload: refused too.
-    let dup = format!("{good}{}", good.trim_start_matches("services:\n").replace(SVC, "default/other"));
+    let dup = format!(
+        "{good}{}",
+        good.trim_start_matches("services:\n")
+            .replace(SVC, "default/other")
+    );
     let status = agent.reload(&dup).expect("reload");
     assert_eq!(status["last_reload"]["ok"], false);
-    assert!(status["last_reload"]["error"].as_str().expect("e").contains("already used"));
+    assert!(
+        status["last_reload"]["error"]
+            .as_str()
+            .expect("e")
+            .contains("already used")
+    );
 
     // A good file applies: only pod1 now.
     let status = agent
-        .reload(&endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &eps[1..]))
+        .reload(&endpoints_yaml(
+            SVC,
+            &[VIP],
+            80,
+            8080,
+            "least-conn",
+            &eps[1..],
+        ))
         .expect("reload");
     assert_eq!(status["last_reload"]["ok"], true, "{status}");
-    let r = short_connections(&t.client.name, Some(&t.cgroup.path), &format!("{VIP}:80"), 4)
-        .expect("client");
+    let r = short_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        4,
+    )
+    .expect("client");
     assert_eq!(r.count("pod1"), 4, "{r:?}");
 }
 
@@ -140,11 +191,19 @@ fn admin_socket_is_root_only_and_cli_tables_show_live_counts() {
         &endpoints_yaml(SVC, &[VIP], 80, 8080, "round-robin", &eps),
     )
     .expect("agent");
-    let mode = std::fs::metadata(&agent.admin_socket).expect("socket").permissions().mode();
+    let mode = std::fs::metadata(&agent.admin_socket)
+        .expect("socket")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "admin socket mode {mode:o}");
 
-    let held = hold_connections(&t.client.name, Some(&t.cgroup.path), &format!("{VIP}:80"), 6)
-        .expect("client");
+    let held = hold_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        6,
+    )
+    .expect("client");
     Topology::wait_for("counts", Duration::from_secs(5), || {
         Ok(agent.active_by_endpoint(SVC)?.values().sum::<u64>() == 6)
     })
@@ -152,15 +211,35 @@ fn admin_socket_is_root_only_and_cli_tables_show_live_counts() {
     let table = agent.cli(&["endpoints"]).expect("endpoints");
     assert!(table.contains("ACTIVE"), "{table}");
     assert!(table.contains(&format!("{}:8080", eps[0])), "{table}");
-    assert_eq!(table.lines().filter(|l| l.contains(SVC) && l.contains(" 3 ")).count(), 2, "{table}");
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.contains(SVC) && l.contains(" 3 "))
+            .count(),
+        2,
+        "{table}"
+    );
     let one = agent.cli(&["endpoints", SVC, "-o", "json"]).expect("one");
     assert!(one.contains("active_connections"));
-    assert!(agent.cli(&["endpoints", "nope/nope"]).expect_err("unknown").to_string().contains("no service"));
+    assert!(
+        agent
+            .cli(&["endpoints", "nope/nope"])
+            .expect_err("unknown")
+            .to_string()
+            .contains("no service")
+    );
     let services = agent.cli(&["services"]).expect("services");
     assert!(services.contains("80->8080/tcp/round-robin"), "{services}");
     assert!(services.contains("2/2"), "{services}");
     let status = agent.cli(&["status"]).expect("status");
-    for needle in ["balancer_connect4", "sock_ops", "SERVICES", "BACKEND_STATS", "reload:    ok", "endpoints.yaml"] {
+    for needle in [
+        "balancer_connect4",
+        "sock_ops",
+        "SERVICES",
+        "BACKEND_STATS",
+        "reload:    ok",
+        "endpoints.yaml",
+    ] {
         assert!(status.contains(needle), "status lacks {needle}: {status}");
     }
     let json = agent.status_json().expect("status json");

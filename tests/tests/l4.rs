@@ -22,7 +22,11 @@ fn assert_counts_agree(t: &Topology, agent: &Agent, expect_each: Option<u64>) {
     for p in &t.pods {
         let server = p.server.as_ref().expect("server").active();
         let a = agent_counts.get(&p.v4.to_string()).copied().unwrap_or(0);
-        assert_eq!(a, server, "{}: agent says {a} active, server says {server}", p.name);
+        assert_eq!(
+            a, server,
+            "{}: agent says {a} active, server says {server}",
+            p.name
+        );
         if let Some(e) = expect_each {
             assert_eq!(server, e, "{} holds {server} connections", p.name);
         }
@@ -59,15 +63,26 @@ fn least_conn_spreads_64_connections_exactly_and_counts_return_to_zero() {
     )
     .expect("agent");
 
-    let client = hold_connections(&t.client.name, Some(&t.cgroup.path), &format!("{VIP}:80"), 64)
-        .expect("client");
-    assert!(client.result.errors.is_empty(), "{:?}", client.result.errors);
+    let client = hold_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        64,
+    )
+    .expect("client");
+    assert!(
+        client.result.errors.is_empty(),
+        "{:?}",
+        client.result.errors
+    );
     for p in &t.pods {
         assert_eq!(client.result.count(&p.name), 16, "{:?}", client.result.pods);
     }
-    Topology::wait_for("servers to see 64 connections", Duration::from_secs(5), || {
-        Ok(t.server_active().values().sum::<u64>() == 64)
-    })
+    Topology::wait_for(
+        "servers to see 64 connections",
+        Duration::from_secs(5),
+        || Ok(t.server_active().values().sum::<u64>() == 64),
+    )
     .expect("servers");
     assert_counts_agree(&t, &agent, Some(16));
     let v = agent.endpoints_json().expect("json");
@@ -81,8 +96,19 @@ fn least_conn_spreads_64_connections_exactly_and_counts_return_to_zero() {
     let kp = t
         .extra_client("kp", "198.18.201.1", "fd00:18::c9:1")
         .expect("kube-proxy client");
-    balancer_tests::sh("ip", &["-n", &kp.name, "route", "add", "198.19.0.0/16", "dev", "eth0"])
-        .expect("vip route");
+    balancer_tests::sh(
+        "ip",
+        &[
+            "-n",
+            &kp.name,
+            "route",
+            "add",
+            "198.19.0.0/16",
+            "dev",
+            "eth0",
+        ],
+    )
+    .expect("vip route");
     let backends: Vec<(String, u16)> = t.pods.iter().map(|p| (p.v4.to_string(), 8080)).collect();
     install_kube_proxy(&kp, &kube_proxy_rules(VIP, 80, &backends)).expect("iptables");
     let kp_client = hold_connections(&kp.name, None, &format!("{VIP}:80"), 64).expect("kp client");
@@ -111,8 +137,13 @@ fn ten_thousand_short_connections_leave_every_counter_at_zero() {
         &endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &v4_endpoints(&t)),
     )
     .expect("agent");
-    let r = short_connections(&t.client.name, Some(&t.cgroup.path), &format!("{VIP}:80"), 10_000)
-        .expect("client");
+    let r = short_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        10_000,
+    )
+    .expect("client");
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(r.pods.values().sum::<u64>(), 10_000);
     wait_all_zero(&t, &agent);
@@ -124,10 +155,17 @@ fn ten_thousand_short_connections_leave_every_counter_at_zero() {
         .map(|e| e["connections_total"].as_u64().expect("total"))
         .sum();
     assert_eq!(totals, 10_000, "every connection counted once");
-    let server_totals: u64 = t.pods.iter().map(|p| p.server.as_ref().expect("s").total()).sum();
+    let server_totals: u64 = t
+        .pods
+        .iter()
+        .map(|p| p.server.as_ref().expect("s").total())
+        .sum();
     assert_eq!(server_totals, 10_000);
     let status = agent.status_json().expect("status");
-    assert_eq!(status["counters"]["established"], status["counters"]["closed"]);
+    assert_eq!(
+        status["counters"]["established"],
+        status["counters"]["closed"]
+    );
 }
 
 #[test]
@@ -144,8 +182,13 @@ fn round_robin_cycles_and_random_behaves_like_kube_proxy() {
 
     // Round-robin: every window of 4 consecutive connections hits all 4 pods,
     // and the sequence repeats with period 4.
-    let rr = short_connections(&t.client.name, Some(&t.cgroup.path), &format!("{VIP}:80"), 40)
-        .expect("rr");
+    let rr = short_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        40,
+    )
+    .expect("rr");
     assert!(rr.errors.is_empty());
     for w in rr.order.windows(4) {
         let mut s = w.to_vec();
@@ -162,9 +205,22 @@ fn round_robin_cycles_and_random_behaves_like_kube_proxy() {
     let n = 800;
     let random = short_connections(&t.client.name, Some(&t.cgroup.path), "198.19.0.11:80", n)
         .expect("random");
-    let kp = t.extra_client("kp", "198.18.201.1", "fd00:18::c9:1").expect("kp");
-    balancer_tests::sh("ip", &["-n", &kp.name, "route", "add", "198.19.0.0/16", "dev", "eth0"])
-        .expect("route");
+    let kp = t
+        .extra_client("kp", "198.18.201.1", "fd00:18::c9:1")
+        .expect("kp");
+    balancer_tests::sh(
+        "ip",
+        &[
+            "-n",
+            &kp.name,
+            "route",
+            "add",
+            "198.19.0.0/16",
+            "dev",
+            "eth0",
+        ],
+    )
+    .expect("route");
     let backends: Vec<(String, u16)> = t.pods.iter().map(|p| (p.v4.to_string(), 8080)).collect();
     install_kube_proxy(&kp, &kube_proxy_rules("198.19.0.11", 80, &backends)).expect("iptables");
     let kube = short_connections(&kp.name, None, "198.19.0.11:80", n).expect("kube-proxy");
@@ -180,7 +236,11 @@ fn round_robin_cycles_and_random_behaves_like_kube_proxy() {
             })
             .sum();
         eprintln!("{what}: {:?} chi2={chi2:.2}", r.pods);
-        assert!(chi2 < 16.27, "{what} is not uniform: {:?} chi2 {chi2}", r.pods);
+        assert!(
+            chi2 < 16.27,
+            "{what} is not uniform: {:?} chi2 {chi2}",
+            r.pods
+        );
     }
     let cyclic = (4..random.order.len()).all(|i| random.order[i] == random.order[i - 4]);
     assert!(!cyclic, "random must not cycle");
@@ -196,8 +256,13 @@ fn removed_endpoint_gets_no_new_connections_and_added_one_does() {
         &endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &first3),
     )
     .expect("agent");
-    let batch1 = hold_connections(&t.client.name, Some(&t.cgroup.path), &format!("{VIP}:80"), 30)
-        .expect("batch1");
+    let batch1 = hold_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        30,
+    )
+    .expect("batch1");
     assert_eq!(batch1.result.count("pod0"), 10);
     assert_eq!(batch1.result.count("pod3"), 0);
 
@@ -207,8 +272,13 @@ fn removed_endpoint_gets_no_new_connections_and_added_one_does() {
         .reload(&endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &last3))
         .expect("reload");
     assert_eq!(status["last_reload"]["ok"], true, "{status}");
-    let batch2 = hold_connections(&t.client.name, Some(&t.cgroup.path), &format!("{VIP}:80"), 16)
-        .expect("batch2");
+    let batch2 = hold_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        16,
+    )
+    .expect("batch2");
     assert!(batch2.result.errors.is_empty());
     assert_eq!(batch2.result.count("pod0"), 0, "{:?}", batch2.result.pods);
     // least-conn fills the new pod first (pod1 and pod2 hold 10 each, pod3
@@ -227,9 +297,15 @@ fn removed_endpoint_gets_no_new_connections_and_added_one_does() {
     batch1.close().expect("close1");
     batch2.close().expect("close2");
     wait_all_zero(&t, &agent);
-    Topology::wait_for("the drained backend to be forgotten", Duration::from_secs(5), || {
-        Ok(agent.endpoints_json()?["draining"].as_array().is_some_and(Vec::is_empty))
-    })
+    Topology::wait_for(
+        "the drained backend to be forgotten",
+        Duration::from_secs(5),
+        || {
+            Ok(agent.endpoints_json()?["draining"]
+                .as_array()
+                .is_some_and(Vec::is_empty))
+        },
+    )
     .expect("drained");
 }
 
@@ -295,12 +371,19 @@ fn ipv6_and_ipv4_mapped_vips_are_balanced_and_getpeername_returns_the_vip() {
     assert_eq!(v6_active, 8);
 
     let v4 = hold_connections(ns, cg, &format!("{VIP}:80"), 4).expect("v4");
-    assert_eq!(v4.result.peers.keys().collect::<Vec<_>>(), vec!["198.19.0.10:80"]);
+    assert_eq!(
+        v4.result.peers.keys().collect::<Vec<_>>(),
+        vec!["198.19.0.10:80"]
+    );
     assert_eq!(v4.result.pods.len(), 4);
 
     // An IPv6 socket connecting to the IPv4-mapped VIP reaches IPv4 pods.
     let mapped = hold_connections(ns, cg, "[::ffff:198.19.0.10]:80", 4).expect("mapped");
-    assert!(mapped.result.errors.is_empty(), "{:?}", mapped.result.errors);
+    assert!(
+        mapped.result.errors.is_empty(),
+        "{:?}",
+        mapped.result.errors
+    );
     assert_eq!(mapped.result.pods.len(), 4, "{:?}", mapped.result.pods);
     assert_eq!(
         mapped.result.peers.keys().collect::<Vec<_>>(),
@@ -328,8 +411,13 @@ fn sigterm_detaches_everything_and_exits_zero() {
     for (name, n) in bpfquery::attachments(&t.cgroup.path).expect("query") {
         assert_eq!(n, 1, "{name} attached while running");
     }
-    let held = hold_connections(&t.client.name, Some(&t.cgroup.path), &format!("{VIP}:80"), 4)
-        .expect("client");
+    let held = hold_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        4,
+    )
+    .expect("client");
     let status = agent.stop().expect("stop");
     assert!(status.success(), "exit status {status}: {}", agent.log());
     for (name, n) in bpfquery::attachments(&t.cgroup.path).expect("query") {
@@ -339,7 +427,12 @@ fn sigterm_detaches_everything_and_exits_zero() {
     // Established connections are untouched by the agent going away.
     held.close().expect("close");
     // And a new connect to the VIP is no longer rewritten.
-    let r = short_connections(&t.client.name, Some(&t.cgroup.path), &format!("{VIP}:80"), 1)
-        .expect("after");
+    let r = short_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        1,
+    )
+    .expect("after");
     assert_eq!(r.errors.get("ENETUNREACH"), Some(&1), "{r:?}");
 }

@@ -11,7 +11,10 @@ pub enum Which {
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
-    anyhow::ensure!(util::is_root(), "benchmarks use network namespaces: run as root");
+    anyhow::ensure!(
+        util::is_root(),
+        "benchmarks use network namespaces: run as root"
+    );
     let env = setup::run_setup()?;
     build::release(&env)?;
     let bin = util::root().join("target/release");

@@ -76,10 +76,12 @@ fn packages() -> anyhow::Result<()> {
         if update {
             util::run(Command::new("apt-get").args(["update", "-q"]))?;
         }
-        util::run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))
+        util::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
     };
     // Package lists on a fresh machine may be stale or empty.
     install(false).or_else(|_| install(true))
@@ -88,7 +90,13 @@ fn packages() -> anyhow::Result<()> {
 fn toolchain_llvm_major(toolchain: &str) -> Option<u32> {
     let v = output(Command::new("rustup").args(["run", toolchain, "rustc", "-vV"]))?;
     let line = v.lines().find(|l| l.starts_with("LLVM version:"))?;
-    line.split(':').nth(1)?.trim().split('.').next()?.parse().ok()
+    line.split(':')
+        .nth(1)?
+        .trim()
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn toolchain() -> anyhow::Result<String> {
@@ -116,34 +124,46 @@ fn toolchain() -> anyhow::Result<String> {
 }
 
 fn rust_src(toolchain: &str) -> anyhow::Result<()> {
-    let sysroot = output(Command::new("rustup").args(["run", toolchain, "rustc", "--print", "sysroot"]))
-        .context("rustc --print sysroot")?;
+    let sysroot =
+        output(Command::new("rustup").args(["run", toolchain, "rustc", "--print", "sysroot"]))
+            .context("rustc --print sysroot")?;
     let core = PathBuf::from(sysroot.trim()).join("lib/rustlib/src/rust/library/core");
     if core.exists() {
         println!("setup: rust-src present for {toolchain}");
         return Ok(());
     }
     println!("setup: adding rust-src to {toolchain}");
-    util::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", toolchain]))
+    util::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        toolchain,
+    ]))
 }
 
 fn bpf_linker(path: &str) -> anyhow::Result<()> {
-    if ok(Command::new("bpf-linker").arg("--version").env("PATH", path)) {
+    if ok(Command::new("bpf-linker")
+        .arg("--version")
+        .env("PATH", path))
+    {
         println!("setup: bpf-linker present");
         return Ok(());
     }
     println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)");
-    util::run(Command::new("cargo")
-        .args([
-            "install",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-        ])
-        .env("PATH", path))
+    util::run(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("PATH", path),
+    )
 }
 
 /// Bring the machine up to what the project needs.

@@ -12,5 +12,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         );
     }
     util::run(util::cargo(&env).args(["build", "--workspace", "--bins"]))?;
-    util::run(util::cargo(&env).args(["test", "--workspace", "--no-fail-fast"]).args(args))
+    util::run(
+        util::cargo(&env)
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(args),
+    )
 }

@@ -154,9 +154,14 @@ impl Dataplane {
                     source: ProgramError::UnexpectedProgramType,
                 })?
                 .try_into()
-                .map_err(|source| DataplaneError::Load { program: name, source })?;
-            prog.load()
-                .map_err(|source| DataplaneError::Load { program: name, source })?;
+                .map_err(|source| DataplaneError::Load {
+                    program: name,
+                    source,
+                })?;
+            prog.load().map_err(|source| DataplaneError::Load {
+                program: name,
+                source,
+            })?;
             prog.attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
                 .map_err(|source| DataplaneError::Attach {
                     program: name,
@@ -195,9 +200,8 @@ impl Dataplane {
             attach_type: "sock_ops",
         });
 
-        let mut take = |name: &'static str| {
-            ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))
-        };
+        let mut take =
+            |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name));
         let maps = Maps {
             services: HashMap::try_from(take(map_names::SERVICES)?)
                 .map_err(map_err(map_names::SERVICES))?,
@@ -258,7 +262,10 @@ impl Dataplane {
                 .backends
                 .insert(id, b, BPF_ANY)
                 .map_err(map_err(map_names::BACKENDS)),
-            Op::PutSlot(k, id) => m.slots.insert(k, id, BPF_ANY).map_err(map_err(map_names::SLOTS)),
+            Op::PutSlot(k, id) => m
+                .slots
+                .insert(k, id, BPF_ANY)
+                .map_err(map_err(map_names::SLOTS)),
             Op::PutService(k, v) => {
                 // A new service id starts its round-robin cursor at 0.
                 let _ = m.service_state.set(v.id, ServiceState::default(), BPF_ANY);
@@ -266,7 +273,9 @@ impl Dataplane {
                     .insert(k, v, BPF_ANY)
                     .map_err(map_err(map_names::SERVICES))
             }
-            Op::DeleteSlot(k) => ignore_missing(m.slots.remove(k)).map_err(map_err(map_names::SLOTS)),
+            Op::DeleteSlot(k) => {
+                ignore_missing(m.slots.remove(k)).map_err(map_err(map_names::SLOTS))
+            }
             Op::DeleteService(k) => {
                 ignore_missing(m.services.remove(k)).map_err(map_err(map_names::SERVICES))
             }

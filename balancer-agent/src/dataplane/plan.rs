@@ -52,9 +52,16 @@ pub enum PlanError {
         max: u32,
     },
     #[error("frontend {vip} has {count} backends; at most {max} per service port")]
-    TooManyBackends { vip: SocketAddr, count: usize, max: u32 },
+    TooManyBackends {
+        vip: SocketAddr,
+        count: usize,
+        max: u32,
+    },
     #[error("frontend {vip}: backend {backend} is not of the VIP's address family")]
-    Family { vip: SocketAddr, backend: SocketAddr },
+    Family {
+        vip: SocketAddr,
+        backend: SocketAddr,
+    },
 }
 
 /// Address as four raw network-order words, IPv4 mapped into IPv6.
@@ -132,8 +139,10 @@ impl Programmer {
 
         // Backend ids: keep existing ones, revive draining ones, allocate
         // the rest.
-        let wanted: BTreeSet<SocketAddr> =
-            target.iter().flat_map(|f| f.backends.iter().copied()).collect();
+        let wanted: BTreeSet<SocketAddr> = target
+            .iter()
+            .flat_map(|f| f.backends.iter().copied())
+            .collect();
         let mut ids = HashMap::new();
         let mut new_ids = Vec::new();
         for addr in &wanted {
@@ -176,7 +185,10 @@ impl Programmer {
         for f in target {
             for b in &f.backends {
                 if b.is_ipv4() != f.vip.is_ipv4() {
-                    return Err(PlanError::Family { vip: f.vip, backend: *b });
+                    return Err(PlanError::Family {
+                        vip: f.vip,
+                        backend: *b,
+                    });
                 }
             }
             let backends: Vec<u32> = f.backends.iter().map(|b| ids[b]).collect();
@@ -184,13 +196,12 @@ impl Programmer {
             let id = match old {
                 Some(p) => p.id,
                 None => {
-                    let id = Self::alloc_service_id(&used_service_ids).ok_or(
-                        PlanError::Capacity {
+                    let id =
+                        Self::alloc_service_id(&used_service_ids).ok_or(PlanError::Capacity {
                             what: "service ids",
                             count: target.len(),
                             max: MAX_SERVICES,
-                        },
-                    )?;
+                        })?;
                     used_service_ids.insert(id);
                     id
                 }
@@ -371,7 +382,10 @@ mod tests {
         fn assert_consistent(&self, allowed: &Map<ServiceKey, HashSet<Backend>>, step: &str) {
             for (key, svc) in &self.services {
                 for slot in 0..svc.backend_count {
-                    let k = SlotKey { service_id: svc.id, slot };
+                    let k = SlotKey {
+                        service_id: svc.id,
+                        slot,
+                    };
                     let id = self
                         .slots
                         .get(&k)
@@ -382,7 +396,10 @@ mod tests {
                         .unwrap_or_else(|| panic!("{step}: backend {id} missing"));
                     assert!(self.stats.contains_key(id), "{step}: stats {id} missing");
                     if let Some(ok) = allowed.get(key) {
-                        assert!(ok.contains(b), "{step}: {key:?} reaches foreign backend {b:?}");
+                        assert!(
+                            ok.contains(b),
+                            "{step}: {key:?} reaches foreign backend {b:?}"
+                        );
                     }
                 }
             }
@@ -390,9 +407,16 @@ mod tests {
 
         fn backends_of(&self, vip: &str) -> Vec<Backend> {
             let key = service_key(vip.parse().expect("vip"));
-            let Some(svc) = self.services.get(&key) else { return vec![] };
+            let Some(svc) = self.services.get(&key) else {
+                return vec![];
+            };
             (0..svc.backend_count)
-                .map(|slot| self.backends[&self.slots[&SlotKey { service_id: svc.id, slot }]])
+                .map(|slot| {
+                    self.backends[&self.slots[&SlotKey {
+                        service_id: svc.id,
+                        slot,
+                    }]]
+                })
                 .collect()
         }
     }
@@ -401,7 +425,10 @@ mod tests {
         Frontend {
             vip: vip.parse().expect("vip"),
             algorithm: Algorithm::LeastConn,
-            backends: backends.iter().map(|b| b.parse().expect("backend")).collect(),
+            backends: backends
+                .iter()
+                .map(|b| b.parse().expect("backend"))
+                .collect(),
         }
     }
 
@@ -433,24 +460,47 @@ mod tests {
         let mut p = Programmer::default();
         let mut m = Maps::default();
         let a = "198.19.0.1:80";
-        step(&mut p, &mut m, &[fe(a, &["198.18.0.1:8080", "198.18.0.2:8080", "198.18.0.3:8080"])]);
+        step(
+            &mut p,
+            &mut m,
+            &[fe(
+                a,
+                &["198.18.0.1:8080", "198.18.0.2:8080", "198.18.0.3:8080"],
+            )],
+        );
         assert_eq!(m.backends_of(a).len(), 3);
         // Shrink, swap, grow, add a service, remove one.
         step(&mut p, &mut m, &[fe(a, &["198.18.0.2:8080"])]);
         assert_eq!(m.backends_of(a), vec![be("198.18.0.2:8080")]);
-        step(&mut p, &mut m, &[fe(a, &["198.18.0.4:8080", "198.18.0.5:8080"])]);
-        assert_eq!(m.backends_of(a), vec![be("198.18.0.4:8080"), be("198.18.0.5:8080")]);
+        step(
+            &mut p,
+            &mut m,
+            &[fe(a, &["198.18.0.4:8080", "198.18.0.5:8080"])],
+        );
+        assert_eq!(
+            m.backends_of(a),
+            vec![be("198.18.0.4:8080"), be("198.18.0.5:8080")]
+        );
         let b = "[fd00:19::1]:443";
         step(
             &mut p,
             &mut m,
-            &[fe(a, &["198.18.0.4:8080", "198.18.0.5:8080", "198.18.0.6:8080"]), fe(b, &["[fd00:18::1]:443"])],
+            &[
+                fe(
+                    a,
+                    &["198.18.0.4:8080", "198.18.0.5:8080", "198.18.0.6:8080"],
+                ),
+                fe(b, &["[fd00:18::1]:443"]),
+            ],
         );
         assert_eq!(m.backends_of(a).len(), 3);
         assert_eq!(m.backends_of(b), vec![be("[fd00:18::1]:443")]);
         step(&mut p, &mut m, &[fe(b, &["[fd00:18::1]:443"])]);
         assert!(m.backends_of(a).is_empty());
-        assert!(!m.services.contains_key(&service_key(a.parse().expect("vip"))));
+        assert!(
+            !m.services
+                .contains_key(&service_key(a.parse().expect("vip")))
+        );
         // Nothing leaks: one service, one slot, one live backend.
         assert_eq!(m.services.len(), 1);
         assert_eq!(m.slots.len(), 1);
@@ -462,9 +512,13 @@ mod tests {
         let mut p = Programmer::default();
         let mut m = Maps::default();
         let a = "198.19.0.1:80";
-        step(&mut p, &mut m, &[fe(a, &["198.18.0.1:80", "198.18.0.2:80", "198.18.0.3:80"])]);
+        step(
+            &mut p,
+            &mut m,
+            &[fe(a, &["198.18.0.1:80", "198.18.0.2:80", "198.18.0.3:80"])],
+        );
         let ops = step(&mut p, &mut m, &[fe(a, &["198.18.0.9:80"])]);
-        let pos = |pred: &dyn Fn(&Op) -> bool| ops.iter().position(|o| pred(o)).expect("op");
+        let pos = |pred: &dyn Fn(&Op) -> bool| ops.iter().position(pred).expect("op");
         let put_backend = pos(&|o| matches!(o, Op::PutBackend(..)));
         let put_slot = pos(&|o| matches!(o, Op::PutSlot(..)));
         let put_service = pos(&|o| matches!(o, Op::PutService(..)));
@@ -490,14 +544,30 @@ mod tests {
         let mut p = Programmer::default();
         let mut m = Maps::default();
         let a = "198.19.0.1:80";
-        step(&mut p, &mut m, &[fe(a, &["198.18.0.1:80", "198.18.0.2:80"])]);
-        let id2 = p.backend_id(&"198.18.0.2:80".parse().expect("sa")).expect("id");
+        step(
+            &mut p,
+            &mut m,
+            &[fe(a, &["198.18.0.1:80", "198.18.0.2:80"])],
+        );
+        let id2 = p
+            .backend_id(&"198.18.0.2:80".parse().expect("sa"))
+            .expect("id");
         m.stats.insert(id2, 5); // live connections
         step(&mut p, &mut m, &[fe(a, &["198.18.0.1:80"])]);
-        assert_eq!(p.draining.get(&id2).map(|a| a.to_string()).as_deref(), Some("198.18.0.2:80"));
+        assert_eq!(
+            p.draining.get(&id2).map(|a| a.to_string()).as_deref(),
+            Some("198.18.0.2:80")
+        );
         assert_eq!(m.stats[&id2], 5, "stats survive while draining");
-        step(&mut p, &mut m, &[fe(a, &["198.18.0.1:80", "198.18.0.2:80"])]);
-        assert_eq!(p.backend_id(&"198.18.0.2:80".parse().expect("sa")), Some(id2));
+        step(
+            &mut p,
+            &mut m,
+            &[fe(a, &["198.18.0.1:80", "198.18.0.2:80"])],
+        );
+        assert_eq!(
+            p.backend_id(&"198.18.0.2:80".parse().expect("sa")),
+            Some(id2)
+        );
         assert!(p.draining.is_empty());
         assert_eq!(m.stats[&id2], 5, "a revived backend keeps counting");
     }
@@ -520,7 +590,9 @@ mod tests {
         let refs: Vec<&str> = too_many.iter().map(String::as_str).collect();
         let e = p.plan(&[fe("198.19.0.1:80", &refs)]).expect_err("too many");
         assert!(e.to_string().contains("per service port"), "{e}");
-        let e = p.plan(&[fe("198.19.0.1:80", &["[fd00:18::1]:80"])]).expect_err("family");
+        let e = p
+            .plan(&[fe("198.19.0.1:80", &["[fd00:18::1]:80"])])
+            .expect_err("family");
         assert!(e.to_string().contains("address family"), "{e}");
         assert!(p.services.is_empty());
     }

@@ -222,10 +222,16 @@ fn validate(path: &Path, doc: FileDoc) -> Result<DesiredState, FileError> {
                 ));
             }
             if e.address.is_unspecified() || e.address.is_multicast() {
-                return Err(invalid(field, format!("{} cannot be an endpoint", e.address)));
+                return Err(invalid(
+                    field,
+                    format!("{} cannot be an endpoint", e.address),
+                ));
             }
             if !seen_eps.insert(e.address) {
-                return Err(invalid(field, format!("endpoint {} listed twice", e.address)));
+                return Err(invalid(
+                    field,
+                    format!("endpoint {} listed twice", e.address),
+                ));
             }
             let ready = e.ready.unwrap_or(true);
             endpoints.push(EndpointSpec {
@@ -241,9 +247,7 @@ fn validate(path: &Path, doc: FileDoc) -> Result<DesiredState, FileError> {
                 if !endpoints.iter().any(|e| e.address.is_ipv4() == a.is_ipv4()) {
                     return Err(invalid(
                         format!("{at}.addresses[{ai}]"),
-                        format!(
-                            "{a} has no endpoint of its family, so its ports cannot serve it"
-                        ),
+                        format!("{a} has no endpoint of its family, so its ports cannot serve it"),
                     ));
                 }
             }
@@ -260,10 +264,12 @@ fn validate(path: &Path, doc: FileDoc) -> Result<DesiredState, FileError> {
 
 /// Read and parse the file.
 pub async fn load(path: &Path) -> Result<(Vec<u8>, DesiredState), FileError> {
-    let bytes = tokio::fs::read(path).await.map_err(|source| FileError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let bytes = tokio::fs::read(path)
+        .await
+        .map_err(|source| FileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
     let text = String::from_utf8_lossy(&bytes);
     let state = parse(path, &text)?;
     Ok((bytes, state))
@@ -359,7 +365,11 @@ services:
             .expect("valid json");
         let port = &s.services[0].ports[0];
         assert_eq!((port.port, port.target_port), (443, 443));
-        assert_eq!(port.algorithm, Algorithm::LeastConn, "least-conn is the default");
+        assert_eq!(
+            port.algorithm,
+            Algorithm::LeastConn,
+            "least-conn is the default"
+        );
         assert_eq!(port.protocol, Protocol::Tcp);
     }
 
@@ -381,10 +391,14 @@ services:
 
     #[test]
     fn bad_ip_names_field_and_line() {
-        let e = err_of("services:\n  - name: a/b\n    addresses: [198.19.0.300]\n    ports: [{port: 80}]\n");
+        let e = err_of(
+            "services:\n  - name: a/b\n    addresses: [198.19.0.300]\n    ports: [{port: 80}]\n",
+        );
         assert!(e.contains("services[0].addresses[0]"), "{e}");
         assert!(e.contains("line 3"), "{e}");
-        let e = err_of("services:\n  - name: a/b\n    addresses: [198.19.0.1]\n    ports: [{port: 80}]\n    endpoints:\n      - address: not-an-ip\n");
+        let e = err_of(
+            "services:\n  - name: a/b\n    addresses: [198.19.0.1]\n    ports: [{port: 80}]\n    endpoints:\n      - address: not-an-ip\n",
+        );
         assert!(e.contains("services[0].endpoints[0].address"), "{e}");
         assert!(e.contains("line 6"), "{e}");
     }
@@ -399,55 +413,94 @@ services:
             assert!(e.contains("1..=65535"), "{e}");
             assert!(e.contains("line 5"), "{e}");
         }
-        let e = err_of("services:\n  - name: a/b\n    addresses: [198.19.0.1]\n    ports:\n      - port: 80\n        targetPort: 0\n");
+        let e = err_of(
+            "services:\n  - name: a/b\n    addresses: [198.19.0.1]\n    ports:\n      - port: 80\n        targetPort: 0\n",
+        );
         assert!(e.contains("services[0].ports[0].targetPort"), "{e}");
     }
 
     #[test]
     fn unknown_protocol_and_algorithm_are_refused() {
-        let e = err_of("services:\n  - name: a/b\n    addresses: [198.19.0.1]\n    ports:\n      - port: 80\n        protocol: udp\n");
+        let e = err_of(
+            "services:\n  - name: a/b\n    addresses: [198.19.0.1]\n    ports:\n      - port: 80\n        protocol: udp\n",
+        );
         assert!(e.contains("services[0].ports[0].protocol"), "{e}");
         assert!(e.contains("unknown variant"), "{e}");
-        let e = err_of("services:\n  - name: a/b\n    addresses: [198.19.0.1]\n    ports:\n      - port: 80\n        algorithm: fastest\n");
+        let e = err_of(
+            "services:\n  - name: a/b\n    addresses: [198.19.0.1]\n    ports:\n      - port: 80\n        algorithm: fastest\n",
+        );
         assert!(e.contains("services[0].ports[0].algorithm"), "{e}");
     }
 
     #[test]
     fn unknown_field_is_refused() {
-        let e = err_of("services:\n  - name: a/b\n    addresses: [198.19.0.1]\n    ports: [{port: 80, tragetPort: 8080}]\n");
+        let e = err_of(
+            "services:\n  - name: a/b\n    addresses: [198.19.0.1]\n    ports: [{port: 80, tragetPort: 8080}]\n",
+        );
         assert!(e.contains("tragetPort"), "{e}");
     }
 
     #[test]
     fn duplicate_names_and_frontends_are_refused() {
-        let e = err_of("services:\n  - {name: a/b, addresses: [198.19.0.1], ports: [{port: 80}]}\n  - {name: a/b, addresses: [198.19.0.2], ports: [{port: 80}]}\n");
-        assert!(e.contains("services[1].name") && e.contains("duplicate"), "{e}");
-        let e = err_of("services:\n  - {name: a/b, addresses: [198.19.0.1], ports: [{port: 80}]}\n  - {name: a/c, addresses: [198.19.0.1], ports: [{port: 80}]}\n");
-        assert!(e.contains("services[1].ports[0].port") && e.contains("a/b"), "{e}");
-        let e = err_of("services:\n  - {name: a/b, addresses: [198.19.0.1], ports: [{port: 80}, {port: 80}]}\n");
+        let e = err_of(
+            "services:\n  - {name: a/b, addresses: [198.19.0.1], ports: [{port: 80}]}\n  - {name: a/b, addresses: [198.19.0.2], ports: [{port: 80}]}\n",
+        );
+        assert!(
+            e.contains("services[1].name") && e.contains("duplicate"),
+            "{e}"
+        );
+        let e = err_of(
+            "services:\n  - {name: a/b, addresses: [198.19.0.1], ports: [{port: 80}]}\n  - {name: a/c, addresses: [198.19.0.1], ports: [{port: 80}]}\n",
+        );
+        assert!(
+            e.contains("services[1].ports[0].port") && e.contains("a/b"),
+            "{e}"
+        );
+        let e = err_of(
+            "services:\n  - {name: a/b, addresses: [198.19.0.1], ports: [{port: 80}, {port: 80}]}\n",
+        );
         assert!(e.contains("services[0].ports[1].port"), "{e}");
     }
 
     #[test]
     fn family_mismatches_are_refused() {
-        let e = err_of("services:\n  - {name: a/b, addresses: [198.19.0.1], ports: [{port: 80}], endpoints: [{address: 'fd00:18::1'}]}\n");
-        assert!(e.contains("services[0].endpoints[0].address") && e.contains("IPv6"), "{e}");
-        let e = err_of("services:\n  - {name: a/b, addresses: [198.19.0.1, 'fd00:19::1'], ports: [{port: 80}], endpoints: [{address: 198.18.0.5}]}\n");
+        let e = err_of(
+            "services:\n  - {name: a/b, addresses: [198.19.0.1], ports: [{port: 80}], endpoints: [{address: 'fd00:18::1'}]}\n",
+        );
+        assert!(
+            e.contains("services[0].endpoints[0].address") && e.contains("IPv6"),
+            "{e}"
+        );
+        let e = err_of(
+            "services:\n  - {name: a/b, addresses: [198.19.0.1, 'fd00:19::1'], ports: [{port: 80}], endpoints: [{address: 198.18.0.5}]}\n",
+        );
         assert!(e.contains("services[0].addresses[1]"), "{e}");
     }
 
     #[test]
     fn bad_names_and_missing_fields_are_refused() {
-        assert!(err_of("services:\n  - {name: nonamespace, addresses: [198.19.0.1], ports: [{port: 80}]}\n").contains("services[0].name"));
-        assert!(err_of("services:\n  - {name: a/b, addresses: [], ports: [{port: 80}]}\n").contains("services[0].addresses"));
-        assert!(err_of("services:\n  - {name: a/b, addresses: [198.19.0.1], ports: []}\n").contains("services[0].ports"));
+        assert!(
+            err_of(
+                "services:\n  - {name: nonamespace, addresses: [198.19.0.1], ports: [{port: 80}]}\n"
+            )
+            .contains("services[0].name")
+        );
+        assert!(
+            err_of("services:\n  - {name: a/b, addresses: [], ports: [{port: 80}]}\n")
+                .contains("services[0].addresses")
+        );
+        assert!(
+            err_of("services:\n  - {name: a/b, addresses: [198.19.0.1], ports: []}\n")
+                .contains("services[0].ports")
+        );
         assert!(err_of("services:\n  - {name: a/b, ports: [{port: 80}]}\n").contains("addresses"));
         assert!(err_of("services:\n  - {name: a/b, addresses: [198.19.0.1], ports: [{port: 80}], endpoints: [{address: 198.18.0.1}, {address: 198.18.0.1}]}\n").contains("endpoints[1]"));
     }
 
     #[test]
     fn service_without_endpoints_is_valid() {
-        let s = p("services:\n  - {name: a/b, addresses: [198.19.0.1], ports: [{port: 80}]}\n").expect("valid");
+        let s = p("services:\n  - {name: a/b, addresses: [198.19.0.1], ports: [{port: 80}]}\n")
+            .expect("valid");
         assert!(s.services[0].endpoints.is_empty());
     }
 }

@@ -15,8 +15,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use balancer_tests::{
-    Agent, Topology, endpoints_yaml, hold_connections, install_kube_proxy, kube_proxy_services, rate_connections, sh,
-    SINK_PORT,
+    Agent, SINK_PORT, Topology, endpoints_yaml, hold_connections, install_kube_proxy,
+    kube_proxy_services, rate_connections, sh,
 };
 use serde_json::json;
 
@@ -26,7 +26,11 @@ const PODS: usize = 4;
 fn ratio(c: &BTreeMap<String, u64>) -> f64 {
     let total: u64 = c.values().sum();
     let max = c.values().copied().max().unwrap_or(0);
-    if total == 0 { 0.0 } else { max as f64 / (total as f64 / PODS as f64) }
+    if total == 0 {
+        0.0
+    } else {
+        max as f64 / (total as f64 / PODS as f64)
+    }
 }
 
 fn summary(mut v: Vec<f64>) -> serde_json::Value {
@@ -48,9 +52,18 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn l4(out: PathBuf) -> anyhow::Result<()> {
-    let trials: usize = std::env::var("LBT_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
-    let conns: usize = std::env::var("LBT_CONNS").ok().and_then(|s| s.parse().ok()).unwrap_or(64);
-    let rate_n: usize = std::env::var("LBT_RATE_N").ok().and_then(|s| s.parse().ok()).unwrap_or(5000);
+    let trials: usize = std::env::var("LBT_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let conns: usize = std::env::var("LBT_CONNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64);
+    let rate_n: usize = std::env::var("LBT_RATE_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5000);
     let rounds = 3;
 
     let t = Topology::new("bench", PODS, &[8080])?;
@@ -66,7 +79,18 @@ fn l4(out: PathBuf) -> anyhow::Result<()> {
         ),
     )?;
     let kp = t.extra_client("kp", "198.18.201.1", "fd00:18::c9:1")?;
-    sh("ip", &["-n", &kp.name, "route", "add", "198.19.0.0/16", "dev", "eth0"])?;
+    sh(
+        "ip",
+        &[
+            "-n",
+            &kp.name,
+            "route",
+            "add",
+            "198.19.0.0/16",
+            "dev",
+            "eth0",
+        ],
+    )?;
     let backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), 8080)).collect();
     let sink_backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), SINK_PORT)).collect();
     install_kube_proxy(
@@ -90,7 +114,10 @@ fn l4(out: PathBuf) -> anyhow::Result<()> {
         ours.push(ratio(&o.result.pods));
         o.close()?;
         Topology::wait_for("connections to close", Duration::from_secs(10), || {
-            Ok(agent.active_by_endpoint("bench/echo")?.values().all(|&n| n == 0))
+            Ok(agent
+                .active_by_endpoint("bench/echo")?
+                .values()
+                .all(|&n| n == 0))
         })?;
     }
 
@@ -105,7 +132,10 @@ fn l4(out: PathBuf) -> anyhow::Result<()> {
         let i = rate_connections(&kp.name, None, &sink_vip, rate_n)?;
         for (mode, r) in [("direct", d), ("connect4", c), ("iptables_dnat", i)] {
             anyhow::ensure!(r.errors.is_empty(), "{mode}: {:?}", r.errors);
-            rates.entry(mode).or_default().push(rate_n as f64 / r.elapsed_s);
+            rates
+                .entry(mode)
+                .or_default()
+                .push(rate_n as f64 / r.elapsed_s);
         }
     }
     let best = |m: &str| rates[m].iter().copied().fold(0.0, f64::max);
@@ -145,15 +175,35 @@ fn l4(out: PathBuf) -> anyhow::Result<()> {
          {:<14} {:>9.0}/s  1.00x\n\
          {:<14} {:>9.0}/s  {:.2}x\n\
          {:<14} {:>9.0}/s  {:.2}x\n",
-        "", "mean", "p50", "p95", "max",
-        "kube-proxy", ks["mean"].as_f64().unwrap_or(0.0), ks["p50"].as_f64().unwrap_or(0.0), ks["p95"].as_f64().unwrap_or(0.0), ks["max"].as_f64().unwrap_or(0.0),
-        "least-conn", os["mean"].as_f64().unwrap_or(0.0), os["p50"].as_f64().unwrap_or(0.0), os["p95"].as_f64().unwrap_or(0.0), os["max"].as_f64().unwrap_or(0.0),
-        "direct", direct,
-        "connect4", best("connect4"), best("connect4") / direct,
-        "iptables DNAT", best("iptables_dnat"), best("iptables_dnat") / direct,
+        "",
+        "mean",
+        "p50",
+        "p95",
+        "max",
+        "kube-proxy",
+        ks["mean"].as_f64().unwrap_or(0.0),
+        ks["p50"].as_f64().unwrap_or(0.0),
+        ks["p95"].as_f64().unwrap_or(0.0),
+        ks["max"].as_f64().unwrap_or(0.0),
+        "least-conn",
+        os["mean"].as_f64().unwrap_or(0.0),
+        os["p50"].as_f64().unwrap_or(0.0),
+        os["p95"].as_f64().unwrap_or(0.0),
+        os["max"].as_f64().unwrap_or(0.0),
+        "direct",
+        direct,
+        "connect4",
+        best("connect4"),
+        best("connect4") / direct,
+        "iptables DNAT",
+        best("iptables_dnat"),
+        best("iptables_dnat") / direct,
     );
     std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("l4.json"), serde_json::to_string_pretty(&result)? + "\n")?;
+    std::fs::write(
+        out.join("l4.json"),
+        serde_json::to_string_pretty(&result)? + "\n",
+    )?;
     std::fs::write(out.join("l4.txt"), &table)?;
     print!("{table}");
     println!("\nwritten: {} and l4.txt", out.join("l4.json").display());

@@ -13,16 +13,18 @@ use std::{
 };
 
 use anyhow::Context;
-use balancer_tests::{
-    Agent, Topology, hold_connections, install_kube_proxy, kube_proxy_rules, sh,
-};
+use balancer_tests::{Agent, Topology, hold_connections, install_kube_proxy, kube_proxy_rules, sh};
 
 const ENDPOINTS: &str = include_str!("../../demo/endpoints.yaml");
 const VIP: &str = "198.19.0.10:80";
 const CONNECTIONS: usize = 64;
 
 fn bar(n: u64, max: u64, width: usize) -> String {
-    let len = if max == 0 { 0 } else { (n as usize * width).div_ceil(max as usize) };
+    let len = if max == 0 {
+        0
+    } else {
+        (n as usize * width).div_ceil(max as usize)
+    };
     "█".repeat(len) + &" ".repeat(width - len)
 }
 
@@ -49,7 +51,18 @@ fn main() -> anyhow::Result<()> {
 
     println!("\n1. kube-proxy: iptables KUBE-SVC/KUBE-SEP chain, random per connection.");
     let kp = t.extra_client("kp", "198.18.201.1", "fd00:18::c9:1")?;
-    sh("ip", &["-n", &kp.name, "route", "add", "198.19.0.0/16", "dev", "eth0"])?;
+    sh(
+        "ip",
+        &[
+            "-n",
+            &kp.name,
+            "route",
+            "add",
+            "198.19.0.0/16",
+            "dev",
+            "eth0",
+        ],
+    )?;
     let backends: Vec<(String, u16)> = t.pods.iter().map(|p| (p.v4.to_string(), 8080)).collect();
     install_kube_proxy(&kp, &kube_proxy_rules("198.19.0.10", 80, &backends))?;
     let kube = hold_connections(&kp.name, None, VIP, CONNECTIONS)?;

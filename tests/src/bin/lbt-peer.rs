@@ -39,7 +39,8 @@ fn args_all(args: &[String], name: &str) -> Vec<String> {
 }
 
 fn enter_netns(ns: &str) -> anyhow::Result<()> {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).with_context(|| format!("netns {ns}"))?;
+    let f =
+        std::fs::File::open(format!("/run/netns/{ns}")).with_context(|| format!("netns {ns}"))?;
     nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
     Ok(())
 }
@@ -83,7 +84,8 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     for port in ports {
         // [::] takes IPv4 too (as IPv4-mapped) in a fresh namespace.
-        let l = TcpListener::bind(format!("[::]:{port}")).with_context(|| format!("bind {port}"))?;
+        let l =
+            TcpListener::bind(format!("[::]:{port}")).with_context(|| format!("bind {port}"))?;
         let (name, active, total, report) =
             (name.clone(), active.clone(), total.clone(), report.clone());
         handles.push(std::thread::spawn(move || {
@@ -113,7 +115,8 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
     // server must not be the bottleneck. The server closes first, so the
     // client never sits in TIME_WAIT.
     for port in args_all(args, "--sink-port") {
-        let l = TcpListener::bind(format!("[::]:{port}")).with_context(|| format!("bind {port}"))?;
+        let l =
+            TcpListener::bind(format!("[::]:{port}")).with_context(|| format!("bind {port}"))?;
         let reply = format!("{name}\n");
         handles.push(std::thread::spawn(move || {
             for conn in l.incoming() {
@@ -144,8 +147,10 @@ fn errno_name(e: &std::io::Error) -> String {
 
 /// Connect and read the pod's name.
 fn open(addr: SocketAddr) -> Result<(TcpStream, String), String> {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| errno_name(&e))?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| errno_name(&e))?;
+    let s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| errno_name(&e))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| errno_name(&e))?;
     let mut line = String::new();
     let mut r = BufReader::new(&s);
     r.read_line(&mut line).map_err(|e| errno_name(&e))?;
