@@ -132,17 +132,19 @@ fn bad_reload_keeps_the_last_good_state_and_a_good_one_applies() {
     assert!(err.contains("services[0].ports[0].targetPort"), "{err}");
     assert!(err.contains("line"), "{err}");
     assert!(agent.log().contains("keeping the last good state"));
-    // Same state, still balancing.
+    // Same state, still balancing: 8 live connections spread 4/4.
     let after = agent.endpoints_json().expect("json");
     assert_eq!(before["services"], after["services"]);
-    let r = short_connections(
+    let held = hold_connections(
         &t.client.name,
         Some(&t.cgroup.path),
         &format!("{VIP}:80"),
         8,
     )
     .expect("client");
+    let r = &held.result;
     assert_eq!((r.count("pod0"), r.count("pod1")), (4, 4), "{r:?}");
+    held.close().expect("close");
 
     // Duplicate VIP:port on reload: refused too.
     let dup = format!(

@@ -201,7 +201,7 @@ fn round_robin_cycles_and_random_behaves_like_kube_proxy() {
     }
 
     // Random: uniform like kube-proxy's statistic chain (chi-square, 3
-    // degrees of freedom, p > 0.001), and not a cycle.
+    // degrees of freedom, p > 0.0001), and not a cycle.
     let n = 800;
     let random = short_connections(&t.client.name, Some(&t.cgroup.path), "198.19.0.11:80", n)
         .expect("random");
