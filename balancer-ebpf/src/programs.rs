@@ -48,16 +48,43 @@ static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 
 /// Atomic add whose result is not used: BPF's `lock xadd`.
 ///
-/// The fetching form needs the v3 instruction set, which the default BPF CPU
-/// of bpf-linker does not enable (LLVM: "Invalid usage of the XADD return
-/// value"), and aya-build owns the rustflags; so nothing here reads the
-/// result.
+/// `AtomicU64::fetch_add` does not lower to BPF's atomic add with this
+/// toolchain; the intrinsic does. Its fetching form is refused by LLVM for
+/// BPF CPUs below v3 ("Invalid usage of the XADD return value"), and rustc
+/// always passes bpf-linker `--cpu generic` (aya-build owns RUSTFLAGS), so
+/// nothing reads the result; see [`next_cursor`] for a fetch.
 #[inline(always)]
 fn atomic_add(p: *mut u64, v: u64) {
     // SAFETY: `p` points into a map value the kernel keeps alive for the
-    // duration of the program. `AtomicU64::fetch_add` does not lower to BPF's
-    // atomic add with this toolchain, the intrinsic does.
+    // duration of the program.
     unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+/// Take the next value of a cursor: compare-and-swap (BPF_CMPXCHG, which
+/// LLVM emits for any CPU and the kernel runs since 5.12), retried a bounded
+/// number of times. Concurrent connects on different CPUs so get distinct
+/// cursors, and a burst that sees equal counts is spread round-robin rather
+/// than piled onto one backend. If every retry loses (a storm of connects),
+/// the last value read is used: one duplicate tie-break, never an error.
+#[inline(always)]
+fn next_cursor(p: *mut u64) -> u64 {
+    let mut cur = unsafe { read_volatile(p) };
+    let mut tries = 0;
+    while tries < 4 {
+        let (prev, ok) = unsafe {
+            core::intrinsics::atomic_cxchg::<
+                u64,
+                { AtomicOrdering::Relaxed },
+                { AtomicOrdering::Relaxed },
+            >(p, cur, cur.wrapping_add(1))
+        };
+        if ok {
+            return cur;
+        }
+        cur = prev;
+        tries += 1;
+    }
+    cur
 }
 
 #[inline(always)]
@@ -90,16 +117,8 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
         count(Counter::NoBackend);
         return Verdict::Refuse;
     };
-    // The cursor is read, then advanced atomically. Two CPUs can read the
-    // same value and pick the same start slot; that costs one tie-break, not
-    // correctness, and needs no fetching atomic (see `atomic_add`).
     let cursor = match SERVICE_STATE.get_ptr_mut(svc.id) {
-        Some(state) => {
-            let p = unsafe { ptr::addr_of_mut!((*state).cursor) };
-            let c = unsafe { read_volatile(p) };
-            atomic_add(p, 1);
-            c
-        }
+        Some(state) => next_cursor(unsafe { ptr::addr_of_mut!((*state).cursor) }),
         None => 0,
     };
     let rand = unsafe { bpf_get_prandom_u32() };
