@@ -12,7 +12,6 @@ use std::{
     },
 };
 
-use anyhow::Context;
 use balancer_tests::{Agent, Topology, hold_connections, install_kube_proxy, kube_proxy_rules, sh};
 
 const ENDPOINTS: &str = include_str!("../../demo/endpoints.yaml");
@@ -33,13 +32,31 @@ fn ratio(c: &BTreeMap<String, u64>, pods: usize) -> f64 {
     c.values().copied().max().unwrap_or(0) as f64 / (total as f64 / pods as f64)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
-            .context("installing the Ctrl-C handler")?;
+        if let Err(e) = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)) {
+            eprintln!("error: installing the Ctrl-C handler: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
     }
+    // Everything the demo creates is dropped (removed) before this returns.
+    let result = demo(&stop);
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(_) if stop.load(Ordering::SeqCst) => {
+            eprintln!("\ninterrupted: namespaces, cgroup, servers and agent removed");
+            std::process::ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn demo(stop: &AtomicBool) -> anyhow::Result<()> {
     let check = || -> anyhow::Result<()> {
         anyhow::ensure!(!stop.load(Ordering::SeqCst), "interrupted; cleaning up");
         Ok(())
