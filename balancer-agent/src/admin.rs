@@ -151,6 +151,14 @@ pub struct EndpointView {
     pub usable: bool,
     pub active_connections: u64,
     pub connections_total: u64,
+    /// Streams in flight through the HTTP/2 router (http2 ports).
+    #[serde(default)]
+    pub active_streams: u64,
+    #[serde(default)]
+    pub streams_total: u64,
+    /// The router's PeakEWMA latency estimate, microseconds.
+    #[serde(default)]
+    pub ewma_us: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -18,6 +18,8 @@ use crate::{
 
 pub struct Agent {
     pub dataplane: Dataplane,
+    /// The HTTP/2 router, when `--proxy-addr` is set.
+    pub router: Option<std::sync::Arc<crate::proxy::Router>>,
     pub state: DesiredState,
     pub source_path: PathBuf,
     pub reload: ReloadView,
@@ -34,6 +36,7 @@ impl Agent {
     pub fn new(dataplane: Dataplane, source_path: PathBuf) -> Self {
         Self {
             dataplane,
+            router: None,
             state: DesiredState::default(),
             source_path,
             reload: ReloadView::default(),
@@ -44,19 +47,26 @@ impl Agent {
     pub fn apply(&mut self, state: DesiredState) -> Result<(), String> {
         self.reload.attempts += 1;
         self.reload.at_unix_ms = now_ms();
-        for s in &state.services {
-            for p in &s.ports {
-                if p.protocol == Protocol::Http2 {
-                    tracing::warn!(
-                        service = %s.name, port = p.port,
-                        "protocol http2: stream-level balancing is not available yet; \
-                         balancing this port per connection"
-                    );
+        if self.router.is_none() {
+            for s in &state.services {
+                for p in &s.ports {
+                    if p.protocol == Protocol::Http2 {
+                        tracing::warn!(
+                            service = %s.name, port = p.port,
+                            "protocol http2 without --proxy-addr: balancing this port per connection"
+                        );
+                    }
                 }
             }
         }
-        match self.dataplane.apply(&state) {
+        // Convert everything first; publish to the router and the kernel
+        // only once the kernel accepted it.
+        let frontends = state.frontends();
+        match self.dataplane.apply(&frontends) {
             Ok(summary) => {
+                if let Some(r) = &self.router {
+                    r.update(&frontends);
+                }
                 tracing::info!(
                     services = state.services.len(),
                     frontends = summary.frontends,
@@ -151,10 +161,16 @@ impl Agent {
                 target_ports.sort_unstable();
                 target_ports.dedup();
                 for port in target_ports {
+                    let addr = std::net::SocketAddr::new(e.address, port);
                     let stats = self
                         .dataplane
-                        .backend_id(&std::net::SocketAddr::new(e.address, port))
+                        .backend_id(&addr)
                         .map(|id| self.dataplane.stats(id))
+                        .unwrap_or_default();
+                    let streams = self
+                        .router
+                        .as_ref()
+                        .map(|r| r.stats(&addr))
                         .unwrap_or_default();
                     endpoints.push(EndpointView {
                         address: e.address.to_string(),
@@ -166,6 +182,9 @@ impl Agent {
                         usable,
                         active_connections: stats.active,
                         connections_total: stats.total,
+                        active_streams: streams.active_streams,
+                        streams_total: streams.streams_total,
+                        ewma_us: streams.ewma_us,
                     });
                 }
             }

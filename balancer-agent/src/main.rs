@@ -6,6 +6,7 @@ mod admin;
 mod agent;
 mod cli;
 mod dataplane;
+mod proxy;
 mod source;
 mod state;
 
@@ -183,12 +184,32 @@ async fn run(
     };
     let listener = admin::bind(&admin_socket)?;
     let _socket_guard = RemoveOnDrop(admin_socket.clone());
-    let dataplane = Dataplane::attach(&cgroup)?;
+    let router_listener = match proxy_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on --proxy-addr {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let mut dataplane = Dataplane::attach(&cgroup)?;
     tracing::info!(cgroup = %cgroup.display(), "programs attached");
-    if let Some(addr) = proxy_addr {
-        tracing::info!(%addr, "--proxy-addr noted; the HTTP/2 frame router is not part of this release");
-    }
+    let mut router_task = None;
+    let router = match (proxy_addr, router_listener) {
+        (Some(addr), Some(l)) => {
+            let orig = dataplane
+                .take_orig_dst()
+                .ok_or_else(|| anyhow::anyhow!("ORIG_DST map already taken"))?;
+            let router = proxy::Router::new(orig);
+            router_task = Some(tokio::spawn(router.clone().serve(l)));
+            dataplane.set_router(addr)?;
+            tracing::info!(%addr, "HTTP/2 router listening");
+            Some(router)
+        }
+        _ => None,
+    };
     let mut agent = Agent::new(dataplane, endpoints_file.clone());
+    agent.router = router.clone();
     agent
         .apply(initial)
         .map_err(|e| anyhow::anyhow!("cannot program the endpoints: {e}"))?;
@@ -225,6 +246,15 @@ async fn run(
             _ = int.recv() => { tracing::info!("SIGINT: detaching"); break; }
         }
     }
+    if let Some(r) = &router {
+        // Two-phase GOAWAY to every client; give it a moment to go out.
+        r.shutdown();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    if let Some(t) = router_task {
+        t.abort();
+    }
+    drop(router);
     admin_task.abort();
     watch_task.abort();
     let _ = admin_task.await;

@@ -22,6 +22,9 @@ pub enum Algorithm {
     RoundRobin,
     #[default]
     LeastConn,
+    /// Per stream, for http2 ports: P2C over outstanding streams weighted by
+    /// a PeakEWMA latency estimate. The kernel falls back to least-conn.
+    LeastRequest,
 }
 
 impl Algorithm {
@@ -29,7 +32,7 @@ impl Algorithm {
         match self {
             Self::Random => balancer_common::Algorithm::Random,
             Self::RoundRobin => balancer_common::Algorithm::RoundRobin,
-            Self::LeastConn => balancer_common::Algorithm::LeastConn,
+            Self::LeastConn | Self::LeastRequest => balancer_common::Algorithm::LeastConn,
         }
     }
     pub fn as_str(self) -> &'static str {
@@ -37,11 +40,27 @@ impl Algorithm {
             Self::Random => "random",
             Self::RoundRobin => "round-robin",
             Self::LeastConn => "least-conn",
+            Self::LeastRequest => "least-request",
         }
     }
 }
 
 impl Protocol {
+    pub fn to_kernel(self) -> balancer_common::Mode {
+        match self {
+            Self::Tcp => balancer_common::Mode::Tcp,
+            Self::Http2 => balancer_common::Mode::Http2,
+        }
+    }
+
+    /// The algorithm a port gets when the file names none.
+    pub fn default_algorithm(self) -> Algorithm {
+        match self {
+            Self::Tcp => Algorithm::LeastConn,
+            Self::Http2 => Algorithm::LeastRequest,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Tcp => "tcp",
@@ -88,6 +107,7 @@ pub struct DesiredState {
 pub struct Frontend {
     pub vip: SocketAddr,
     pub algorithm: Algorithm,
+    pub mode: balancer_common::Mode,
     pub backends: Vec<SocketAddr>,
 }
 
@@ -126,6 +146,7 @@ impl DesiredState {
                     out.push(Frontend {
                         vip: SocketAddr::new(*vip, p.port),
                         algorithm: p.algorithm,
+                        mode: p.protocol.to_kernel(),
                         backends,
                     });
                 }

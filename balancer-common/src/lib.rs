@@ -21,6 +21,8 @@ pub mod map_names {
     pub const SERVICE_STATE: &str = "SERVICE_STATE";
     pub const COUNTERS: &str = "COUNTERS";
     pub const SOCK_STATE: &str = "SOCK_STATE";
+    pub const CONFIG: &str = "CONFIG";
+    pub const ORIG_DST: &str = "ORIG_DST";
 }
 
 /// Map capacities. The agent refuses a desired state that does not fit
@@ -85,9 +87,60 @@ pub struct ServiceValue {
     pub backend_count: u32,
     /// An [`Algorithm`] as `u8`.
     pub algorithm: u8,
-    pub _pad: [u8; 3],
+    /// A [`Mode`] as `u8`.
+    pub mode: u8,
+    pub _pad: [u8; 2],
     pub _reserved: u32,
 }
+
+/// How a service port is balanced, stored in [`ServiceValue::mode`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// connect() goes straight to a backend (L4).
+    Tcp = 0,
+    /// connect() goes to the agent's HTTP/2 frame router, which balances
+    /// every stream; if no router is configured, as `Tcp`.
+    Http2 = 1,
+}
+
+/// The single entry of the `CONFIG` array: where the router listens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Router address for IPv4 VIPs, network-order words, IPv4-mapped; all
+    /// zero when there is none.
+    pub router4: [u32; 4],
+    /// Router address for IPv6 VIPs; all zero when there is none.
+    pub router6: [u32; 4],
+    /// Router port, network byte order; 0 = no router.
+    pub router_port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
+
+/// Key of the `ORIG_DST` map: the client end of a steered connection, as
+/// the router sees its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
+
+/// Value of the `ORIG_DST` map: the VIP:port the client asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct OrigDst {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 20);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 
 /// Key of the `SLOTS` map: the n-th backend of a service.
@@ -155,10 +208,14 @@ pub struct SockState {
     /// keeps the counts exact: a socket is decremented only if it was
     /// incremented, and at most once.
     pub counted: u8,
-    pub _pad: u8,
-    /// Backend chosen for this socket.
+    /// `SOCK_STEERED` when the socket goes to the HTTP/2 router.
+    pub flags: u8,
+    /// Backend chosen for this socket; 0 when it was steered to the router.
     pub backend_id: u32,
 }
+
+/// [`SockState::flags`]: the socket was steered to the HTTP/2 router.
+pub const SOCK_STEERED: u8 = 1;
 const _: () = assert!(core::mem::size_of::<SockState>() == 24);
 
 /// Indexes into the `COUNTERS` per-CPU array: every decision the data path
@@ -182,9 +239,13 @@ pub enum Counter {
     Closed = 6,
     /// getpeername() rewritten back to the VIP.
     PeerRewritten = 7,
+    /// connect() to an http2 port sent to the router.
+    Steered = 8,
+    /// The original destination of a steered socket could not be recorded.
+    OrigDstFull = 9,
 }
 
-pub const COUNTER_NAMES: [&str; 8] = [
+pub const COUNTER_NAMES: [&str; 10] = [
     "balanced",
     "no_backend",
     "lookup_miss",
@@ -193,6 +254,8 @@ pub const COUNTER_NAMES: [&str; 8] = [
     "established",
     "closed",
     "peer_rewritten",
+    "steered",
+    "orig_dst_full",
 ];
 pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
 
@@ -208,4 +271,7 @@ mod pod {
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ServiceState {}
     unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for OrigDst {}
 }

@@ -9,15 +9,15 @@ use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
-    btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage},
     helpers::{bpf_get_prandom_u32, generated::bpf_set_retval, generated::bpf_sk_storage_get},
     macros::{btf_map, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
 };
 use balancer_common::{
-    Algorithm, Backend, BackendStats, COUNTER_COUNT, Counter, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SLOTS, PROTO_TCP, ServiceKey, ServiceState, ServiceValue, SlotKey, SockState,
-    V4_MAPPED_WORD,
+    Algorithm, Backend, BackendStats, COUNTER_COUNT, Config, Counter, MAX_BACKENDS,
+    MAX_SERVICES, MAX_SLOTS, Mode, OrigDst, PROTO_TCP, SOCK_STEERED, ServiceKey, ServiceState,
+    ServiceValue, SlotKey, SockKey, SockState, V4_MAPPED_WORD,
     select::{pick_least_conn, pick_random, pick_round_robin},
 };
 
@@ -45,6 +45,15 @@ static SERVICE_STATE: Array<ServiceState, MAX_SERVICES_USIZE> = Array::new();
 static COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 #[btf_map]
 static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
+#[btf_map]
+static CONFIG: Array<Config, 1> = Array::new();
+/// Original destination of connections steered to the router, keyed by the
+/// client's address as the router sees it. Entries are deleted when the
+/// client socket closes; LRU only as a backstop.
+#[btf_map]
+static ORIG_DST: LruHashMap<SockKey, OrigDst, 65_536> = LruHashMap::new();
+
+const AF_INET: u32 = 2;
 
 /// Atomic add whose result is not used: BPF's `lock xadd`.
 ///
@@ -100,6 +109,9 @@ enum Verdict {
     Pass,
     /// Rewrite the destination to this backend.
     Rewrite(Backend),
+    /// An http2 port: send the connection to the router (address words and
+    /// port, network order).
+    Steer([u32; 4], u16),
     /// A service without a usable backend: fail with ECONNREFUSED, as
     /// kube-proxy's REJECT rule does.
     Refuse,
@@ -117,6 +129,32 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
         count(Counter::NoBackend);
         return Verdict::Refuse;
     };
+    if svc.mode == Mode::Http2 as u8
+        && let Some(router) = router_for(key)
+    {
+        let mut fresh = SockState {
+            vip_addr: key.addr,
+            vip_port: key.port,
+            counted: 0,
+            flags: SOCK_STEERED,
+            backend_id: 0,
+        };
+        let st = unsafe { SOCK_STATE.get_or_insert_ptr_mut(ctx, Some(&mut fresh)) };
+        if st.is_null() {
+            // Without storage the router could not learn the VIP: balance
+            // this connection at L4 instead.
+            count(Counter::StorageFull);
+        } else {
+            unsafe {
+                (*st).vip_addr = key.addr;
+                (*st).vip_port = key.port;
+                (*st).flags = SOCK_STEERED;
+                (*st).backend_id = 0;
+            }
+            count(Counter::Steered);
+            return Verdict::Steer(router.0, router.1);
+        }
+    }
     let cursor = match SERVICE_STATE.get_ptr_mut(svc.id) {
         Some(state) => next_cursor(unsafe { ptr::addr_of_mut!((*state).cursor) }),
         None => 0,
@@ -158,7 +196,7 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
         vip_addr: key.addr,
         vip_port: key.port,
         counted: 0,
-        _pad: 0,
+        flags: 0,
         backend_id,
     };
     let st = unsafe { SOCK_STATE.get_or_insert_ptr_mut(ctx, Some(&mut fresh)) };
@@ -172,11 +210,31 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
         unsafe {
             (*st).vip_addr = key.addr;
             (*st).vip_port = key.port;
+            (*st).flags = 0;
             (*st).backend_id = backend_id;
         }
     }
     count(Counter::Balanced);
     Verdict::Rewrite(backend)
+}
+
+#[inline(always)]
+fn is_v4(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
+}
+
+/// The router for a VIP's family, if one is configured.
+#[inline(always)]
+fn router_for(key: &ServiceKey) -> Option<([u32; 4], u16)> {
+    let cfg = CONFIG.get(0)?;
+    if cfg.router_port == 0 {
+        return None;
+    }
+    let addr = if is_v4(&key.addr) { cfg.router4 } else { cfg.router6 };
+    if addr == [0; 4] {
+        return None;
+    }
+    Some((addr, cfg.router_port))
 }
 
 #[inline(always)]
@@ -210,6 +268,13 @@ pub fn balancer_connect4(ctx: SockAddrContext) -> i32 {
     match balance(&ctx, &key) {
         Verdict::Pass => ALLOW,
         Verdict::Refuse => refuse(),
+        Verdict::Steer(addr, port) => {
+            unsafe {
+                (*sa).user_ip4 = addr[3];
+                (*sa).user_port = u32::from(port);
+            }
+            ALLOW
+        }
         Verdict::Rewrite(backend) => {
             if !backend.is_v4() {
                 count(Counter::FamilyMismatch);
@@ -248,6 +313,18 @@ pub fn balancer_connect6(ctx: SockAddrContext) -> i32 {
     match balance(&ctx, &key) {
         Verdict::Pass => ALLOW,
         Verdict::Refuse => refuse(),
+        Verdict::Steer(addr, port) => {
+            // router_for() picked the router of the VIP's family, so an
+            // IPv4-mapped VIP gets the IPv4-mapped router address.
+            unsafe {
+                write_volatile(&raw mut (*sa).user_ip6[0], addr[0]);
+                write_volatile(&raw mut (*sa).user_ip6[1], addr[1]);
+                write_volatile(&raw mut (*sa).user_ip6[2], addr[2]);
+                write_volatile(&raw mut (*sa).user_ip6[3], addr[3]);
+                (*sa).user_port = u32::from(port);
+            }
+            ALLOW
+        }
         Verdict::Rewrite(backend) => {
             let vip_is_v4 = key.addr[0] == 0 && key.addr[1] == 0 && key.addr[2] == V4_MAPPED_WORD;
             if vip_is_v4 != backend.is_v4() {
@@ -331,10 +408,58 @@ pub fn balancer_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// The client end of a socket, as its peer sees it.
+#[inline(always)]
+fn local_key(ctx: &SockOpsContext) -> SockKey {
+    let ops = ctx.ops;
+    // Load every field unconditionally, then choose: a load whose context
+    // offset depends on the family is rejected by the verifier
+    // ("dereference of modified ctx ptr").
+    let (family, v4, v6) = unsafe {
+        (
+            read_volatile(&raw const (*ops).family),
+            read_volatile(&raw const (*ops).local_ip4),
+            [
+                read_volatile(&raw const (*ops).local_ip6[0]),
+                read_volatile(&raw const (*ops).local_ip6[1]),
+                read_volatile(&raw const (*ops).local_ip6[2]),
+                read_volatile(&raw const (*ops).local_ip6[3]),
+            ],
+        )
+    };
+    let addr = if family == AF_INET { [0, 0, V4_MAPPED_WORD, v4] } else { v6 };
+    SockKey {
+        addr,
+        // local_port is in host order.
+        port: (ctx.local_port() as u16).to_be(),
+        _pad: [0; 2],
+    }
+}
+
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
     let st = sock_state(ctx);
-    if st.is_null() || unsafe { (*st).counted } != 0 {
+    if st.is_null() {
+        return;
+    }
+    if unsafe { (*st).flags } & SOCK_STEERED != 0 {
+        // Tell the router which VIP this connection was for. The router
+        // accepts only after the client's handshake completes, so the entry
+        // is there before it looks.
+        let orig = unsafe {
+            OrigDst {
+                addr: (*st).vip_addr,
+                port: (*st).vip_port,
+                _pad: [0; 2],
+            }
+        };
+        if ORIG_DST.insert(local_key(ctx), orig, 0).is_err() {
+            count(Counter::OrigDstFull);
+        }
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        return;
+    }
+    if unsafe { (*st).counted } != 0 {
         return;
     }
     let backend_id = unsafe { (*st).backend_id };
@@ -352,7 +477,14 @@ fn on_established(ctx: &SockOpsContext) {
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
     let st = sock_state(ctx);
-    if st.is_null() || unsafe { (*st).counted } == 0 {
+    if st.is_null() {
+        return;
+    }
+    if unsafe { (*st).flags } & SOCK_STEERED != 0 {
+        let _ = ORIG_DST.remove(local_key(ctx));
+        return;
+    }
+    if unsafe { (*st).counted } == 0 {
         return;
     }
     unsafe { (*st).counted = 0 };

@@ -252,6 +252,108 @@ pub struct Pod {
     pub v4: IpAddr,
     pub v6: IpAddr,
     pub server: Option<Server>,
+    pub h2: Option<H2Server>,
+}
+
+/// `lbt-h2 serve` in a pod namespace; records the events it prints.
+pub struct H2Server {
+    child: Child,
+    pub events: Arc<Mutex<Vec<String>>>,
+}
+
+impl H2Server {
+    pub fn start(ns: &str, name: &str, port: u16) -> anyhow::Result<Self> {
+        let mut child = Command::new(workspace_bin("lbt-h2"))
+            .args(["serve", "--netns", ns, "--name", name, "--port", &port.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning lbt-h2 serve")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let events = events.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if line == "listening" {
+                        let _ = tx.send(());
+                    } else {
+                        events.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                    }
+                }
+            });
+        }
+        rx.recv_timeout(Duration::from_secs(10))
+            .context("h2 server did not start listening")?;
+        Ok(Self { child, events })
+    }
+
+    pub fn count(&self, event: &str) -> usize {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|e| e.as_str() == event)
+            .count()
+    }
+
+    /// Kill the server process (the pod's backend dies).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for H2Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Port of the `lbt-h2` servers.
+pub const H2_PORT: u16 = 50051;
+/// Where the agent's router listens in tests: the node's bridge address.
+pub const ROUTER_ADDR: &str = "198.18.0.1:15001";
+
+/// Run `lbt-h2 client` (one HTTP/2 connection) and return its summary.
+pub fn h2_client(ns: &str, cgroup: Option<&Path>, addr: &str, extra: &[&str]) -> anyhow::Result<Value> {
+    h2_tool("client", ns, cgroup, addr, extra)
+}
+
+/// Run `lbt-h2 raw` and return what the peer sent back.
+pub fn h2_raw(ns: &str, cgroup: Option<&Path>, addr: &str, send_hex: &str, wait_s: u64) -> anyhow::Result<Value> {
+    h2_tool("raw", ns, cgroup, addr, &["--send", send_hex, "--wait-s", &wait_s.to_string()])
+}
+
+fn h2_tool(mode: &str, ns: &str, cgroup: Option<&Path>, addr: &str, extra: &[&str]) -> anyhow::Result<Value> {
+    let mut cmd = Command::new(workspace_bin("lbt-h2"));
+    cmd.args([mode, "--netns", ns, "--connect", addr]).args(extra);
+    if let Some(cg) = cgroup {
+        cmd.arg("--cgroup").arg(cg);
+    }
+    let out = cmd.stderr(Stdio::inherit()).output().context("running lbt-h2")?;
+    anyhow::ensure!(out.status.success(), "lbt-h2 {mode} failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(text.lines().last().unwrap_or(""))?)
+}
+
+/// Start `lbt-h2 client` in the background; `wait` collects its summary.
+pub fn h2_client_spawn(ns: &str, cgroup: Option<&Path>, addr: &str, extra: &[&str]) -> anyhow::Result<Child> {
+    let mut cmd = Command::new(workspace_bin("lbt-h2"));
+    cmd.args(["client", "--netns", ns, "--connect", addr]).args(extra);
+    if let Some(cg) = cgroup {
+        cmd.arg("--cgroup").arg(cg);
+    }
+    Ok(cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?)
+}
+
+pub fn h2_client_wait(child: Child) -> anyhow::Result<Value> {
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "lbt-h2 client failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(text.lines().last().unwrap_or(""))?)
 }
 
 /// Result of a client run.
@@ -347,6 +449,9 @@ impl Topology {
         let node = Netns::new(&format!("{prefix}-node"))?;
         ip(&["-n", &node.name, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &node.name, "link", "set", "br0", "up"])?;
+        // The node's own address: where the agent's HTTP/2 router listens.
+        ip(&["-n", &node.name, "addr", "add", "198.18.0.1/16", "dev", "br0"])?;
+        ip(&["-n", &node.name, "addr", "add", "fd00:18::1/64", "dev", "br0", "nodad"])?;
         let cgroup = Cgroup::new(&prefix)?;
         let client = Netns::new(&format!("{prefix}-client"))?;
         let topo_client_v4: IpAddr = "198.18.200.1".parse()?;
@@ -377,6 +482,7 @@ impl Topology {
                 v4,
                 v6,
                 server,
+                h2: None,
             });
         }
         Ok(t)
@@ -411,6 +517,14 @@ impl Topology {
         let ns = Netns::new(&format!("{}-{tag}", self.prefix))?;
         self.plug(&ns.name, v4.parse()?, v6.parse()?)?;
         Ok(ns)
+    }
+
+    /// Start an `lbt-h2` server on [`H2_PORT`] in every pod.
+    pub fn start_h2(&mut self) -> anyhow::Result<()> {
+        for p in &mut self.pods {
+            p.h2 = Some(H2Server::start(&p.ns.name, &p.name, H2_PORT)?);
+        }
+        Ok(())
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -548,19 +662,40 @@ pub struct Agent {
 impl Agent {
     /// Write `endpoints_yaml` to a file and start the agent on `cgroup`.
     pub fn start(prefix: &str, cgroup: &Path, endpoints_yaml: &str) -> anyhow::Result<Self> {
+        Self::start_with(prefix, cgroup, endpoints_yaml, None, &[])
+    }
+
+    /// The same, run inside network namespace `netns` (without remounting
+    /// /sys, so the cgroup path stays visible) and with extra arguments.
+    pub fn start_with(
+        prefix: &str,
+        cgroup: &Path,
+        endpoints_yaml: &str,
+        netns: Option<&str>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(prefix);
         std::fs::create_dir_all(&dir)?;
         let endpoints_file = dir.join("endpoints.yaml");
         std::fs::write(&endpoints_file, endpoints_yaml)?;
         let admin_socket = dir.join("admin.sock");
         let stderr_log = dir.join("agent.log");
-        let child = Command::new(agent_bin())
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
+        let child = cmd
             .args(["run", "--endpoints-file"])
             .arg(&endpoints_file)
             .arg("--cgroup")
             .arg(cgroup)
             .arg("--admin-socket")
             .arg(&admin_socket)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_log)?)

@@ -16,12 +16,12 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use balancer_common::{
-    Backend, BackendStats, COUNTER_COUNT, COUNTER_NAMES, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS,
-    ServiceKey, ServiceState, ServiceValue, SlotKey, map_names,
+    Backend, BackendStats, COUNTER_COUNT, COUNTER_NAMES, Config, MAX_BACKENDS, MAX_SERVICES,
+    MAX_SLOTS, OrigDst, ServiceKey, ServiceState, ServiceValue, SlotKey, SockKey, map_names,
 };
 use serde::Serialize;
 
-use crate::state::DesiredState;
+use crate::state::Frontend;
 use plan::{Op, PlanError, Programmer};
 
 /// The eBPF object, built by aya-build from `balancer-ebpf` (see build.rs).
@@ -89,6 +89,7 @@ struct Maps {
     stats: HashMap<MapData, u32, BackendStats>,
     service_state: Array<MapData, ServiceState>,
     counters: PerCpuArray<MapData, u64>,
+    config: Array<MapData, Config>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -117,6 +118,7 @@ pub struct Dataplane {
     cgroup: PathBuf,
     programs: Vec<ProgramStatus>,
     programmer: Programmer,
+    orig_dst: Option<HashMap<MapData, SockKey, OrigDst>>,
 }
 
 /// Checks that `path` is a cgroup v2 directory.
@@ -214,14 +216,42 @@ impl Dataplane {
                 .map_err(map_err(map_names::SERVICE_STATE))?,
             counters: PerCpuArray::try_from(take(map_names::COUNTERS)?)
                 .map_err(map_err(map_names::COUNTERS))?,
+            config: Array::try_from(take(map_names::CONFIG)?).map_err(map_err(map_names::CONFIG))?,
         };
+        let orig_dst = Some(
+            HashMap::try_from(take(map_names::ORIG_DST)?).map_err(map_err(map_names::ORIG_DST))?,
+        );
         Ok(Self {
             _ebpf: ebpf,
             maps,
             cgroup: cgroup.to_owned(),
             programs,
             programmer: Programmer::default(),
+            orig_dst,
         })
+    }
+
+    /// The ORIG_DST map, for the router (taken once).
+    pub fn take_orig_dst(&mut self) -> Option<HashMap<MapData, SockKey, OrigDst>> {
+        self.orig_dst.take()
+    }
+
+    /// Point `http2` ports at the router listening on `addr`.
+    pub fn set_router(&mut self, addr: SocketAddr) -> Result<(), DataplaneError> {
+        let words = plan::addr_words(addr.ip());
+        let mut cfg = Config {
+            router_port: addr.port().to_be(),
+            ..Config::default()
+        };
+        if addr.is_ipv4() {
+            cfg.router4 = words;
+        } else {
+            cfg.router6 = words;
+        }
+        self.maps
+            .config
+            .set(0, cfg, 0)
+            .map_err(map_err(map_names::CONFIG))
     }
 
     pub fn cgroup(&self) -> &Path {
@@ -232,11 +262,10 @@ impl Dataplane {
         &self.programs
     }
 
-    /// Publish `state`: plan every write first (nothing is written if the
-    /// state does not fit), then apply them in order.
-    pub fn apply(&mut self, state: &DesiredState) -> Result<ApplySummary, DataplaneError> {
-        let frontends = state.frontends();
-        let (ops, next) = self.programmer.plan(&frontends)?;
+    /// Publish `frontends`: plan every write first (nothing is written if
+    /// they do not fit), then apply them in order.
+    pub fn apply(&mut self, frontends: &[Frontend]) -> Result<ApplySummary, DataplaneError> {
+        let (ops, next) = self.programmer.plan(frontends)?;
         for op in &ops {
             self.write(op)?;
         }

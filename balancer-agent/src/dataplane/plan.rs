@@ -76,6 +76,18 @@ pub fn addr_words(ip: IpAddr) -> [u32; 4] {
     }
 }
 
+/// The inverse of [`addr_words`].
+pub fn words_addr(w: [u32; 4]) -> IpAddr {
+    if w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_WORD {
+        return IpAddr::V4(std::net::Ipv4Addr::from(w[3].to_ne_bytes()));
+    }
+    let mut o = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    IpAddr::V6(std::net::Ipv6Addr::from(o))
+}
+
 pub fn service_key(vip: SocketAddr) -> ServiceKey {
     ServiceKey {
         addr: addr_words(vip.ip()),
@@ -98,6 +110,7 @@ pub fn backend_value(addr: SocketAddr) -> Backend {
 pub struct Programmed {
     pub id: u32,
     pub algorithm: Algorithm,
+    pub mode: balancer_common::Mode,
     pub backends: Vec<u32>,
 }
 
@@ -209,6 +222,7 @@ impl Programmer {
             let new = Programmed {
                 id,
                 algorithm: f.algorithm,
+                mode: f.mode,
                 backends,
             };
             if old != Some(&new) {
@@ -224,7 +238,8 @@ impl Programmer {
                         id,
                         backend_count: new.backends.len() as u32,
                         algorithm: f.algorithm.to_kernel() as u8,
-                        _pad: [0; 3],
+                        mode: f.mode as u8,
+                        _pad: [0; 2],
                         _reserved: 0,
                     },
                 ));
@@ -425,6 +440,7 @@ mod tests {
         Frontend {
             vip: vip.parse().expect("vip"),
             algorithm: Algorithm::LeastConn,
+            mode: balancer_common::Mode::Tcp,
             backends: backends
                 .iter()
                 .map(|b| b.parse().expect("backend"))
@@ -595,6 +611,20 @@ mod tests {
             .expect_err("family");
         assert!(e.to_string().contains("address family"), "{e}");
         assert!(p.services.is_empty());
+    }
+
+    #[test]
+    fn address_words_round_trip() {
+        for a in ["198.18.1.10", "fd00:18::1:10", "::ffff:1.2.3.4", "::1"] {
+            let ip: IpAddr = a.parse().expect("ip");
+            let back = words_addr(addr_words(ip));
+            // IPv4-mapped IPv6 comes back as the IPv4 address it maps.
+            let want = match ip {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+                v4 => v4,
+            };
+            assert_eq!(back, want);
+        }
     }
 
     #[test]

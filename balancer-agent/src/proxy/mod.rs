@@ -1,0 +1,320 @@
+//! The HTTP/2 router: the agent's listener at `--proxy-addr`, where
+//! `connect4/6` send connections to `http2` service ports.
+//!
+//! On accept it learns the VIP the client asked for from the kernel's
+//! `ORIG_DST` map, then:
+//! - HTTP/2 with prior knowledge (h2c, what gRPC uses in-cluster): every
+//!   stream is routed on its own ([`stream::forward`]) to an endpoint the
+//!   port's algorithm picks (least-request by default), over pooled backend
+//!   connections;
+//! - anything else (HTTP/1.1, TLS, a server-speaks-first protocol): plain
+//!   L4 pass-through to one endpoint, so nothing breaks.
+//!
+//! This router terminates HTTP/2 on both hops with the `h2` crate, which
+//! decodes HPACK; see the issue notes for the frame-level (no-decode) path.
+
+pub mod balance;
+mod stream;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use balancer_common::{Mode, OrigDst, SockKey};
+use bytes::Bytes;
+use h2::client::SendRequest;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+use crate::{
+    dataplane::plan::addr_words,
+    state::{Algorithm, Frontend},
+};
+use balance::{Endpoint, Pool};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// A client that starts the preface must finish it within this time.
+pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client that sends nothing for this long is taken for a
+/// server-speaks-first protocol and passed through at L4.
+const SILENT_CLIENT: Duration = Duration::from_millis(500);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Window sizes: larger than HTTP/2's 64 KiB default so one stream can fill
+/// a fast link, per hop.
+const STREAM_WINDOW: u32 = 1 << 20;
+const CONN_WINDOW: u32 = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("connecting to backend {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connecting to backend {addr}: timed out")]
+    ConnectTimeout { addr: SocketAddr },
+    #[error("HTTP/2 handshake with backend {addr}: {source}")]
+    Handshake { addr: SocketAddr, source: h2::Error },
+}
+
+/// Pooled HTTP/2 connections to backends, one per endpoint, multiplexed.
+/// `h2` keeps each connection within the backend's
+/// MAX_CONCURRENT_STREAMS (`ready()` waits) and never reuses a stream id.
+#[derive(Default)]
+pub struct Backends {
+    conns: Mutex<HashMap<SocketAddr, SendRequest<Bytes>>>,
+}
+
+impl Backends {
+    pub async fn get(&self, addr: SocketAddr) -> Result<SendRequest<Bytes>, ProxyError> {
+        if let Some(s) = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(&addr) {
+            return Ok(s.clone());
+        }
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ProxyError::ConnectTimeout { addr })?
+            .map_err(|source| ProxyError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let (send, conn) = h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .map_err(|source| ProxyError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "backend connection ended");
+            }
+        });
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr, send.clone());
+        Ok(send)
+    }
+
+    /// Forget a broken connection; the next stream opens a new one.
+    pub fn evict(&self, addr: SocketAddr) {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+    }
+}
+
+/// Per-endpoint router statistics, for the admin API.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EndpointStats {
+    pub active_streams: u64,
+    pub streams_total: u64,
+    pub ewma_us: u64,
+}
+
+pub struct Router {
+    /// VIP:port -> endpoints of that http2 frontend. Replaced whole.
+    table: RwLock<Arc<HashMap<SocketAddr, Arc<Pool>>>>,
+    /// Every endpoint the router knows, so counters survive updates.
+    registry: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
+    pub backends: Backends,
+    orig_dst: Mutex<BpfHashMap<MapData, SockKey, OrigDst>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Router {
+    pub fn new(orig_dst: BpfHashMap<MapData, SockKey, OrigDst>) -> Arc<Self> {
+        Arc::new(Self {
+            table: RwLock::new(Arc::new(HashMap::new())),
+            registry: Mutex::new(HashMap::new()),
+            backends: Backends::default(),
+            orig_dst: Mutex::new(orig_dst),
+            shutdown: watch::channel(false).0,
+        })
+    }
+
+    /// Publish the http2 frontends: build the new table outside the lock,
+    /// then swap it in. Endpoints that left drain: their streams finish,
+    /// and no new one is sent to them.
+    pub fn update(&self, frontends: &[Frontend]) {
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = HashMap::new();
+        let mut live = std::collections::HashSet::new();
+        for f in frontends.iter().filter(|f| f.mode == Mode::Http2) {
+            let eps: Vec<Arc<Endpoint>> = f
+                .backends
+                .iter()
+                .map(|b| {
+                    live.insert(*b);
+                    let ep = registry.entry(*b).or_insert_with(|| Arc::new(Endpoint::new(*b))).clone();
+                    ep.draining.store(false, std::sync::atomic::Ordering::Relaxed);
+                    ep
+                })
+                .collect();
+            table.insert(f.vip, Arc::new(Pool::new(f.algorithm, eps)));
+        }
+        registry.retain(|addr, ep| {
+            if live.contains(addr) {
+                return true;
+            }
+            ep.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.backends.evict(*addr);
+            ep.outstanding.load(std::sync::atomic::Ordering::Relaxed) > 0
+        });
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+
+    fn pool(&self, vip: SocketAddr) -> Option<Arc<Pool>> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).get(&vip).cloned()
+    }
+
+    pub fn pick(&self, vip: SocketAddr, exclude: &[SocketAddr]) -> Option<Arc<Endpoint>> {
+        self.pool(vip)?.pick(exclude)
+    }
+
+    pub fn stats(&self, addr: &SocketAddr) -> EndpointStats {
+        let reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        reg.get(addr)
+            .map(|e| EndpointStats {
+                active_streams: e.outstanding.load(std::sync::atomic::Ordering::Relaxed),
+                streams_total: e.streams_total.load(std::sync::atomic::Ordering::Relaxed),
+                ewma_us: e.ewma().as_micros() as u64,
+            })
+            .unwrap_or_default()
+    }
+
+    /// The VIP a steered client connected to.
+    fn orig_dst(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        let key = SockKey {
+            addr: addr_words(peer.ip()),
+            port: peer.port().to_be(),
+            _pad: [0; 2],
+        };
+        let map = self.orig_dst.lock().unwrap_or_else(|p| p.into_inner());
+        let v = map.get(&key, 0).ok()?;
+        let ip = crate::dataplane::plan::words_addr(v.addr);
+        Some(SocketAddr::new(ip, u16::from_be(v.port)))
+    }
+
+    /// Start the two-phase GOAWAY on every client connection.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (sock, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "router accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let router = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = router.handle(sock, peer).await {
+                    tracing::debug!(%peer, error = %e, "router connection ended");
+                }
+            });
+        }
+    }
+
+    async fn handle(self: Arc<Self>, sock: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+        let _ = sock.set_nodelay(true);
+        let Some(vip) = self.orig_dst(peer) else {
+            anyhow::bail!("no original destination recorded for {peer}; closing");
+        };
+        match sniff(&sock).await? {
+            Sniffed::Http2 => self.serve_h2(sock, vip).await,
+            Sniffed::Other => self.pass_through(sock, vip).await,
+        }
+    }
+
+    async fn serve_h2(self: Arc<Self>, sock: TcpStream, vip: SocketAddr) -> anyhow::Result<()> {
+        let mut conn = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .max_concurrent_streams(1024)
+            .handshake::<_, Bytes>(sock)
+            .await?;
+        let mut shutdown = self.shutdown.subscribe();
+        let mut draining = *shutdown.borrow();
+        if draining {
+            conn.graceful_shutdown();
+        }
+        loop {
+            tokio::select! {
+                next = conn.accept() => {
+                    match next {
+                        Some(Ok((req, respond))) => {
+                            tokio::spawn(stream::forward(self.clone(), vip, req, respond));
+                        }
+                        Some(Err(e)) => return Err(e.into()),
+                        None => return Ok(()),
+                    }
+                }
+                _ = shutdown.changed(), if !draining => {
+                    draining = true;
+                    // GOAWAY(2^31-1), a PING round trip, then GOAWAY with
+                    // the last stream id actually accepted.
+                    conn.graceful_shutdown();
+                }
+            }
+        }
+    }
+
+    /// Not HTTP/2: one backend for the whole connection.
+    async fn pass_through(self: Arc<Self>, mut sock: TcpStream, vip: SocketAddr) -> anyhow::Result<()> {
+        let pool = self.pool(vip).ok_or_else(|| anyhow::anyhow!("no service at {vip}"))?;
+        let l4 = Pool::new(Algorithm::LeastConn, pool.endpoints.clone());
+        let ep = l4.pick(&[]).ok_or_else(|| anyhow::anyhow!("no endpoint for {vip}"))?;
+        let _inflight = ep.start();
+        let mut up = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep.addr)).await??;
+        let _ = up.set_nodelay(true);
+        tokio::io::copy_bidirectional(&mut sock, &mut up).await?;
+        Ok(())
+    }
+}
+
+enum Sniffed {
+    Http2,
+    Other,
+}
+
+/// Tell HTTP/2 prior knowledge from anything else by peeking at the first
+/// bytes, without consuming them.
+async fn sniff(sock: &TcpStream) -> anyhow::Result<Sniffed> {
+    let mut buf = [0u8; PREFACE.len()];
+    let start = tokio::time::Instant::now();
+    loop {
+        let n = match tokio::time::timeout(
+            if start.elapsed() < SILENT_CLIENT { SILENT_CLIENT } else { PREFACE_TIMEOUT },
+            sock.peek(&mut buf),
+        )
+        .await
+        {
+            Ok(r) => r?,
+            Err(_) => 0,
+        };
+        if n > 0 && buf[..n] != PREFACE[..n] {
+            return Ok(Sniffed::Other);
+        }
+        if n == PREFACE.len() {
+            return Ok(Sniffed::Http2);
+        }
+        if n == 0 && start.elapsed() >= SILENT_CLIENT {
+            // Nothing at all: a protocol where the server speaks first.
+            return Ok(Sniffed::Other);
+        }
+        if start.elapsed() >= PREFACE_TIMEOUT {
+            anyhow::bail!("client did not finish the HTTP/2 preface within {PREFACE_TIMEOUT:?}");
+        }
+        // A partial preface: wait for more (peek returns at once while data
+        // is queued, so sleep briefly).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
