@@ -10,6 +10,7 @@
 //! hit the IPv4 service naturally.
 #![no_std]
 
+pub mod h2frame;
 pub mod select;
 
 /// Names of the maps in the eBPF object; the agent looks them up by these.

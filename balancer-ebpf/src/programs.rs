@@ -15,9 +15,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use balancer_common::{
-    Algorithm, Backend, BackendStats, COUNTER_COUNT, Config, Counter, MAX_BACKENDS,
-    MAX_SERVICES, MAX_SLOTS, Mode, OrigDst, PROTO_TCP, SOCK_STEERED, ServiceKey, ServiceState,
-    ServiceValue, SlotKey, SockKey, SockState, V4_MAPPED_WORD,
+    Algorithm, Backend, BackendStats, COUNTER_COUNT, Config, Counter, MAX_BACKENDS, MAX_SERVICES,
+    MAX_SLOTS, Mode, OrigDst, PROTO_TCP, SOCK_STEERED, ServiceKey, ServiceState, ServiceValue,
+    SlotKey, SockKey, SockState, V4_MAPPED_WORD,
     select::{pick_least_conn, pick_random, pick_round_robin},
 };
 
@@ -230,7 +230,11 @@ fn router_for(key: &ServiceKey) -> Option<([u32; 4], u16)> {
     if cfg.router_port == 0 {
         return None;
     }
-    let addr = if is_v4(&key.addr) { cfg.router4 } else { cfg.router6 };
+    let addr = if is_v4(&key.addr) {
+        cfg.router4
+    } else {
+        cfg.router6
+    };
     if addr == [0; 4] {
         return None;
     }
@@ -427,7 +431,11 @@ fn local_key(ctx: &SockOpsContext) -> SockKey {
             ],
         )
     };
-    let addr = if family == AF_INET { [0, 0, V4_MAPPED_WORD, v4] } else { v6 };
+    let addr = if family == AF_INET {
+        [0, 0, V4_MAPPED_WORD, v4]
+    } else {
+        v6
+    };
     SockKey {
         addr,
         // local_port is in host order.

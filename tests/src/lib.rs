@@ -264,7 +264,15 @@ pub struct H2Server {
 impl H2Server {
     pub fn start(ns: &str, name: &str, port: u16) -> anyhow::Result<Self> {
         let mut child = Command::new(workspace_bin("lbt-h2"))
-            .args(["serve", "--netns", ns, "--name", name, "--port", &port.to_string()])
+            .args([
+                "serve",
+                "--netns",
+                ns,
+                "--name",
+                name,
+                "--port",
+                &port.to_string(),
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -318,35 +326,71 @@ pub const H2_PORT: u16 = 50051;
 pub const ROUTER_ADDR: &str = "198.18.0.1:15001";
 
 /// Run `lbt-h2 client` (one HTTP/2 connection) and return its summary.
-pub fn h2_client(ns: &str, cgroup: Option<&Path>, addr: &str, extra: &[&str]) -> anyhow::Result<Value> {
+pub fn h2_client(
+    ns: &str,
+    cgroup: Option<&Path>,
+    addr: &str,
+    extra: &[&str],
+) -> anyhow::Result<Value> {
     h2_tool("client", ns, cgroup, addr, extra)
 }
 
 /// Run `lbt-h2 raw` and return what the peer sent back.
-pub fn h2_raw(ns: &str, cgroup: Option<&Path>, addr: &str, send_hex: &str, wait_s: u64) -> anyhow::Result<Value> {
-    h2_tool("raw", ns, cgroup, addr, &["--send", send_hex, "--wait-s", &wait_s.to_string()])
+pub fn h2_raw(
+    ns: &str,
+    cgroup: Option<&Path>,
+    addr: &str,
+    send_hex: &str,
+    wait_s: u64,
+) -> anyhow::Result<Value> {
+    h2_tool(
+        "raw",
+        ns,
+        cgroup,
+        addr,
+        &["--send", send_hex, "--wait-s", &wait_s.to_string()],
+    )
 }
 
-fn h2_tool(mode: &str, ns: &str, cgroup: Option<&Path>, addr: &str, extra: &[&str]) -> anyhow::Result<Value> {
+fn h2_tool(
+    mode: &str,
+    ns: &str,
+    cgroup: Option<&Path>,
+    addr: &str,
+    extra: &[&str],
+) -> anyhow::Result<Value> {
     let mut cmd = Command::new(workspace_bin("lbt-h2"));
-    cmd.args([mode, "--netns", ns, "--connect", addr]).args(extra);
+    cmd.args([mode, "--netns", ns, "--connect", addr])
+        .args(extra);
     if let Some(cg) = cgroup {
         cmd.arg("--cgroup").arg(cg);
     }
-    let out = cmd.stderr(Stdio::inherit()).output().context("running lbt-h2")?;
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running lbt-h2")?;
     anyhow::ensure!(out.status.success(), "lbt-h2 {mode} failed");
     let text = String::from_utf8_lossy(&out.stdout);
     Ok(serde_json::from_str(text.lines().last().unwrap_or(""))?)
 }
 
 /// Start `lbt-h2 client` in the background; `wait` collects its summary.
-pub fn h2_client_spawn(ns: &str, cgroup: Option<&Path>, addr: &str, extra: &[&str]) -> anyhow::Result<Child> {
+pub fn h2_client_spawn(
+    ns: &str,
+    cgroup: Option<&Path>,
+    addr: &str,
+    extra: &[&str],
+) -> anyhow::Result<Child> {
     let mut cmd = Command::new(workspace_bin("lbt-h2"));
-    cmd.args(["client", "--netns", ns, "--connect", addr]).args(extra);
+    cmd.args(["client", "--netns", ns, "--connect", addr])
+        .args(extra);
     if let Some(cg) = cgroup {
         cmd.arg("--cgroup").arg(cg);
     }
-    Ok(cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?)
+    Ok(cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?)
 }
 
 pub fn h2_client_wait(child: Child) -> anyhow::Result<Value> {
@@ -450,8 +494,25 @@ impl Topology {
         ip(&["-n", &node.name, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &node.name, "link", "set", "br0", "up"])?;
         // The node's own address: where the agent's HTTP/2 router listens.
-        ip(&["-n", &node.name, "addr", "add", "198.18.0.1/16", "dev", "br0"])?;
-        ip(&["-n", &node.name, "addr", "add", "fd00:18::1/64", "dev", "br0", "nodad"])?;
+        ip(&[
+            "-n",
+            &node.name,
+            "addr",
+            "add",
+            "198.18.0.1/16",
+            "dev",
+            "br0",
+        ])?;
+        ip(&[
+            "-n",
+            &node.name,
+            "addr",
+            "add",
+            "fd00:18::1/64",
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         let cgroup = Cgroup::new(&prefix)?;
         let client = Netns::new(&format!("{prefix}-client"))?;
         let topo_client_v4: IpAddr = "198.18.200.1".parse()?;

@@ -18,6 +18,12 @@ fn http2_yaml(t: &Topology, pods: &[usize]) -> String {
     for &i in pods {
         y += &format!("      - address: {}\n", t.pods[i].v4);
     }
+    // The same pods' plain TCP servers behind an http2 port, to check that
+    // a client that does not speak HTTP/2 is passed through.
+    y += "  - name: default/plain\n    addresses: [198.19.0.51]\n    ports:\n      - port: 80\n        targetPort: 8080\n        protocol: http2\n    endpoints:\n";
+    for &i in pods {
+        y += &format!("      - address: {}\n", t.pods[i].v4);
+    }
     y
 }
 
@@ -27,7 +33,8 @@ struct Setup {
 }
 
 fn setup(tag: &str, pods: usize) -> Setup {
-    let mut t = Topology::new(tag, pods, &[]).expect("topology");
+    // Plain TCP servers on 8080 too, for the non-HTTP/2 pass-through.
+    let mut t = Topology::new(tag, pods, &[8080]).expect("topology");
     t.start_h2().expect("h2 servers");
     let all: Vec<usize> = (0..pods).collect();
     let agent = Agent::start_with(
@@ -50,30 +57,343 @@ impl Setup {
 fn pods_of(v: &Value) -> Vec<(String, u64)> {
     v["pods"]
         .as_object()
-        .map(|o| o.iter().map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0))).collect())
+        .map(|o| {
+            o.iter()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn no_errors(v: &Value) {
-    assert!(v["errors"].as_object().is_none_or(|e| e.is_empty()), "errors: {v}");
+    assert!(
+        v["errors"].as_object().is_none_or(|e| e.is_empty()),
+        "errors: {v}"
+    );
 }
 
 #[test]
 fn one_connection_10k_unary_rpcs_spread_within_5_percent() {
     let s = setup("h2spread", 4);
-    let v = s.client(&["--path", "/unary", "--requests", "10000", "--concurrency", "32"]);
+    let v = s.client(&[
+        "--path",
+        "/unary",
+        "--requests",
+        "10000",
+        "--concurrency",
+        "32",
+    ]);
     no_errors(&v);
     let pods = pods_of(&v);
     assert_eq!(pods.len(), 4, "{v}");
     for (pod, n) in &pods {
         assert!((2375..=2625).contains(n), "{pod} got {n} of 10000: {v}");
     }
-    assert_eq!(v["peer"], VIP, "getpeername on the steered connection returns the VIP");
+    assert_eq!(
+        v["peer"], VIP,
+        "getpeername on the steered connection returns the VIP"
+    );
     // The agent's view: streams per endpoint, and a latency estimate.
     let e = s.agent.endpoints_json().expect("json");
     let eps = e["services"][0]["endpoints"].as_array().expect("eps");
-    let total: u64 = eps.iter().map(|e| e["streams_total"].as_u64().expect("streams_total")).sum();
+    let total: u64 = eps
+        .iter()
+        .map(|e| e["streams_total"].as_u64().expect("streams_total"))
+        .sum();
     assert_eq!(total, 10000, "{e}");
     assert!(eps.iter().all(|e| e["ewma_us"].as_u64().expect("ewma") > 0));
-    assert_eq!(s.agent.status_json().expect("status")["counters"]["steered"], 1);
+    assert_eq!(
+        s.agent.status_json().expect("status")["counters"]["steered"],
+        1
+    );
+}
+
+#[test]
+fn ten_mib_each_way_streams_intact_with_trailers_and_grpc_status() {
+    let s = setup("h2stream", 4);
+    let mib10 = (10 * 1024 * 1024).to_string();
+    // Bidi: 10 MiB up, echoed back, checked byte by byte.
+    let v = s.client(&[
+        "--path",
+        "/echo",
+        "--requests",
+        "2",
+        "--concurrency",
+        "2",
+        "--upload",
+        &mib10,
+    ]);
+    no_errors(&v);
+    assert_eq!(v["echo_ok"], true, "{v}");
+    assert_eq!(v["bytes_received"], 2 * 10 * 1024 * 1024);
+    // Server streaming: 10 MiB down.
+    let v = s.client(&[
+        "--path",
+        &format!("/download?bytes={mib10}"),
+        "--requests",
+        "1",
+    ]);
+    no_errors(&v);
+    assert_eq!(v["bytes_received"], 10 * 1024 * 1024);
+    // Client streaming: 10 MiB up, the server reports what it got.
+    let v = s.client(&["--path", "/upload", "--requests", "1", "--upload", &mib10]);
+    no_errors(&v);
+    assert_eq!(v["echo_ok"], true, "server saw every byte: {v}");
+    // Trailers: grpc-status OK, and a failing one with its message.
+    let v = s.client(&["--path", "/unary", "--requests", "4"]);
+    assert_eq!(v["statuses"]["0"], 4, "{v}");
+    let v = s.client(&["--path", "/status?code=7", "--requests", "3"]);
+    no_errors(&v);
+    assert_eq!(v["statuses"]["7"], 3, "{v}");
+    assert_eq!(v["messages"][0], "failed on purpose");
+}
+
+#[test]
+fn client_cancel_reaches_the_backend() {
+    let s = setup("h2cancel", 2);
+    let v = s.client(&[
+        "--path",
+        "/slow?ms=5000",
+        "--requests",
+        "4",
+        "--concurrency",
+        "4",
+        "--cancel-after-ms",
+        "300",
+    ]);
+    assert_eq!(v["errors"]["cancelled"], 4, "{v}");
+    Topology::wait_for(
+        "the servers to see the resets",
+        Duration::from_secs(3),
+        || {
+            let resets: usize =
+                s.t.pods
+                    .iter()
+                    .map(|p| p.h2.as_ref().expect("h2").count("reset /slow"))
+                    .sum();
+            Ok(resets == 4)
+        },
+    )
+    .expect("resets");
+}
+
+#[test]
+fn backend_killed_mid_stream_fails_fast_and_others_keep_serving() {
+    let mut s = setup("h2kill", 4);
+    let child = h2_client_spawn(
+        &s.t.client.name,
+        Some(&s.t.cgroup.path),
+        VIP,
+        &[
+            "--path",
+            "/slow?ms=3000",
+            "--requests",
+            "8",
+            "--concurrency",
+            "8",
+        ],
+    )
+    .expect("client");
+    std::thread::sleep(Duration::from_millis(700));
+    s.t.pods[0].h2.as_mut().expect("h2").kill();
+    let v = h2_client_wait(child).expect("client");
+    let errors: u64 = v["errors"]
+        .as_object()
+        .expect("errors")
+        .values()
+        .map(|n| n.as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(errors, 2, "pod0's two streams fail: {v}");
+    for ms in v["error_latency_ms"].as_array().expect("latencies") {
+        // Killed at ~700 ms: the client knows well within a second.
+        assert!(ms.as_u64().expect("ms") < 1700, "{v}");
+    }
+    assert_eq!(pods_of(&v).iter().map(|(_, n)| n).sum::<u64>(), 6, "{v}");
+    // New streams avoid the dead pod (connect refused: retried elsewhere).
+    let v = s.client(&[
+        "--path",
+        "/unary",
+        "--requests",
+        "200",
+        "--concurrency",
+        "8",
+    ]);
+    no_errors(&v);
+    assert!(pods_of(&v).iter().all(|(p, _)| p != "pod0"), "{v}");
+}
+
+#[test]
+fn backend_goaway_is_invisible_to_the_client() {
+    let s = setup("h2goaway", 4);
+    // Every backend connection is closed with GOAWAY after one request.
+    let v = s.client(&[
+        "--path",
+        "/goaway",
+        "--requests",
+        "2000",
+        "--concurrency",
+        "16",
+    ]);
+    no_errors(&v);
+    assert_eq!(pods_of(&v).iter().map(|(_, n)| n).sum::<u64>(), 2000, "{v}");
+}
+
+#[test]
+fn endpoint_removed_under_load_fails_no_rpc() {
+    let s = setup("h2remove", 4);
+    let child = h2_client_spawn(
+        &s.t.client.name,
+        Some(&s.t.cgroup.path),
+        VIP,
+        &[
+            "--path",
+            "/unary",
+            "--requests",
+            "8000",
+            "--concurrency",
+            "16",
+        ],
+    )
+    .expect("client");
+    std::thread::sleep(Duration::from_millis(800));
+    let status = s
+        .agent
+        .reload(&http2_yaml(&s.t, &[1, 2, 3]))
+        .expect("reload");
+    assert_eq!(status["last_reload"]["ok"], true);
+    let before = s.t.pods[0].h2.as_ref().expect("h2").count("req /unary");
+    let v = h2_client_wait(child).expect("client");
+    no_errors(&v);
+    assert_eq!(pods_of(&v).iter().map(|(_, n)| n).sum::<u64>(), 8000, "{v}");
+    let after = s.t.pods[0].h2.as_ref().expect("h2").count("req /unary");
+    assert!(
+        after - before < 32,
+        "pod0 got {} streams after its removal",
+        after - before
+    );
+}
+
+#[test]
+fn unfinished_preface_is_closed_after_a_timeout() {
+    let s = setup("h2preface", 2);
+    // "PRI * HTTP/2.0\r\n", then nothing.
+    let v = h2_raw(
+        &s.t.client.name,
+        Some(&s.t.cgroup.path),
+        VIP,
+        "505249202a20485454502f322e300d0a",
+        12,
+    )
+    .expect("raw");
+    assert_eq!(v["closed"], true, "{v}");
+    let after = v["closed_after_s"].as_f64().expect("s");
+    assert!((4.0..9.0).contains(&after), "closed after {after} s");
+}
+
+const PREFACE_HEX: &str = "505249202a20485454502f322e300d0a0d0a534d0d0a0d0a";
+const EMPTY_SETTINGS: &str = "000000040000000000";
+
+fn goaway_code(v: &Value) -> Option<u32> {
+    v["frames"]
+        .as_array()?
+        .iter()
+        .find(|f| f["type"] == 7)
+        .and_then(|f| {
+            let p = f["payload"].as_str()?;
+            u32::from_str_radix(p.get(8..16)?, 16).ok()
+        })
+}
+
+#[test]
+fn malformed_and_oversized_frames_get_connection_errors_and_hurt_no_one_else() {
+    let s = setup("h2malformed", 2);
+    let ns = &s.t.client.name;
+    let cg = Some(s.t.cgroup.path.as_path());
+    // A healthy connection in flight the whole time.
+    let healthy = h2_client_spawn(
+        ns,
+        cg,
+        VIP,
+        &[
+            "--path",
+            "/slow?ms=2000",
+            "--requests",
+            "4",
+            "--concurrency",
+            "4",
+        ],
+    )
+    .expect("client");
+    // DATA on stream 0: PROTOCOL_ERROR (RFC 9113 6.1).
+    let v = h2_raw(
+        ns,
+        cg,
+        VIP,
+        &format!("{PREFACE_HEX}{EMPTY_SETTINGS}000004000100000000deadbeef"),
+        3,
+    )
+    .expect("raw");
+    assert_eq!(goaway_code(&v), Some(1), "{v}");
+    // A 65,536-byte frame against the default 16,384 limit: FRAME_SIZE_ERROR
+    // (RFC 9113 4.2).
+    let v = h2_raw(
+        ns,
+        cg,
+        VIP,
+        &format!("{PREFACE_HEX}{EMPTY_SETTINGS}010000000000000001"),
+        3,
+    )
+    .expect("raw");
+    assert_eq!(goaway_code(&v), Some(6), "{v}");
+    // A PING that is not 8 bytes: FRAME_SIZE_ERROR (6.7).
+    let v = h2_raw(
+        ns,
+        cg,
+        VIP,
+        &format!("{PREFACE_HEX}{EMPTY_SETTINGS}000004060000000000aabbccdd"),
+        3,
+    )
+    .expect("raw");
+    assert_eq!(goaway_code(&v), Some(6), "{v}");
+    // A SETTINGS frame whose length is not a multiple of 6: FRAME_SIZE_ERROR.
+    let v = h2_raw(
+        ns,
+        cg,
+        VIP,
+        &format!("{PREFACE_HEX}000005040000000000aabbccddee"),
+        3,
+    )
+    .expect("raw");
+    assert_eq!(goaway_code(&v), Some(6), "{v}");
+    let v = h2_client_wait(healthy).expect("healthy");
+    no_errors(&v);
+    assert_eq!(pods_of(&v).iter().map(|(_, n)| n).sum::<u64>(), 4);
+}
+
+#[test]
+fn a_client_that_does_not_speak_http2_is_passed_through() {
+    let s = setup("h2plain", 2);
+    // Client speaks first, not HTTP/2: passed through at once; the plain
+    // server answers with its name and echoes.
+    let v = h2_raw(
+        &s.t.client.name,
+        Some(&s.t.cgroup.path),
+        "198.19.0.51:80",
+        "68656c6c6f0a",
+        2,
+    )
+    .expect("raw");
+    let text = v["text"].as_str().expect("text");
+    assert!(text.starts_with("pod") && text.ends_with("hello\n"), "{v}");
+    // Server speaks first (the client sends nothing): passed through after
+    // a short wait.
+    let r = balancer_tests::short_connections(
+        &s.t.client.name,
+        Some(&s.t.cgroup.path),
+        "198.19.0.51:80",
+        2,
+    )
+    .expect("plain client");
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.pods.values().sum::<u64>(), 2);
 }

@@ -216,7 +216,8 @@ impl Dataplane {
                 .map_err(map_err(map_names::SERVICE_STATE))?,
             counters: PerCpuArray::try_from(take(map_names::COUNTERS)?)
                 .map_err(map_err(map_names::COUNTERS))?,
-            config: Array::try_from(take(map_names::CONFIG)?).map_err(map_err(map_names::CONFIG))?,
+            config: Array::try_from(take(map_names::CONFIG)?)
+                .map_err(map_err(map_names::CONFIG))?,
         };
         let orig_dst = Some(
             HashMap::try_from(take(map_names::ORIG_DST)?).map_err(map_err(map_names::ORIG_DST))?,

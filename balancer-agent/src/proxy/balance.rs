@@ -174,7 +174,9 @@ impl Pool {
         }
         let i = match self.algorithm {
             Algorithm::Random => fastrand::usize(..n),
-            Algorithm::RoundRobin => (self.cursor.fetch_add(1, Ordering::Relaxed) % n as u64) as usize,
+            Algorithm::RoundRobin => {
+                (self.cursor.fetch_add(1, Ordering::Relaxed) % n as u64) as usize
+            }
             Algorithm::LeastRequest | Algorithm::LeastConn => {
                 if n == 1 {
                     0
@@ -185,7 +187,11 @@ impl Pool {
                     // and a busy or slow pod is still avoided.
                     let a = (self.cursor.fetch_add(1, Ordering::Relaxed) % n as u64) as usize;
                     let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-                    if candidates[b].cost() * CLEARLY_CHEAPER < candidates[a].cost() { b } else { a }
+                    if candidates[b].cost() * CLEARLY_CHEAPER < candidates[a].cost() {
+                        b
+                    } else {
+                        a
+                    }
                 }
             }
         };
@@ -199,7 +205,11 @@ mod tests {
 
     fn eps(n: usize) -> Vec<Arc<Endpoint>> {
         (0..n)
-            .map(|i| Arc::new(Endpoint::new(format!("198.18.1.{}:80", 10 + i).parse().expect("sa"))))
+            .map(|i| {
+                Arc::new(Endpoint::new(
+                    format!("198.18.1.{}:80", 10 + i).parse().expect("sa"),
+                ))
+            })
             .collect()
     }
 
@@ -209,7 +219,10 @@ mod tests {
         let t0 = Instant::now();
         // A pod turns slow: 50 ms answers, one per 10 ms, for 2 s.
         for i in 1..=200 {
-            e.observe(Duration::from_millis(50), t0 + Duration::from_millis(10 * i));
+            e.observe(
+                Duration::from_millis(50),
+                t0 + Duration::from_millis(10 * i),
+            );
         }
         let slow = e.ewma().as_secs_f64() * 1000.0;
         assert!(slow > 40.0, "after 2 s of 50 ms answers: {slow} ms");
@@ -219,7 +232,10 @@ mod tests {
             e.observe(Duration::from_millis(1), t1 + Duration::from_millis(10 * i));
         }
         let after = e.ewma().as_secs_f64() * 1000.0;
-        assert!((30.0..45.0).contains(&after), "2 s into recovery: {after} ms");
+        assert!(
+            (30.0..45.0).contains(&after),
+            "2 s into recovery: {after} ms"
+        );
         // A single hiccup barely moves a settled estimate.
         let f = Endpoint::new("198.18.1.2:80".parse().expect("sa"));
         for i in 1..=100 {
@@ -234,7 +250,10 @@ mod tests {
         let e = eps(4);
         let pool = Pool::new(Algorithm::LeastRequest, e.clone());
         let _busy: Vec<InFlight> = (0..50).map(|_| e[0].start()).collect();
-        e[1].observe(Duration::from_millis(100), Instant::now() + Duration::from_secs(5));
+        e[1].observe(
+            Duration::from_millis(100),
+            Instant::now() + Duration::from_secs(5),
+        );
         let mut hits = [0; 4];
         for _ in 0..2000 {
             let p = pool.pick(&[]).expect("pick");
@@ -259,8 +278,16 @@ mod tests {
             assert!((90..=110).contains(&n), "{n}");
         }
         drop(held);
-        assert!(e.iter().all(|ep| ep.outstanding.load(Ordering::Relaxed) == 0));
-        assert_eq!(e.iter().map(|ep| ep.streams_total.load(Ordering::Relaxed)).sum::<u64>(), 400);
+        assert!(
+            e.iter()
+                .all(|ep| ep.outstanding.load(Ordering::Relaxed) == 0)
+        );
+        assert_eq!(
+            e.iter()
+                .map(|ep| ep.streams_total.load(Ordering::Relaxed))
+                .sum::<u64>(),
+            400
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! decodes HPACK; see the issue notes for the frame-level (no-decode) path.
 
 pub mod balance;
+mod guard;
 mod stream;
 
 use std::{
@@ -38,7 +39,7 @@ use crate::{
 };
 use balance::{Endpoint, Pool};
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+use balancer_common::h2frame::PREFACE;
 /// A client that starts the preface must finish it within this time.
 pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A client that sends nothing for this long is taken for a
@@ -74,7 +75,12 @@ pub struct Backends {
 
 impl Backends {
     pub async fn get(&self, addr: SocketAddr) -> Result<SendRequest<Bytes>, ProxyError> {
-        if let Some(s) = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(&addr) {
+        if let Some(s) = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&addr)
+        {
             return Ok(s.clone());
         }
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
@@ -103,7 +109,10 @@ impl Backends {
 
     /// Forget a broken connection; the next stream opens a new one.
     pub fn evict(&self, addr: SocketAddr) {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&addr);
     }
 }
 
@@ -149,8 +158,12 @@ impl Router {
                 .iter()
                 .map(|b| {
                     live.insert(*b);
-                    let ep = registry.entry(*b).or_insert_with(|| Arc::new(Endpoint::new(*b))).clone();
-                    ep.draining.store(false, std::sync::atomic::Ordering::Relaxed);
+                    let ep = registry
+                        .entry(*b)
+                        .or_insert_with(|| Arc::new(Endpoint::new(*b)))
+                        .clone();
+                    ep.draining
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
                     ep
                 })
                 .collect();
@@ -160,7 +173,8 @@ impl Router {
             if live.contains(addr) {
                 return true;
             }
-            ep.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+            ep.draining
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             self.backends.evict(*addr);
             ep.outstanding.load(std::sync::atomic::Ordering::Relaxed) > 0
         });
@@ -168,7 +182,11 @@ impl Router {
     }
 
     fn pool(&self, vip: SocketAddr) -> Option<Arc<Pool>> {
-        self.table.read().unwrap_or_else(|p| p.into_inner()).get(&vip).cloned()
+        self.table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&vip)
+            .cloned()
     }
 
     pub fn pick(&self, vip: SocketAddr, exclude: &[SocketAddr]) -> Option<Arc<Endpoint>> {
@@ -239,7 +257,7 @@ impl Router {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_concurrent_streams(1024)
-            .handshake::<_, Bytes>(sock)
+            .handshake::<_, Bytes>(guard::Guarded::new(sock))
             .await?;
         let mut shutdown = self.shutdown.subscribe();
         let mut draining = *shutdown.borrow();
@@ -268,10 +286,18 @@ impl Router {
     }
 
     /// Not HTTP/2: one backend for the whole connection.
-    async fn pass_through(self: Arc<Self>, mut sock: TcpStream, vip: SocketAddr) -> anyhow::Result<()> {
-        let pool = self.pool(vip).ok_or_else(|| anyhow::anyhow!("no service at {vip}"))?;
+    async fn pass_through(
+        self: Arc<Self>,
+        mut sock: TcpStream,
+        vip: SocketAddr,
+    ) -> anyhow::Result<()> {
+        let pool = self
+            .pool(vip)
+            .ok_or_else(|| anyhow::anyhow!("no service at {vip}"))?;
         let l4 = Pool::new(Algorithm::LeastConn, pool.endpoints.clone());
-        let ep = l4.pick(&[]).ok_or_else(|| anyhow::anyhow!("no endpoint for {vip}"))?;
+        let ep = l4
+            .pick(&[])
+            .ok_or_else(|| anyhow::anyhow!("no endpoint for {vip}"))?;
         let _inflight = ep.start();
         let mut up = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep.addr)).await??;
         let _ = up.set_nodelay(true);
@@ -292,7 +318,11 @@ async fn sniff(sock: &TcpStream) -> anyhow::Result<Sniffed> {
     let start = tokio::time::Instant::now();
     loop {
         let n = match tokio::time::timeout(
-            if start.elapsed() < SILENT_CLIENT { SILENT_CLIENT } else { PREFACE_TIMEOUT },
+            if start.elapsed() < SILENT_CLIENT {
+                SILENT_CLIENT
+            } else {
+                PREFACE_TIMEOUT
+            },
             sock.peek(&mut buf),
         )
         .await

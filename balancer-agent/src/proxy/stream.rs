@@ -20,8 +20,10 @@ use super::{Router, balance::InFlight};
 
 /// Request body kept for a retry.
 pub const REPLAY_LIMIT: usize = 64 * 1024;
-/// Endpoints tried per stream.
-const MAX_ATTEMPTS: usize = 3;
+/// Attempts per stream. Only unprocessed failures are retried, which is
+/// always safe; a backend that closes every connection with GOAWAY after one
+/// request under 16 concurrent streams needed more than 3 here.
+const MAX_ATTEMPTS: usize = 8;
 
 /// Why an attempt failed.
 #[derive(Debug)]
@@ -72,13 +74,17 @@ impl Body {
         let n = self.replay.len();
         for i in 0..n {
             let last = self.ended && self.trailers.is_none() && i + 1 == n;
-            send_all(up, self.replay[i].clone(), last).await.map_err(|e| classify_backend(&e))?;
+            send_all(up, self.replay[i].clone(), last)
+                .await
+                .map_err(|e| classify_backend(&e))?;
         }
         if self.ended {
             if let Some(t) = &self.trailers {
-                up.send_trailers(t.clone()).map_err(|e| classify_backend(&e))?;
+                up.send_trailers(t.clone())
+                    .map_err(|e| classify_backend(&e))?;
             } else if n == 0 {
-                up.send_data(Bytes::new(), true).map_err(|e| classify_backend(&e))?;
+                up.send_data(Bytes::new(), true)
+                    .map_err(|e| classify_backend(&e))?;
             }
             return Ok(());
         }
@@ -96,7 +102,9 @@ impl Body {
                             self.replay = Vec::new();
                         }
                     }
-                    send_all(up, chunk, eos).await.map_err(|e| classify_backend(&e))?;
+                    send_all(up, chunk, eos)
+                        .await
+                        .map_err(|e| classify_backend(&e))?;
                     let _ = self.recv.flow_control().release_capacity(len);
                     if eos {
                         self.ended = true;
@@ -105,7 +113,11 @@ impl Body {
                 }
                 Some(Err(_)) => return Err(Failure::ClientGone),
                 None => {
-                    let trailers = self.recv.trailers().await.map_err(|_| Failure::ClientGone)?;
+                    let trailers = self
+                        .recv
+                        .trailers()
+                        .await
+                        .map_err(|_| Failure::ClientGone)?;
                     self.ended = true;
                     match &trailers {
                         Some(t) => up.send_trailers(t.clone()),
@@ -121,7 +133,11 @@ impl Body {
 }
 
 /// Send `data` as flow control allows.
-async fn send_all(stream: &mut SendStream<Bytes>, mut data: Bytes, eos: bool) -> Result<(), h2::Error> {
+async fn send_all(
+    stream: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    eos: bool,
+) -> Result<(), h2::Error> {
     if data.is_empty() {
         return stream.send_data(data, eos);
     }
@@ -142,7 +158,12 @@ async fn send_all(stream: &mut SendStream<Bytes>, mut data: Bytes, eos: bool) ->
 }
 
 /// Serve one client stream.
-pub async fn forward(router: Arc<Router>, vip: SocketAddr, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+pub async fn forward(
+    router: Arc<Router>,
+    vip: SocketAddr,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let (parts, recv) = req.into_parts();
     let mut body = Body::new(recv);
     let mut tried = Vec::new();
@@ -156,7 +177,8 @@ pub async fn forward(router: Arc<Router>, vip: SocketAddr, req: Request<RecvStre
         match attempt(&router, &parts, &mut body, &mut respond, &inflight).await {
             Ok(()) => return,
             Err(Failure::Unprocessed) if body.replayable => {
-                ep.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ep.failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(endpoint = %ep.addr, "stream not processed; retrying elsewhere");
             }
             Err(Failure::Unprocessed) => {
@@ -164,7 +186,8 @@ pub async fn forward(router: Arc<Router>, vip: SocketAddr, req: Request<RecvStre
                 return;
             }
             Err(Failure::Reset(reason)) => {
-                ep.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ep.failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 respond.send_reset(reason);
                 return;
             }
@@ -182,7 +205,11 @@ async fn attempt(
     inflight: &InFlight,
 ) -> Result<(), Failure> {
     let addr = inflight.ep.addr;
-    let sender = router.backends.get(addr).await.map_err(|_| Failure::Unprocessed)?;
+    let sender = router
+        .backends
+        .get(addr)
+        .await
+        .map_err(|_| Failure::Unprocessed)?;
     let mut sender = sender.ready().await.map_err(|_| {
         router.backends.evict(addr);
         Failure::Unprocessed
@@ -200,7 +227,11 @@ async fn attempt(
     })?;
 
     let upload = async {
-        if no_body { Ok(()) } else { body.pump(&mut up).await }
+        if no_body {
+            Ok(())
+        } else {
+            body.pump(&mut up).await
+        }
     };
     tokio::pin!(upload);
     let mut up_done = no_body;
@@ -211,9 +242,7 @@ async fn attempt(
         tokio::select! {
             r = &mut upload, if !up_done => {
                 up_done = true;
-                if let Err(f) = r {
-                    return Err(f);
-                }
+                r?;
             }
             r = &mut resp_fut => break r,
             reason = poll_fn(|cx| respond.poll_reset(cx)) => {
@@ -222,12 +251,19 @@ async fn attempt(
             }
         }
     };
-    let resp = resp.map_err(|e| classify_backend(&e))?;
+    let resp = resp.map_err(|e| {
+        if e.is_go_away() {
+            router.backends.evict(addr);
+        }
+        classify_backend(&e)
+    })?;
     inflight.responded();
     let (rparts, mut rbody) = resp.into_parts();
     let resp_eos = rbody.is_end_stream();
     let head = Response::from_parts(rparts, ());
-    let mut down = respond.send_response(head, resp_eos).map_err(|_| Failure::ClientGone)?;
+    let mut down = respond
+        .send_response(head, resp_eos)
+        .map_err(|_| Failure::ClientGone)?;
     if resp_eos {
         return Ok(());
     }
@@ -240,7 +276,9 @@ async fn attempt(
                 Some(Ok(chunk)) => {
                     let len = chunk.len();
                     let eos = rbody.is_end_stream();
-                    send_all(&mut down, chunk, eos).await.map_err(|_| Failure::ClientGone)?;
+                    send_all(&mut down, chunk, eos)
+                        .await
+                        .map_err(|_| Failure::ClientGone)?;
                     let _ = rbody.flow_control().release_capacity(len);
                     if eos {
                         return Ok(());
@@ -254,7 +292,9 @@ async fn attempt(
                 None => {
                     match rbody.trailers().await {
                         Ok(Some(t)) => down.send_trailers(t).map_err(|_| Failure::ClientGone)?,
-                        Ok(None) => down.send_data(Bytes::new(), true).map_err(|_| Failure::ClientGone)?,
+                        Ok(None) => down
+                            .send_data(Bytes::new(), true)
+                            .map_err(|_| Failure::ClientGone)?,
                         Err(e) => {
                             let reason = e.reason().unwrap_or(Reason::INTERNAL_ERROR);
                             down.send_reset(reason);

@@ -202,7 +202,9 @@ fn validate(path: &Path, doc: FileDoc) -> Result<DesiredState, FileError> {
                 port: p.port.0,
                 target_port: p.target_port.map_or(p.port.0, |t| t.0),
                 protocol: p.protocol,
-                algorithm: p.algorithm.unwrap_or_else(|| p.protocol.default_algorithm()),
+                algorithm: p
+                    .algorithm
+                    .unwrap_or_else(|| p.protocol.default_algorithm()),
             });
         }
         let has_v4 = s.addresses.iter().any(IpAddr::is_ipv4);

@@ -40,7 +40,9 @@ use tokio::{
 };
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -80,7 +82,9 @@ async fn send_all(s: &mut SendStream<Bytes>, mut data: Bytes, eos: bool) -> anyh
     }
     while !data.is_empty() {
         s.reserve_capacity(data.len());
-        let cap = poll_fn(|cx| s.poll_capacity(cx)).await.context("stream closed")??;
+        let cap = poll_fn(|cx| s.poll_capacity(cx))
+            .await
+            .context("stream closed")??;
         let chunk = data.split_to(cap.min(data.len()));
         s.send_data(chunk, eos && data.is_empty())?;
     }
@@ -132,10 +136,10 @@ async fn serve(args: &[String]) -> anyhow::Result<()> {
                         tokio::spawn(async move {
                             let path = req.uri().path().to_owned();
                             say(&format!("req {path}"));
-                            if let Err(e) = handle(&name, req, respond, &goaway, &notify).await {
-                                if e.to_string().contains("reset") || e.to_string().contains("CANCEL") {
-                                    say(&format!("reset {path}"));
-                                }
+                            if let Err(e) = handle(&name, req, respond, &goaway, &notify).await
+                                && (e.to_string().contains("reset") || e.to_string().contains("CANCEL"))
+                            {
+                                say(&format!("reset {path}"));
                             }
                         });
                     }
@@ -215,7 +219,11 @@ async fn handle(
         path => {
             let n = drain(&mut body).await?;
             let mut out = respond.send_response(head, false)?;
-            let reply = if path == "/upload" { n.to_string() } else { name.to_owned() };
+            let reply = if path == "/upload" {
+                n.to_string()
+            } else {
+                name.to_owned()
+            };
             send_all(&mut out, Bytes::from(reply), false).await?;
             let mut t = trailers(0, "");
             t.insert("x-bytes", n.to_string().parse()?);
@@ -257,10 +265,18 @@ struct Summary {
 async fn client(args: &[String]) -> anyhow::Result<()> {
     let addr: SocketAddr = arg(args, "--connect").context("--connect")?.parse()?;
     let path = arg(args, "--path").unwrap_or_else(|| "/unary".into());
-    let requests: usize = arg(args, "--requests").unwrap_or_else(|| "1".into()).parse()?;
-    let concurrency: usize = arg(args, "--concurrency").unwrap_or_else(|| "1".into()).parse()?;
-    let upload: usize = arg(args, "--upload").unwrap_or_else(|| "0".into()).parse()?;
-    let cancel_after: Option<u64> = arg(args, "--cancel-after-ms").map(|s| s.parse()).transpose()?;
+    let requests: usize = arg(args, "--requests")
+        .unwrap_or_else(|| "1".into())
+        .parse()?;
+    let concurrency: usize = arg(args, "--concurrency")
+        .unwrap_or_else(|| "1".into())
+        .parse()?;
+    let upload: usize = arg(args, "--upload")
+        .unwrap_or_else(|| "0".into())
+        .parse()?;
+    let cancel_after: Option<u64> = arg(args, "--cancel-after-ms")
+        .map(|s| s.parse())
+        .transpose()?;
     let sock = TcpStream::connect(addr).await?;
     let _ = sock.set_nodelay(true);
     let peer = sock.peer_addr()?.to_string();
@@ -280,7 +296,8 @@ async fn client(args: &[String]) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (send, summary, next, path) = (send.clone(), summary.clone(), next.clone(), path.clone());
+        let (send, summary, next, path) =
+            (send.clone(), summary.clone(), next.clone(), path.clone());
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::SeqCst) < requests {
                 let t0 = Instant::now();
@@ -381,13 +398,30 @@ async fn one(
             let _ = body.flow_control().release_capacity(chunk.len());
         }
         let t = body.trailers().await?.unwrap_or_default();
-        let status = t.get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("none").to_owned();
-        let message = t.get("grpc-message").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let status = t
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_owned();
+        let message = t
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         if path == "/echo" || path == "/upload" {
-            let n: u64 = t.get("x-bytes").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let n: u64 = t
+                .get("x-bytes")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             echo_ok &= n == upload as u64;
         }
-        Ok::<_, anyhow::Error>(Outcome { pod, status, bytes, message, echo_ok })
+        Ok::<_, anyhow::Error>(Outcome {
+            pod,
+            status,
+            bytes,
+            message,
+            echo_ok,
+        })
     });
     up_r?;
     resp
@@ -398,14 +432,19 @@ async fn one(
 async fn raw(args: &[String]) -> anyhow::Result<()> {
     let addr: SocketAddr = arg(args, "--connect").context("--connect")?.parse()?;
     let send = hex(&arg(args, "--send").unwrap_or_default())?;
-    let wait = Duration::from_secs(arg(args, "--wait-s").unwrap_or_else(|| "10".into()).parse()?);
+    let wait = Duration::from_secs(
+        arg(args, "--wait-s")
+            .unwrap_or_else(|| "10".into())
+            .parse()?,
+    );
     let mut sock = TcpStream::connect(addr).await?;
     let start = Instant::now();
     sock.write_all(&send).await?;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     let closed = loop {
-        match tokio::time::timeout(wait.saturating_sub(start.elapsed()), sock.read(&mut buf)).await {
+        match tokio::time::timeout(wait.saturating_sub(start.elapsed()), sock.read(&mut buf)).await
+        {
             Ok(Ok(0)) | Ok(Err(_)) => break true,
             Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
             Err(_) => break false,
@@ -415,9 +454,11 @@ async fn raw(args: &[String]) -> anyhow::Result<()> {
     let mut frames = Vec::new();
     let mut i = 0;
     while i + 9 <= got.len() {
-        let len = (usize::from(got[i]) << 16) | (usize::from(got[i + 1]) << 8) | usize::from(got[i + 2]);
+        let len =
+            (usize::from(got[i]) << 16) | (usize::from(got[i + 1]) << 8) | usize::from(got[i + 2]);
         let ty = got[i + 3];
-        let stream = u32::from_be_bytes([got[i + 5], got[i + 6], got[i + 7], got[i + 8]]) & 0x7fff_ffff;
+        let stream =
+            u32::from_be_bytes([got[i + 5], got[i + 6], got[i + 7], got[i + 8]]) & 0x7fff_ffff;
         let end = (i + 9 + len).min(got.len());
         let payload: String = got[i + 9..end].iter().map(|b| format!("{b:02x}")).collect();
         frames.push(serde_json::json!({"type": ty, "flags": got[i + 4], "stream": stream, "payload": payload}));
@@ -427,7 +468,8 @@ async fn raw(args: &[String]) -> anyhow::Result<()> {
     say(&serde_json::json!({
         "closed": closed, "closed_after_s": start.elapsed().as_secs_f64(),
         "frames": frames, "text": text,
-    }).to_string());
+    })
+    .to_string());
     Ok(())
 }
 
