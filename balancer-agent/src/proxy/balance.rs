@@ -34,7 +34,7 @@ pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
 pub const DECAY: Duration = Duration::from_secs(10);
 /// The random candidate must cost less than the rotating one by this
 /// factor to be taken (hysteresis against noise).
-const CLEARLY_CHEAPER: f64 = 1.25;
+const CLEARLY_CHEAPER: f64 = 1.5;
 /// Time constant of its rise towards slower samples.
 pub const RISE: Duration = Duration::from_secs(1);
 

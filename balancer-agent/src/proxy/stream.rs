@@ -242,7 +242,12 @@ async fn attempt(
         tokio::select! {
             r = &mut upload, if !up_done => {
                 up_done = true;
-                r?;
+                // A backend-side failure of the upload (the stream was
+                // refused, the connection is going away) is classified by
+                // the response below, which knows whether it was processed.
+                if let Err(Failure::ClientGone) = r {
+                    return Err(Failure::ClientGone);
+                }
             }
             r = &mut resp_fut => break r,
             reason = poll_fn(|cx| respond.poll_reset(cx)) => {
