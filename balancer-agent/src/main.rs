@@ -57,6 +57,10 @@ enum Command {
         /// Address of the HTTP/2 frame router (for `protocol: http2` ports).
         #[arg(long)]
         proxy_addr: Option<std::net::SocketAddr>,
+        /// On SIGTERM, how long HTTP/2 clients get to finish their streams
+        /// after the GOAWAY.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        drain_timeout: Duration,
     },
     /// Programs, cgroup, maps, source and the last reload.
     Status {
@@ -112,7 +116,17 @@ fn main() -> ExitCode {
                 admin_socket,
                 bpffs: _,
                 proxy_addr,
-            } => run(endpoints_file, cgroup, admin_socket, proxy_addr).await,
+                drain_timeout,
+            } => {
+                run(
+                    endpoints_file,
+                    cgroup,
+                    admin_socket,
+                    proxy_addr,
+                    drain_timeout,
+                )
+                .await
+            }
             Command::Status {
                 admin_socket,
                 output,
@@ -146,6 +160,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// "10s", "500ms", "2m" or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration (like 10s, 500ms, 2m)");
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(bad()),
+    }
+}
+
 /// The cgroup v2 mount point, from /proc/self/mountinfo.
 fn cgroup2_root() -> anyhow::Result<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
@@ -169,6 +198,7 @@ async fn run(
     cgroup: Option<PathBuf>,
     admin_socket: PathBuf,
     proxy_addr: Option<std::net::SocketAddr>,
+    drain_timeout: Duration,
 ) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
@@ -247,9 +277,16 @@ async fn run(
         }
     }
     if let Some(r) = &router {
-        // Two-phase GOAWAY to every client; give it a moment to go out.
-        r.shutdown();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Two-phase GOAWAY to every client, then let their streams finish.
+        // The programs stay attached meanwhile, so new connections are
+        // still balanced (and told to go away by the router).
+        let open = r.drain(drain_timeout).await;
+        if open > 0 {
+            tracing::warn!(
+                open,
+                "drain timeout: closing client connections with streams in flight"
+            );
+        }
     }
     if let Some(t) = router_task {
         t.abort();

@@ -298,3 +298,35 @@ fn a_client_that_does_not_speak_http2_is_passed_through() {
     assert!(r.errors.is_empty(), "{r:?}");
     assert_eq!(r.pods.values().sum::<u64>(), 2);
 }
+
+#[test]
+fn agent_shutdown_drains_http2_clients_without_failing_a_stream() {
+    let mut s = setup("h2drain", 2);
+    let child = h2_client_spawn(
+        &s.t.client.name,
+        Some(&s.t.cgroup.path),
+        VIP,
+        &[
+            "--path",
+            "/slow?ms=1500",
+            "--requests",
+            "4",
+            "--concurrency",
+            "4",
+        ],
+    )
+    .expect("client");
+    std::thread::sleep(Duration::from_millis(400));
+    let started = std::time::Instant::now();
+    let status = s.agent.stop().expect("stop");
+    assert!(status.success(), "{}", s.agent.log());
+    // The agent waited for the streams (about 1.1 s more), not longer.
+    let waited = started.elapsed();
+    assert!(
+        waited > Duration::from_millis(800) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    let v = h2_client_wait(child).expect("client");
+    no_errors(&v);
+    assert_eq!(pods_of(&v).iter().map(|(_, n)| n).sum::<u64>(), 4, "{v}");
+}

@@ -132,6 +132,18 @@ pub struct Router {
     pub backends: Backends,
     orig_dst: Mutex<BpfHashMap<MapData, SockKey, OrigDst>>,
     shutdown: watch::Sender<bool>,
+    /// Client connections open now.
+    connections: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a client connection while it lives.
+struct ConnGuard(Arc<Router>);
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Router {
@@ -142,6 +154,7 @@ impl Router {
             backends: Backends::default(),
             orig_dst: Mutex::new(orig_dst),
             shutdown: watch::channel(false).0,
+            connections: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -217,9 +230,19 @@ impl Router {
         Some(SocketAddr::new(ip, u16::from_be(v.port)))
     }
 
-    /// Start the two-phase GOAWAY on every client connection.
-    pub fn shutdown(&self) {
+    /// Drain: two-phase GOAWAY on every client connection, then wait until
+    /// they have all closed (their streams finished), at most `timeout`.
+    /// Returns the connections still open at the end.
+    pub async fn drain(&self, timeout: Duration) -> usize {
         let _ = self.shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let open = self.connections.load(std::sync::atomic::Ordering::SeqCst);
+            if open == 0 || tokio::time::Instant::now() >= deadline {
+                return open;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
@@ -233,7 +256,12 @@ impl Router {
                 }
             };
             let router = self.clone();
+            router
+                .connections
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let guard = ConnGuard(router.clone());
             tokio::spawn(async move {
+                let _guard = guard;
                 if let Err(e) = router.handle(sock, peer).await {
                     tracing::debug!(%peer, error = %e, "router connection ended");
                 }
