@@ -790,6 +790,11 @@ impl Agent {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
 
+    /// The agent's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Run a CLI command against this agent's admin socket.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(agent_bin())

@@ -8,6 +8,9 @@ pub enum Which {
     /// Connection spread (kube-proxy rules vs least-conn) and connect() rate
     /// (connect4 vs iptables DNAT vs direct).
     L4,
+    /// h2load over 4 nghttpd pods: direct, kube-proxy rules, haproxy,
+    /// nghttpx and the balancer, in one run.
+    Http2,
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
@@ -22,6 +25,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let name = match which {
         Which::L4 => "l4",
+        Which::Http2 => "http2",
     };
     util::run(
         std::process::Command::new(bin.join("lbt-bench"))

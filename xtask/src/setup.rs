@@ -18,6 +18,8 @@ const PACKAGES: &[&str] = &[
     "procps",
     "nghttp2-client",
     "nghttp2-server",
+    "nghttp2-proxy",
+    "haproxy",
 ];
 
 /// The nightly that DESIGN.md 4 pins: its LLVM (22) is the one bpf-linker

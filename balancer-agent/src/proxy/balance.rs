@@ -90,9 +90,8 @@ impl Endpoint {
         e.at = now;
     }
 
-    fn cost(&self) -> f64 {
-        let e = self.ewma.lock().unwrap_or_else(|p| p.into_inner()).estimate;
-        e * (self.outstanding.load(Ordering::Relaxed) as f64 + 1.0)
+    fn estimate_ns(&self) -> f64 {
+        self.ewma.lock().unwrap_or_else(|p| p.into_inner()).estimate
     }
 
     /// Start a stream on this endpoint; the guard ends it.
@@ -134,6 +133,24 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.ep.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Latency counts only once one endpoint is clearly slower than the other.
+const SLOWER: f64 = 2.0;
+
+/// Costs of two candidates: `(outstanding + 1) * latency factor`, where the
+/// factor is the ratio of the two latency estimates when it exceeds
+/// [`SLOWER`], else 1. Equal pods so compare on outstanding streams alone
+/// (latency noise on a busy node moved 20% of the load between equal pods
+/// in the benchmark), and a pod twice as slow or worse is weighted by how
+/// much slower it is.
+fn costs(a: &Endpoint, b: &Endpoint) -> (f64, f64) {
+    let (ea, eb) = (a.estimate_ns().max(1.0), b.estimate_ns().max(1.0));
+    let fa = if ea > SLOWER * eb { ea / eb } else { 1.0 };
+    let fb = if eb > SLOWER * ea { eb / ea } else { 1.0 };
+    let oa = a.outstanding.load(Ordering::Relaxed) as f64 + 1.0;
+    let ob = b.outstanding.load(Ordering::Relaxed) as f64 + 1.0;
+    (oa * fa, ob * fb)
 }
 
 /// The endpoints of one http2 frontend.
@@ -187,11 +204,8 @@ impl Pool {
                     // and a busy or slow pod is still avoided.
                     let a = (self.cursor.fetch_add(1, Ordering::Relaxed) % n as u64) as usize;
                     let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-                    if candidates[b].cost() * CLEARLY_CHEAPER < candidates[a].cost() {
-                        b
-                    } else {
-                        a
-                    }
+                    let (ca, cb) = costs(candidates[a], candidates[b]);
+                    if cb * CLEARLY_CHEAPER < ca { b } else { a }
                 }
             }
         };

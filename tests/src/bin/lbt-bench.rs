@@ -47,7 +47,8 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("l4") => l4(PathBuf::from(args.get(2).context("OUT_DIR")?)),
-        _ => bail!("usage: lbt-bench l4 OUT_DIR"),
+        Some("http2") => http2(PathBuf::from(args.get(2).context("OUT_DIR")?)),
+        _ => bail!("usage: lbt-bench l4|http2 OUT_DIR"),
     }
 }
 
@@ -207,5 +208,348 @@ fn l4(out: PathBuf) -> anyhow::Result<()> {
     std::fs::write(out.join("l4.txt"), &table)?;
     print!("{table}");
     println!("\nwritten: {} and l4.txt", out.join("l4.json").display());
+    Ok(())
+}
+
+/// A child process killed on drop.
+struct Proc(std::process::Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_in(ns: &str, cmd: &str, args: &[&str]) -> anyhow::Result<Proc> {
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, cmd])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {cmd} (cargo xtask setup installs it)"))?;
+    Ok(Proc(child))
+}
+
+fn tx_bytes(ns: &str) -> anyhow::Result<u64> {
+    let out = sh("ip", &["-n", ns, "-j", "-s", "link", "show", "dev", "eth0"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v[0]["stats64"]["tx"]["bytes"].as_u64().context("tx bytes")
+}
+
+fn agent_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")": state is 3rd; utime 14th and stime 15th overall.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+fn agent_mem_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(key)
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct H2Run {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    succeeded: u64,
+    failed: u64,
+    /// Share of response bytes per pod (sums to 1).
+    pod_share: Vec<f64>,
+    /// Busiest pod / mean.
+    spread: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// One h2load run from namespace `ns` (joining `cgroup` first if given).
+fn h2load(
+    t: &Topology,
+    ns: &str,
+    cgroup: Option<&std::path::Path>,
+    url: &str,
+    n: usize,
+    log: &std::path::Path,
+) -> anyhow::Result<H2Run> {
+    let before: Vec<u64> = t
+        .pods
+        .iter()
+        .map(|p| tx_bytes(&p.ns.name))
+        .collect::<Result<_, _>>()?;
+    let h2 = format!(
+        "exec ip netns exec {ns} h2load -n {n} -c 1 -m 32 --log-file={} {url}",
+        log.display()
+    );
+    let script = match cgroup {
+        Some(cg) => format!("echo $$ > {}/cgroup.procs && {h2}", cg.display()),
+        None => h2,
+    };
+    let out = sh("sh", &["-c", &script])?;
+    let after: Vec<u64> = t
+        .pods
+        .iter()
+        .map(|p| tx_bytes(&p.ns.name))
+        .collect::<Result<_, _>>()?;
+    let rps = out
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|x| x.trim_end_matches(" req/s").parse::<f64>().ok())
+        .with_context(|| format!("h2load output: {out}"))?;
+    let reqs = out
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .unwrap_or("");
+    let field = |name: &str| -> u64 {
+        reqs.split(", ")
+            .find_map(|p| {
+                p.trim()
+                    .strip_suffix(name)
+                    .map(|n| n.trim().trim_start_matches("requests: "))
+            })
+            .and_then(|n| n.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut lat: Vec<f64> = std::fs::read_to_string(log)?
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2)?.trim().parse::<f64>().ok())
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let deltas: Vec<f64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| a.saturating_sub(*b) as f64)
+        .collect();
+    let total: f64 = deltas.iter().sum();
+    let pod_share: Vec<f64> = deltas
+        .iter()
+        .map(|d| if total > 0.0 { d / total } else { 0.0 })
+        .collect();
+    let max = pod_share.iter().copied().fold(0.0, f64::max);
+    Ok(H2Run {
+        rps,
+        p50_us: percentile(&lat, 0.5),
+        p99_us: percentile(&lat, 0.99),
+        succeeded: field("succeeded"),
+        failed: field("failed") + field("errored"),
+        spread: max * pod_share.len() as f64,
+        pod_share,
+    })
+}
+
+fn median_run(mut runs: Vec<H2Run>) -> H2Run {
+    runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    runs[runs.len() / 2].clone()
+}
+
+fn http2(out: PathBuf) -> anyhow::Result<()> {
+    let n: usize = std::env::var("LBT_H2_REQUESTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40_000);
+    let rounds: usize = std::env::var("LBT_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let t = Topology::new("h2bench", PODS, &[])?;
+    let dir = std::env::temp_dir().join(format!("{}-files", t.prefix));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("index"), vec![b'x'; 256])?;
+    let docroot = dir.display().to_string();
+    let mut procs = Vec::new();
+    for p in &t.pods {
+        procs.push(spawn_in(
+            &p.ns.name,
+            "nghttpd",
+            &["--no-tls", "-d", &docroot, "8080"],
+        )?);
+    }
+    let eps: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+    let mut yaml = String::from(
+        "services:\n  - name: bench/h2\n    addresses: [198.19.0.60]\n    ports:\n      - port: 80\n        targetPort: 8080\n        protocol: http2\n    endpoints:\n",
+    );
+    for e in &eps {
+        yaml += &format!("      - address: {e}\n");
+    }
+    let agent = Agent::start_with(
+        &t.prefix,
+        &t.cgroup.path,
+        &yaml,
+        Some(&t.node.name),
+        &["--proxy-addr", balancer_tests::ROUTER_ADDR],
+    )?;
+    let agent_pid = agent.pid().context("agent pid")?;
+    let plain = t.extra_client("plain", "198.18.202.1", "fd00:18::ca:1")?;
+    let kp = t.extra_client("kp", "198.18.201.1", "fd00:18::c9:1")?;
+    sh(
+        "ip",
+        &[
+            "-n",
+            &kp.name,
+            "route",
+            "add",
+            "198.19.0.0/16",
+            "dev",
+            "eth0",
+        ],
+    )?;
+    let backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), 8080)).collect();
+    install_kube_proxy(&kp, &kube_proxy_services(&[("198.19.0.60", 80, &backends)]))?;
+
+    let haproxy_cfg = dir.join("haproxy.cfg");
+    let mut cfg = String::from(
+        "global\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fe\n  bind 198.18.0.1:18080 proto h2\n  default_backend be\nbackend be\n  balance roundrobin\n",
+    );
+    for (i, e) in eps.iter().enumerate() {
+        cfg += &format!("  server p{i} {e}:8080 proto h2\n");
+    }
+    std::fs::write(&haproxy_cfg, cfg)?;
+    procs.push(spawn_in(
+        &t.node.name,
+        "haproxy",
+        &["-f", &haproxy_cfg.display().to_string(), "-db"],
+    )?);
+    let mut nghttpx_args = vec!["--frontend=198.18.0.1,18081;no-tls".to_owned()];
+    for e in &eps {
+        nghttpx_args.push(format!("--backend={e},8080;;proto=h2"));
+    }
+    nghttpx_args.push("--log-level=WARN".into());
+    let nghttpx_refs: Vec<&str> = nghttpx_args.iter().map(String::as_str).collect();
+    procs.push(spawn_in(&t.node.name, "nghttpx", &nghttpx_refs)?);
+    std::thread::sleep(Duration::from_millis(800));
+
+    let log = dir.join("h2load.log");
+    let cg = t.cgroup.path.clone();
+    let configs: [(&str, &str, Option<&std::path::Path>, String); 5] = [
+        (
+            "direct",
+            plain.name.as_str(),
+            None,
+            format!("http://{}:8080/index", eps[0]),
+        ),
+        (
+            "kube_proxy",
+            kp.name.as_str(),
+            None,
+            "http://198.19.0.60:80/index".into(),
+        ),
+        (
+            "haproxy",
+            plain.name.as_str(),
+            None,
+            "http://198.18.0.1:18080/index".into(),
+        ),
+        (
+            "nghttpx",
+            plain.name.as_str(),
+            None,
+            "http://198.18.0.1:18081/index".into(),
+        ),
+        (
+            "balancer",
+            t.client.name.as_str(),
+            Some(cg.as_path()),
+            "http://198.19.0.60:80/index".into(),
+        ),
+    ];
+    // Warm-up: one short run each.
+    for (_, ns, cgroup, url) in &configs {
+        h2load(&t, ns, *cgroup, url, 2000, &log)?;
+    }
+    let mut runs: BTreeMap<&str, Vec<H2Run>> = BTreeMap::new();
+    let mut cpu_ticks = 0u64;
+    let mut balancer_secs = 0.0;
+    eprintln!("http2: {rounds} rounds x 5 configurations x {n} requests (h2load -c 1 -m 32)");
+    for _ in 0..rounds {
+        for (name, ns, cgroup, url) in &configs {
+            let t0 = agent_cpu_ticks(agent_pid);
+            let start = std::time::Instant::now();
+            let r = h2load(&t, ns, *cgroup, url, n, &log)?;
+            if *name == "balancer" {
+                cpu_ticks += agent_cpu_ticks(agent_pid) - t0;
+                balancer_secs += start.elapsed().as_secs_f64();
+            }
+            runs.entry(name).or_default().push(r);
+        }
+    }
+    let med: BTreeMap<&str, H2Run> = runs
+        .clone()
+        .into_iter()
+        .map(|(k, v)| (k, median_run(v)))
+        .collect();
+    let direct = med["direct"].clone();
+    let clk = 100.0; // USER_HZ
+    let agent_cpu = cpu_ticks as f64 / clk / balancer_secs;
+    let rss = agent_mem_kib(agent_pid, "VmRSS:");
+    let hwm = agent_mem_kib(agent_pid, "VmHWM:");
+    let mut rows = serde_json::Map::new();
+    let mut table = format!(
+        "HTTP/2 benchmark: h2load -n {n} -c 1 -m 32 over {PODS} nghttpd pods, median of {rounds} rounds\n\n{:<12} {:>9} {:>7} {:>8} {:>8} {:>7} {:>7} {:>7}  per-pod share\n",
+        "config", "req/s", "xdirect", "p50 us", "p99 us", "p50 x", "p99 x", "spread"
+    );
+    for (name, r) in &med {
+        let row = serde_json::json!({
+            "rps": r.rps, "rps_vs_direct": r.rps / direct.rps,
+            "p50_us": r.p50_us, "p50_vs_direct": r.p50_us / direct.p50_us,
+            "p99_us": r.p99_us, "p99_vs_direct": r.p99_us / direct.p99_us,
+            "spread_max_over_mean": r.spread, "pod_share": r.pod_share,
+            "succeeded": r.succeeded, "failed": r.failed,
+            "all_rounds_rps": runs[name].iter().map(|x| x.rps).collect::<Vec<_>>(),
+        });
+        table += &format!(
+            "{:<12} {:>9.0} {:>7.2} {:>8.0} {:>8.0} {:>7.2} {:>7.2} {:>7.2}  {}\n",
+            name,
+            r.rps,
+            r.rps / direct.rps,
+            r.p50_us,
+            r.p99_us,
+            r.p50_us / direct.p50_us,
+            r.p99_us / direct.p99_us,
+            r.spread,
+            r.pod_share
+                .iter()
+                .map(|s| format!("{:.0}%", s * 100.0))
+                .collect::<Vec<_>>()
+                .join("/")
+        );
+        rows.insert((*name).to_owned(), row);
+    }
+    table += &format!(
+        "\nagent during the balancer runs: {:.0}% of one CPU, RSS {} KiB (peak {} KiB)\n",
+        agent_cpu * 100.0,
+        rss,
+        hwm
+    );
+    let result = serde_json::json!({
+        "benchmark": "http2",
+        "unix_time": SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
+        "h2load": format!("-n {n} -c 1 -m 32"), "pods": PODS, "rounds": rounds,
+        "configs": rows,
+        "agent": {"cpu_fraction_of_one_core": agent_cpu, "rss_kib": rss, "peak_rss_kib": hwm},
+    });
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(
+        out.join("http2.json"),
+        serde_json::to_string_pretty(&result)? + "\n",
+    )?;
+    std::fs::write(out.join("http2.txt"), &table)?;
+    print!("{table}");
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
