@@ -216,8 +216,7 @@ async fn run(
     let _socket_guard = RemoveOnDrop(admin_socket.clone());
     let router_listener = match proxy_addr {
         Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
+            std::net::TcpListener::bind(addr)
                 .map_err(|e| anyhow::anyhow!("cannot listen on --proxy-addr {addr}: {e}"))?,
         ),
         None => None,
@@ -231,7 +230,7 @@ async fn run(
                 .take_orig_dst()
                 .ok_or_else(|| anyhow::anyhow!("ORIG_DST map already taken"))?;
             let router = proxy::Router::new(orig);
-            router_task = Some(tokio::spawn(router.clone().serve(l)));
+            router_task = Some(router.spawn_thread(l)?);
             dataplane.set_router(addr)?;
             tracing::info!(%addr, "HTTP/2 router listening");
             Some(router)
@@ -289,7 +288,7 @@ async fn run(
         }
     }
     if let Some(t) = router_task {
-        t.abort();
+        t.stop();
     }
     drop(router);
     admin_task.abort();
