@@ -210,3 +210,196 @@ pub fn print_endpoints(v: &EndpointsView, as_json: bool) -> anyhow::Result<()> {
         &rows,
     ))
 }
+
+/// One service's rows in `top`, from two snapshots `dt` apart.
+pub fn top_frame(prev: Option<&EndpointsView>, now: &EndpointsView, dt: f64) -> String {
+    let mut rows = Vec::new();
+    let mut summary = Vec::new();
+    for s in &now.services {
+        let before = prev.and_then(|p| p.services.iter().find(|x| x.name == s.name));
+        let rate = |e: &crate::admin::EndpointView, f: fn(&crate::admin::EndpointView) -> u64| {
+            let old = before
+                .and_then(|b| {
+                    b.endpoints
+                        .iter()
+                        .find(|x| x.address == e.address && x.port == e.port)
+                })
+                .map_or(f(e), f);
+            f(e).saturating_sub(old) as f64 / dt.max(1e-3)
+        };
+        // Traffic per pod: streams/s where the router sees streams,
+        // otherwise new connections/s.
+        let per: Vec<(f64, f64)> = s
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    rate(e, |x| x.streams_total),
+                    rate(e, |x| x.connections_total),
+                )
+            })
+            .collect();
+        let use_streams =
+            per.iter().any(|(st, _)| *st > 0.0) || s.endpoints.iter().any(|e| e.streams_total > 0);
+        let load: Vec<f64> = s
+            .endpoints
+            .iter()
+            .zip(&per)
+            .map(|(e, (st, _))| {
+                if use_streams {
+                    *st
+                } else {
+                    e.active_connections as f64
+                }
+            })
+            .collect();
+        let total: f64 = load.iter().sum();
+        for (i, e) in s.endpoints.iter().enumerate() {
+            let share = if total > 0.0 {
+                100.0 * load[i] / total
+            } else {
+                0.0
+            };
+            rows.push(vec![
+                s.name.clone(),
+                format!("{}:{}", e.address, e.port),
+                e.active_connections.to_string(),
+                format!("{:.0}", per[i].1),
+                e.active_streams.to_string(),
+                format!("{:.0}", per[i].0),
+                format!("{share:.1}%"),
+                if e.ewma_us > 0 {
+                    format!("{}us", e.ewma_us)
+                } else {
+                    "-".into()
+                },
+            ]);
+        }
+        let n = load.len().max(1) as f64;
+        let max = load.iter().copied().fold(0.0, f64::max);
+        let imbalance = if total > 0.0 { max / (total / n) } else { 0.0 };
+        summary.push(format!(
+            "{}: imbalance {imbalance:.2} (busiest/mean of {})",
+            s.name,
+            if use_streams {
+                "streams/s"
+            } else {
+                "active connections"
+            }
+        ));
+    }
+    let mut out = table(
+        &[
+            "SERVICE",
+            "ENDPOINT",
+            "CONNS",
+            "CONN/S",
+            "STREAMS",
+            "STREAMS/S",
+            "SHARE",
+            "LATENCY",
+        ],
+        &rows,
+    );
+    out.push('\n');
+    for l in summary {
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out
+}
+
+pub async fn top(
+    socket: &std::path::Path,
+    interval: std::time::Duration,
+    iterations: Option<u64>,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let tty = std::io::stdout().is_terminal();
+    let mut prev: Option<EndpointsView> = None;
+    let mut last = std::time::Instant::now();
+    let mut n = 0u64;
+    loop {
+        let now: EndpointsView =
+            crate::admin::request(socket, &crate::admin::Request::Endpoints { name: None }).await?;
+        let dt = last.elapsed().as_secs_f64();
+        last = std::time::Instant::now();
+        let frame = top_frame(prev.as_ref(), &now, dt);
+        if tty {
+            // Clear the screen and go home.
+            emit(&format!("\x1b[2J\x1b[H{frame}"))?;
+        } else {
+            emit(&format!("{frame}\n"))?;
+        }
+        prev = Some(now);
+        n += 1;
+        if iterations.is_some_and(|max| n >= max) {
+            return Ok(());
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::{EndpointView, ServiceView};
+
+    fn ep(addr: &str, conns: u64, streams: u64) -> EndpointView {
+        EndpointView {
+            address: addr.into(),
+            port: 80,
+            zone: None,
+            ready: true,
+            serving: true,
+            terminating: false,
+            usable: true,
+            active_connections: conns,
+            connections_total: conns,
+            active_streams: 0,
+            streams_total: streams,
+            ewma_us: 0,
+        }
+    }
+
+    fn view(eps: Vec<EndpointView>) -> EndpointsView {
+        EndpointsView {
+            services: vec![ServiceView {
+                name: "a/b".into(),
+                addresses: vec!["198.19.0.1".into()],
+                ports: vec![],
+                endpoints: eps,
+            }],
+            draining: vec![],
+        }
+    }
+
+    #[test]
+    fn top_computes_rates_shares_and_imbalance() {
+        let before = view(vec![ep("198.18.1.1", 1, 100), ep("198.18.1.2", 1, 100)]);
+        let after = view(vec![ep("198.18.1.1", 1, 400), ep("198.18.1.2", 1, 200)]);
+        let f = top_frame(Some(&before), &after, 1.0);
+        assert!(f.contains("300"), "{f}");
+        assert!(f.contains("75.0%") && f.contains("25.0%"), "{f}");
+        assert!(
+            f.contains("imbalance 1.50 (busiest/mean of streams/s)"),
+            "{f}"
+        );
+    }
+
+    #[test]
+    fn top_falls_back_to_connections_for_l4_services() {
+        let v = view(vec![ep("198.18.1.1", 16, 0), ep("198.18.1.2", 16, 0)]);
+        let f = top_frame(None, &v, 1.0);
+        assert!(
+            f.contains("imbalance 1.00 (busiest/mean of active connections)"),
+            "{f}"
+        );
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(&["A", "LONGER"], &[vec!["xxxx".into(), "y".into()]]);
+        assert_eq!(t, "A     LONGER\nxxxx  y\n");
+    }
+}

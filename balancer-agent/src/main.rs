@@ -76,6 +76,18 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// A live per-pod view: connections, streams/s, share of traffic,
+    /// latency, and the imbalance (busiest / mean) per service.
+    Top {
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        /// Refresh period.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        interval: Duration,
+        /// Stop after this many refreshes (default: until Ctrl-C).
+        #[arg(long)]
+        iterations: Option<u64>,
+    },
     /// Endpoints with their live connection counts.
     Endpoints {
         /// Only this service (namespace/name).
@@ -141,6 +153,11 @@ fn main() -> ExitCode {
                 let v = admin::request(&admin_socket, &Request::Services).await?;
                 cli::print_services(&v, matches!(output, Output::Json))
             }
+            Command::Top {
+                admin_socket,
+                interval,
+                iterations,
+            } => cli::top(&admin_socket, interval, iterations).await,
             Command::Endpoints {
                 name,
                 admin_socket,

@@ -244,6 +244,14 @@ fn admin_socket_is_root_only_and_cli_tables_show_live_counts() {
     ] {
         assert!(status.contains(needle), "status lacks {needle}: {status}");
     }
+    let top = agent
+        .cli(&["top", "--iterations", "2", "--interval", "100ms"])
+        .expect("top");
+    assert!(top.contains("CONNS") && top.contains("SHARE"), "{top}");
+    assert!(
+        top.contains("imbalance 1.00 (busiest/mean of active connections)"),
+        "{top}"
+    );
     let json = agent.status_json().expect("status json");
     assert_eq!(json["programs"].as_array().expect("programs").len(), 5);
     assert_eq!(json["counters"]["balanced"], 6);

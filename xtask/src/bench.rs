@@ -32,6 +32,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             .arg(name)
             .arg(&out)
             .env("LBT_BIN_BALANCER_AGENT", bin.join("balancer-agent"))
-            .env("LBT_BIN_LBT_PEER", bin.join("lbt-peer")),
+            .env("LBT_BIN_LBT_PEER", bin.join("lbt-peer"))
+            .env("LBT_BIN_LBT_H2", bin.join("lbt-h2")),
     )
 }

@@ -13,6 +13,7 @@ pub fn run() -> anyhow::Result<()> {
     util::run(
         std::process::Command::new(bin.join("lbt-demo"))
             .env("LBT_BIN_BALANCER_AGENT", bin.join("balancer-agent"))
-            .env("LBT_BIN_LBT_PEER", bin.join("lbt-peer")),
+            .env("LBT_BIN_LBT_PEER", bin.join("lbt-peer"))
+            .env("LBT_BIN_LBT_H2", bin.join("lbt-h2")),
     )
 }
