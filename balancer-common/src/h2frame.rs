@@ -135,8 +135,10 @@ impl Tracker {
     }
 
     /// Feed the next bytes of the stream. Returns how many of them are
-    /// acceptable: all of them, or those before the header that broke a
-    /// rule (the error code is then in [`Tracker::failed`]).
+    /// acceptable: all of them, or, once a rule is broken, those before the
+    /// byte that broke it (the last byte of a bad frame header, the first
+    /// wrong byte of the preface); the error code is then in
+    /// [`Tracker::failed`].
     pub fn feed(&mut self, mut data: &[u8]) -> usize {
         let total = data.len();
         while !data.is_empty() {
@@ -145,9 +147,9 @@ impl Tracker {
                 State::Preface(seen) => {
                     let want = PREFACE.len() - seen;
                     let n = want.min(data.len());
-                    if data[..n] != PREFACE[seen..seen + n] {
+                    if let Some(bad) = (0..n).find(|&i| data[i] != PREFACE[seen + i]) {
                         self.state = State::Failed(PROTOCOL_ERROR);
-                        return total - data.len();
+                        return total - data.len() + bad;
                     }
                     data = &data[n..];
                     self.state = if seen + n == PREFACE.len() {
@@ -170,7 +172,10 @@ impl Tracker {
                     let h = FrameHeader::parse(&self.header);
                     if let Err(code) = h.check(self.max_frame_size) {
                         self.state = State::Failed(code);
-                        return total - data.len();
+                        // Everything but the header's last byte: however the
+                        // stream was split, the same bytes are accepted, and
+                        // a complete bad header never is.
+                        return total - data.len() + n - 1;
                     }
                     data = &data[n..];
                     self.frames[usize::from(h.kind.min(10))] += 1;
@@ -254,7 +259,11 @@ mod tests {
             let before = bytes.len();
             bytes.extend(frame(kind, flags, 1, &std::vec![0; len]));
             let mut t = Tracker::new(true, DEFAULT_MAX_FRAME_SIZE);
-            assert_eq!(t.feed(&bytes), before, "kind {kind} len {len}");
+            assert_eq!(
+                t.feed(&bytes),
+                before + HEADER_LEN - 1,
+                "kind {kind} len {len}"
+            );
             assert_eq!(t.failed(), Some(FRAME_SIZE_ERROR), "kind {kind} len {len}");
         }
     }
@@ -264,6 +273,12 @@ mod tests {
         let mut t = Tracker::new(true, DEFAULT_MAX_FRAME_SIZE);
         assert_eq!(t.feed(b"GET / HTTP/1.1\r\n"), 0);
         assert_eq!(t.failed(), Some(PROTOCOL_ERROR));
+        let mut t = Tracker::new(true, DEFAULT_MAX_FRAME_SIZE);
+        assert_eq!(
+            t.feed(b"PRI * HTTP/1.1\r\n"),
+            11,
+            "up to the first wrong byte"
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ enum Command {
     /// Setup when needed, then every unit and integration test (needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// A local cluster of network namespaces: kube-proxy rules vs the agent.

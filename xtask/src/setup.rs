@@ -26,6 +26,7 @@ const PACKAGES: &[&str] = &[
 /// links against.
 const PINNED_NIGHTLY: &str = "nightly-2026-05-20";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
 /// What later cargo invocations need in their environment.
@@ -168,6 +169,22 @@ fn bpf_linker(path: &str) -> anyhow::Result<()> {
     )
 }
 
+fn cargo_fuzz(path: &str) -> anyhow::Result<()> {
+    if ok(Command::new("cargo-fuzz")
+        .arg("--version")
+        .env("PATH", path))
+    {
+        println!("setup: cargo-fuzz present");
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    util::run(
+        Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION])
+            .env("PATH", path),
+    )
+}
+
 /// Bring the machine up to what the project needs.
 pub fn run_setup() -> anyhow::Result<Env> {
     packages()?;
@@ -175,6 +192,7 @@ pub fn run_setup() -> anyhow::Result<Env> {
     rust_src(&toolchain)?;
     let path = env_path();
     bpf_linker(&path)?;
+    cargo_fuzz(&path)?;
     Ok(Env { path, toolchain })
 }
 

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: setup when needed, build the binaries the
-//! integration tests drive, then run every test of the workspace.
+//! integration tests drive, run every test of the workspace, then fuzz the
+//! HTTP/2 frame tracker for a bounded time.
 
 use crate::{setup, util};
 
@@ -12,9 +13,25 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         );
     }
     util::run(util::cargo(&env).args(["build", "--workspace", "--bins"]))?;
-    util::run(
+    let tests = util::run(
         util::cargo(&env)
             .args(["test", "--workspace", "--no-fail-fast"])
             .args(args),
+    );
+    // Only on a full run, not when a test filter was given.
+    let fuzz = if args.is_empty() { fuzz(&env) } else { Ok(()) };
+    tests?;
+    fuzz
+}
+
+fn fuzz(env: &setup::Env) -> anyhow::Result<()> {
+    let seconds = std::env::var("LBT_FUZZ_SECONDS").unwrap_or_else(|_| "30".into());
+    println!("test: fuzzing the HTTP/2 frame tracker for {seconds} s");
+    util::run(
+        std::process::Command::new("rustup")
+            .args(["run", &env.toolchain, "cargo", "fuzz", "run"])
+            .args(["--fuzz-dir", "fuzz", "h2frame", "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .env("PATH", &env.path),
     )
 }
