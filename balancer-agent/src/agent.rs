@@ -183,7 +183,9 @@ impl Agent {
                         active_connections: stats.active,
                         connections_total: stats.total,
                         active_streams: streams.active_streams,
-                        streams_total: streams.streams_total,
+                        // Router streams (http2 ports) plus streams sk_msg
+                        // saw on L4-balanced connections.
+                        streams_total: streams.streams_total + stats.streams,
                         ewma_us: streams.ewma_us,
                     });
                 }

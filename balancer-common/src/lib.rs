@@ -24,6 +24,7 @@ pub mod map_names {
     pub const SOCK_STATE: &str = "SOCK_STATE";
     pub const CONFIG: &str = "CONFIG";
     pub const ORIG_DST: &str = "ORIG_DST";
+    pub const SOCKS: &str = "SOCKS";
 }
 
 /// Map capacities. The agent refuses a desired state that does not fit
@@ -181,8 +182,11 @@ pub struct BackendStats {
     pub active: u64,
     /// Connections ever established.
     pub total: u64,
+    /// HTTP/2 streams clients opened on L4-balanced connections to this
+    /// backend (counted by sk_msg).
+    pub streams: u64,
 }
-const _: () = assert!(core::mem::size_of::<BackendStats>() == 16);
+const _: () = assert!(core::mem::size_of::<BackendStats>() == 24);
 
 /// Value of the `SERVICE_STATE` array, indexed by service id: mutable
 /// per-service state the kernel owns (the round-robin cursor).
@@ -213,11 +217,23 @@ pub struct SockState {
     pub flags: u8,
     /// Backend chosen for this socket; 0 when it was steered to the router.
     pub backend_id: u32,
+    /// What sk_msg found the client sending: [`H2_UNKNOWN`], [`H2_ACTIVE`]
+    /// or [`H2_NOT`].
+    pub h2: u8,
+    pub _pad: [u8; 3],
+    /// Highest client stream id seen opening (HEADERS).
+    pub last_stream: u32,
 }
+const _: () = assert!(core::mem::size_of::<SockState>() == 32);
 
 /// [`SockState::flags`]: the socket was steered to the HTTP/2 router.
 pub const SOCK_STEERED: u8 = 1;
-const _: () = assert!(core::mem::size_of::<SockState>() == 24);
+/// [`SockState::h2`]: nothing sent yet.
+pub const H2_UNKNOWN: u8 = 0;
+/// The client sent the HTTP/2 preface: its frames are followed.
+pub const H2_ACTIVE: u8 = 1;
+/// Not HTTP/2: sk_msg leaves the socket alone.
+pub const H2_NOT: u8 = 2;
 
 /// Indexes into the `COUNTERS` per-CPU array: every decision the data path
 /// takes is counted under exactly one reason.
@@ -244,9 +260,14 @@ pub enum Counter {
     Steered = 8,
     /// The original destination of a steered socket could not be recorded.
     OrigDstFull = 9,
+    /// A balanced socket could not be added to SOCKS (its streams are not
+    /// counted).
+    SockmapFull = 10,
+    /// HTTP/2 streams seen opening by sk_msg.
+    H2Streams = 11,
 }
 
-pub const COUNTER_NAMES: [&str; 10] = [
+pub const COUNTER_NAMES: [&str; 12] = [
     "balanced",
     "no_backend",
     "lookup_miss",
@@ -257,6 +278,8 @@ pub const COUNTER_NAMES: [&str; 10] = [
     "peer_rewritten",
     "steered",
     "orig_dst_full",
+    "sockmap_full",
+    "h2_streams",
 ];
 pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
 

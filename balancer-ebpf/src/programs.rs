@@ -9,15 +9,22 @@ use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage},
-    helpers::{bpf_get_prandom_u32, generated::bpf_set_retval, generated::bpf_sk_storage_get},
-    macros::{btf_map, cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockOpsContext},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage, SockHash},
+    helpers::{
+        bpf_get_prandom_u32,
+        generated::{
+            bpf_get_socket_cookie, bpf_msg_apply_bytes, bpf_msg_cork_bytes, bpf_msg_pull_data,
+            bpf_set_retval, bpf_sk_storage_get,
+        },
+    },
+    macros::{btf_map, cgroup_sock_addr, sk_msg, sock_ops},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use balancer_common::{
-    Algorithm, Backend, BackendStats, COUNTER_COUNT, Config, Counter, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SLOTS, Mode, OrigDst, PROTO_TCP, SOCK_STEERED, ServiceKey, ServiceState, ServiceValue,
-    SlotKey, SockKey, SockState, V4_MAPPED_WORD,
+    Algorithm, Backend, BackendStats, COUNTER_COUNT, Config, Counter, H2_ACTIVE, H2_NOT,
+    H2_UNKNOWN, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, Mode, OrigDst, PROTO_TCP, SOCK_STEERED,
+    ServiceKey, ServiceState, ServiceValue, SlotKey, SockKey, SockState, V4_MAPPED_WORD,
+    h2frame::{HEADERS, PREFACE},
     select::{pick_least_conn, pick_random, pick_round_robin},
 };
 
@@ -53,7 +60,13 @@ static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map]
 static ORIG_DST: LruHashMap<SockKey, OrigDst, 65_536> = LruHashMap::new();
 
+/// Balanced client sockets, so the sk_msg program sees what they send.
+/// Keyed by socket cookie; the kernel removes a socket when it closes.
+#[btf_map]
+static SOCKS: SockHash<u64, 65_536> = SockHash::new();
+
 const AF_INET: u32 = 2;
+const SK_PASS: u32 = 1;
 
 /// Atomic add whose result is not used: BPF's `lock xadd`.
 ///
@@ -138,6 +151,9 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
             counted: 0,
             flags: SOCK_STEERED,
             backend_id: 0,
+            h2: H2_NOT,
+            _pad: [0; 3],
+            last_stream: 0,
         };
         let st = unsafe { SOCK_STATE.get_or_insert_ptr_mut(ctx, Some(&mut fresh)) };
         if st.is_null() {
@@ -198,6 +214,9 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
         counted: 0,
         flags: 0,
         backend_id,
+        h2: H2_UNKNOWN,
+        _pad: [0; 3],
+        last_stream: 0,
     };
     let st = unsafe { SOCK_STATE.get_or_insert_ptr_mut(ctx, Some(&mut fresh)) };
     if st.is_null() {
@@ -478,6 +497,14 @@ fn on_established(ctx: &SockOpsContext) {
     atomic_add(unsafe { ptr::addr_of_mut!((*stats).total) }, 1);
     unsafe { (*st).counted = 1 };
     count(Counter::Established);
+    // Let sk_msg follow the HTTP/2 framing of what the client sends.
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    if SOCKS
+        .update(&mut cookie, unsafe { &mut *ctx.ops }, 0)
+        .is_err()
+    {
+        count(Counter::SockmapFull);
+    }
     // STATE_CB only fires for sockets that ask for it.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
@@ -501,4 +528,106 @@ fn on_close(ctx: &SockOpsContext) {
         atomic_add(unsafe { ptr::addr_of_mut!((*stats).active) }, u64::MAX);
     }
     count(Counter::Closed);
+}
+
+/// The HTTP/2 framing of balanced client sockets: counts the streams a
+/// client opens, per backend, so kube-proxy-style pinning is visible at
+/// stream level even on `tcp` ports.
+///
+/// One verdict covers exactly one frame: `cork_bytes(9)` until a header is
+/// there, `pull_data(0, 9)` to read it, `apply_bytes(9 + length)` so the
+/// program runs next at the following frame. The client preface (24 bytes)
+/// is recognised first; a socket that does not start with it is left alone
+/// for good (`apply_bytes(u32::MAX)`, no cork). Every verdict is SK_PASS:
+/// the data is never changed, and held back only to complete a header.
+#[sk_msg]
+pub fn balancer_h2_streams(ctx: SkMsgContext) -> u32 {
+    let msg = ctx.msg;
+    let sk = unsafe { (*msg).__bindgen_anon_3.sk };
+    if sk.is_null() {
+        return SK_PASS;
+    }
+    let map = ptr::from_ref(&SOCK_STATE).cast_mut().cast::<c_void>();
+    let st: *mut SockState =
+        unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0) }.cast();
+    if st.is_null() {
+        let _ = unsafe { bpf_msg_apply_bytes(msg, u32::MAX) };
+        return SK_PASS;
+    }
+    let size = unsafe { (*msg).size };
+    match unsafe { (*st).h2 } {
+        H2_UNKNOWN => {
+            if size < PREFACE.len() as u32 {
+                // Wait for the whole preface if this may be its start.
+                if unsafe { bpf_msg_pull_data(msg, 0, 1, 0) } == 0 {
+                    let data = unsafe { (*msg).__bindgen_anon_1.data } as usize;
+                    let end = unsafe { (*msg).__bindgen_anon_2.data_end } as usize;
+                    if data + 1 <= end && unsafe { *(data as *const u8) } == PREFACE[0] {
+                        let _ = unsafe { bpf_msg_cork_bytes(msg, PREFACE.len() as u32) };
+                        return SK_PASS;
+                    }
+                }
+                not_h2(msg, st);
+                return SK_PASS;
+            }
+            if unsafe { bpf_msg_pull_data(msg, 0, PREFACE.len() as u32, 0) } != 0 {
+                not_h2(msg, st);
+                return SK_PASS;
+            }
+            let data = unsafe { (*msg).__bindgen_anon_1.data } as usize;
+            let end = unsafe { (*msg).__bindgen_anon_2.data_end } as usize;
+            if data + PREFACE.len() > end {
+                not_h2(msg, st);
+                return SK_PASS;
+            }
+            let mut i = 0;
+            while i < PREFACE.len() {
+                if unsafe { *((data + i) as *const u8) } != PREFACE[i] {
+                    not_h2(msg, st);
+                    return SK_PASS;
+                }
+                i += 1;
+            }
+            unsafe { (*st).h2 = H2_ACTIVE };
+            let _ = unsafe { bpf_msg_apply_bytes(msg, PREFACE.len() as u32) };
+        }
+        H2_ACTIVE => {
+            if size < 9 {
+                let _ = unsafe { bpf_msg_cork_bytes(msg, 9) };
+                return SK_PASS;
+            }
+            if unsafe { bpf_msg_pull_data(msg, 0, 9, 0) } != 0 {
+                return SK_PASS;
+            }
+            let data = unsafe { (*msg).__bindgen_anon_1.data } as usize;
+            let end = unsafe { (*msg).__bindgen_anon_2.data_end } as usize;
+            if data + 9 > end {
+                return SK_PASS;
+            }
+            let b = |i: usize| u32::from(unsafe { *((data + i) as *const u8) });
+            let len = (b(0) << 16) | (b(1) << 8) | b(2);
+            let kind = b(3) as u8;
+            let stream = ((b(5) << 24) | (b(6) << 16) | (b(7) << 8) | b(8)) & 0x7fff_ffff;
+            // A client opens a stream with HEADERS on a new, odd, higher id.
+            if kind == HEADERS && stream & 1 == 1 && stream > unsafe { (*st).last_stream } {
+                unsafe { (*st).last_stream = stream };
+                let backend_id = unsafe { (*st).backend_id };
+                if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
+                    atomic_add(unsafe { ptr::addr_of_mut!((*stats).streams) }, 1);
+                }
+                count(Counter::H2Streams);
+            }
+            let _ = unsafe { bpf_msg_apply_bytes(msg, 9 + len) };
+        }
+        _ => {
+            let _ = unsafe { bpf_msg_apply_bytes(msg, u32::MAX) };
+        }
+    }
+    SK_PASS
+}
+
+#[inline(always)]
+fn not_h2(msg: *mut aya_ebpf::bindings::sk_msg_md, st: *mut SockState) {
+    unsafe { (*st).h2 = H2_NOT };
+    let _ = unsafe { bpf_msg_apply_bytes(msg, u32::MAX) };
 }

@@ -236,6 +236,7 @@ fn admin_socket_is_root_only_and_cli_tables_show_live_counts() {
     let status = agent.cli(&["status"]).expect("status");
     for needle in [
         "balancer_connect4",
+        "balancer_h2_streams",
         "sock_ops",
         "SERVICES",
         "BACKEND_STATS",
@@ -253,7 +254,7 @@ fn admin_socket_is_root_only_and_cli_tables_show_live_counts() {
         "{top}"
     );
     let json = agent.status_json().expect("status json");
-    assert_eq!(json["programs"].as_array().expect("programs").len(), 5);
+    assert_eq!(json["programs"].as_array().expect("programs").len(), 6);
     assert_eq!(json["counters"]["balanced"], 6);
     held.close().expect("close");
 }

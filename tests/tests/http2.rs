@@ -330,3 +330,67 @@ fn agent_shutdown_drains_http2_clients_without_failing_a_stream() {
     no_errors(&v);
     assert_eq!(pods_of(&v).iter().map(|(_, n)| n).sum::<u64>(), 4, "{v}");
 }
+
+#[test]
+fn sk_msg_counts_streams_on_l4_connections_making_pinning_visible() {
+    let s = setup("h2skmsg", 4);
+    let v = balancer_tests::h2_client(
+        &s.t.client.name,
+        Some(&s.t.cgroup.path),
+        "198.19.0.52:80",
+        &[
+            "--path",
+            "/unary",
+            "--requests",
+            "300",
+            "--concurrency",
+            "4",
+        ],
+    )
+    .expect("client");
+    no_errors(&v);
+    // A tcp port: the one connection, and so every RPC, is on one pod.
+    let pods = pods_of(&v);
+    assert_eq!(pods.len(), 1, "{v}");
+    let e = s.agent.endpoints_json().expect("json");
+    let svc = e["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .find(|x| x["name"] == "default/grpc-l4")
+        .expect("service")
+        .clone();
+    let streams: Vec<u64> = svc["endpoints"]
+        .as_array()
+        .expect("eps")
+        .iter()
+        .map(|x| x["streams_total"].as_u64().expect("streams_total"))
+        .collect();
+    assert_eq!(streams.iter().sum::<u64>(), 300, "{svc}");
+    assert_eq!(
+        streams.iter().copied().max(),
+        Some(300),
+        "all on one pod: {svc}"
+    );
+    let status = s.agent.status_json().expect("status");
+    assert_eq!(status["counters"]["h2_streams"], 300, "{status}");
+    // The frames were only looked at: the payloads arrived intact.
+    let v = balancer_tests::h2_client(
+        &s.t.client.name,
+        Some(&s.t.cgroup.path),
+        "198.19.0.52:80",
+        &[
+            "--path",
+            "/echo",
+            "--requests",
+            "2",
+            "--concurrency",
+            "2",
+            "--upload",
+            "1048576",
+        ],
+    )
+    .expect("client");
+    no_errors(&v);
+    assert_eq!(v["echo_ok"], true, "{v}");
+}

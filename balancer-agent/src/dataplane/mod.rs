@@ -12,8 +12,8 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps},
 };
 use balancer_common::{
     Backend, BackendStats, COUNTER_COUNT, COUNTER_NAMES, Config, MAX_BACKENDS, MAX_SERVICES,
@@ -36,6 +36,7 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     "balancer_getpeername6",
 ];
 const SOCK_OPS_PROGRAM: &str = "balancer_sock_ops";
+const SK_MSG_PROGRAM: &str = "balancer_h2_streams";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -90,6 +91,8 @@ struct Maps {
     service_state: Array<MapData, ServiceState>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
+    /// Kept open: the sk_msg program is attached to it.
+    _socks: SockHash<MapData, u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -202,6 +205,39 @@ impl Dataplane {
             attach_type: "sock_ops",
         });
 
+        // sk_msg on the SOCKS sockhash (sock_ops fills it).
+        let socks: SockHash<MapData, u64> = SockHash::try_from(
+            ebpf.take_map(map_names::SOCKS)
+                .ok_or(DataplaneError::MissingMap(map_names::SOCKS))?,
+        )
+        .map_err(map_err(map_names::SOCKS))?;
+        let sk_msg: &mut SkMsg = ebpf
+            .program_mut(SK_MSG_PROGRAM)
+            .ok_or(DataplaneError::Load {
+                program: SK_MSG_PROGRAM,
+                source: ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| DataplaneError::Load {
+                program: SK_MSG_PROGRAM,
+                source,
+            })?;
+        sk_msg.load().map_err(|source| DataplaneError::Load {
+            program: SK_MSG_PROGRAM,
+            source,
+        })?;
+        sk_msg
+            .attach(socks.fd())
+            .map_err(|source| DataplaneError::Attach {
+                program: SK_MSG_PROGRAM,
+                cgroup: cgroup.to_owned(),
+                source,
+            })?;
+        programs.push(ProgramStatus {
+            name: SK_MSG_PROGRAM,
+            attach_type: "sk_msg",
+        });
+
         let mut take =
             |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name));
         let maps = Maps {
@@ -218,6 +254,7 @@ impl Dataplane {
                 .map_err(map_err(map_names::COUNTERS))?,
             config: Array::try_from(take(map_names::CONFIG)?)
                 .map_err(map_err(map_names::CONFIG))?,
+            _socks: socks,
         };
         let orig_dst = Some(
             HashMap::try_from(take(map_names::ORIG_DST)?).map_err(map_err(map_names::ORIG_DST))?,

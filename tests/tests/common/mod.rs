@@ -21,6 +21,14 @@ pub fn http2_yaml(t: &Topology, pods: &[usize]) -> String {
     for &i in pods {
         y += &format!("      - address: {}\n", t.pods[i].v4);
     }
+    // The HTTP/2 servers behind a plain tcp port: balanced per connection,
+    // with sk_msg counting the streams.
+    y += &format!(
+        "  - name: default/grpc-l4\n    addresses: [198.19.0.52]\n    ports:\n      - port: 80\n        targetPort: {H2_PORT}\n    endpoints:\n"
+    );
+    for &i in pods {
+        y += &format!("      - address: {}\n", t.pods[i].v4);
+    }
     y
 }
 
