@@ -185,6 +185,16 @@ fn cargo_fuzz(path: &str) -> anyhow::Result<()> {
     )
 }
 
+/// Python grpcio: a real gRPC stack for the router's interop test.
+fn grpcio() -> anyhow::Result<()> {
+    if ok(Command::new("python3").args(["-c", "import grpc"])) {
+        println!("setup: python grpcio present");
+        return Ok(());
+    }
+    println!("setup: installing python grpcio");
+    util::run(Command::new("python3").args(["-m", "pip", "install", "-q", "grpcio==1.85.1"]))
+}
+
 /// Bring the machine up to what the project needs.
 pub fn run_setup() -> anyhow::Result<Env> {
     packages()?;
@@ -193,6 +203,7 @@ pub fn run_setup() -> anyhow::Result<Env> {
     let path = env_path();
     bpf_linker(&path)?;
     cargo_fuzz(&path)?;
+    grpcio()?;
     Ok(Env { path, toolchain })
 }
 

@@ -1,0 +1,109 @@
+"""A real gRPC peer (grpcio, not ours) for the router's interop test.
+
+    peer.py serve NAME PORT          # generic service answering with its pod name
+    peer.py client ADDR RPCS         # one channel: unary, server-, client-streaming, bidi
+
+No .proto needed: methods use raw bytes. The client prints one JSON line:
+per-pod counts per RPC kind, errors, and whether streamed data came back intact.
+"""
+import json
+import sys
+from concurrent import futures
+
+import grpc
+
+SERVICE = "lbt.Echo"
+
+
+def serve(name, port):
+    def unary(req, ctx):
+        ctx.set_trailing_metadata((("x-pod", name),))
+        return name.encode()
+
+    def server_stream(req, ctx):
+        n = int(req.decode() or "0")
+        for i in range(n):
+            yield f"{name}:{i}".encode()
+
+    def client_stream(it, ctx):
+        total = sum(len(m) for m in it)
+        return f"{name}:{total}".encode()
+
+    def bidi(it, ctx):
+        for m in it:
+            yield name.encode() + b":" + m
+
+    def fail(req, ctx):
+        ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{name} refuses")
+
+    ident = lambda b: b  # noqa: E731
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary, ident, ident),
+        "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream, ident, ident),
+        "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream, ident, ident),
+        "Bidi": grpc.stream_stream_rpc_method_handler(bidi, ident, ident),
+        "Fail": grpc.unary_unary_rpc_method_handler(fail, ident, ident),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_insecure_port(f"[::]:{port}")
+    server.start()
+    print("listening", flush=True)
+    server.wait_for_termination()
+
+
+def client(addr, rpcs):
+    out = {"unary": {}, "server_stream": {}, "client_stream": {}, "bidi": {}, "errors": [], "intact": True}
+    # One channel = one HTTP/2 connection; no client-side balancing.
+    with grpc.insecure_channel(addr) as ch:
+        unary = ch.unary_unary(f"/{SERVICE}/Unary")
+        sstream = ch.unary_stream(f"/{SERVICE}/ServerStream")
+        cstream = ch.stream_unary(f"/{SERVICE}/ClientStream")
+        bidi = ch.stream_stream(f"/{SERVICE}/Bidi")
+        fail = ch.unary_unary(f"/{SERVICE}/Fail")
+
+        def bump(kind, pod):
+            out[kind][pod] = out[kind].get(pod, 0) + 1
+
+        for _ in range(rpcs):
+            try:
+                bump("unary", unary(b"hi", timeout=10).decode())
+            except grpc.RpcError as e:
+                out["errors"].append(f"unary {e.code()}")
+        for _ in range(max(1, rpcs // 25)):
+            try:
+                msgs = [m.decode() for m in sstream(b"50", timeout=10)]
+                pod = msgs[0].split(":")[0]
+                out["intact"] &= msgs == [f"{pod}:{i}" for i in range(50)]
+                bump("server_stream", pod)
+            except grpc.RpcError as e:
+                out["errors"].append(f"server_stream {e.code()}")
+            try:
+                chunks = [bytes([i % 251]) * 65536 for i in range(16)]
+                pod, total = cstream(iter(chunks), timeout=10).decode().split(":")
+                out["intact"] &= int(total) == 16 * 65536
+                bump("client_stream", pod)
+            except grpc.RpcError as e:
+                out["errors"].append(f"client_stream {e.code()}")
+            try:
+                sent = [f"m{i}".encode() for i in range(20)]
+                got = [m.decode() for m in bidi(iter(sent), timeout=10)]
+                pod = got[0].split(":")[0]
+                out["intact"] &= got == [f"{pod}:m{i}" for i in range(20)]
+                bump("bidi", pod)
+            except grpc.RpcError as e:
+                out["errors"].append(f"bidi {e.code()}")
+        try:
+            fail(b"x", timeout=10)
+            out["errors"].append("Fail did not fail")
+        except grpc.RpcError as e:
+            out["fail_status"] = str(e.code())
+            out["fail_details"] = e.details()
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve(sys.argv[2], sys.argv[3])
+    else:
+        client(sys.argv[2], int(sys.argv[3]))
