@@ -6,6 +6,7 @@ mod admin;
 mod agent;
 mod cli;
 mod dataplane;
+mod metrics;
 mod proxy;
 mod source;
 mod state;
@@ -57,6 +58,9 @@ enum Command {
         /// Address of the HTTP/2 frame router (for `protocol: http2` ports).
         #[arg(long)]
         proxy_addr: Option<std::net::SocketAddr>,
+        /// Prometheus metrics and /healthz, /readyz on this address.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
         /// On SIGTERM, how long HTTP/2 clients get to finish their streams
         /// after the GOAWAY.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -128,6 +132,7 @@ fn main() -> ExitCode {
                 admin_socket,
                 bpffs: _,
                 proxy_addr,
+                metrics_addr,
                 drain_timeout,
             } => {
                 run(
@@ -135,6 +140,7 @@ fn main() -> ExitCode {
                     cgroup,
                     admin_socket,
                     proxy_addr,
+                    metrics_addr,
                     drain_timeout,
                 )
                 .await
@@ -215,6 +221,7 @@ async fn run(
     cgroup: Option<PathBuf>,
     admin_socket: PathBuf,
     proxy_addr: Option<std::net::SocketAddr>,
+    metrics_addr: Option<std::net::SocketAddr>,
     drain_timeout: Duration,
 ) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -235,6 +242,14 @@ async fn run(
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
                 .map_err(|e| anyhow::anyhow!("cannot listen on --proxy-addr {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let metrics_listener = match metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?,
         ),
         None => None,
     };
@@ -262,6 +277,7 @@ async fn run(
     let agent = Arc::new(Mutex::new(agent));
 
     let admin_task = tokio::spawn(admin::serve(listener, agent.clone()));
+    let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, agent.clone())));
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let watch_task = tokio::spawn(file::watch(endpoints_file, bytes, tx));
 
@@ -310,6 +326,10 @@ async fn run(
     drop(router);
     admin_task.abort();
     watch_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+        let _ = t.await;
+    }
     let _ = admin_task.await;
     let _ = watch_task.await;
     // The last reference: dropping it drops the eBPF object, which closes

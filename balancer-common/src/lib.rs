@@ -265,9 +265,13 @@ pub enum Counter {
     SockmapFull = 10,
     /// HTTP/2 streams seen opening by sk_msg.
     H2Streams = 11,
+    /// Backend choices by algorithm.
+    SelectRandom = 12,
+    SelectRoundRobin = 13,
+    SelectLeastConn = 14,
 }
 
-pub const COUNTER_NAMES: [&str; 12] = [
+pub const COUNTER_NAMES: [&str; 15] = [
     "balanced",
     "no_backend",
     "lookup_miss",
@@ -280,6 +284,9 @@ pub const COUNTER_NAMES: [&str; 12] = [
     "orig_dst_full",
     "sockmap_full",
     "h2_streams",
+    "select_random",
+    "select_round_robin",
+    "select_least_conn",
 ];
 pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
 

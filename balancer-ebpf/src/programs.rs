@@ -177,18 +177,27 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
     };
     let rand = unsafe { bpf_get_prandom_u32() };
     let slot = match Algorithm::from_u8(svc.algorithm) {
-        Some(Algorithm::Random) => Some(pick_random(n, rand)),
-        Some(Algorithm::RoundRobin) => Some(pick_round_robin(n, cursor)),
-        Some(Algorithm::LeastConn) | None => pick_least_conn(n, cursor, rand, |slot| {
-            let id = unsafe {
-                SLOTS.get(SlotKey {
-                    service_id: svc.id,
-                    slot,
-                })
-            }?;
-            let stats = unsafe { BACKEND_STATS.get(*id) }?;
-            Some(stats.active)
-        }),
+        Some(Algorithm::Random) => {
+            count(Counter::SelectRandom);
+            Some(pick_random(n, rand))
+        }
+        Some(Algorithm::RoundRobin) => {
+            count(Counter::SelectRoundRobin);
+            Some(pick_round_robin(n, cursor))
+        }
+        Some(Algorithm::LeastConn) | None => {
+            count(Counter::SelectLeastConn);
+            pick_least_conn(n, cursor, rand, |slot| {
+                let id = unsafe {
+                    SLOTS.get(SlotKey {
+                        service_id: svc.id,
+                        slot,
+                    })
+                }?;
+                let stats = unsafe { BACKEND_STATS.get(*id) }?;
+                Some(stats.active)
+            })
+        }
     };
     let Some(slot) = slot else {
         count(Counter::LookupMiss);

@@ -258,3 +258,72 @@ fn admin_socket_is_root_only_and_cli_tables_show_live_counts() {
     assert_eq!(json["counters"]["balanced"], 6);
     held.close().expect("close");
 }
+
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let (head, body) = resp.split_once("\r\n\r\n").expect("http response");
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+#[test]
+fn metrics_and_health_endpoints_report_live_counts() {
+    let t = Topology::new("metrics", 2, &[8080]).expect("topology");
+    let eps: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+    // A free loopback port of the root namespace (no traffic leaves it).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = Agent::start_with(
+        &t.prefix,
+        &t.cgroup.path,
+        &endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &eps),
+        None,
+        &["--metrics-addr", &addr],
+    )
+    .expect("agent");
+    assert_eq!(http_get(&addr, "/healthz").0, "HTTP/1.1 200 OK");
+    assert_eq!(http_get(&addr, "/readyz").0, "HTTP/1.1 200 OK");
+    assert_eq!(http_get(&addr, "/nope").0, "HTTP/1.1 404 Not Found");
+    let held = hold_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        4,
+    )
+    .expect("client");
+    let (status, body) = http_get(&addr, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    for ep in &eps {
+        let line = format!(
+            "balancer_endpoint_connections_active{{service=\"{SVC}\",endpoint=\"{ep}:8080\"}} 2"
+        );
+        assert!(body.contains(&line), "missing {line}:\n{body}");
+    }
+    for needle in [
+        "# TYPE balancer_endpoint_connections_total counter",
+        "balancer_selections_total{layer=\"kernel\",algorithm=\"least-conn\"} 4",
+        "balancer_sync_total{source=\"file\",result=\"applied\"} 1",
+        "balancer_map_entries{map=\"SERVICES\"} 1",
+        "balancer_connects_refused_total 0",
+        "# TYPE balancer_router_response_latency_seconds histogram",
+    ] {
+        assert!(body.contains(needle), "missing {needle}:\n{body}");
+    }
+    held.close().expect("close");
+    // A bad reload shows up as a sync error.
+    let status = agent.reload("services: [\n").expect("reload");
+    assert_eq!(status["last_reload"]["ok"], false);
+    let (_, body) = http_get(&addr, "/metrics");
+    assert!(body.contains("balancer_sync_errors_total 1"), "{body}");
+    assert!(body.contains("balancer_sync_last_ok 0"), "{body}");
+}

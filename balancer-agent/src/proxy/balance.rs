@@ -126,6 +126,7 @@ impl InFlight {
         let now = Instant::now();
         let started = *self.started.lock().unwrap_or_else(|p| p.into_inner());
         self.ep.observe(now - started, now);
+        crate::metrics::ROUTER_LATENCY.observe(now - started);
     }
 }
 
@@ -189,6 +190,12 @@ impl Pool {
         if n == 0 {
             return None;
         }
+        let slot = match self.algorithm {
+            Algorithm::Random => 0,
+            Algorithm::RoundRobin => 1,
+            Algorithm::LeastRequest | Algorithm::LeastConn => 2,
+        };
+        crate::metrics::ROUTER_SELECTIONS[slot].fetch_add(1, Ordering::Relaxed);
         let i = match self.algorithm {
             Algorithm::Random => fastrand::usize(..n),
             Algorithm::RoundRobin => {

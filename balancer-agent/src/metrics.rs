@@ -1,0 +1,349 @@
+//! Prometheus metrics and health endpoints on their own listener
+//! (`--metrics-addr`): `GET /metrics`, `/healthz`, `/readyz`.
+//!
+//! The exposition is rendered on each scrape from the same sources as the
+//! admin API (kernel maps, router counters), so the two never disagree.
+
+use std::{
+    fmt::Write as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::agent::Agent;
+
+/// Upper bounds of the router latency histogram, seconds.
+const BUCKETS: [f64; 14] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// A fixed-bucket histogram updated without locks.
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    const fn new() -> Self {
+        Self {
+            counts: [const { AtomicU64::new(0) }; BUCKETS.len() + 1],
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(
+            d.as_nanos().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cum = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cum += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+        }
+        cum += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {cum}");
+    }
+}
+
+/// Time from a stream's request to its response headers, per backend hop.
+pub static ROUTER_LATENCY: Histogram = Histogram::new();
+/// Router backend choices by algorithm: random, round-robin, least-request.
+pub static ROUTER_SELECTIONS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        let l: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+            .collect();
+        if l.is_empty() {
+            let _ = writeln!(self.out, "{name} {value}");
+        } else {
+            let _ = writeln!(self.out, "{name}{{{}}} {value}", l.join(","));
+        }
+    }
+}
+
+/// The whole exposition.
+pub fn render(agent: &Agent) -> String {
+    let mut out = String::new();
+    let view = agent.endpoints(None);
+    let status = agent.status();
+    let mut f = Family { out: &mut out };
+
+    type Get = fn(&crate::admin::EndpointView) -> u64;
+    let per_endpoint: [(&str, &str, &str, Get); 4] = [
+        (
+            "balancer_endpoint_connections_active",
+            "gauge",
+            "Live connections per endpoint, counted by sock_ops.",
+            |e| e.active_connections,
+        ),
+        (
+            "balancer_endpoint_connections_total",
+            "counter",
+            "Connections established per endpoint.",
+            |e| e.connections_total,
+        ),
+        (
+            "balancer_endpoint_streams_active",
+            "gauge",
+            "HTTP/2 streams in flight per endpoint through the router.",
+            |e| e.active_streams,
+        ),
+        (
+            "balancer_endpoint_streams_total",
+            "counter",
+            "HTTP/2 streams per endpoint (router, and sk_msg on L4 connections).",
+            |e| e.streams_total,
+        ),
+    ];
+    for (name, kind, help, get) in per_endpoint {
+        f.head(name, kind, help);
+        for s in &view.services {
+            for e in &s.endpoints {
+                let ep = format!("{}:{}", e.address, e.port);
+                f.sample(name, &[("service", &s.name), ("endpoint", &ep)], get(e));
+            }
+        }
+    }
+    f.head(
+        "balancer_endpoint_latency_ewma_seconds",
+        "gauge",
+        "The router's latency estimate per endpoint.",
+    );
+    for s in &view.services {
+        for e in s.endpoints.iter().filter(|e| e.ewma_us > 0) {
+            let ep = format!("{}:{}", e.address, e.port);
+            f.sample(
+                "balancer_endpoint_latency_ewma_seconds",
+                &[("service", &s.name), ("endpoint", &ep)],
+                e.ewma_us as f64 / 1e6,
+            );
+        }
+    }
+
+    let c = &status.counters;
+    let get = |k: &str| c.get(k).copied().unwrap_or(0);
+    f.head(
+        "balancer_datapath_decisions_total",
+        "counter",
+        "Decisions of the kernel programs, by kind.",
+    );
+    for (k, v) in c {
+        f.sample("balancer_datapath_decisions_total", &[("decision", k)], v);
+    }
+    f.head(
+        "balancer_connects_refused_total",
+        "counter",
+        "connect() calls to a service refused (no usable endpoint, update in flight, family mismatch).",
+    );
+    f.sample(
+        "balancer_connects_refused_total",
+        &[],
+        get("no_backend") + get("lookup_miss") + get("family_mismatch"),
+    );
+    f.head(
+        "balancer_selections_total",
+        "counter",
+        "Backend choices by layer (kernel per connection, router per stream) and algorithm.",
+    );
+    for (alg, key) in [
+        ("random", "select_random"),
+        ("round-robin", "select_round_robin"),
+        ("least-conn", "select_least_conn"),
+    ] {
+        f.sample(
+            "balancer_selections_total",
+            &[("layer", "kernel"), ("algorithm", alg)],
+            get(key),
+        );
+    }
+    for (i, alg) in ["random", "round-robin", "least-request"]
+        .iter()
+        .enumerate()
+    {
+        f.sample(
+            "balancer_selections_total",
+            &[("layer", "router"), ("algorithm", alg)],
+            ROUTER_SELECTIONS[i].load(Ordering::Relaxed),
+        );
+    }
+
+    let r = &status.last_reload;
+    f.head(
+        "balancer_sync_total",
+        "counter",
+        "Endpoint source updates, by result.",
+    );
+    f.sample(
+        "balancer_sync_total",
+        &[("source", &status.source.kind), ("result", "applied")],
+        r.applied,
+    );
+    f.sample(
+        "balancer_sync_total",
+        &[("source", &status.source.kind), ("result", "rejected")],
+        r.attempts - r.applied,
+    );
+    f.head(
+        "balancer_sync_errors_total",
+        "counter",
+        "Endpoint source updates refused (the last good state kept serving).",
+    );
+    f.sample("balancer_sync_errors_total", &[], r.attempts - r.applied);
+    f.head(
+        "balancer_sync_last_ok",
+        "gauge",
+        "1 when the last update was applied, 0 when it was refused.",
+    );
+    f.sample("balancer_sync_last_ok", &[], u8::from(r.ok));
+
+    f.head(
+        "balancer_map_entries",
+        "gauge",
+        "Entries in each kernel map.",
+    );
+    for m in &status.maps {
+        f.sample("balancer_map_entries", &[("map", &m.name)], m.entries);
+    }
+    f.head(
+        "balancer_map_capacity",
+        "gauge",
+        "Capacity of each kernel map.",
+    );
+    for m in &status.maps {
+        f.sample("balancer_map_capacity", &[("map", &m.name)], m.max_entries);
+    }
+    ROUTER_LATENCY.render(
+        &mut out,
+        "balancer_router_response_latency_seconds",
+        "Router: time from sending a stream to a backend to its response headers.",
+    );
+    out
+}
+
+pub async fn serve(listener: TcpListener, agent: Arc<Mutex<Agent>>) {
+    loop {
+        let Ok((sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let _ = handle(sock, agent).await;
+        });
+    }
+}
+
+async fn handle(mut sock: TcpStream, agent: Arc<Mutex<Agent>>) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    // The request head only; bodies are not expected.
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut chunk))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let mut parts = head.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (code, ctype, body) = match (method, path) {
+        ("GET", "/metrics") => {
+            let a = agent.lock().unwrap_or_else(|p| p.into_inner());
+            ("200 OK", "text/plain; version=0.0.4", render(&a))
+        }
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        ("GET", "/readyz") => {
+            let a = agent.lock().unwrap_or_else(|p| p.into_inner());
+            // Ready: programs attached (the agent exists only then) and the
+            // first sync applied.
+            if a.reload.applied > 0 {
+                ("200 OK", "text/plain", "ready\n".to_owned())
+            } else {
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not synced yet\n".to_owned(),
+                )
+            }
+        }
+        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
+    };
+    let resp = format!(
+        "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(resp.as_bytes()).await?;
+    sock.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new();
+        h.observe(Duration::from_micros(50));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(10));
+        let mut out = String::new();
+        h.render(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"0.0001\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"5\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count 3\n"), "{out}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
