@@ -128,6 +128,9 @@ pub struct StatusView {
     pub source: SourceView,
     pub last_reload: ReloadView,
     pub counters: BTreeMap<String, u64>,
+    /// The kubernetes source's view of the apiserver.
+    #[serde(default)]
+    pub apiserver: Option<crate::source::kube::ApiserverState>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

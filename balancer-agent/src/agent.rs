@@ -3,7 +3,6 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -21,7 +20,11 @@ pub struct Agent {
     /// The HTTP/2 router, when `--proxy-addr` is set.
     pub router: Option<std::sync::Arc<crate::proxy::Router>>,
     pub state: DesiredState,
-    pub source_path: PathBuf,
+    pub source_kind: &'static str,
+    /// The file, or the cluster's default namespace.
+    pub source_location: String,
+    /// The apiserver's state, for the kubernetes source.
+    pub apiserver: Option<std::sync::Arc<std::sync::Mutex<crate::source::kube::ApiserverState>>>,
     pub reload: ReloadView,
 }
 
@@ -33,12 +36,14 @@ fn now_ms() -> u64 {
 }
 
 impl Agent {
-    pub fn new(dataplane: Dataplane, source_path: PathBuf) -> Self {
+    pub fn new(dataplane: Dataplane, source_kind: &'static str, source_location: String) -> Self {
         Self {
             dataplane,
             router: None,
             state: DesiredState::default(),
-            source_path,
+            source_kind,
+            source_location,
+            apiserver: None,
             reload: ReloadView::default(),
         }
     }
@@ -132,9 +137,13 @@ impl Agent {
                 .map(MapView::from)
                 .collect(),
             source: SourceView {
-                kind: "file".into(),
-                path: self.source_path.display().to_string(),
+                kind: self.source_kind.into(),
+                path: self.source_location.clone(),
             },
+            apiserver: self
+                .apiserver
+                .as_ref()
+                .map(|a| a.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             last_reload: self.reload.clone(),
             counters: self
                 .dataplane
@@ -157,7 +166,17 @@ impl Agent {
                     .usable_endpoints(e.address.is_ipv4())
                     .iter()
                     .any(|u| u.address == e.address);
-                let mut target_ports: Vec<u16> = s.ports.iter().map(|p| p.target_port).collect();
+                let mut target_ports: Vec<u16> = s
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        e.target_ports
+                            .get(p.name.as_deref().unwrap_or(""))
+                            .copied()
+                            .unwrap_or(p.target_port)
+                    })
+                    .filter(|port| *port != 0)
+                    .collect();
                 target_ports.sort_unstable();
                 target_ports.dedup();
                 for port in target_ports {

@@ -64,6 +64,18 @@ pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
         r.services,
         r.frontends
     );
+    if let Some(a) = &v.apiserver {
+        let _ = writeln!(
+            o,
+            "apiserver: {} ({} services, {} endpointslices, zone {}, {} errors{})",
+            a.state,
+            a.services,
+            a.endpoint_slices,
+            a.node_zone.as_deref().unwrap_or("-"),
+            a.errors,
+            a.last_error.as_ref().map(|e| format!("; last: {e}")).unwrap_or_default()
+        );
+    }
     if let Some(e) = &r.error {
         let _ = writeln!(o, "error:     {e}");
     }

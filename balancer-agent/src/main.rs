@@ -42,11 +42,17 @@ enum Output {
 #[derive(Subcommand)]
 enum Command {
     /// Load the eBPF programs, attach them to a cgroup and keep their maps in
-    /// sync with an endpoints file.
+    /// sync with an endpoints file, or, without one, with the cluster's
+    /// Services and EndpointSlices.
     Run {
-        /// YAML or JSON endpoints file; reloaded when it changes.
+        /// YAML or JSON endpoints file; reloaded when it changes. Without
+        /// it, the Kubernetes API is watched (configured like kubectl:
+        /// KUBECONFIG, ~/.kube/config, or the in-cluster service account).
         #[arg(long)]
-        endpoints_file: PathBuf,
+        endpoints_file: Option<PathBuf>,
+        /// This node's name, for topology hints and internalTrafficPolicy.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
         /// cgroup v2 directory to attach to (default: the cgroup v2 root).
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -128,6 +134,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run {
                 endpoints_file,
+                node_name,
                 cgroup,
                 admin_socket,
                 bpffs: _,
@@ -137,6 +144,7 @@ fn main() -> ExitCode {
             } => {
                 run(
                     endpoints_file,
+                    node_name,
                     cgroup,
                     admin_socket,
                     proxy_addr,
@@ -217,7 +225,8 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
 }
 
 async fn run(
-    endpoints_file: PathBuf,
+    endpoints_file: Option<PathBuf>,
+    node_name: Option<String>,
     cgroup: Option<PathBuf>,
     admin_socket: PathBuf,
     proxy_addr: Option<std::net::SocketAddr>,
@@ -230,8 +239,23 @@ async fn run(
              CAP_NET_ADMIN and CAP_SYS_ADMIN"
         );
     }
-    // Parse the file before touching the kernel: a bad file attaches nothing.
-    let (bytes, initial) = file::load(&endpoints_file).await?;
+    // Parse the file (or find the cluster) before touching the kernel: a
+    // bad file attaches nothing.
+    let source = match &endpoints_file {
+        Some(path) => {
+            let (bytes, initial) = file::load(path).await?;
+            Source::File(path.clone(), bytes, initial)
+        }
+        None => {
+            let client = ::kube::Client::try_default().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "no --endpoints-file and no Kubernetes configuration \
+                     (KUBECONFIG, ~/.kube/config or in-cluster): {e}"
+                )
+            })?;
+            Source::Kube(client)
+        }
+    };
     let cgroup = match cgroup {
         Some(c) => c,
         None => cgroup2_root()?,
@@ -269,17 +293,30 @@ async fn run(
         }
         _ => None,
     };
-    let mut agent = Agent::new(dataplane, endpoints_file.clone());
+    let (kind, where_) = match &source {
+        Source::File(p, _, _) => ("file", p.display().to_string()),
+        Source::Kube(c) => ("kubernetes", c.default_namespace().to_owned()),
+    };
+    let mut agent = Agent::new(dataplane, kind, where_);
     agent.router = router.clone();
-    agent
-        .apply(initial)
-        .map_err(|e| anyhow::anyhow!("cannot program the endpoints: {e}"))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let watch_task = match source {
+        Source::File(path, bytes, initial) => {
+            agent
+                .apply(initial)
+                .map_err(|e| anyhow::anyhow!("cannot program the endpoints: {e}"))?;
+            tokio::spawn(file::watch(path, bytes, tx))
+        }
+        Source::Kube(client) => {
+            let health = Arc::new(Mutex::new(source::kube::ApiserverState::default()));
+            agent.apiserver = Some(health.clone());
+            tokio::spawn(source::kube::run(client, node_name, tx, health))
+        }
+    };
     let agent = Arc::new(Mutex::new(agent));
 
     let admin_task = tokio::spawn(admin::serve(listener, agent.clone()));
     let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, agent.clone())));
-    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-    let watch_task = tokio::spawn(file::watch(endpoints_file, bytes, tx));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -337,6 +374,11 @@ async fn run(
     drop(agent);
     tracing::info!("detached; bye");
     Ok(())
+}
+
+enum Source {
+    File(PathBuf, Vec<u8>, state::DesiredState),
+    Kube(::kube::Client),
 }
 
 struct RemoveOnDrop(PathBuf);

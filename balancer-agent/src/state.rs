@@ -85,6 +85,10 @@ pub struct EndpointSpec {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// Target ports resolved for this endpoint, by service port name (""
+    /// for an unnamed port): what an EndpointSlice says, which is how named
+    /// target ports resolve per pod. Empty for the file source.
+    pub target_ports: std::collections::BTreeMap<String, u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,9 +142,19 @@ impl DesiredState {
             for vip in &s.addresses {
                 let usable = s.usable_endpoints(vip.is_ipv4());
                 for p in &s.ports {
+                    let port_name = p.name.as_deref().unwrap_or("");
+                    // The endpoint's own resolution wins; a port whose
+                    // target is a name (target_port 0) has no default.
                     let mut backends: Vec<SocketAddr> = usable
                         .iter()
-                        .map(|e| SocketAddr::new(e.address, p.target_port))
+                        .filter_map(|e| {
+                            let port = e
+                                .target_ports
+                                .get(port_name)
+                                .copied()
+                                .unwrap_or(p.target_port);
+                            (port != 0).then(|| SocketAddr::new(e.address, port))
+                        })
                         .collect();
                     backends.sort();
                     out.push(Frontend {
@@ -163,6 +177,7 @@ mod tests {
 
     fn ep(addr: &str, ready: bool, serving: bool, terminating: bool) -> EndpointSpec {
         EndpointSpec {
+            target_ports: Default::default(),
             address: addr.parse().expect("ip"),
             zone: None,
             ready,

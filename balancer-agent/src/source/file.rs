@@ -237,6 +237,7 @@ fn validate(path: &Path, doc: FileDoc) -> Result<DesiredState, FileError> {
             }
             let ready = e.ready.unwrap_or(true);
             endpoints.push(EndpointSpec {
+                target_ports: Default::default(),
                 address: e.address,
                 zone: e.zone.clone(),
                 ready,

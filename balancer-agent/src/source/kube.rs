@@ -1,0 +1,622 @@
+//! The `kubernetes` endpoint source: Services and discovery.k8s.io/v1
+//! EndpointSlices, watched with kube-rs, converted into the same
+//! [`DesiredState`] the file source produces.
+//!
+//! Robustness rules:
+//! - a watch restart, relist or 410 Gone never empties the data path: a
+//!   relist is buffered and swapped in whole when it completes
+//!   (`Init`..`InitDone`);
+//! - an unreachable apiserver is retried with backoff while the last state
+//!   keeps serving; the state is visible in `status`;
+//! - a malformed object is skipped with a log line naming it; the others
+//!   still apply;
+//! - every update converts everything outside any lock, then publishes once.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::state::{
+    Algorithm, DesiredState, EndpointSpec, PortSpec, Protocol, ServiceSpec,
+};
+
+/// Annotations of this project, on a Service.
+pub const ANNOTATION_MODE: &str = "balancer.dev/mode";
+pub const ANNOTATION_ALGORITHM: &str = "balancer.dev/algorithm";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// EndpointSlices hold at most 1000 endpoints; more is a malformed object.
+const MAX_SLICE_ENDPOINTS: usize = 1000;
+
+/// What the node the agent runs on contributes to the conversion.
+#[derive(Debug, Clone, Default)]
+pub struct NodeInfo {
+    pub name: Option<String>,
+    pub zone: Option<String>,
+}
+
+/// The apiserver as the agent sees it, for `status` and metrics.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct ApiserverState {
+    /// "connecting", "synced" or "unreachable".
+    pub state: String,
+    pub last_error: Option<String>,
+    pub errors: u64,
+    pub services: usize,
+    pub endpoint_slices: usize,
+    pub node_zone: Option<String>,
+}
+
+/// Objects of one kind, with relists buffered until complete.
+struct Store<K> {
+    objects: HashMap<(String, String), K>,
+    relist: Option<HashMap<(String, String), K>>,
+    synced: bool,
+}
+
+impl<K: kube::Resource> Store<K> {
+    fn new() -> Self {
+        Self {
+            objects: HashMap::new(),
+            relist: None,
+            synced: false,
+        }
+    }
+
+    fn key(o: &K) -> (String, String) {
+        (o.namespace().unwrap_or_default(), o.name_any())
+    }
+
+    /// Apply one watcher event; true if the served set changed.
+    fn apply(&mut self, e: watcher::Event<K>) -> bool {
+        match e {
+            watcher::Event::Init => {
+                self.relist = Some(HashMap::new());
+                false
+            }
+            watcher::Event::InitApply(o) => {
+                if let Some(r) = self.relist.as_mut() {
+                    r.insert(Self::key(&o), o);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                if let Some(r) = self.relist.take() {
+                    self.objects = r;
+                }
+                self.synced = true;
+                true
+            }
+            watcher::Event::Apply(o) => {
+                self.objects.insert(Self::key(&o), o);
+                true
+            }
+            watcher::Event::Delete(o) => {
+                self.objects.remove(&Self::key(&o));
+                true
+            }
+        }
+    }
+}
+
+fn parse_mode(svc: &str, v: &str) -> Result<Option<Protocol>, String> {
+    match v {
+        "tcp" => Ok(Some(Protocol::Tcp)),
+        "http2" => Ok(Some(Protocol::Http2)),
+        "off" => Ok(None),
+        other => Err(format!("service {svc}: annotation {ANNOTATION_MODE}={other:?} is not tcp, http2 or off; ignored")),
+    }
+}
+
+fn parse_algorithm(svc: &str, v: &str) -> Result<Algorithm, String> {
+    match v {
+        "random" => Ok(Algorithm::Random),
+        "round-robin" => Ok(Algorithm::RoundRobin),
+        "least-conn" => Ok(Algorithm::LeastConn),
+        "least-request" => Ok(Algorithm::LeastRequest),
+        other => Err(format!(
+            "service {svc}: annotation {ANNOTATION_ALGORITHM}={other:?} is not random, round-robin, least-conn or least-request; ignored"
+        )),
+    }
+}
+
+/// Convert Services and EndpointSlices into the desired state. Returns the
+/// state and one line per object (or field) that was skipped.
+pub fn convert(
+    services: &[&Service],
+    slices: &[&EndpointSlice],
+    node: &NodeInfo,
+) -> (DesiredState, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    for s in slices {
+        let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) else {
+            continue;
+        };
+        by_service
+            .entry((s.namespace().unwrap_or_default(), svc.clone()))
+            .or_default()
+            .push(s);
+    }
+    let mut out = Vec::new();
+    for svc in services {
+        let ns = svc.namespace().unwrap_or_default();
+        let name = format!("{ns}/{}", svc.name_any());
+        let Some(spec) = svc.spec.as_ref() else {
+            warnings.push(format!("service {name}: no spec; skipped"));
+            continue;
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+            (Some(v), _) if !v.is_empty() => v.clone(),
+            (_, Some(ip)) => vec![ip.clone()],
+            _ => vec![],
+        };
+        if ips.iter().any(|ip| ip == "None") || ips.is_empty() {
+            // Headless: DNS only, nothing to balance.
+            continue;
+        }
+        let mut addresses = Vec::new();
+        for ip in &ips {
+            match ip.parse::<IpAddr>() {
+                Ok(a) => addresses.push(a),
+                Err(_) => warnings.push(format!("service {name}: clusterIP {ip:?} is not an IP address; skipped")),
+            }
+        }
+        if addresses.is_empty() {
+            continue;
+        }
+        let annotations = svc.annotations();
+        let mode_override = match annotations.get(ANNOTATION_MODE).map(|v| parse_mode(&name, v)) {
+            Some(Ok(None)) => continue, // mode=off: leave it to kube-proxy
+            Some(Ok(Some(p))) => Some(p),
+            Some(Err(w)) => {
+                warnings.push(w);
+                None
+            }
+            None => None,
+        };
+        let algorithm_override = match annotations.get(ANNOTATION_ALGORITHM).map(|v| parse_algorithm(&name, v)) {
+            Some(Ok(a)) => Some(a),
+            Some(Err(w)) => {
+                warnings.push(w);
+                None
+            }
+            None => None,
+        };
+        if spec.session_affinity.as_deref() == Some("ClientIP") {
+            warnings.push(format!(
+                "service {name}: sessionAffinity ClientIP is not supported yet; balancing without affinity"
+            ));
+        }
+        let mut ports = Vec::new();
+        for (i, p) in spec.ports.iter().flatten().enumerate() {
+            let pname = p.name.clone().unwrap_or_default();
+            let proto = p.protocol.as_deref().unwrap_or("TCP");
+            if proto != "TCP" {
+                warnings.push(format!("service {name}: port {} is {proto}; only TCP is balanced, ignored", p.port));
+                continue;
+            }
+            let Ok(port) = u16::try_from(p.port) else {
+                warnings.push(format!("service {name}: ports[{i}].port {} is out of range; ignored", p.port));
+                continue;
+            };
+            if port == 0 {
+                warnings.push(format!("service {name}: ports[{i}].port is 0; ignored"));
+                continue;
+            }
+            let target_port = match &p.target_port {
+                None => port,
+                Some(IntOrString::Int(n)) => match u16::try_from(*n) {
+                    Ok(t) if t != 0 => t,
+                    _ => {
+                        warnings.push(format!("service {name}: ports[{i}].targetPort {n} is out of range; ignored"));
+                        continue;
+                    }
+                },
+                // Named: resolved per endpoint from the slices.
+                Some(IntOrString::String(_)) => 0,
+            };
+            let h2 = matches!(p.app_protocol.as_deref(), Some("kubernetes.io/h2c" | "grpc"));
+            let protocol = mode_override.unwrap_or(if h2 { Protocol::Http2 } else { Protocol::Tcp });
+            ports.push(PortSpec {
+                name: (!pname.is_empty()).then_some(pname),
+                port,
+                target_port,
+                protocol,
+                algorithm: algorithm_override.unwrap_or_else(|| protocol.default_algorithm()),
+            });
+        }
+        if ports.is_empty() {
+            continue;
+        }
+
+        // Endpoints of every slice of this service, merged.
+        let mut endpoints: BTreeMap<IpAddr, (EndpointSpec, Option<String>, Option<Vec<String>>)> =
+            BTreeMap::new();
+        for slice in by_service.get(&(ns.clone(), svc.name_any())).into_iter().flatten() {
+            let slice_name = format!("{ns}/{}", slice.name_any());
+            if slice.address_type == "FQDN" {
+                continue;
+            }
+            if slice.endpoints.len() > MAX_SLICE_ENDPOINTS {
+                warnings.push(format!(
+                    "endpointslice {slice_name}: {} endpoints, more than {MAX_SLICE_ENDPOINTS}; skipped",
+                    slice.endpoints.len()
+                ));
+                continue;
+            }
+            let mut target_ports = BTreeMap::new();
+            for sp in slice.ports.iter().flatten() {
+                if sp.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+                    continue;
+                }
+                match sp.port.map(u16::try_from) {
+                    Some(Ok(n)) if n != 0 => {
+                        target_ports.insert(sp.name.clone().unwrap_or_default(), n);
+                    }
+                    Some(_) => warnings.push(format!(
+                        "endpointslice {slice_name}: port {:?} is out of range; ignored",
+                        sp.name
+                    )),
+                    None => {}
+                }
+            }
+            for (j, e) in slice.endpoints.iter().enumerate() {
+                let Some(addr) = e.addresses.first() else {
+                    continue;
+                };
+                let Ok(ip) = addr.parse::<IpAddr>() else {
+                    warnings.push(format!(
+                        "endpointslice {slice_name}: endpoints[{j}] address {addr:?} is not an IP; skipped"
+                    ));
+                    continue;
+                };
+                let c = e.conditions.as_ref();
+                let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                let spec = EndpointSpec {
+                    address: ip,
+                    zone: e.zone.clone(),
+                    ready,
+                    serving: c.and_then(|c| c.serving).unwrap_or(ready),
+                    terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                    target_ports: target_ports.clone(),
+                };
+                let hints = e
+                    .hints
+                    .as_ref()
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|z| z.iter().map(|z| z.name.clone()).collect());
+                // The same address in two slices (a pod moving between
+                // them): keep the ready one.
+                match endpoints.get(&ip) {
+                    Some((old, _, _)) if old.ready || !ready => {}
+                    _ => {
+                        endpoints.insert(ip, (spec, e.node_name.clone(), hints));
+                    }
+                }
+            }
+        }
+        let mut list: Vec<_> = endpoints.into_values().collect();
+
+        // internalTrafficPolicy: Local: only this node's endpoints; none
+        // means none (as kube-proxy drops the traffic).
+        if spec.internal_traffic_policy.as_deref() == Some("Local") {
+            list.retain(|(_, n, _)| n.is_some() && *n == node.name);
+        }
+        // Topology: PreferClose / hints, with kube-proxy's safeguards: use
+        // hints only when every ready endpoint has them and some are for
+        // this zone; otherwise use all endpoints.
+        let prefer_close = spec.traffic_distribution.as_deref() == Some("PreferClose");
+        let ready: Vec<_> = list.iter().filter(|(e, _, _)| e.ready).collect();
+        if let Some(zone) = &node.zone
+            && (prefer_close || ready.iter().any(|(_, _, h)| h.is_some()))
+            && !ready.is_empty()
+            && ready.iter().all(|(_, _, h)| h.is_some())
+        {
+            let local: Vec<_> = list
+                .iter()
+                .filter(|(_, _, h)| h.as_ref().is_some_and(|z: &Vec<String>| z.contains(zone)))
+                .cloned()
+                .collect();
+            if local.iter().any(|(e, _, _)| e.ready) {
+                list = local;
+            }
+        }
+        out.push(ServiceSpec {
+            name,
+            addresses,
+            ports,
+            endpoints: list.into_iter().map(|(e, _, _)| e).collect(),
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    // Two Services claiming one VIP:port (a misconfiguration): the first by
+    // name keeps it.
+    let mut seen = BTreeSet::new();
+    for s in &mut out {
+        let name = s.name.clone();
+        s.ports.retain(|p| {
+            let fresh = s.addresses.iter().all(|a| !seen.contains(&(*a, p.port)));
+            if !fresh {
+                warnings.push(format!("service {name}: port {} duplicates another service's VIP:port; ignored", p.port));
+            }
+            fresh
+        });
+        for p in &s.ports {
+            for a in &s.addresses {
+                seen.insert((*a, p.port));
+            }
+        }
+    }
+    out.retain(|s| !s.ports.is_empty());
+    (DesiredState { services: out }, warnings)
+}
+
+/// Watch the cluster and send a new desired state after every change,
+/// coalesced, once both kinds completed their first list.
+pub async fn run(
+    client: Client,
+    node_name: Option<String>,
+    tx: mpsc::Sender<super::file::Update>,
+    health: Arc<Mutex<ApiserverState>>,
+) {
+    let set = |f: &dyn Fn(&mut ApiserverState)| {
+        let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut h);
+    };
+    set(&|h| h.state = "connecting".into());
+    let mut node = NodeInfo {
+        name: node_name.clone(),
+        zone: None,
+    };
+    if let Some(n) = &node_name {
+        match Api::<Node>::all(client.clone()).get(n).await {
+            Ok(obj) => node.zone = obj.labels().get(ZONE_LABEL).cloned(),
+            Err(e) => tracing::warn!(node = %n, error = %e, "cannot read this node's zone; topology hints off"),
+        }
+    }
+    set(&|h| h.node_zone = node.zone.clone());
+    let services = watcher(Api::<Service>::all(client.clone()), watcher::Config::default()).default_backoff();
+    let slices = watcher(
+        Api::<EndpointSlice>::all(client),
+        watcher::Config::default().labels(SERVICE_NAME_LABEL),
+    )
+    .default_backoff();
+    tokio::pin!(services, slices);
+    let mut svc_store: Store<Service> = Store::new();
+    let mut eps_store: Store<EndpointSlice> = Store::new();
+    let mut dirty = false;
+    let mut warned: BTreeSet<String> = BTreeSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            Some(e) = services.next() => match e {
+                Ok(e) => dirty |= svc_store.apply(e),
+                Err(e) => note_error(&health, &e),
+            },
+            Some(e) = slices.next() => match e {
+                Ok(e) => dirty |= eps_store.apply(e),
+                Err(e) => note_error(&health, &e),
+            },
+            _ = tick.tick() => {
+                if !dirty || !svc_store.synced || !eps_store.synced {
+                    continue;
+                }
+                dirty = false;
+                let svcs: Vec<&Service> = svc_store.objects.values().collect();
+                let eps: Vec<&EndpointSlice> = eps_store.objects.values().collect();
+                let (state, warnings) = convert(&svcs, &eps, &node);
+                for w in warnings {
+                    // Each distinct problem once, not on every update.
+                    if warned.insert(w.clone()) {
+                        tracing::warn!("{w}");
+                    }
+                }
+                let (ns, ne) = (svcs.len(), eps.len());
+                set(&|h| {
+                    h.state = "synced".into();
+                    h.services = ns;
+                    h.endpoint_slices = ne;
+                });
+                if tx.send(Ok(state)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn note_error(health: &Arc<Mutex<ApiserverState>>, e: &watcher::Error) {
+    tracing::warn!(error = %e, "apiserver watch failed; retrying with backoff, serving the last state");
+    let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
+    h.state = "unreachable".into();
+    h.last_error = Some(e.to_string());
+    h.errors += 1;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(json: serde_json::Value) -> Service {
+        serde_json::from_value(json).expect("service")
+    }
+    fn slice(json: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(json).expect("slice")
+    }
+
+    fn base_svc(extra: serde_json::Value) -> Service {
+        let mut v = serde_json::json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}
+        });
+        merge(&mut v, extra);
+        svc(v)
+    }
+
+    fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (a, b) => *a = b,
+        }
+    }
+
+    fn web_slice(name: &str, port: i32, eps: serde_json::Value) -> EndpointSlice {
+        slice(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default",
+                          "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+            "endpoints": eps
+        }))
+    }
+
+    #[test]
+    fn named_target_ports_resolve_per_slice_and_slices_merge() {
+        let s = base_svc(serde_json::json!({}));
+        let a = web_slice("web-a", 8080, serde_json::json!([{"addresses": ["10.0.0.1"]}]));
+        let b = web_slice("web-b", 9090, serde_json::json!([{"addresses": ["10.0.0.2"], "conditions": {"ready": true}}]));
+        let (st, w) = convert(&[&s], &[&a, &b], &NodeInfo::default());
+        assert!(w.is_empty(), "{w:?}");
+        let f = st.frontends();
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].vip.to_string(), "10.96.0.10:80");
+        let b: Vec<String> = f[0].backends.iter().map(ToString::to_string).collect();
+        assert_eq!(b, vec!["10.0.0.1:8080", "10.0.0.2:9090"]);
+    }
+
+    #[test]
+    fn conditions_follow_kube_proxy() {
+        let s = base_svc(serde_json::json!({}));
+        let sl = web_slice("web-a", 8080, serde_json::json!([
+            {"addresses": ["10.0.0.1"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+            {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": false, "terminating": true}}
+        ]));
+        let (st, _) = convert(&[&s], &[&sl], &NodeInfo::default());
+        let f = st.frontends();
+        let b: Vec<String> = f[0].backends.iter().map(ToString::to_string).collect();
+        assert_eq!(b, vec!["10.0.0.1:8080"], "serving+terminating fallback");
+    }
+
+    #[test]
+    fn headless_externalname_udp_and_off_are_skipped() {
+        let headless = svc(serde_json::json!({"metadata": {"name": "h", "namespace": "d"},
+            "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}));
+        let ext = svc(serde_json::json!({"metadata": {"name": "e", "namespace": "d"},
+            "spec": {"type": "ExternalName", "externalName": "x.example", "ports": [{"port": 80}]}}));
+        let udp = svc(serde_json::json!({"metadata": {"name": "u", "namespace": "d"},
+            "spec": {"clusterIP": "10.96.0.2", "ports": [{"port": 53, "protocol": "UDP"}]}}));
+        let off = base_svc(serde_json::json!({"metadata": {"annotations": {"balancer.dev/mode": "off"}}}));
+        let (st, w) = convert(&[&headless, &ext, &udp, &off], &[], &NodeInfo::default());
+        assert!(st.services.is_empty(), "{st:?}");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("UDP"));
+    }
+
+    #[test]
+    fn app_protocol_and_annotations_select_mode_and_algorithm() {
+        let grpc = base_svc(serde_json::json!({"spec": {"ports": [{"name": "g", "port": 80, "appProtocol": "grpc"}]}}));
+        let (st, _) = convert(&[&grpc], &[], &NodeInfo::default());
+        assert_eq!(st.services[0].ports[0].protocol, Protocol::Http2);
+        assert_eq!(st.services[0].ports[0].algorithm, Algorithm::LeastRequest);
+        let ann = base_svc(serde_json::json!({"metadata": {"annotations": {
+            "balancer.dev/mode": "http2", "balancer.dev/algorithm": "round-robin"}}}));
+        let (st, _) = convert(&[&ann], &[], &NodeInfo::default());
+        assert_eq!(st.services[0].ports[0].protocol, Protocol::Http2);
+        assert_eq!(st.services[0].ports[0].algorithm, Algorithm::RoundRobin);
+        let bad = base_svc(serde_json::json!({"metadata": {"annotations": {
+            "balancer.dev/mode": "fast", "balancer.dev/algorithm": "magic"}}}));
+        let (st, w) = convert(&[&bad], &[], &NodeInfo::default());
+        assert_eq!(st.services[0].ports[0].protocol, Protocol::Tcp, "bad values ignored");
+        assert_eq!(w.len(), 2, "{w:?}");
+    }
+
+    #[test]
+    fn bad_objects_are_skipped_and_named_others_apply() {
+        let bad_ip = svc(serde_json::json!({"metadata": {"name": "bad", "namespace": "d"},
+            "spec": {"clusterIP": "10.96.0.300", "ports": [{"port": 80}]}}));
+        let good = base_svc(serde_json::json!({}));
+        let sl = web_slice("web-a", 8080, serde_json::json!([{"addresses": ["not-an-ip"]}, {"addresses": ["10.0.0.1"]}]));
+        let (st, w) = convert(&[&bad_ip, &good], &[&sl], &NodeInfo::default());
+        assert_eq!(st.services.len(), 1);
+        assert_eq!(st.services[0].endpoints.len(), 1);
+        assert!(w.iter().any(|l| l.contains("service d/bad")), "{w:?}");
+        assert!(w.iter().any(|l| l.contains("endpointslice default/web-a")), "{w:?}");
+    }
+
+    #[test]
+    fn topology_hints_and_local_policy() {
+        let node = NodeInfo { name: Some("n1".into()), zone: Some("a".into()) };
+        let s = base_svc(serde_json::json!({"spec": {"trafficDistribution": "PreferClose"}}));
+        let sl = web_slice("web-a", 8080, serde_json::json!([
+            {"addresses": ["10.0.0.1"], "zone": "a", "nodeName": "n1", "hints": {"forZones": [{"name": "a"}]}},
+            {"addresses": ["10.0.0.2"], "zone": "b", "nodeName": "n2", "hints": {"forZones": [{"name": "b"}]}}
+        ]));
+        let (st, _) = convert(&[&s], &[&sl], &node);
+        assert_eq!(st.services[0].endpoints.len(), 1, "same-zone only");
+        // Safeguard: one endpoint without hints disables them.
+        let sl2 = web_slice("web-a", 8080, serde_json::json!([
+            {"addresses": ["10.0.0.1"], "hints": {"forZones": [{"name": "a"}]}},
+            {"addresses": ["10.0.0.2"]}
+        ]));
+        let (st, _) = convert(&[&s], &[&sl2], &node);
+        assert_eq!(st.services[0].endpoints.len(), 2);
+        let local = base_svc(serde_json::json!({"spec": {"internalTrafficPolicy": "Local"}}));
+        let (st, _) = convert(&[&local], &[&sl], &node);
+        assert_eq!(st.services[0].endpoints.len(), 1);
+        assert_eq!(st.services[0].endpoints[0].address.to_string(), "10.0.0.1");
+    }
+
+    #[test]
+    fn dual_stack_cluster_ips() {
+        let s = base_svc(serde_json::json!({"spec": {"clusterIPs": ["10.96.0.10", "fd00:96::10"],
+            "ipFamilies": ["IPv4", "IPv6"]}}));
+        let v4 = web_slice("web-4", 8080, serde_json::json!([{"addresses": ["10.0.0.1"]}]));
+        let mut v6 = web_slice("web-6", 8080, serde_json::json!([{"addresses": ["fd00:10::1"]}]));
+        v6.address_type = "IPv6".into();
+        let (st, _) = convert(&[&s], &[&v4, &v6], &NodeInfo::default());
+        let f = st.frontends();
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[1].backends[0].to_string(), "[fd00:10::1]:8080");
+    }
+
+    #[test]
+    fn a_relist_is_swapped_in_whole() {
+        let mut st: Store<Service> = Store::new();
+        assert!(!st.apply(watcher::Event::Init));
+        st.apply(watcher::Event::InitApply(base_svc(serde_json::json!({}))));
+        assert!(st.apply(watcher::Event::InitDone));
+        assert_eq!(st.objects.len(), 1);
+        // A relist starts: the served set stays until it completes.
+        st.apply(watcher::Event::Init);
+        assert_eq!(st.objects.len(), 1);
+        st.apply(watcher::Event::InitDone);
+        assert_eq!(st.objects.len(), 0, "the relist said there is nothing");
+    }
+}
