@@ -73,7 +73,10 @@ pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
             a.endpoint_slices,
             a.node_zone.as_deref().unwrap_or("-"),
             a.errors,
-            a.last_error.as_ref().map(|e| format!("; last: {e}")).unwrap_or_default()
+            a.last_error
+                .as_ref()
+                .map(|e| format!("; last: {e}"))
+                .unwrap_or_default()
         );
     }
     if let Some(e) = &r.error {

@@ -9,6 +9,7 @@
 //! unrewritten connect to a VIP fails with ENETUNREACH and never leaves.
 
 pub mod bpfquery;
+pub mod fakeapi;
 
 use std::{
     collections::BTreeMap,
@@ -739,6 +740,40 @@ impl Agent {
         std::fs::create_dir_all(&dir)?;
         let endpoints_file = dir.join("endpoints.yaml");
         std::fs::write(&endpoints_file, endpoints_yaml)?;
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["--endpoints-file".into(), endpoints_file.clone().into()];
+        args.extend(extra.iter().map(Into::into));
+        Self::spawn(dir, endpoints_file, cgroup, netns, &args, &[])
+    }
+
+    /// Start the agent on the Kubernetes source, configured by `kubeconfig`.
+    pub fn start_kube(
+        prefix: &str,
+        cgroup: &Path,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(prefix);
+        std::fs::create_dir_all(&dir)?;
+        let args: Vec<std::ffi::OsString> = extra.iter().map(Into::into).collect();
+        Self::spawn(
+            dir.clone(),
+            dir.join("no-endpoints-file"),
+            cgroup,
+            None,
+            &args,
+            &[("KUBECONFIG", kubeconfig)],
+        )
+    }
+
+    fn spawn(
+        dir: PathBuf,
+        endpoints_file: PathBuf,
+        cgroup: &Path,
+        netns: Option<&str>,
+        args: &[std::ffi::OsString],
+        env: &[(&str, &Path)],
+    ) -> anyhow::Result<Self> {
         let admin_socket = dir.join("admin.sock");
         let stderr_log = dir.join("agent.log");
         let mut cmd = match netns {
@@ -749,14 +784,16 @@ impl Agent {
             }
             None => Command::new(agent_bin()),
         };
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let child = cmd
-            .args(["run", "--endpoints-file"])
-            .arg(&endpoints_file)
+            .arg("run")
             .arg("--cgroup")
             .arg(cgroup)
             .arg("--admin-socket")
             .arg(&admin_socket)
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_log)?)

@@ -34,9 +34,7 @@ use kube::{
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::state::{
-    Algorithm, DesiredState, EndpointSpec, PortSpec, Protocol, ServiceSpec,
-};
+use crate::state::{Algorithm, DesiredState, EndpointSpec, PortSpec, Protocol, ServiceSpec};
 
 /// Annotations of this project, on a Service.
 pub const ANNOTATION_MODE: &str = "balancer.dev/mode";
@@ -45,6 +43,10 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// EndpointSlices hold at most 1000 endpoints; more is a malformed object.
 const MAX_SLICE_ENDPOINTS: usize = 1000;
+
+/// An endpoint with what topology and traffic policy need: its node and
+/// its zone hints.
+type Candidate = (EndpointSpec, Option<String>, Option<Vec<String>>);
 
 /// What the node the agent runs on contributes to the conversion.
 #[derive(Debug, Clone, Default)]
@@ -122,7 +124,9 @@ fn parse_mode(svc: &str, v: &str) -> Result<Option<Protocol>, String> {
         "tcp" => Ok(Some(Protocol::Tcp)),
         "http2" => Ok(Some(Protocol::Http2)),
         "off" => Ok(None),
-        other => Err(format!("service {svc}: annotation {ANNOTATION_MODE}={other:?} is not tcp, http2 or off; ignored")),
+        other => Err(format!(
+            "service {svc}: annotation {ANNOTATION_MODE}={other:?} is not tcp, http2 or off; ignored"
+        )),
     }
 }
 
@@ -180,14 +184,19 @@ pub fn convert(
         for ip in &ips {
             match ip.parse::<IpAddr>() {
                 Ok(a) => addresses.push(a),
-                Err(_) => warnings.push(format!("service {name}: clusterIP {ip:?} is not an IP address; skipped")),
+                Err(_) => warnings.push(format!(
+                    "service {name}: clusterIP {ip:?} is not an IP address; skipped"
+                )),
             }
         }
         if addresses.is_empty() {
             continue;
         }
         let annotations = svc.annotations();
-        let mode_override = match annotations.get(ANNOTATION_MODE).map(|v| parse_mode(&name, v)) {
+        let mode_override = match annotations
+            .get(ANNOTATION_MODE)
+            .map(|v| parse_mode(&name, v))
+        {
             Some(Ok(None)) => continue, // mode=off: leave it to kube-proxy
             Some(Ok(Some(p))) => Some(p),
             Some(Err(w)) => {
@@ -196,7 +205,10 @@ pub fn convert(
             }
             None => None,
         };
-        let algorithm_override = match annotations.get(ANNOTATION_ALGORITHM).map(|v| parse_algorithm(&name, v)) {
+        let algorithm_override = match annotations
+            .get(ANNOTATION_ALGORITHM)
+            .map(|v| parse_algorithm(&name, v))
+        {
             Some(Ok(a)) => Some(a),
             Some(Err(w)) => {
                 warnings.push(w);
@@ -214,11 +226,17 @@ pub fn convert(
             let pname = p.name.clone().unwrap_or_default();
             let proto = p.protocol.as_deref().unwrap_or("TCP");
             if proto != "TCP" {
-                warnings.push(format!("service {name}: port {} is {proto}; only TCP is balanced, ignored", p.port));
+                warnings.push(format!(
+                    "service {name}: port {} is {proto}; only TCP is balanced, ignored",
+                    p.port
+                ));
                 continue;
             }
             let Ok(port) = u16::try_from(p.port) else {
-                warnings.push(format!("service {name}: ports[{i}].port {} is out of range; ignored", p.port));
+                warnings.push(format!(
+                    "service {name}: ports[{i}].port {} is out of range; ignored",
+                    p.port
+                ));
                 continue;
             };
             if port == 0 {
@@ -230,15 +248,21 @@ pub fn convert(
                 Some(IntOrString::Int(n)) => match u16::try_from(*n) {
                     Ok(t) if t != 0 => t,
                     _ => {
-                        warnings.push(format!("service {name}: ports[{i}].targetPort {n} is out of range; ignored"));
+                        warnings.push(format!(
+                            "service {name}: ports[{i}].targetPort {n} is out of range; ignored"
+                        ));
                         continue;
                     }
                 },
                 // Named: resolved per endpoint from the slices.
                 Some(IntOrString::String(_)) => 0,
             };
-            let h2 = matches!(p.app_protocol.as_deref(), Some("kubernetes.io/h2c" | "grpc"));
-            let protocol = mode_override.unwrap_or(if h2 { Protocol::Http2 } else { Protocol::Tcp });
+            let h2 = matches!(
+                p.app_protocol.as_deref(),
+                Some("kubernetes.io/h2c" | "grpc")
+            );
+            let protocol =
+                mode_override.unwrap_or(if h2 { Protocol::Http2 } else { Protocol::Tcp });
             ports.push(PortSpec {
                 name: (!pname.is_empty()).then_some(pname),
                 port,
@@ -252,9 +276,12 @@ pub fn convert(
         }
 
         // Endpoints of every slice of this service, merged.
-        let mut endpoints: BTreeMap<IpAddr, (EndpointSpec, Option<String>, Option<Vec<String>>)> =
-            BTreeMap::new();
-        for slice in by_service.get(&(ns.clone(), svc.name_any())).into_iter().flatten() {
+        let mut endpoints: BTreeMap<IpAddr, Candidate> = BTreeMap::new();
+        for slice in by_service
+            .get(&(ns.clone(), svc.name_any()))
+            .into_iter()
+            .flatten()
+        {
             let slice_name = format!("{ns}/{}", slice.name_any());
             if slice.address_type == "FQDN" {
                 continue;
@@ -359,7 +386,10 @@ pub fn convert(
         s.ports.retain(|p| {
             let fresh = s.addresses.iter().all(|a| !seen.contains(&(*a, p.port)));
             if !fresh {
-                warnings.push(format!("service {name}: port {} duplicates another service's VIP:port; ignored", p.port));
+                warnings.push(format!(
+                    "service {name}: port {} duplicates another service's VIP:port; ignored",
+                    p.port
+                ));
             }
             fresh
         });
@@ -393,11 +423,17 @@ pub async fn run(
     if let Some(n) = &node_name {
         match Api::<Node>::all(client.clone()).get(n).await {
             Ok(obj) => node.zone = obj.labels().get(ZONE_LABEL).cloned(),
-            Err(e) => tracing::warn!(node = %n, error = %e, "cannot read this node's zone; topology hints off"),
+            Err(e) => {
+                tracing::warn!(node = %n, error = %e, "cannot read this node's zone; topology hints off")
+            }
         }
     }
     set(&|h| h.node_zone = node.zone.clone());
-    let services = watcher(Api::<Service>::all(client.clone()), watcher::Config::default()).default_backoff();
+    let services = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff();
     let slices = watcher(
         Api::<EndpointSlice>::all(client),
         watcher::Config::default().labels(SERVICE_NAME_LABEL),
@@ -500,8 +536,16 @@ mod tests {
     #[test]
     fn named_target_ports_resolve_per_slice_and_slices_merge() {
         let s = base_svc(serde_json::json!({}));
-        let a = web_slice("web-a", 8080, serde_json::json!([{"addresses": ["10.0.0.1"]}]));
-        let b = web_slice("web-b", 9090, serde_json::json!([{"addresses": ["10.0.0.2"], "conditions": {"ready": true}}]));
+        let a = web_slice(
+            "web-a",
+            8080,
+            serde_json::json!([{"addresses": ["10.0.0.1"]}]),
+        );
+        let b = web_slice(
+            "web-b",
+            9090,
+            serde_json::json!([{"addresses": ["10.0.0.2"], "conditions": {"ready": true}}]),
+        );
         let (st, w) = convert(&[&s], &[&a, &b], &NodeInfo::default());
         assert!(w.is_empty(), "{w:?}");
         let f = st.frontends();
@@ -514,10 +558,14 @@ mod tests {
     #[test]
     fn conditions_follow_kube_proxy() {
         let s = base_svc(serde_json::json!({}));
-        let sl = web_slice("web-a", 8080, serde_json::json!([
-            {"addresses": ["10.0.0.1"], "conditions": {"ready": false, "serving": true, "terminating": true}},
-            {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": false, "terminating": true}}
-        ]));
+        let sl = web_slice(
+            "web-a",
+            8080,
+            serde_json::json!([
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": false, "terminating": true}}
+            ]),
+        );
         let (st, _) = convert(&[&s], &[&sl], &NodeInfo::default());
         let f = st.frontends();
         let b: Vec<String> = f[0].backends.iter().map(ToString::to_string).collect();
@@ -526,13 +574,21 @@ mod tests {
 
     #[test]
     fn headless_externalname_udp_and_off_are_skipped() {
-        let headless = svc(serde_json::json!({"metadata": {"name": "h", "namespace": "d"},
-            "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}));
-        let ext = svc(serde_json::json!({"metadata": {"name": "e", "namespace": "d"},
-            "spec": {"type": "ExternalName", "externalName": "x.example", "ports": [{"port": 80}]}}));
-        let udp = svc(serde_json::json!({"metadata": {"name": "u", "namespace": "d"},
-            "spec": {"clusterIP": "10.96.0.2", "ports": [{"port": 53, "protocol": "UDP"}]}}));
-        let off = base_svc(serde_json::json!({"metadata": {"annotations": {"balancer.dev/mode": "off"}}}));
+        let headless = svc(
+            serde_json::json!({"metadata": {"name": "h", "namespace": "d"},
+            "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}),
+        );
+        let ext = svc(
+            serde_json::json!({"metadata": {"name": "e", "namespace": "d"},
+            "spec": {"type": "ExternalName", "externalName": "x.example", "ports": [{"port": 80}]}}),
+        );
+        let udp = svc(
+            serde_json::json!({"metadata": {"name": "u", "namespace": "d"},
+            "spec": {"clusterIP": "10.96.0.2", "ports": [{"port": 53, "protocol": "UDP"}]}}),
+        );
+        let off = base_svc(
+            serde_json::json!({"metadata": {"annotations": {"balancer.dev/mode": "off"}}}),
+        );
         let (st, w) = convert(&[&headless, &ext, &udp, &off], &[], &NodeInfo::default());
         assert!(st.services.is_empty(), "{st:?}");
         assert_eq!(w.len(), 1, "{w:?}");
@@ -541,7 +597,9 @@ mod tests {
 
     #[test]
     fn app_protocol_and_annotations_select_mode_and_algorithm() {
-        let grpc = base_svc(serde_json::json!({"spec": {"ports": [{"name": "g", "port": 80, "appProtocol": "grpc"}]}}));
+        let grpc = base_svc(
+            serde_json::json!({"spec": {"ports": [{"name": "g", "port": 80, "appProtocol": "grpc"}]}}),
+        );
         let (st, _) = convert(&[&grpc], &[], &NodeInfo::default());
         assert_eq!(st.services[0].ports[0].protocol, Protocol::Http2);
         assert_eq!(st.services[0].ports[0].algorithm, Algorithm::LeastRequest);
@@ -553,38 +611,62 @@ mod tests {
         let bad = base_svc(serde_json::json!({"metadata": {"annotations": {
             "balancer.dev/mode": "fast", "balancer.dev/algorithm": "magic"}}}));
         let (st, w) = convert(&[&bad], &[], &NodeInfo::default());
-        assert_eq!(st.services[0].ports[0].protocol, Protocol::Tcp, "bad values ignored");
+        assert_eq!(
+            st.services[0].ports[0].protocol,
+            Protocol::Tcp,
+            "bad values ignored"
+        );
         assert_eq!(w.len(), 2, "{w:?}");
     }
 
     #[test]
     fn bad_objects_are_skipped_and_named_others_apply() {
-        let bad_ip = svc(serde_json::json!({"metadata": {"name": "bad", "namespace": "d"},
-            "spec": {"clusterIP": "10.96.0.300", "ports": [{"port": 80}]}}));
+        let bad_ip = svc(
+            serde_json::json!({"metadata": {"name": "bad", "namespace": "d"},
+            "spec": {"clusterIP": "10.96.0.300", "ports": [{"port": 80}]}}),
+        );
         let good = base_svc(serde_json::json!({}));
-        let sl = web_slice("web-a", 8080, serde_json::json!([{"addresses": ["not-an-ip"]}, {"addresses": ["10.0.0.1"]}]));
+        let sl = web_slice(
+            "web-a",
+            8080,
+            serde_json::json!([{"addresses": ["not-an-ip"]}, {"addresses": ["10.0.0.1"]}]),
+        );
         let (st, w) = convert(&[&bad_ip, &good], &[&sl], &NodeInfo::default());
         assert_eq!(st.services.len(), 1);
         assert_eq!(st.services[0].endpoints.len(), 1);
         assert!(w.iter().any(|l| l.contains("service d/bad")), "{w:?}");
-        assert!(w.iter().any(|l| l.contains("endpointslice default/web-a")), "{w:?}");
+        assert!(
+            w.iter().any(|l| l.contains("endpointslice default/web-a")),
+            "{w:?}"
+        );
     }
 
     #[test]
     fn topology_hints_and_local_policy() {
-        let node = NodeInfo { name: Some("n1".into()), zone: Some("a".into()) };
+        let node = NodeInfo {
+            name: Some("n1".into()),
+            zone: Some("a".into()),
+        };
         let s = base_svc(serde_json::json!({"spec": {"trafficDistribution": "PreferClose"}}));
-        let sl = web_slice("web-a", 8080, serde_json::json!([
-            {"addresses": ["10.0.0.1"], "zone": "a", "nodeName": "n1", "hints": {"forZones": [{"name": "a"}]}},
-            {"addresses": ["10.0.0.2"], "zone": "b", "nodeName": "n2", "hints": {"forZones": [{"name": "b"}]}}
-        ]));
+        let sl = web_slice(
+            "web-a",
+            8080,
+            serde_json::json!([
+                {"addresses": ["10.0.0.1"], "zone": "a", "nodeName": "n1", "hints": {"forZones": [{"name": "a"}]}},
+                {"addresses": ["10.0.0.2"], "zone": "b", "nodeName": "n2", "hints": {"forZones": [{"name": "b"}]}}
+            ]),
+        );
         let (st, _) = convert(&[&s], &[&sl], &node);
         assert_eq!(st.services[0].endpoints.len(), 1, "same-zone only");
         // Safeguard: one endpoint without hints disables them.
-        let sl2 = web_slice("web-a", 8080, serde_json::json!([
-            {"addresses": ["10.0.0.1"], "hints": {"forZones": [{"name": "a"}]}},
-            {"addresses": ["10.0.0.2"]}
-        ]));
+        let sl2 = web_slice(
+            "web-a",
+            8080,
+            serde_json::json!([
+                {"addresses": ["10.0.0.1"], "hints": {"forZones": [{"name": "a"}]}},
+                {"addresses": ["10.0.0.2"]}
+            ]),
+        );
         let (st, _) = convert(&[&s], &[&sl2], &node);
         assert_eq!(st.services[0].endpoints.len(), 2);
         let local = base_svc(serde_json::json!({"spec": {"internalTrafficPolicy": "Local"}}));
@@ -595,10 +677,20 @@ mod tests {
 
     #[test]
     fn dual_stack_cluster_ips() {
-        let s = base_svc(serde_json::json!({"spec": {"clusterIPs": ["10.96.0.10", "fd00:96::10"],
-            "ipFamilies": ["IPv4", "IPv6"]}}));
-        let v4 = web_slice("web-4", 8080, serde_json::json!([{"addresses": ["10.0.0.1"]}]));
-        let mut v6 = web_slice("web-6", 8080, serde_json::json!([{"addresses": ["fd00:10::1"]}]));
+        let s = base_svc(
+            serde_json::json!({"spec": {"clusterIPs": ["10.96.0.10", "fd00:96::10"],
+            "ipFamilies": ["IPv4", "IPv6"]}}),
+        );
+        let v4 = web_slice(
+            "web-4",
+            8080,
+            serde_json::json!([{"addresses": ["10.0.0.1"]}]),
+        );
+        let mut v6 = web_slice(
+            "web-6",
+            8080,
+            serde_json::json!([{"addresses": ["fd00:10::1"]}]),
+        );
         v6.address_type = "IPv6".into();
         let (st, _) = convert(&[&s], &[&v4, &v6], &NodeInfo::default());
         let f = st.frontends();

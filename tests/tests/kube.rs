@@ -1,0 +1,172 @@
+//! The Kubernetes source against a fake apiserver that speaks the real
+//! list/watch protocol: sync, slices split and deleted, bookmarks, a 410
+//! Gone relist that must not flap the data path, a malformed object, and
+//! the apiserver going away.
+
+use std::time::Duration;
+
+use balancer_tests::{
+    Agent, Topology,
+    fakeapi::{FakeApi, Kind},
+    hold_connections, short_connections,
+};
+use serde_json::{Value, json};
+
+const VIP: &str = "198.19.0.80";
+
+fn service() -> Value {
+    json!({"metadata": {"name": "web", "namespace": "default"},
+           "spec": {"type": "ClusterIP", "clusterIP": VIP, "clusterIPs": [VIP],
+                    "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}]}})
+}
+
+fn slice(name: &str, addrs: &[String]) -> Value {
+    let eps: Vec<Value> = addrs
+        .iter()
+        .map(|a| json!({"addresses": [a], "conditions": {"ready": true, "serving": true, "terminating": false}}))
+        .collect();
+    json!({"metadata": {"name": name, "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": "web"}},
+           "addressType": "IPv4",
+           "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+           "endpoints": eps})
+}
+
+fn endpoint_addrs(agent: &Agent) -> Vec<String> {
+    let v = agent.endpoints_json().unwrap_or_default();
+    let mut out: Vec<String> = v["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == "default/web")
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e["address"].as_str().map(String::from))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn kubernetes_source_syncs_survives_relists_bad_objects_and_an_apiserver_outage() {
+    let t = Topology::new("kube", 3, &[8080]).expect("topology");
+    let dir = std::env::temp_dir().join(format!("{}-api", t.prefix));
+    let mut api = FakeApi::start(&dir).expect("fake apiserver");
+    let ips: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+    api.apply(Kind::Service, service());
+    // The service's endpoints split over two slices.
+    api.apply(Kind::EndpointSlice, slice("web-a", &ips[..2]));
+    api.apply(Kind::EndpointSlice, slice("web-b", &ips[2..]));
+
+    let agent = Agent::start_kube(&t.prefix, &t.cgroup.path, &api.kubeconfig, &[]).expect("agent");
+    Topology::wait_for("the first sync", Duration::from_secs(20), || {
+        Ok(endpoint_addrs(&agent) == ips)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", agent.log()));
+    let status = agent.status_json().expect("status");
+    assert_eq!(status["source"]["kind"], "kubernetes");
+    assert_eq!(status["apiserver"]["state"], "synced", "{status}");
+
+    // Named targetPort resolved from the slices; exact spread.
+    let held = hold_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        6,
+    )
+    .expect("client");
+    assert!(held.result.errors.is_empty(), "{:?}", held.result.errors);
+    for p in &t.pods {
+        assert_eq!(held.result.count(&p.name), 2, "{:?}", held.result.pods);
+    }
+    held.close().expect("close");
+
+    // A slice deleted: its endpoint leaves.
+    api.delete(Kind::EndpointSlice, "default", "web-b");
+    Topology::wait_for("slice removal", Duration::from_secs(10), || {
+        Ok(endpoint_addrs(&agent) == ips[..2])
+    })
+    .expect("removal");
+    let r = short_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        20,
+    )
+    .expect("client");
+    assert_eq!(r.count("pod2"), 0, "{r:?}");
+    api.bookmark(Kind::Service);
+    api.bookmark(Kind::EndpointSlice);
+
+    // 410 Gone: watches are cut and must relist. While they do, nothing
+    // is emptied: connections keep working throughout.
+    let before = agent.status_json().expect("status")["last_reload"]["applied"]
+        .as_u64()
+        .unwrap_or(0);
+    api.compact();
+    for _ in 0..20 {
+        let r = short_connections(
+            &t.client.name,
+            Some(&t.cgroup.path),
+            &format!("{VIP}:80"),
+            5,
+        )
+        .expect("client");
+        assert!(r.errors.is_empty(), "a relist flapped the data path: {r:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Topology::wait_for("a relist", Duration::from_secs(15), || {
+        let lists = api
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("GET /api/v1/services"))
+            .count();
+        Ok(lists >= 3)
+    })
+    .expect("relist");
+    assert_eq!(endpoint_addrs(&agent), ips[..2]);
+    let status = agent.status_json().expect("status");
+    assert_eq!(status["counters"]["no_backend"], 0, "{status}");
+    let _ = before;
+
+    // A malformed Service is skipped, named in the log; others still apply.
+    api.apply(
+        Kind::Service,
+        json!({"metadata": {"name": "broken", "namespace": "default"},
+        "spec": {"clusterIP": "198.19.0.300", "ports": [{"port": 80}]}}),
+    );
+    api.apply(Kind::EndpointSlice, slice("web-b", &ips[2..]));
+    Topology::wait_for("web-b back", Duration::from_secs(10), || {
+        Ok(endpoint_addrs(&agent) == ips)
+    })
+    .expect("re-add");
+    assert!(
+        agent.log().contains("service default/broken"),
+        "{}",
+        agent.log()
+    );
+
+    // The apiserver goes away: the last state keeps serving.
+    api.stop();
+    Topology::wait_for("the outage to show", Duration::from_secs(15), || {
+        Ok(agent.status_json()?["apiserver"]["state"] == "unreachable")
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}",
+            agent
+                .status_json()
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        )
+    });
+    let r = short_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        9,
+    )
+    .expect("client");
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.pods.len(), 3, "{r:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
