@@ -30,7 +30,7 @@ pub mod map_names {
 /// Map capacities. The agent refuses a desired state that does not fit
 /// rather than letting a map insert fail half way through an update.
 pub const MAX_SERVICES: u32 = 65_536;
-pub const MAX_BACKENDS: u32 = 65_536;
+pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_SLOTS: u32 = 262_144;
 /// Backends per service port (slots are numbered `0..count`).
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;

@@ -11,6 +11,9 @@ pub enum Which {
     /// h2load over 4 nghttpd pods: direct, kube-proxy rules, haproxy,
     /// nghttpx and the balancer, in one run.
     Http2,
+    /// Sync of 10,000 Services x 10 endpoints from a fake apiserver: time
+    /// and agent memory.
+    Kube,
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
@@ -26,6 +29,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
     let name = match which {
         Which::L4 => "l4",
         Which::Http2 => "http2",
+        Which::Kube => "kube",
     };
     util::run(
         std::process::Command::new(bin.join("lbt-bench"))

@@ -130,8 +130,10 @@ impl Programmer {
         self.backend_ids.get(addr).copied()
     }
 
-    fn alloc_service_id(used: &BTreeSet<u32>) -> Option<u32> {
-        (0..MAX_SERVICES).find(|id| !used.contains(id))
+    /// The lowest free id at or above `from` (callers advance `from`, so a
+    /// whole sync allocates in linear time).
+    fn alloc_service_id(used: &BTreeSet<u32>, from: u32) -> Option<u32> {
+        (from..MAX_SERVICES).find(|id| !used.contains(id))
     }
 
     fn alloc_backend_id(&mut self, taken: &dyn Fn(u32) -> bool) -> u32 {
@@ -158,29 +160,27 @@ impl Programmer {
             .collect();
         let mut ids = HashMap::new();
         let mut new_ids = Vec::new();
+        // Built once: per-address lookups below must stay O(1), a sync of
+        // 100,000 endpoints would otherwise be quadratic.
+        let mut in_use: std::collections::HashSet<u32> = self
+            .backend_ids
+            .values()
+            .chain(self.draining.keys())
+            .copied()
+            .collect();
+        let draining_by_addr: HashMap<SocketAddr, u32> =
+            self.draining.iter().map(|(id, a)| (*a, *id)).collect();
         for addr in &wanted {
             let id = match self.backend_ids.get(addr) {
                 Some(id) => *id,
-                None => {
-                    let revived = self
-                        .draining
-                        .iter()
-                        .find(|(_, a)| *a == addr)
-                        .map(|(id, _)| *id);
-                    match revived {
-                        Some(id) => id,
-                        None => {
-                            let in_use: BTreeSet<u32> = self
-                                .backend_ids
-                                .values()
-                                .chain(self.draining.keys())
-                                .chain(ids.values())
-                                .copied()
-                                .collect();
-                            self.alloc_backend_id(&|id| in_use.contains(&id))
-                        }
+                None => match draining_by_addr.get(addr) {
+                    Some(id) => *id,
+                    None => {
+                        let id = self.alloc_backend_id(&|id| in_use.contains(&id));
+                        in_use.insert(id);
+                        id
                     }
-                }
+                },
             };
             if !self.backend_ids.contains_key(addr) {
                 new_ids.push((id, *addr));
@@ -194,6 +194,7 @@ impl Programmer {
 
         // Services: changed and new ones.
         let mut used_service_ids: BTreeSet<u32> = self.services.values().map(|p| p.id).collect();
+        let mut next_service_id = 0;
         let mut services = BTreeMap::new();
         for f in target {
             for b in &f.backends {
@@ -209,13 +210,15 @@ impl Programmer {
             let id = match old {
                 Some(p) => p.id,
                 None => {
-                    let id =
-                        Self::alloc_service_id(&used_service_ids).ok_or(PlanError::Capacity {
+                    let id = Self::alloc_service_id(&used_service_ids, next_service_id).ok_or(
+                        PlanError::Capacity {
                             what: "service ids",
                             count: target.len(),
                             max: MAX_SERVICES,
-                        })?;
+                        },
+                    )?;
                     used_service_ids.insert(id);
+                    next_service_id = id + 1;
                     id
                 }
             };

@@ -48,7 +48,8 @@ fn main() -> anyhow::Result<()> {
     match args.get(1).map(String::as_str) {
         Some("l4") => l4(PathBuf::from(args.get(2).context("OUT_DIR")?)),
         Some("http2") => http2(PathBuf::from(args.get(2).context("OUT_DIR")?)),
-        _ => bail!("usage: lbt-bench l4|http2 OUT_DIR"),
+        Some("kube") => kube(PathBuf::from(args.get(2).context("OUT_DIR")?)),
+        _ => bail!("usage: lbt-bench l4|http2|kube OUT_DIR"),
     }
 }
 
@@ -550,6 +551,82 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
     std::fs::write(out.join("http2.txt"), &table)?;
     print!("{table}");
     drop(procs);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Sync of N Services x M endpoints from a fake apiserver: time from the
+/// agent's start to all of them programmed, and the agent's memory.
+fn kube(out: PathBuf) -> anyhow::Result<()> {
+    use balancer_tests::fakeapi::{FakeApi, Kind};
+    let services: usize = std::env::var("LBT_SERVICES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
+    let per: usize = std::env::var("LBT_ENDPOINTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let prefix = balancer_tests::unique_prefix("kubebench");
+    let cg = balancer_tests::Cgroup::new(&prefix)?;
+    let dir = std::env::temp_dir().join(format!("{prefix}-api"));
+    let api = FakeApi::start(&dir)?;
+    eprintln!("kube: creating {services} services x {per} endpoints in the fake apiserver");
+    for i in 0..services {
+        let vip = format!("198.19.{}.{}", i / 256, i % 256);
+        api.apply(
+            Kind::Service,
+            serde_json::json!({"metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
+                "spec": {"clusterIP": vip, "clusterIPs": [vip],
+                         "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
+        );
+        let eps: Vec<serde_json::Value> = (0..per)
+            .map(|j| {
+                let k = i * per + j;
+                serde_json::json!({"addresses": [format!("10.{}.{}.{}", (k >> 16) & 255, (k >> 8) & 255, k & 255)],
+                                   "conditions": {"ready": true}})
+            })
+            .collect();
+        api.apply(
+            Kind::EndpointSlice,
+            serde_json::json!({"metadata": {"name": format!("svc-{i}-a"), "namespace": "bench",
+                                            "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": eps}),
+        );
+    }
+    let start = std::time::Instant::now();
+    let agent = Agent::start_kube(&prefix, &cg.path, &api.kubeconfig, &[])?;
+    let pid = agent.pid().context("pid")?;
+    Topology::wait_for("the sync", Duration::from_secs(600), || {
+        Ok(agent.status_json()?["last_reload"]["frontends"].as_u64() == Some(services as u64))
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    let rss = agent_mem_kib(pid, "VmRSS:");
+    let hwm = agent_mem_kib(pid, "VmHWM:");
+    let status = agent.status_json()?;
+    let result = serde_json::json!({
+        "benchmark": "kube_sync",
+        "unix_time": SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
+        "services": services, "endpoints_per_service": per,
+        "seconds_from_start_to_programmed": secs,
+        "agent_rss_kib": rss, "agent_peak_rss_kib": hwm,
+        "maps": status["maps"],
+    });
+    let table = format!(
+        "Kubernetes sync: {services} Services x {per} endpoints from a fake apiserver\n\
+         agent start to everything programmed: {secs:.2} s\n\
+         agent RSS after sync: {rss} KiB (peak {hwm} KiB)\n"
+    );
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(
+        out.join("kube_sync.json"),
+        serde_json::to_string_pretty(&result)? + "\n",
+    )?;
+    std::fs::write(out.join("kube_sync.txt"), &table)?;
+    print!("{table}");
+    drop(agent);
+    drop(api);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
