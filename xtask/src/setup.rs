@@ -185,14 +185,21 @@ fn cargo_fuzz(path: &str) -> anyhow::Result<()> {
     )
 }
 
-/// Python grpcio: a real gRPC stack for the router's interop test.
-fn grpcio() -> anyhow::Result<()> {
-    if ok(Command::new("python3").args(["-c", "import grpc"])) {
-        println!("setup: python grpcio present");
-        return Ok(());
+/// Python packages: grpcio (a real gRPC stack for the router's interop
+/// test) and kubernetes-validate (the manifests' schema check).
+fn python_packages() -> anyhow::Result<()> {
+    for (module, package) in [
+        ("grpc", "grpcio==1.85.1"),
+        ("kubernetes_validate", "kubernetes-validate==1.37.0"),
+    ] {
+        if ok(Command::new("python3").args(["-c", &format!("import {module}")])) {
+            println!("setup: python {package} present");
+            continue;
+        }
+        println!("setup: installing python {package}");
+        util::run(Command::new("python3").args(["-m", "pip", "install", "-q", package]))?;
     }
-    println!("setup: installing python grpcio");
-    util::run(Command::new("python3").args(["-m", "pip", "install", "-q", "grpcio==1.85.1"]))
+    Ok(())
 }
 
 /// Bring the machine up to what the project needs.
@@ -203,7 +210,7 @@ pub fn run_setup() -> anyhow::Result<Env> {
     let path = env_path();
     bpf_linker(&path)?;
     cargo_fuzz(&path)?;
-    grpcio()?;
+    python_packages()?;
     Ok(Env { path, toolchain })
 }
 

@@ -1,0 +1,174 @@
+//! The deployment manifests: valid against the real Kubernetes schemas
+//! (PyPI kubernetes-validate, strict), deserializable into k8s-openapi
+//! types, and least-privilege.
+
+use std::{collections::BTreeSet, path::PathBuf, process::Command};
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{ConfigMap, Namespace, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests")
+}
+
+const FILES: [&str; 6] = [
+    "namespace.yaml",
+    "serviceaccount.yaml",
+    "clusterrole.yaml",
+    "clusterrolebinding.yaml",
+    "configmap.yaml",
+    "daemonset.yaml",
+];
+
+fn load<T: serde::de::DeserializeOwned>(file: &str) -> T {
+    let text = std::fs::read_to_string(dir().join(file)).expect("read manifest");
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+fn validate(paths: &[PathBuf]) -> std::process::Output {
+    // As a module: pip's console script may not be on PATH (pyenv shims).
+    Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "--quiet"])
+        .args(paths)
+        .output()
+        .expect("kubernetes-validate (cargo xtask setup installs it)")
+}
+
+#[test]
+fn manifests_pass_strict_schema_validation_and_a_broken_one_does_not() {
+    let paths: Vec<PathBuf> = FILES.iter().map(|f| dir().join(f)).collect();
+    let out = validate(&paths);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The validator really checks: a misspelt field fails.
+    let bad = std::env::temp_dir().join(format!("lbt-bad-ds-{}.yaml", std::process::id()));
+    let ds = std::fs::read_to_string(dir().join("daemonset.yaml")).expect("read");
+    std::fs::write(&bad, ds.replace("hostNetwork: true", "hostNetwrk: true")).expect("write");
+    let out = validate(&[bad.clone()]);
+    let _ = std::fs::remove_file(&bad);
+    assert!(
+        !out.status.success(),
+        "a misspelt field must fail validation"
+    );
+}
+
+#[test]
+fn manifests_deserialize_into_kubernetes_types() {
+    let ns: Namespace = load("namespace.yaml");
+    assert_eq!(ns.metadata.name.as_deref(), Some("balancer-system"));
+    let sa: ServiceAccount = load("serviceaccount.yaml");
+    let crb: ClusterRoleBinding = load("clusterrolebinding.yaml");
+    assert_eq!(crb.role_ref.name, "balancer-agent");
+    let subject = &crb.subjects.as_ref().expect("subjects")[0];
+    assert_eq!(Some(subject.name.as_str()), sa.metadata.name.as_deref());
+    let cm: ConfigMap = load("configmap.yaml");
+    assert!(cm.data.expect("data").contains_key("drain-timeout"));
+    let kustomization = std::fs::read_to_string(dir().join("kustomization.yaml")).expect("read");
+    for f in FILES {
+        assert!(kustomization.contains(f), "kustomization.yaml lacks {f}");
+    }
+}
+
+#[test]
+fn rbac_is_exactly_get_list_watch_on_services_endpointslices_nodes() {
+    let role: ClusterRole = load("clusterrole.yaml");
+    let rules = role.rules.expect("rules");
+    let mut resources = BTreeSet::new();
+    for r in &rules {
+        let verbs: BTreeSet<&str> = r.verbs.iter().map(String::as_str).collect();
+        assert_eq!(verbs, BTreeSet::from(["get", "list", "watch"]), "{r:?}");
+        for g in r.api_groups.iter().flatten() {
+            assert_ne!(g, "*");
+        }
+        for res in r.resources.iter().flatten() {
+            assert_ne!(res, "*");
+            resources.insert(res.clone());
+        }
+        assert!(r.non_resource_urls.is_none() && r.resource_names.is_none());
+    }
+    assert_eq!(
+        resources,
+        BTreeSet::from([
+            "endpointslices".to_owned(),
+            "nodes".to_owned(),
+            "services".to_owned()
+        ])
+    );
+}
+
+#[test]
+fn daemonset_is_least_privilege_node_critical_and_probed() {
+    let ds: DaemonSet = load("daemonset.yaml");
+    let spec = ds.spec.expect("spec").template.spec.expect("pod spec");
+    assert_eq!(spec.host_network, Some(true));
+    assert_eq!(
+        spec.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    let tol = spec.tolerations.expect("tolerations");
+    assert!(
+        tol.iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())
+    );
+    let c = &spec.containers[0];
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_eq!(sc.privileged, Some(false));
+    let caps = sc.capabilities.as_ref().expect("capabilities");
+    let add: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+    assert_eq!(add, BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]));
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.clone())
+    };
+    assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/healthz"));
+    assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/readyz"));
+    let res = c.resources.as_ref().expect("resources");
+    assert!(res.requests.is_some() && res.limits.is_some());
+    let env = c.env.as_ref().expect("env");
+    let field = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.clone())
+    };
+    assert_eq!(field("NODE_NAME").as_deref(), Some("spec.nodeName"));
+    assert_eq!(field("NODE_IP").as_deref(), Some("status.hostIP"));
+    let args = c.args.as_ref().expect("args");
+    assert!(
+        args.iter()
+            .any(|a| a == "--proxy-addr=$(NODE_IP):$(PROXY_PORT)")
+    );
+    let host_paths: BTreeSet<String> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.host_path.as_ref().map(|h| h.path.clone()))
+        .collect();
+    assert!(host_paths.contains("/sys/fs/cgroup") && host_paths.contains("/sys/fs/bpf"));
+}
+
+#[test]
+fn the_agent_accepts_the_daemonset_arguments() {
+    // Every flag the DaemonSet passes exists in the agent's CLI.
+    let ds: DaemonSet = load("daemonset.yaml");
+    let spec = ds.spec.expect("spec").template.spec.expect("pod spec");
+    let help = Command::new(balancer_tests::agent_bin())
+        .args(["run", "--help"])
+        .output()
+        .expect("agent");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for a in spec.containers[0].args.iter().flatten().skip(1) {
+        let flag = a.split('=').next().unwrap_or("");
+        assert!(help.contains(flag), "agent run has no {flag}:\n{help}");
+    }
+}
