@@ -51,7 +51,7 @@ fn manifests_pass_strict_schema_validation_and_a_broken_one_does_not() {
     let bad = std::env::temp_dir().join(format!("lbt-bad-ds-{}.yaml", std::process::id()));
     let ds = std::fs::read_to_string(dir().join("daemonset.yaml")).expect("read");
     std::fs::write(&bad, ds.replace("hostNetwork: true", "hostNetwrk: true")).expect("write");
-    let out = validate(&[bad.clone()]);
+    let out = validate(std::slice::from_ref(&bad));
     let _ = std::fs::remove_file(&bad);
     assert!(
         !out.status.success(),
