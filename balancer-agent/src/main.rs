@@ -58,9 +58,14 @@ enum Command {
         cgroup: Option<PathBuf>,
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
-        /// bpffs directory for pins (used by later releases for restarts).
+        /// bpffs directory for pins (mounted if missing).
         #[arg(long, default_value = "/sys/fs/bpf/balancer")]
         bpffs: PathBuf,
+        /// Pin maps and links under --bpffs: the data path outlives the
+        /// agent (restarts, kill -9, upgrades adopt it) and SIGTERM leaves it
+        /// in place. `balancer-agent cleanup` removes it.
+        #[arg(long)]
+        pin: bool,
         /// Address of the HTTP/2 frame router (for `protocol: http2` ports).
         #[arg(long)]
         proxy_addr: Option<std::net::SocketAddr>,
@@ -71,6 +76,11 @@ enum Command {
         /// after the GOAWAY.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         drain_timeout: Duration,
+    },
+    /// Remove every pin (and so detach every pinned program) under --bpffs.
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf/balancer")]
+        bpffs: PathBuf,
     },
     /// Programs, cgroup, maps, source and the last reload.
     Status {
@@ -137,21 +147,33 @@ fn main() -> ExitCode {
                 node_name,
                 cgroup,
                 admin_socket,
-                bpffs: _,
+                bpffs,
+                pin,
                 proxy_addr,
                 metrics_addr,
                 drain_timeout,
             } => {
-                run(
+                run(RunOptions {
                     endpoints_file,
                     node_name,
+                    pin_root: pin.then_some(bpffs),
                     cgroup,
                     admin_socket,
                     proxy_addr,
                     metrics_addr,
                     drain_timeout,
-                )
+                })
                 .await
+            }
+            Command::Cleanup { bpffs } => {
+                let removed = dataplane::pin::cleanup(&bpffs)?;
+                if removed.is_empty() {
+                    println!("nothing pinned under {}", bpffs.display());
+                }
+                for r in removed {
+                    println!("removed {}", r.display());
+                }
+                Ok(())
             }
             Command::Status {
                 admin_socket,
@@ -224,15 +246,29 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
     anyhow::bail!("no cgroup v2 hierarchy is mounted; pass --cgroup")
 }
 
-async fn run(
+/// Everything `run` takes from the command line.
+struct RunOptions {
     endpoints_file: Option<PathBuf>,
     node_name: Option<String>,
+    pin_root: Option<PathBuf>,
     cgroup: Option<PathBuf>,
     admin_socket: PathBuf,
     proxy_addr: Option<std::net::SocketAddr>,
     metrics_addr: Option<std::net::SocketAddr>,
     drain_timeout: Duration,
-) -> anyhow::Result<()> {
+}
+
+async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let RunOptions {
+        endpoints_file,
+        node_name,
+        pin_root,
+        cgroup,
+        admin_socket,
+        proxy_addr,
+        metrics_addr,
+        drain_timeout,
+    } = opts;
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
             "balancer-agent run must run as root: loading eBPF programs needs CAP_BPF, \
@@ -277,8 +313,13 @@ async fn run(
         ),
         None => None,
     };
-    let mut dataplane = Dataplane::attach(&cgroup)?;
-    tracing::info!(cgroup = %cgroup.display(), "programs attached");
+    let mut dataplane = Dataplane::attach(&cgroup, pin_root.as_deref())?;
+    if dataplane.adopted {
+        tracing::info!(cgroup = %cgroup.display(), "adopted the pinned data path; it never stopped");
+    } else {
+        tracing::info!(cgroup = %cgroup.display(), pinned = pin_root.is_some(), "programs attached");
+    }
+    let pinned = dataplane.pin_dir.clone();
     let mut router_task = None;
     let router = match (proxy_addr, router_listener) {
         (Some(addr), Some(l)) => {
@@ -370,9 +411,15 @@ async fn run(
     let _ = admin_task.await;
     let _ = watch_task.await;
     // The last reference: dropping it drops the eBPF object, which closes
-    // the link fds and so detaches every program.
+    // the link fds and so detaches every program that is not pinned.
     drop(agent);
-    tracing::info!("detached; bye");
+    match pinned {
+        Some(dir) => tracing::info!(
+            pins = %dir.display(),
+            "left the data path pinned for the next agent; `balancer-agent cleanup` removes it"
+        ),
+        None => tracing::info!("detached; bye"),
+    }
     Ok(())
 }
 

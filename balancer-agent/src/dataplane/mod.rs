@@ -1,6 +1,7 @@
 //! The kernel data path: loading and attaching the eBPF programs, and
 //! writing the desired state into their maps.
 
+pub mod pin;
 pub mod plan;
 
 use std::{
@@ -77,6 +78,8 @@ pub enum DataplaneError {
     },
     #[error(transparent)]
     Plan(#[from] PlanError),
+    #[error(transparent)]
+    Pin(#[from] pin::PinError),
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -115,8 +118,15 @@ pub struct ApplySummary {
 }
 
 pub struct Dataplane {
-    /// Owns the programs and their links; dropping it detaches everything.
-    _ebpf: Ebpf,
+    /// Owns the programs and their links; dropping it detaches everything
+    /// that is not pinned. None when an earlier agent's pins were adopted.
+    _ebpf: Option<Ebpf>,
+    /// Pinned links, kept so the pins are known to be ours.
+    _pinned: Vec<aya::programs::links::PinnedLink>,
+    /// The pin directory, when pinning.
+    pub pin_dir: Option<PathBuf>,
+    /// True when this agent adopted an earlier agent's pinned data path.
+    pub adopted: bool,
     maps: Maps,
     cgroup: PathBuf,
     programs: Vec<ProgramStatus>,
@@ -145,8 +155,18 @@ fn check_cgroup(path: &Path) -> Result<File, DataplaneError> {
 impl Dataplane {
     /// Load the programs and attach them to `cgroup`. On any error, whatever
     /// was attached is detached again (the links drop with the object).
-    pub fn attach(cgroup: &Path) -> Result<Self, DataplaneError> {
+    pub fn attach(cgroup: &Path, pin_root: Option<&Path>) -> Result<Self, DataplaneError> {
         let cgroup_fd = check_cgroup(cgroup)?;
+        let pin_dir = match pin_root {
+            Some(root) => Some(pin::layout_dir(root, cgroup)?),
+            None => None,
+        };
+        if let Some(dir) = &pin_dir
+            && pin::is_pinned(dir)
+        {
+            return Self::adopt(cgroup, dir);
+        }
+        let mut pinned = Vec::new();
         let mut ebpf = EbpfLoader::new()
             .load(EBPF_OBJECT)
             .map_err(DataplaneError::Object)?;
@@ -167,12 +187,23 @@ impl Dataplane {
                 program: name,
                 source,
             })?;
-            prog.attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
+            let link = prog
+                .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
                 .map_err(|source| DataplaneError::Attach {
                     program: name,
                     cgroup: cgroup.to_owned(),
                     source,
                 })?;
+            if let Some(dir) = &pin_dir {
+                let link = prog
+                    .take_link(link)
+                    .map_err(|source| DataplaneError::Attach {
+                        program: name,
+                        cgroup: cgroup.to_owned(),
+                        source,
+                    })?;
+                pinned.push(pin::pin_link(dir, name, link)?);
+            }
             programs.push(ProgramStatus {
                 name,
                 attach_type: name.trim_start_matches("balancer_"),
@@ -193,24 +224,37 @@ impl Dataplane {
             program: SOCK_OPS_PROGRAM,
             source,
         })?;
-        sock_ops
+        let link = sock_ops
             .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
             .map_err(|source| DataplaneError::Attach {
                 program: SOCK_OPS_PROGRAM,
                 cgroup: cgroup.to_owned(),
                 source,
             })?;
+        if let Some(dir) = &pin_dir {
+            let link = sock_ops
+                .take_link(link)
+                .map_err(|source| DataplaneError::Attach {
+                    program: SOCK_OPS_PROGRAM,
+                    cgroup: cgroup.to_owned(),
+                    source,
+                })?;
+            pinned.push(pin::pin_link(dir, SOCK_OPS_PROGRAM, link)?);
+        }
         programs.push(ProgramStatus {
             name: SOCK_OPS_PROGRAM,
             attach_type: "sock_ops",
         });
 
         // sk_msg on the SOCKS sockhash (sock_ops fills it).
-        let socks: SockHash<MapData, u64> = SockHash::try_from(
-            ebpf.take_map(map_names::SOCKS)
-                .ok_or(DataplaneError::MissingMap(map_names::SOCKS))?,
-        )
-        .map_err(map_err(map_names::SOCKS))?;
+        let socks_map = ebpf
+            .take_map(map_names::SOCKS)
+            .ok_or(DataplaneError::MissingMap(map_names::SOCKS))?;
+        if let Some(dir) = &pin_dir {
+            pin::pin_map(dir, map_names::SOCKS, &socks_map)?;
+        }
+        let socks: SockHash<MapData, u64> =
+            SockHash::try_from(socks_map).map_err(map_err(map_names::SOCKS))?;
         let sk_msg: &mut SkMsg = ebpf
             .program_mut(SK_MSG_PROGRAM)
             .ok_or(DataplaneError::Load {
@@ -238,8 +282,15 @@ impl Dataplane {
             attach_type: "sk_msg",
         });
 
-        let mut take =
-            |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name));
+        let mut take = |name: &'static str| -> Result<aya::maps::Map, DataplaneError> {
+            let m = ebpf
+                .take_map(name)
+                .ok_or(DataplaneError::MissingMap(name))?;
+            if let Some(dir) = &pin_dir {
+                pin::pin_map(dir, name, &m)?;
+            }
+            Ok(m)
+        };
         let maps = Maps {
             services: HashMap::try_from(take(map_names::SERVICES)?)
                 .map_err(map_err(map_names::SERVICES))?,
@@ -259,12 +310,77 @@ impl Dataplane {
         let orig_dst = Some(
             HashMap::try_from(take(map_names::ORIG_DST)?).map_err(map_err(map_names::ORIG_DST))?,
         );
+        if let Some(dir) = &pin_dir {
+            pin::mark_complete(dir)?;
+        }
         Ok(Self {
-            _ebpf: ebpf,
+            _ebpf: Some(ebpf),
+            _pinned: pinned,
+            pin_dir,
+            adopted: false,
             maps,
             cgroup: cgroup.to_owned(),
             programs,
             programmer: Programmer::default(),
+            orig_dst,
+        })
+    }
+
+    /// Take over the data path an earlier agent pinned: its programs never
+    /// stopped; open its maps and rebuild the record of what they hold, so
+    /// the first update is a diff, not a rewrite.
+    fn adopt(cgroup: &Path, dir: &Path) -> Result<Self, DataplaneError> {
+        let open = |name: &'static str| pin::open_map(dir, name);
+        let maps = Maps {
+            services: HashMap::try_from(open(map_names::SERVICES)?)
+                .map_err(map_err(map_names::SERVICES))?,
+            slots: HashMap::try_from(open(map_names::SLOTS)?).map_err(map_err(map_names::SLOTS))?,
+            backends: HashMap::try_from(open(map_names::BACKENDS)?)
+                .map_err(map_err(map_names::BACKENDS))?,
+            stats: HashMap::try_from(open(map_names::BACKEND_STATS)?)
+                .map_err(map_err(map_names::BACKEND_STATS))?,
+            service_state: Array::try_from(open(map_names::SERVICE_STATE)?)
+                .map_err(map_err(map_names::SERVICE_STATE))?,
+            counters: PerCpuArray::try_from(open(map_names::COUNTERS)?)
+                .map_err(map_err(map_names::COUNTERS))?,
+            config: Array::try_from(open(map_names::CONFIG)?)
+                .map_err(map_err(map_names::CONFIG))?,
+            _socks: SockHash::try_from(open(map_names::SOCKS)?)
+                .map_err(map_err(map_names::SOCKS))?,
+        };
+        let orig_dst = Some(
+            HashMap::try_from(open(map_names::ORIG_DST)?).map_err(map_err(map_names::ORIG_DST))?,
+        );
+        let services: Vec<(ServiceKey, ServiceValue)> =
+            maps.services.iter().filter_map(Result::ok).collect();
+        let slots: Vec<(SlotKey, u32)> = maps.slots.iter().filter_map(Result::ok).collect();
+        let backends: Vec<(u32, Backend)> = maps.backends.iter().filter_map(Result::ok).collect();
+        let stats: Vec<u32> = maps.stats.keys().filter_map(Result::ok).collect();
+        let programmer = Programmer::from_maps(&services, &slots, &backends, &stats);
+        let mut programs: Vec<ProgramStatus> = SOCK_ADDR_PROGRAMS
+            .iter()
+            .map(|name| ProgramStatus {
+                name,
+                attach_type: name.trim_start_matches("balancer_"),
+            })
+            .collect();
+        programs.push(ProgramStatus {
+            name: SOCK_OPS_PROGRAM,
+            attach_type: "sock_ops",
+        });
+        programs.push(ProgramStatus {
+            name: SK_MSG_PROGRAM,
+            attach_type: "sk_msg",
+        });
+        Ok(Self {
+            _ebpf: None,
+            _pinned: Vec::new(),
+            pin_dir: Some(dir.to_owned()),
+            adopted: true,
+            maps,
+            cgroup: cgroup.to_owned(),
+            programs,
+            programmer,
             orig_dst,
         })
     }

@@ -146,6 +146,70 @@ impl Programmer {
         }
     }
 
+    /// Rebuild the record from maps an earlier agent filled (adoption after
+    /// a restart). Backends with stats but no longer in BACKENDS were
+    /// draining; their addresses are gone with them, so they are kept under
+    /// an unspecified address until their connections close.
+    pub fn from_maps(
+        services: &[(ServiceKey, ServiceValue)],
+        slots: &[(SlotKey, u32)],
+        backends: &[(u32, Backend)],
+        stats: &[u32],
+    ) -> Self {
+        let addr_of = |b: &Backend| SocketAddr::new(words_addr(b.addr), u16::from_be(b.port));
+        let by_id: HashMap<u32, SocketAddr> =
+            backends.iter().map(|(id, b)| (*id, addr_of(b))).collect();
+        let slot_of: HashMap<SlotKey, u32> = slots.iter().copied().collect();
+        let mut p = Programmer::default();
+        for (key, v) in services {
+            let vip = SocketAddr::new(words_addr(key.addr), u16::from_be(key.port));
+            let ids: Vec<u32> = (0..v.backend_count)
+                .filter_map(|slot| {
+                    slot_of
+                        .get(&SlotKey {
+                            service_id: v.id,
+                            slot,
+                        })
+                        .copied()
+                })
+                .collect();
+            let algorithm = match balancer_common::Algorithm::from_u8(v.algorithm) {
+                Some(balancer_common::Algorithm::Random) => Algorithm::Random,
+                Some(balancer_common::Algorithm::RoundRobin) => Algorithm::RoundRobin,
+                _ => Algorithm::LeastConn,
+            };
+            let mode = if v.mode == balancer_common::Mode::Http2 as u8 {
+                balancer_common::Mode::Http2
+            } else {
+                balancer_common::Mode::Tcp
+            };
+            p.services.insert(
+                vip,
+                Programmed {
+                    id: v.id,
+                    algorithm,
+                    mode,
+                    backends: ids,
+                },
+            );
+        }
+        for (id, addr) in &by_id {
+            p.backend_ids.insert(*addr, *id);
+        }
+        for id in stats {
+            if !by_id.contains_key(id) {
+                p.draining.insert(*id, SocketAddr::from(([0, 0, 0, 0], 0)));
+            }
+        }
+        p.next_backend_id = backends
+            .iter()
+            .map(|(id, _)| *id)
+            .chain(stats.iter().copied())
+            .max()
+            .unwrap_or(0);
+        p
+    }
+
     /// Compute the ordered writes that move the maps from the recorded state
     /// to `target`, and the state to record once they are applied.
     pub fn plan(&mut self, target: &[Frontend]) -> Result<(Vec<Op>, PlanState), PlanError> {
@@ -628,6 +692,29 @@ mod tests {
             };
             assert_eq!(back, want);
         }
+    }
+
+    #[test]
+    fn record_rebuilt_from_maps_makes_the_next_update_a_diff() {
+        let mut p = Programmer::default();
+        let mut m = Maps::default();
+        let t = [
+            fe("198.19.0.1:80", &["198.18.0.1:8080", "198.18.0.2:8080"]),
+            fe("[fd00:19::1]:443", &["[fd00:18::1]:443"]),
+        ];
+        step(&mut p, &mut m, &t);
+        let services: Vec<_> = m.services.iter().map(|(k, v)| (*k, *v)).collect();
+        let slots: Vec<_> = m.slots.iter().map(|(k, v)| (*k, *v)).collect();
+        let backends: Vec<_> = m.backends.iter().map(|(k, v)| (*k, *v)).collect();
+        let stats: Vec<_> = m.stats.keys().copied().collect();
+        let mut adopted = Programmer::from_maps(&services, &slots, &backends, &stats);
+        assert_eq!(adopted.services, p.services);
+        assert_eq!(adopted.backend_ids, p.backend_ids);
+        let (ops, _) = adopted.plan(&t).expect("plan");
+        assert!(
+            ops.is_empty(),
+            "adoption then the same state writes nothing: {ops:?}"
+        );
     }
 
     #[test]

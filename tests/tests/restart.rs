@@ -1,0 +1,149 @@
+//! The data path outlives the agent: with --pin, a `kill -9` leaves every
+//! program attached and every count counting, connections keep being
+//! balanced while no agent runs, a new agent adopts the pins without a
+//! rewrite, and `cleanup` removes them all.
+
+use std::{process::Command, time::Duration};
+
+use balancer_tests::{
+    Agent, Topology, agent_bin, bpfquery, endpoints_yaml, hold_connections, short_connections,
+};
+
+const SVC: &str = "default/echo";
+const VIP: &str = "198.19.0.10";
+
+#[test]
+fn kill_9_keeps_balancing_and_a_restarted_agent_adopts_the_pins() {
+    let t = Topology::new("restart", 4, &[8080]).expect("topology");
+    let eps: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+    let yaml = endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &eps);
+    let pins = format!("/sys/fs/bpf/{}", t.prefix);
+    // Remove the pins even if an assertion fails (they outlive the agent).
+    struct Unpin(String);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = Command::new(agent_bin())
+                .args(["cleanup", "--bpffs", &self.0])
+                .output();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _unpin = Unpin(pins.clone());
+    let args = ["--pin", "--bpffs", pins.as_str()];
+    let agent = Agent::start_with(&t.prefix, &t.cgroup.path, &yaml, None, &args).expect("agent");
+    let first = hold_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        8,
+    )
+    .expect("client");
+    assert!(
+        first.result.pods.values().all(|&n| n == 2),
+        "{:?}",
+        first.result.pods
+    );
+
+    // kill -9: no cleanup at all.
+    let pid = agent.pid().expect("pid");
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    std::thread::sleep(Duration::from_millis(300));
+    for (name, n) in bpfquery::attachments(&t.cgroup.path).expect("query") {
+        assert_eq!(n, 1, "{name} detached by the agent's death");
+    }
+    // No agent: new connections are still balanced, least-conn still sees
+    // the live counts (2 per pod): 4 more go one per pod.
+    let during = hold_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        4,
+    )
+    .expect("client");
+    assert!(
+        during.result.errors.is_empty(),
+        "{:?}",
+        during.result.errors
+    );
+    assert!(
+        during.result.pods.values().all(|&n| n == 1),
+        "{:?}",
+        during.result.pods
+    );
+    drop(agent);
+
+    // A new agent adopts: same counts, nothing rewritten.
+    let prefix2 = format!("{}-b", t.prefix);
+    let agent = Agent::start_with(&prefix2, &t.cgroup.path, &yaml, None, &args).expect("agent 2");
+    assert!(
+        agent.log().contains("adopted the pinned data path"),
+        "{}",
+        agent.log()
+    );
+    let counts = agent.active_by_endpoint(SVC).expect("endpoints");
+    assert!(
+        counts.values().all(|&n| n == 3),
+        "counts survived the restart: {counts:?}"
+    );
+    let status = agent.status_json().expect("status");
+    assert!(
+        status["counters"]["balanced"].as_u64().unwrap_or(0) >= 12,
+        "{status}"
+    );
+    first.close().expect("close");
+    during.close().expect("close");
+    Topology::wait_for("all counts back to 0", Duration::from_secs(10), || {
+        Ok(agent.active_by_endpoint(SVC)?.values().all(|&n| n == 0))
+    })
+    .expect("zero");
+    // An update after adoption applies as usual.
+    let status = agent
+        .reload(&endpoints_yaml(
+            SVC,
+            &[VIP],
+            80,
+            8080,
+            "least-conn",
+            &eps[..2],
+        ))
+        .expect("reload");
+    assert_eq!(status["last_reload"]["ok"], true);
+    let r = short_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        4,
+    )
+    .expect("client");
+    assert_eq!(r.count("pod0") + r.count("pod1"), 4, "{r:?}");
+
+    // SIGTERM with --pin leaves the data path; cleanup removes it.
+    drop(agent);
+    for (name, n) in bpfquery::attachments(&t.cgroup.path).expect("query") {
+        assert_eq!(n, 1, "{name}: SIGTERM with --pin must leave it attached");
+    }
+    let out = Command::new(agent_bin())
+        .args(["cleanup", "--bpffs", &pins])
+        .output()
+        .expect("cleanup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed"));
+    for (name, n) in bpfquery::attachments(&t.cgroup.path).expect("query") {
+        assert_eq!(n, 0, "{name} still attached after cleanup");
+    }
+    let r = short_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        1,
+    )
+    .expect("client");
+    assert_eq!(r.errors.get("ENETUNREACH"), Some(&1), "{r:?}");
+}
