@@ -361,7 +361,8 @@ async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut gc = tokio::time::interval(Duration::from_secs(1));
+    // Drained-backend collection and the router heartbeat.
+    let mut gc = tokio::time::interval(Duration::from_millis(250));
     tracing::info!(admin_socket = %admin_socket.display(), "agent ready");
     loop {
         tokio::select! {
@@ -380,7 +381,13 @@ async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 }
             }
             _ = gc.tick() => {
-                agent.lock().unwrap_or_else(|p| p.into_inner()).dataplane.collect_drained();
+                let mut a = agent.lock().unwrap_or_else(|p| p.into_inner());
+                a.dataplane.collect_drained();
+                if router.as_ref().is_some_and(|r| r.take_alive())
+                    && let Err(e) = a.dataplane.heartbeat()
+                {
+                    tracing::warn!(error = %e, "router heartbeat");
+                }
             }
             _ = term.recv() => { tracing::info!("SIGTERM: detaching"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: detaching"); break; }

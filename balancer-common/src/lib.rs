@@ -118,8 +118,16 @@ pub struct Config {
     /// Router port, network byte order; 0 = no router.
     pub router_port: u16,
     pub _pad: [u8; 6],
+    /// CLOCK_MONOTONIC nanoseconds (the clock of `bpf_ktime_get_ns`) when
+    /// the agent last saw its router alive. Older than
+    /// [`ROUTER_STALE_NS`]: http2 ports are balanced at L4 instead, so a
+    /// dead router never blackholes new connections.
+    pub heartbeat_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
+
+/// How old the router heartbeat may be before http2 ports fall back to L4.
+pub const ROUTER_STALE_NS: u64 = 1_000_000_000;
 
 /// Key of the `ORIG_DST` map: the client end of a steered connection, as
 /// the router sees its peer.
@@ -269,9 +277,11 @@ pub enum Counter {
     SelectRandom = 12,
     SelectRoundRobin = 13,
     SelectLeastConn = 14,
+    /// An http2 port balanced at L4 because the router's heartbeat is stale.
+    RouterDown = 15,
 }
 
-pub const COUNTER_NAMES: [&str; 15] = [
+pub const COUNTER_NAMES: [&str; 16] = [
     "balanced",
     "no_backend",
     "lookup_miss",
@@ -287,6 +297,7 @@ pub const COUNTER_NAMES: [&str; 15] = [
     "select_random",
     "select_round_robin",
     "select_least_conn",
+    "router_down",
 ];
 pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
 

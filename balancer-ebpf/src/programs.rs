@@ -11,7 +11,7 @@ use aya_ebpf::{
     },
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage, SockHash},
     helpers::{
-        bpf_get_prandom_u32,
+        bpf_get_prandom_u32, bpf_ktime_get_ns,
         generated::{
             bpf_get_socket_cookie, bpf_msg_apply_bytes, bpf_msg_cork_bytes, bpf_msg_pull_data,
             bpf_set_retval, bpf_sk_storage_get,
@@ -22,8 +22,9 @@ use aya_ebpf::{
 };
 use balancer_common::{
     Algorithm, Backend, BackendStats, COUNTER_COUNT, Config, Counter, H2_ACTIVE, H2_NOT,
-    H2_UNKNOWN, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, Mode, OrigDst, PROTO_TCP, SOCK_STEERED,
-    ServiceKey, ServiceState, ServiceValue, SlotKey, SockKey, SockState, V4_MAPPED_WORD,
+    H2_UNKNOWN, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, Mode, OrigDst, PROTO_TCP, ROUTER_STALE_NS,
+    SOCK_STEERED, ServiceKey, ServiceState, ServiceValue, SlotKey, SockKey, SockState,
+    V4_MAPPED_WORD,
     h2frame::{HEADERS, PREFACE},
     select::{pick_least_conn, pick_random, pick_round_robin},
 };
@@ -256,6 +257,13 @@ fn is_v4(addr: &[u32; 4]) -> bool {
 fn router_for(key: &ServiceKey) -> Option<([u32; 4], u16)> {
     let cfg = CONFIG.get(0)?;
     if cfg.router_port == 0 {
+        return None;
+    }
+    // The agent refreshes the heartbeat while its router runs; a stale one
+    // means the router is gone (crash, kill -9, upgrade gap): balance at L4.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(cfg.heartbeat_ns) > ROUTER_STALE_NS {
+        count(Counter::RouterDown);
         return None;
     }
     let addr = if is_v4(&key.addr) {

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use balancer_tests::{Topology, h2_client_spawn, h2_client_wait, h2_raw};
-use common::{VIP, http2_yaml, no_errors, pods_of, setup};
+use common::{VIP, http2_yaml, no_errors, pods_of, setup, setup_with};
 use serde_json::Value;
 
 #[test]
@@ -393,4 +393,35 @@ fn sk_msg_counts_streams_on_l4_connections_making_pinning_visible() {
     .expect("client");
     no_errors(&v);
     assert_eq!(v["echo_ok"], true, "{v}");
+}
+
+#[test]
+fn a_dead_router_falls_back_to_l4_within_a_second() {
+    // Pinned, so the programs outlive the agent; its heartbeat does not.
+    let pins = format!("/sys/fs/bpf/lbt-h2down-{}", std::process::id());
+    struct Unpin(String);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new(balancer_tests::agent_bin())
+                .args(["cleanup", "--bpffs", &self.0])
+                .output();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _unpin = Unpin(pins.clone());
+    let s = setup_with("h2down", 4, &["--pin", "--bpffs", &pins]);
+    let v = s.client(&["--path", "/unary", "--requests", "40", "--concurrency", "4"]);
+    no_errors(&v);
+    assert_eq!(pods_of(&v).len(), 4, "through the router: {v}");
+    let pid = s.agent.pid().expect("pid");
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    std::thread::sleep(Duration::from_millis(1200));
+    // No router: the same client still works, balanced per connection.
+    let v = s.client(&["--path", "/unary", "--requests", "40", "--concurrency", "4"]);
+    no_errors(&v);
+    assert_eq!(pods_of(&v).len(), 1, "one L4 connection, one pod: {v}");
+    assert_eq!(v["peer"], VIP, "getpeername still gives the VIP: {v}");
 }

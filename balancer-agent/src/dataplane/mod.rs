@@ -132,6 +132,8 @@ pub struct Dataplane {
     programs: Vec<ProgramStatus>,
     programmer: Programmer,
     orig_dst: Option<HashMap<MapData, SockKey, OrigDst>>,
+    /// What `set_router` configured; rewritten with each heartbeat.
+    router_config: Option<Config>,
 }
 
 /// Checks that `path` is a cgroup v2 directory.
@@ -323,6 +325,7 @@ impl Dataplane {
             programs,
             programmer: Programmer::default(),
             orig_dst,
+            router_config: None,
         })
     }
 
@@ -382,6 +385,7 @@ impl Dataplane {
             programs,
             programmer,
             orig_dst,
+            router_config: None,
         })
     }
 
@@ -402,6 +406,19 @@ impl Dataplane {
         } else {
             cfg.router6 = words;
         }
+        self.router_config = Some(cfg);
+        self.heartbeat()
+    }
+
+    /// Tell the kernel the router is alive (see `Config::heartbeat_ns`).
+    pub fn heartbeat(&mut self) -> Result<(), DataplaneError> {
+        let Some(mut cfg) = self.router_config else {
+            return Ok(());
+        };
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+            .unwrap_or(0);
+        cfg.heartbeat_ns = now;
         self.maps
             .config
             .set(0, cfg, 0)

@@ -134,6 +134,8 @@ pub struct Router {
     shutdown: watch::Sender<bool>,
     /// Client connections open now.
     connections: std::sync::atomic::AtomicUsize,
+    /// Set by the router's own thread every 100 ms: proof of life.
+    alive: std::sync::atomic::AtomicBool,
 }
 
 /// Counts a client connection while it lives.
@@ -155,6 +157,7 @@ impl Router {
             orig_dst: Mutex::new(orig_dst),
             shutdown: watch::channel(false).0,
             connections: std::sync::atomic::AtomicUsize::new(0),
+            alive: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -215,6 +218,12 @@ impl Router {
                 ewma_us: e.ewma().as_micros() as u64,
             })
             .unwrap_or_default()
+    }
+
+    /// True if the router's thread checked in since the last call: it is
+    /// running and its runtime is not stuck.
+    pub fn take_alive(&self) -> bool {
+        self.alive.swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The VIP a steered client connected to.
@@ -280,8 +289,17 @@ impl Router {
                             return;
                         }
                     };
+                    let beat = async {
+                        loop {
+                            router
+                                .alive
+                                .store(true, std::sync::atomic::Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    };
                     tokio::select! {
-                        () = router.serve(listener) => {}
+                        () = router.clone().serve(listener) => {}
+                        () = beat => {}
                         _ = stopped => {}
                     }
                 });

@@ -38,6 +38,11 @@ pub struct Setup {
 }
 
 pub fn setup(tag: &str, pods: usize) -> Setup {
+    setup_with(tag, pods, &[])
+}
+
+/// As [`setup`], with more agent arguments.
+pub fn setup_with(tag: &str, pods: usize, extra: &[&str]) -> Setup {
     // Plain TCP servers on 8080 too, for the non-HTTP/2 pass-through.
     let mut t = Topology::new(tag, pods, &[8080]).expect("topology");
     t.start_h2().expect("h2 servers");
@@ -47,7 +52,7 @@ pub fn setup(tag: &str, pods: usize) -> Setup {
         &t.cgroup.path,
         &http2_yaml(&t, &all),
         Some(&t.node.name),
-        &["--proxy-addr", ROUTER_ADDR],
+        &[&["--proxy-addr", ROUTER_ADDR][..], extra].concat(),
     )
     .expect("agent");
     Setup { t, agent }
