@@ -131,6 +131,12 @@ pub struct StatusView {
     /// The kubernetes source's view of the apiserver.
     #[serde(default)]
     pub apiserver: Option<crate::source::kube::ApiserverState>,
+    /// Pin directory, when the data path is pinned.
+    #[serde(default)]
+    pub pins: Option<String>,
+    /// This agent adopted an earlier agent's pinned data path.
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -140,6 +140,12 @@ impl Agent {
                 kind: self.source_kind.into(),
                 path: self.source_location.clone(),
             },
+            pins: self
+                .dataplane
+                .pin_dir
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            adopted: self.dataplane.adopted,
             apiserver: self
                 .apiserver
                 .as_ref()

@@ -64,6 +64,17 @@ pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
         r.services,
         r.frontends
     );
+    if let Some(p) = &v.pins {
+        let _ = writeln!(
+            o,
+            "pins:      {p}{}",
+            if v.adopted {
+                " (adopted from an earlier agent)"
+            } else {
+                ""
+            }
+        );
+    }
     if let Some(a) = &v.apiserver {
         let _ = writeln!(
             o,
