@@ -83,6 +83,20 @@ fn kill_9_keeps_balancing_and_a_restarted_agent_adopts_the_pins() {
         "{}",
         agent.log()
     );
+    let status = agent.status_json().expect("status");
+    assert_eq!(status["adopted"], true, "{status}");
+    assert!(
+        status["pins"]
+            .as_str()
+            .is_some_and(|p| p.starts_with(&pins)),
+        "{status}"
+    );
+    assert!(
+        agent
+            .cli(&["status"])
+            .expect("status")
+            .contains("adopted from an earlier agent")
+    );
     let counts = agent.active_by_endpoint(SVC).expect("endpoints");
     assert!(
         counts.values().all(|&n| n == 3),
