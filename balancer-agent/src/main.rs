@@ -300,15 +300,19 @@ async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let _socket_guard = RemoveOnDrop(admin_socket.clone());
     let router_listener = match proxy_addr {
         Some(addr) => Some(
-            std::net::TcpListener::bind(addr)
+            proxy::bind_reuseport(addr)
                 .map_err(|e| anyhow::anyhow!("cannot listen on --proxy-addr {addr}: {e}"))?,
         ),
         None => None,
     };
     let metrics_listener = match metrics_addr {
         Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
+            // SO_REUSEPORT too: during an upgrade both agents listen.
+            proxy::bind_reuseport(addr)
+                .and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(l)
+                })
                 .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?,
         ),
         None => None,

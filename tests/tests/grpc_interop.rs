@@ -112,3 +112,95 @@ fn grpcio_one_channel_unary_and_streaming_rpcs_spread_over_all_pods() {
         .sum();
     assert_eq!(total, 400 + 3 * 16 + 1, "every RPC is one stream: {e}");
 }
+
+#[test]
+fn rolling_upgrade_under_grpc_load_fails_no_rpc() {
+    require_root();
+    let t = Topology::new("grpcupg", 4, &[]).expect("topology");
+    let _servers: Vec<Killed> = t
+        .pods
+        .iter()
+        .map(|p| grpc_server(&p.ns.name, &p.name))
+        .collect();
+    let mut yaml = format!(
+        "services:\n  - name: default/grpc\n    addresses: [198.19.0.70]\n    ports:\n      - name: grpc\n        port: 80\n        targetPort: {PORT}\n        protocol: http2\n    endpoints:\n"
+    );
+    for p in &t.pods {
+        yaml += &format!("      - address: {}\n", p.v4);
+    }
+    let pins = format!("/sys/fs/bpf/{}", t.prefix);
+    struct Unpin(String);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = Command::new(balancer_tests::agent_bin())
+                .args(["cleanup", "--bpffs", &self.0])
+                .output();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _unpin = Unpin(pins.clone());
+    let args = [
+        "--proxy-addr",
+        ROUTER_ADDR,
+        "--pin",
+        "--bpffs",
+        pins.as_str(),
+    ];
+    let mut old = Agent::start_with(&t.prefix, &t.cgroup.path, &yaml, Some(&t.node.name), &args)
+        .expect("old agent");
+    // A real gRPC client on one channel, busy the whole time.
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 {PEER} client 198.19.0.70:80 2000",
+        t.cgroup.path.display(),
+        t.client.name
+    );
+    let client = Command::new("sh")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("client");
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    // The new agent adopts the pinned data path and listens beside the old
+    // one (SO_REUSEPORT); then the old one drains and exits.
+    let new = Agent::start_with(
+        &format!("{}-new", t.prefix),
+        &t.cgroup.path,
+        &yaml,
+        Some(&t.node.name),
+        &args,
+    )
+    .expect("new agent");
+    assert!(
+        new.log().contains("adopted the pinned data path"),
+        "{}",
+        new.log()
+    );
+    let status = old.stop().expect("stop old");
+    assert!(status.success(), "{}", old.log());
+    let out = client.wait_with_output().expect("client");
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(out.stdout.trim_ascii()).expect("json");
+    assert_eq!(
+        v["errors"].as_array().map(Vec::len),
+        Some(0),
+        "failed RPCs during the upgrade: {v}"
+    );
+    let unary: u64 = v["unary"]
+        .as_object()
+        .expect("unary")
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert_eq!(unary, 2000, "{v}");
+    assert_eq!(v["intact"], true, "{v}");
+    // The new agent served the rest.
+    let e = new.endpoints_json().expect("json");
+    let served: u64 = e["services"][0]["endpoints"]
+        .as_array()
+        .expect("eps")
+        .iter()
+        .map(|x| x["streams_total"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(served > 0, "the new agent took over: {e}");
+}

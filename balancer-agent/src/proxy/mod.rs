@@ -297,8 +297,10 @@ impl Router {
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                     };
+                    // Serving stops when draining starts; the connections'
+                    // tasks go on until they finish or the thread stops.
+                    tokio::spawn(router.clone().serve(listener));
                     tokio::select! {
-                        () = router.clone().serve(listener) => {}
                         () = beat => {}
                         _ = stopped => {}
                     }
@@ -311,8 +313,19 @@ impl Router {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let mut shutdown = self.shutdown.subscribe();
         loop {
-            let (sock, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                // Draining: stop accepting at once. With SO_REUSEPORT the
+                // next agent's listener takes the new connections (and, with
+                // net.ipv4.tcp_migrate_req=1, those queued on this one).
+                _ = shutdown.changed() => {
+                    tracing::info!("router: stopped accepting, draining");
+                    return;
+                }
+            };
+            let (sock, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(error = %e, "router accept failed");
@@ -397,6 +410,24 @@ impl Router {
         tokio::io::copy_bidirectional(&mut sock, &mut up).await?;
         Ok(())
     }
+}
+
+/// The router's listening socket, with SO_REUSEPORT so that during an
+/// upgrade the new agent listens on the same address before the old one
+/// stops accepting: no moment without a listener. Also asks the kernel to
+/// migrate connections queued on a closing listener to the others
+/// (net.ipv4.tcp_migrate_req, Linux 5.14+), best effort.
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
+        tracing::debug!(error = %e, "cannot enable tcp_migrate_req");
+    }
+    Ok(sock.into())
 }
 
 /// The router's thread; [`RouterThread::stop`] ends it and every
