@@ -94,6 +94,8 @@ pub struct EndpointSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub name: String,
+    /// sessionAffinity ClientIP timeout in seconds; 0 = none.
+    pub affinity_timeout_s: u32,
     pub addresses: Vec<IpAddr>,
     pub ports: Vec<PortSpec>,
     pub endpoints: Vec<EndpointSpec>,
@@ -112,6 +114,8 @@ pub struct Frontend {
     pub vip: SocketAddr,
     pub algorithm: Algorithm,
     pub mode: balancer_common::Mode,
+    /// sessionAffinity ClientIP timeout in seconds; 0 = none.
+    pub affinity_timeout_s: u32,
     pub backends: Vec<SocketAddr>,
 }
 
@@ -161,6 +165,7 @@ impl DesiredState {
                         vip: SocketAddr::new(*vip, p.port),
                         algorithm: p.algorithm,
                         mode: p.protocol.to_kernel(),
+                        affinity_timeout_s: s.affinity_timeout_s,
                         backends,
                     });
                 }
@@ -188,6 +193,7 @@ mod tests {
 
     fn svc(endpoints: Vec<EndpointSpec>) -> ServiceSpec {
         ServiceSpec {
+            affinity_timeout_s: 0,
             name: "a/b".into(),
             addresses: vec!["198.19.0.1".parse().expect("ip")],
             ports: vec![PortSpec {

@@ -92,7 +92,9 @@ pub struct ServiceValue {
     /// A [`Mode`] as `u8`.
     pub mode: u8,
     pub _pad: [u8; 2],
-    pub _reserved: u32,
+    /// sessionAffinity ClientIP: seconds a client sticks to its backend;
+    /// 0 = no affinity.
+    pub affinity_timeout_s: u32,
 }
 
 /// How a service port is balanced, stored in [`ServiceValue::mode`].
@@ -105,6 +107,29 @@ pub enum Mode {
     /// every stream; if no router is configured, as `Tcp`.
     Http2 = 1,
 }
+
+/// Key of the `AFFINITY` LRU map: a client (its network namespace, which
+/// is the pod and so the pod IP; the node for host-network clients) and a
+/// service. connect() cannot use the source IP: it is not bound yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    pub netns_cookie: u64,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+
+/// Value of the `AFFINITY` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the last connect that used it.
+    pub last_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 
 /// The single entry of the `CONFIG` array: where the router listens.
 #[repr(C)]
@@ -279,9 +304,11 @@ pub enum Counter {
     SelectLeastConn = 14,
     /// An http2 port balanced at L4 because the router's heartbeat is stale.
     RouterDown = 15,
+    /// sessionAffinity: a client reused its backend.
+    AffinityHit = 16,
 }
 
-pub const COUNTER_NAMES: [&str; 16] = [
+pub const COUNTER_NAMES: [&str; 17] = [
     "balanced",
     "no_backend",
     "lookup_miss",
@@ -298,6 +325,7 @@ pub const COUNTER_NAMES: [&str; 16] = [
     "select_round_robin",
     "select_least_conn",
     "router_down",
+    "affinity_hit",
 ];
 pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
 
@@ -314,6 +342,8 @@ mod pod {
     unsafe impl aya::Pod for ServiceState {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for OrigDst {}
 }

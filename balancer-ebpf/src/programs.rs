@@ -13,18 +13,18 @@ use aya_ebpf::{
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_ns,
         generated::{
-            bpf_get_socket_cookie, bpf_msg_apply_bytes, bpf_msg_cork_bytes, bpf_msg_pull_data,
-            bpf_set_retval, bpf_sk_storage_get,
+            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_msg_apply_bytes, bpf_msg_cork_bytes,
+            bpf_msg_pull_data, bpf_set_retval, bpf_sk_storage_get,
         },
     },
     macros::{btf_map, cgroup_sock_addr, sk_msg, sock_ops},
     programs::{SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use balancer_common::{
-    Algorithm, Backend, BackendStats, COUNTER_COUNT, Config, Counter, H2_ACTIVE, H2_NOT,
-    H2_UNKNOWN, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, Mode, OrigDst, PROTO_TCP, ROUTER_STALE_NS,
-    SOCK_STEERED, ServiceKey, ServiceState, ServiceValue, SlotKey, SockKey, SockState,
-    V4_MAPPED_WORD,
+    AffinityKey, AffinityValue, Algorithm, Backend, BackendStats, COUNTER_COUNT, Config, Counter,
+    H2_ACTIVE, H2_NOT, H2_UNKNOWN, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, Mode, OrigDst, PROTO_TCP,
+    ROUTER_STALE_NS, SOCK_STEERED, ServiceKey, ServiceState, ServiceValue, SlotKey, SockKey,
+    SockState, V4_MAPPED_WORD,
     h2frame::{HEADERS, PREFACE},
     select::{pick_least_conn, pick_random, pick_round_robin},
 };
@@ -65,6 +65,10 @@ static ORIG_DST: LruHashMap<SockKey, OrigDst, 65_536> = LruHashMap::new();
 /// Keyed by socket cookie; the kernel removes a socket when it closes.
 #[btf_map]
 static SOCKS: SockHash<u64, 65_536> = SockHash::new();
+
+/// sessionAffinity ClientIP: the backend each client last used per service.
+#[btf_map]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue, 65_536> = LruHashMap::new();
 
 const AF_INET: u32 = 2;
 const SK_PASS: u32 = 1;
@@ -143,7 +147,10 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
         count(Counter::NoBackend);
         return Verdict::Refuse;
     };
+    // Affinity pins a client to one backend, which per-stream routing
+    // would undo: such ports stay at L4.
     if svc.mode == Mode::Http2 as u8
+        && svc.affinity_timeout_s == 0
         && let Some(router) = router_for(key)
     {
         let mut fresh = SockState {
@@ -177,6 +184,34 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
         None => 0,
     };
     let rand = unsafe { bpf_get_prandom_u32() };
+    let affinity = if svc.affinity_timeout_s > 0 {
+        Some(AffinityKey {
+            netns_cookie: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) },
+            service_id: svc.id,
+            _pad: 0,
+        })
+    } else {
+        None
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(akey) = &affinity
+        && let Some(a) = unsafe { AFFINITY.get(akey) }
+        && now.saturating_sub(a.last_ns) < u64::from(svc.affinity_timeout_s) * 1_000_000_000
+        && let Some(&backend) = unsafe { BACKENDS.get(a.backend_id) }
+    {
+        let backend_id = a.backend_id;
+        let _ = AFFINITY.insert(
+            akey,
+            AffinityValue {
+                backend_id,
+                _pad: 0,
+                last_ns: now,
+            },
+            0,
+        );
+        count(Counter::AffinityHit);
+        return finish(ctx, key, backend_id, backend);
+    }
     let slot = match Algorithm::from_u8(svc.algorithm) {
         Some(Algorithm::Random) => {
             count(Counter::SelectRandom);
@@ -217,7 +252,24 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
         count(Counter::LookupMiss);
         return Verdict::Refuse;
     };
+    if let Some(akey) = &affinity {
+        let _ = AFFINITY.insert(
+            akey,
+            AffinityValue {
+                backend_id,
+                _pad: 0,
+                last_ns: now,
+            },
+            0,
+        );
+    }
+    finish(ctx, key, backend_id, backend)
+}
 
+/// Record the choice in the socket's storage (for sock_ops and
+/// getpeername) and rewrite.
+#[inline(always)]
+fn finish(ctx: &SockAddrContext, key: &ServiceKey, backend_id: u32, backend: Backend) -> Verdict {
     let mut fresh = SockState {
         vip_addr: key.addr,
         vip_port: key.port,

@@ -170,3 +170,39 @@ fn kubernetes_source_syncs_survives_relists_bad_objects_and_an_apiserver_outage(
     assert_eq!(r.pods.len(), 3, "{r:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn session_affinity_client_ip_keeps_each_client_on_one_pod() {
+    let t = Topology::new("affinity", 3, &[8080]).expect("topology");
+    let dir = std::env::temp_dir().join(format!("{}-api", t.prefix));
+    let api = FakeApi::start(&dir).expect("fake apiserver");
+    let ips: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+    let mut svc = service();
+    svc["spec"]["sessionAffinity"] = json!("ClientIP");
+    svc["spec"]["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 60}});
+    api.apply(Kind::Service, svc);
+    api.apply(Kind::EndpointSlice, slice("web-a", &ips));
+    let agent = Agent::start_kube(&t.prefix, &t.cgroup.path, &api.kubeconfig, &[]).expect("agent");
+    Topology::wait_for("the first sync", Duration::from_secs(20), || {
+        Ok(endpoint_addrs(&agent) == ips)
+    })
+    .expect("sync");
+    // Two clients (two pods: two network namespaces), 12 connections each.
+    let other = t
+        .extra_client("c2", "198.18.202.1", "fd00:18::ca:1")
+        .expect("client 2");
+    for ns in [&t.client.name, &other.name] {
+        let r =
+            short_connections(ns, Some(&t.cgroup.path), &format!("{VIP}:80"), 12).expect("client");
+        assert!(r.errors.is_empty(), "{r:?}");
+        assert_eq!(r.pods.len(), 1, "one client, one pod: {r:?}");
+    }
+    let status = agent.status_json().expect("status");
+    assert!(
+        status["counters"]["affinity_hit"].as_u64().unwrap_or(0) >= 22,
+        "{status}"
+    );
+    drop(agent);
+    drop(api);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -111,6 +111,7 @@ pub struct Programmed {
     pub id: u32,
     pub algorithm: Algorithm,
     pub mode: balancer_common::Mode,
+    pub affinity_timeout_s: u32,
     pub backends: Vec<u32>,
 }
 
@@ -189,6 +190,7 @@ impl Programmer {
                     id: v.id,
                     algorithm,
                     mode,
+                    affinity_timeout_s: v.affinity_timeout_s,
                     backends: ids,
                 },
             );
@@ -290,6 +292,7 @@ impl Programmer {
                 id,
                 algorithm: f.algorithm,
                 mode: f.mode,
+                affinity_timeout_s: f.affinity_timeout_s,
                 backends,
             };
             if old != Some(&new) {
@@ -307,7 +310,7 @@ impl Programmer {
                         algorithm: f.algorithm.to_kernel() as u8,
                         mode: f.mode as u8,
                         _pad: [0; 2],
-                        _reserved: 0,
+                        affinity_timeout_s: f.affinity_timeout_s,
                     },
                 ));
                 for slot in new.backends.len()..old_backends.len() {
@@ -508,6 +511,7 @@ mod tests {
             vip: vip.parse().expect("vip"),
             algorithm: Algorithm::LeastConn,
             mode: balancer_common::Mode::Tcp,
+            affinity_timeout_s: 0,
             backends: backends
                 .iter()
                 .map(|b| b.parse().expect("backend"))

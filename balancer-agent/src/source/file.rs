@@ -256,6 +256,7 @@ fn validate(path: &Path, doc: FileDoc) -> Result<DesiredState, FileError> {
             }
         }
         services.push(ServiceSpec {
+            affinity_timeout_s: 0,
             name: s.name,
             addresses: s.addresses,
             ports,

@@ -216,11 +216,16 @@ pub fn convert(
             }
             None => None,
         };
-        if spec.session_affinity.as_deref() == Some("ClientIP") {
-            warnings.push(format!(
-                "service {name}: sessionAffinity ClientIP is not supported yet; balancing without affinity"
-            ));
-        }
+        // sessionAffinity ClientIP, with Kubernetes' default of 3 hours.
+        let affinity_timeout_s = if spec.session_affinity.as_deref() == Some("ClientIP") {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .map_or(10_800, |t| u32::try_from(t.max(1)).unwrap_or(10_800))
+        } else {
+            0
+        };
         let mut ports = Vec::new();
         for (i, p) in spec.ports.iter().flatten().enumerate() {
             let pname = p.name.clone().unwrap_or_default();
@@ -371,6 +376,7 @@ pub fn convert(
             }
         }
         out.push(ServiceSpec {
+            affinity_timeout_s,
             name,
             addresses,
             ports,
@@ -673,6 +679,21 @@ mod tests {
         let (st, _) = convert(&[&local], &[&sl], &node);
         assert_eq!(st.services[0].endpoints.len(), 1);
         assert_eq!(st.services[0].endpoints[0].address.to_string(), "10.0.0.1");
+    }
+
+    #[test]
+    fn session_affinity_timeout_with_kubernetes_default() {
+        let with = base_svc(serde_json::json!({"spec": {"sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 30}}}}));
+        let default = base_svc(serde_json::json!({"spec": {"sessionAffinity": "ClientIP"}}));
+        let none = base_svc(serde_json::json!({"spec": {"sessionAffinity": "None"}}));
+        let (st, _) = convert(&[&with], &[], &NodeInfo::default());
+        assert_eq!(st.services[0].affinity_timeout_s, 30);
+        let (st, _) = convert(&[&default], &[], &NodeInfo::default());
+        assert_eq!(st.services[0].affinity_timeout_s, 10_800);
+        let (st, _) = convert(&[&none], &[], &NodeInfo::default());
+        assert_eq!(st.services[0].affinity_timeout_s, 0);
+        assert_eq!(st.frontends()[0].affinity_timeout_s, 0);
     }
 
     #[test]
