@@ -236,6 +236,20 @@ pub fn render(agent: &Agent) -> String {
     );
     f.sample("balancer_sync_last_ok", &[], u8::from(r.ok));
 
+    if let Some(a) = &status.apiserver {
+        f.head(
+            "balancer_apiserver_up",
+            "gauge",
+            "1 while the Kubernetes watches are synced, 0 while the apiserver is unreachable or not yet synced.",
+        );
+        f.sample("balancer_apiserver_up", &[], u8::from(a.state == "synced"));
+        f.head(
+            "balancer_apiserver_errors_total",
+            "counter",
+            "Failed list/watch requests to the apiserver (retried with backoff).",
+        );
+        f.sample("balancer_apiserver_errors_total", &[], a.errors);
+    }
     f.head(
         "balancer_map_entries",
         "gauge",

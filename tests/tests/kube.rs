@@ -46,6 +46,15 @@ fn endpoint_addrs(agent: &Agent) -> Vec<String> {
     out
 }
 
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics");
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
 #[test]
 fn kubernetes_source_syncs_survives_relists_bad_objects_and_an_apiserver_outage() {
     let t = Topology::new("kube", 3, &[8080]).expect("topology");
@@ -57,11 +66,24 @@ fn kubernetes_source_syncs_survives_relists_bad_objects_and_an_apiserver_outage(
     api.apply(Kind::EndpointSlice, slice("web-a", &ips[..2]));
     api.apply(Kind::EndpointSlice, slice("web-b", &ips[2..]));
 
-    let agent = Agent::start_kube(&t.prefix, &t.cgroup.path, &api.kubeconfig, &[]).expect("agent");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let agent = Agent::start_kube(
+        &t.prefix,
+        &t.cgroup.path,
+        &api.kubeconfig,
+        &["--metrics-addr", &metrics],
+    )
+    .expect("agent");
     Topology::wait_for("the first sync", Duration::from_secs(20), || {
         Ok(endpoint_addrs(&agent) == ips)
     })
     .unwrap_or_else(|e| panic!("{e}: {}", agent.log()));
+    assert!(scrape(&metrics).contains("balancer_apiserver_up 1"));
     let status = agent.status_json().expect("status");
     assert_eq!(status["source"]["kind"], "kubernetes");
     assert_eq!(status["apiserver"]["state"], "synced", "{status}");
@@ -168,6 +190,9 @@ fn kubernetes_source_syncs_survives_relists_bad_objects_and_an_apiserver_outage(
     .expect("client");
     assert!(r.errors.is_empty(), "{r:?}");
     assert_eq!(r.pods.len(), 3, "{r:?}");
+    let m = scrape(&metrics);
+    assert!(m.contains("balancer_apiserver_up 0"), "{m}");
+    assert!(!m.contains("balancer_apiserver_errors_total 0\n"), "{m}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
