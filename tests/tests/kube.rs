@@ -161,10 +161,17 @@ fn kubernetes_source_syncs_survives_relists_bad_objects_and_an_apiserver_outage(
         Ok(endpoint_addrs(&agent) == ips)
     })
     .expect("re-add");
-    assert!(
-        agent.log().contains("service default/broken"),
-        "{}",
-        agent.log()
+    // The two objects come on two watches: wait for the Service's too.
+    Topology::wait_for(
+        "the bad Service to be named",
+        Duration::from_secs(10),
+        || Ok(agent.log().contains("service default/broken")),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", agent.log()));
+    assert_eq!(
+        endpoint_addrs(&agent),
+        ips,
+        "the bad Service changed nothing else"
     );
 
     // The apiserver goes away: the last state keeps serving.
