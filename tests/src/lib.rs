@@ -712,6 +712,30 @@ fn run_client(
     ClientResult::parse(&serde_json::from_str(text.lines().next().unwrap_or(""))?)
 }
 
+/// A bpffs pin directory of one test (`/sys/fs/bpf/<name>`), removed with
+/// `balancer-agent cleanup` on drop, also when the test fails: pins outlive
+/// the agent by design.
+pub struct PinDir {
+    pub path: String,
+}
+
+impl PinDir {
+    pub fn new(name: &str) -> Self {
+        Self {
+            path: format!("/sys/fs/bpf/{name}"),
+        }
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = Command::new(agent_bin())
+            .args(["cleanup", "--bpffs", &self.path])
+            .output();
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
 /// The agent as a real process, stopped with SIGTERM on drop.
 pub struct Agent {
     child: Option<Child>,

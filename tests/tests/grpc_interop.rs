@@ -44,6 +44,17 @@ fn grpc_server(ns: &str, name: &str) -> Killed {
     Killed(child)
 }
 
+/// The gRPC service on every pod, in http2 mode.
+fn grpc_yaml(t: &Topology) -> String {
+    let mut yaml = format!(
+        "services:\n  - name: default/grpc\n    addresses: [198.19.0.70]\n    ports:\n      - name: grpc\n        port: 80\n        targetPort: {PORT}\n        protocol: http2\n    endpoints:\n"
+    );
+    for p in &t.pods {
+        yaml += &format!("      - address: {}\n", p.v4);
+    }
+    yaml
+}
+
 #[test]
 fn grpcio_one_channel_unary_and_streaming_rpcs_spread_over_all_pods() {
     require_root();
@@ -53,12 +64,7 @@ fn grpcio_one_channel_unary_and_streaming_rpcs_spread_over_all_pods() {
         .iter()
         .map(|p| grpc_server(&p.ns.name, &p.name))
         .collect();
-    let mut yaml = format!(
-        "services:\n  - name: default/grpc\n    addresses: [198.19.0.70]\n    ports:\n      - name: grpc\n        port: 80\n        targetPort: {PORT}\n        protocol: http2\n    endpoints:\n"
-    );
-    for p in &t.pods {
-        yaml += &format!("      - address: {}\n", p.v4);
-    }
+    let yaml = grpc_yaml(&t);
     let agent = Agent::start_with(
         &t.prefix,
         &t.cgroup.path,
@@ -122,23 +128,9 @@ fn rolling_upgrade_under_grpc_load_fails_no_rpc() {
         .iter()
         .map(|p| grpc_server(&p.ns.name, &p.name))
         .collect();
-    let mut yaml = format!(
-        "services:\n  - name: default/grpc\n    addresses: [198.19.0.70]\n    ports:\n      - name: grpc\n        port: 80\n        targetPort: {PORT}\n        protocol: http2\n    endpoints:\n"
-    );
-    for p in &t.pods {
-        yaml += &format!("      - address: {}\n", p.v4);
-    }
-    let pins = format!("/sys/fs/bpf/{}", t.prefix);
-    struct Unpin(String);
-    impl Drop for Unpin {
-        fn drop(&mut self) {
-            let _ = Command::new(balancer_tests::agent_bin())
-                .args(["cleanup", "--bpffs", &self.0])
-                .output();
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _unpin = Unpin(pins.clone());
+    let yaml = grpc_yaml(&t);
+    let pin_dir = balancer_tests::PinDir::new(&t.prefix);
+    let pins = pin_dir.path.clone();
     let args = [
         "--proxy-addr",
         ROUTER_ADDR,

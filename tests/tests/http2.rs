@@ -398,17 +398,8 @@ fn sk_msg_counts_streams_on_l4_connections_making_pinning_visible() {
 #[test]
 fn a_dead_router_falls_back_to_l4_within_a_second() {
     // Pinned, so the programs outlive the agent; its heartbeat does not.
-    let pins = format!("/sys/fs/bpf/lbt-h2down-{}", std::process::id());
-    struct Unpin(String);
-    impl Drop for Unpin {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new(balancer_tests::agent_bin())
-                .args(["cleanup", "--bpffs", &self.0])
-                .output();
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _unpin = Unpin(pins.clone());
+    let pin_dir = balancer_tests::PinDir::new(&format!("lbt-h2down-{}", std::process::id()));
+    let pins = pin_dir.path.clone();
     let s = setup_with("h2down", 4, &["--pin", "--bpffs", &pins]);
     let v = s.client(&["--path", "/unary", "--requests", "40", "--concurrency", "4"]);
     no_errors(&v);

@@ -17,18 +17,8 @@ fn kill_9_keeps_balancing_and_a_restarted_agent_adopts_the_pins() {
     let t = Topology::new("restart", 4, &[8080]).expect("topology");
     let eps: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
     let yaml = endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &eps);
-    let pins = format!("/sys/fs/bpf/{}", t.prefix);
-    // Remove the pins even if an assertion fails (they outlive the agent).
-    struct Unpin(String);
-    impl Drop for Unpin {
-        fn drop(&mut self) {
-            let _ = Command::new(agent_bin())
-                .args(["cleanup", "--bpffs", &self.0])
-                .output();
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _unpin = Unpin(pins.clone());
+    let pin_dir = balancer_tests::PinDir::new(&t.prefix);
+    let pins = pin_dir.path.clone();
     let args = ["--pin", "--bpffs", pins.as_str()];
     let agent = Agent::start_with(&t.prefix, &t.cgroup.path, &yaml, None, &args).expect("agent");
     let first = hold_connections(
