@@ -153,31 +153,12 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
         && svc.affinity_timeout_s == 0
         && let Some(router) = router_for(key)
     {
-        let mut fresh = SockState {
-            vip_addr: key.addr,
-            vip_port: key.port,
-            counted: 0,
-            flags: SOCK_STEERED,
-            backend_id: 0,
-            h2: H2_NOT,
-            _pad: [0; 3],
-            last_stream: 0,
-        };
-        let st = unsafe { SOCK_STATE.get_or_insert_ptr_mut(ctx, Some(&mut fresh)) };
-        if st.is_null() {
-            // Without storage the router could not learn the VIP: balance
-            // this connection at L4 instead.
-            count(Counter::StorageFull);
-        } else {
-            unsafe {
-                (*st).vip_addr = key.addr;
-                (*st).vip_port = key.port;
-                (*st).flags = SOCK_STEERED;
-                (*st).backend_id = 0;
-            }
+        if record(ctx, key, SOCK_STEERED, 0, H2_NOT) {
             count(Counter::Steered);
             return Verdict::Steer(router.0, router.1);
         }
+        // Without storage the router could not learn the VIP: balance this
+        // connection at L4 instead.
     }
     let cursor = match SERVICE_STATE.get_ptr_mut(svc.id) {
         Some(state) => next_cursor(unsafe { ptr::addr_of_mut!((*state).cursor) }),
@@ -270,33 +251,43 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
 /// getpeername) and rewrite.
 #[inline(always)]
 fn finish(ctx: &SockAddrContext, key: &ServiceKey, backend_id: u32, backend: Backend) -> Verdict {
+    // Balancing matters more than accounting: without storage, connect
+    // anyway, uncounted.
+    record(ctx, key, 0, backend_id, H2_UNKNOWN);
+    count(Counter::Balanced);
+    Verdict::Rewrite(backend)
+}
+
+/// Write the socket's storage: the VIP, how it was handled, its backend.
+/// Returns false (and counts `StorageFull`) when there is no storage.
+///
+/// An existing entry (a socket that connects again after a failed attempt)
+/// is repointed; its `counted` flag is left alone so a counted socket is
+/// still uncounted exactly once.
+#[inline(always)]
+fn record(ctx: &SockAddrContext, key: &ServiceKey, flags: u8, backend_id: u32, h2: u8) -> bool {
     let mut fresh = SockState {
         vip_addr: key.addr,
         vip_port: key.port,
         counted: 0,
-        flags: 0,
+        flags,
         backend_id,
-        h2: H2_UNKNOWN,
+        h2,
         _pad: [0; 3],
         last_stream: 0,
     };
     let st = unsafe { SOCK_STATE.get_or_insert_ptr_mut(ctx, Some(&mut fresh)) };
     if st.is_null() {
-        // Balancing matters more than accounting: connect anyway, uncounted.
         count(Counter::StorageFull);
-    } else {
-        // An existing entry (a socket that connects again after a failed
-        // attempt) is repointed; its `counted` flag is left alone so a
-        // counted socket is still uncounted exactly once.
-        unsafe {
-            (*st).vip_addr = key.addr;
-            (*st).vip_port = key.port;
-            (*st).flags = 0;
-            (*st).backend_id = backend_id;
-        }
+        return false;
     }
-    count(Counter::Balanced);
-    Verdict::Rewrite(backend)
+    unsafe {
+        (*st).vip_addr = key.addr;
+        (*st).vip_port = key.port;
+        (*st).flags = flags;
+        (*st).backend_id = backend_id;
+    }
+    true
 }
 
 #[inline(always)]
