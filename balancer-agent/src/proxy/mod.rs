@@ -4,30 +4,29 @@
 //! On accept it learns the VIP the client asked for from the kernel's
 //! `ORIG_DST` map, then:
 //! - HTTP/2 with prior knowledge (h2c, what gRPC uses in-cluster): every
-//!   stream is routed on its own ([`stream::forward`]) to an endpoint the
-//!   port's algorithm picks (least-request by default), over pooled backend
-//!   connections;
+//!   stream is routed on its own to an endpoint the port's algorithm picks
+//!   (least-request by default), over pooled backend connections. Frames
+//!   are forwarded by stream id, header blocks without HPACK decoding
+//!   where DESIGN.md 3 shows that is safe ([`core`], [`hpack`]);
 //! - anything else (HTTP/1.1, TLS, a server-speaks-first protocol): plain
 //!   L4 pass-through to one endpoint, so nothing breaks.
-//!
-//! This router terminates HTTP/2 on both hops with the `h2` crate, which
-//! decodes HPACK; see the issue notes for the frame-level (no-decode) path.
 
 pub mod balance;
-mod guard;
-mod stream;
+pub mod core;
+pub mod frame;
+pub mod hpack;
+mod io;
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    rc::Rc,
     sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use balancer_common::{Mode, OrigDst, SockKey};
-use bytes::Bytes;
-use h2::client::SendRequest;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -47,75 +46,6 @@ pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
 const SILENT_CLIENT: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Window sizes: larger than HTTP/2's 64 KiB default so one stream can fill
-/// a fast link, per hop.
-const STREAM_WINDOW: u32 = 1 << 20;
-const CONN_WINDOW: u32 = 8 << 20;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("connecting to backend {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("connecting to backend {addr}: timed out")]
-    ConnectTimeout { addr: SocketAddr },
-    #[error("HTTP/2 handshake with backend {addr}: {source}")]
-    Handshake { addr: SocketAddr, source: h2::Error },
-}
-
-/// Pooled HTTP/2 connections to backends, one per endpoint, multiplexed.
-/// `h2` keeps each connection within the backend's
-/// MAX_CONCURRENT_STREAMS (`ready()` waits) and never reuses a stream id.
-#[derive(Default)]
-pub struct Backends {
-    conns: Mutex<HashMap<SocketAddr, SendRequest<Bytes>>>,
-}
-
-impl Backends {
-    pub async fn get(&self, addr: SocketAddr) -> Result<SendRequest<Bytes>, ProxyError> {
-        if let Some(s) = self
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&addr)
-        {
-            return Ok(s.clone());
-        }
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| ProxyError::ConnectTimeout { addr })?
-            .map_err(|source| ProxyError::Connect { addr, source })?;
-        let _ = tcp.set_nodelay(true);
-        let (send, conn) = h2::client::Builder::new()
-            .enable_push(false)
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONN_WINDOW)
-            .handshake::<_, Bytes>(tcp)
-            .await
-            .map_err(|source| ProxyError::Handshake { addr, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "backend connection ended");
-            }
-        });
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(addr, send.clone());
-        Ok(send)
-    }
-
-    /// Forget a broken connection; the next stream opens a new one.
-    pub fn evict(&self, addr: SocketAddr) {
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&addr);
-    }
-}
-
 /// Per-endpoint router statistics, for the admin API.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EndpointStats {
@@ -129,7 +59,6 @@ pub struct Router {
     table: RwLock<Arc<HashMap<SocketAddr, Arc<Pool>>>>,
     /// Every endpoint the router knows, so counters survive updates.
     registry: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
-    pub backends: Backends,
     orig_dst: Mutex<BpfHashMap<MapData, SockKey, OrigDst>>,
     shutdown: watch::Sender<bool>,
     /// Client connections open now.
@@ -153,7 +82,6 @@ impl Router {
         Arc::new(Self {
             table: RwLock::new(Arc::new(HashMap::new())),
             registry: Mutex::new(HashMap::new()),
-            backends: Backends::default(),
             orig_dst: Mutex::new(orig_dst),
             shutdown: watch::channel(false).0,
             connections: std::sync::atomic::AtomicUsize::new(0),
@@ -189,9 +117,9 @@ impl Router {
             if live.contains(addr) {
                 return true;
             }
+            // Its pooled connection closes once its last stream ends.
             ep.draining
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-            self.backends.evict(*addr);
             ep.outstanding.load(std::sync::atomic::Ordering::Relaxed) > 0
         });
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
@@ -281,7 +209,10 @@ impl Router {
                         return;
                     }
                 };
-                rt.block_on(async move {
+                // The core is single-threaded (`Rc`): every task of the
+                // router runs on this thread's LocalSet.
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, async move {
                     let listener = match TcpListener::from_std(listener) {
                         Ok(l) => l,
                         Err(e) => {
@@ -289,6 +220,10 @@ impl Router {
                             return;
                         }
                     };
+                    let picker = router.clone();
+                    let shared = io::Shared::new(core::Core::new(Box::new(move |vip, tried| {
+                        picker.pick(vip, tried)
+                    })));
                     let beat = async {
                         loop {
                             router
@@ -299,7 +234,7 @@ impl Router {
                     };
                     // Serving stops when draining starts; the connections'
                     // tasks go on until they finish or the thread stops.
-                    tokio::spawn(router.clone().serve(listener));
+                    tokio::task::spawn_local(router.clone().serve(listener, shared));
                     tokio::select! {
                         () = beat => {}
                         _ = stopped => {}
@@ -312,7 +247,7 @@ impl Router {
         })
     }
 
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    async fn serve(self: Arc<Self>, listener: TcpListener, shared: Rc<io::Shared>) {
         let mut shutdown = self.shutdown.subscribe();
         loop {
             let accepted = tokio::select! {
@@ -338,56 +273,32 @@ impl Router {
                 .connections
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let guard = ConnGuard(router.clone());
-            tokio::spawn(async move {
+            let shared = shared.clone();
+            tokio::task::spawn_local(async move {
                 let _guard = guard;
-                if let Err(e) = router.handle(sock, peer).await {
+                if let Err(e) = router.handle(sock, peer, shared).await {
                     tracing::debug!(%peer, error = %e, "router connection ended");
                 }
             });
         }
     }
 
-    async fn handle(self: Arc<Self>, sock: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+    async fn handle(
+        self: Arc<Self>,
+        sock: TcpStream,
+        peer: SocketAddr,
+        shared: Rc<io::Shared>,
+    ) -> anyhow::Result<()> {
         let _ = sock.set_nodelay(true);
         let Some(vip) = self.orig_dst(peer) else {
             anyhow::bail!("no original destination recorded for {peer}; closing");
         };
         match sniff(&sock).await? {
-            Sniffed::Http2 => self.serve_h2(sock, vip).await,
-            Sniffed::Other => self.pass_through(sock, vip).await,
-        }
-    }
-
-    async fn serve_h2(self: Arc<Self>, sock: TcpStream, vip: SocketAddr) -> anyhow::Result<()> {
-        let mut conn = h2::server::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONN_WINDOW)
-            .max_concurrent_streams(1024)
-            .handshake::<_, Bytes>(guard::Guarded::new(sock))
-            .await?;
-        let mut shutdown = self.shutdown.subscribe();
-        let mut draining = *shutdown.borrow();
-        if draining {
-            conn.graceful_shutdown();
-        }
-        loop {
-            tokio::select! {
-                next = conn.accept() => {
-                    match next {
-                        Some(Ok((req, respond))) => {
-                            tokio::spawn(stream::forward(self.clone(), vip, req, respond));
-                        }
-                        Some(Err(e)) => return Err(e.into()),
-                        None => return Ok(()),
-                    }
-                }
-                _ = shutdown.changed(), if !draining => {
-                    draining = true;
-                    // GOAWAY(2^31-1), a PING round trip, then GOAWAY with
-                    // the last stream id actually accepted.
-                    conn.graceful_shutdown();
-                }
+            Sniffed::Http2 => {
+                shared.client(sock, vip, self.shutdown.subscribe()).await;
+                Ok(())
             }
+            Sniffed::Other => self.pass_through(sock, vip).await,
         }
     }
 
