@@ -26,12 +26,17 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 
 fn fuzz(env: &setup::Env) -> anyhow::Result<()> {
     let seconds = std::env::var("LBT_FUZZ_SECONDS").unwrap_or_else(|_| "30".into());
-    println!("test: fuzzing the HTTP/2 frame tracker for {seconds} s");
+    println!("test: fuzzing the HTTP/2 router core for {seconds} s");
+    std::fs::create_dir_all(util::root().join("fuzz/corpus/h2router"))?;
     util::run(
         std::process::Command::new("rustup")
             .args(["run", &env.toolchain, "cargo", "fuzz", "run"])
-            .args(["--fuzz-dir", "fuzz", "h2frame", "--"])
+            // The working corpus first (new inputs go there), then the
+            // committed seeds: valid exchanges to mutate from.
+            .args(["--fuzz-dir", "fuzz", "h2router"])
+            .args(["fuzz/corpus/h2router", "fuzz/seeds/h2router", "--"])
             .arg(format!("-max_total_time={seconds}"))
+            .current_dir(util::root())
             .env("PATH", &env.path),
     )
 }

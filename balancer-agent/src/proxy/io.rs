@@ -7,7 +7,7 @@
 //! its connection on the wire in one write. So with many streams in flight
 //! frames are batched: one syscall per burst per socket, not per frame.
 
-use std::{cell::RefCell, collections::HashMap, net::SocketAddr, rc::Rc, time::Duration};
+use std::{cell::RefCell, net::SocketAddr, rc::Rc, time::Duration};
 
 use bytes::BytesMut;
 use tokio::{
@@ -16,7 +16,7 @@ use tokio::{
     sync::{Notify, watch},
 };
 
-use super::core::{ConnId, Core, Io};
+use super::core::{ConnId, Core, Io, Map};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Second phase of a drain if the client does not answer our PING.
@@ -25,14 +25,14 @@ const READ_CHUNK: usize = 64 * 1024;
 
 pub struct Shared {
     core: RefCell<Core>,
-    wakers: RefCell<HashMap<ConnId, Rc<Notify>>>,
+    wakers: RefCell<Map<ConnId, Rc<Notify>>>,
 }
 
 impl Shared {
     pub fn new(core: Core) -> Rc<Self> {
         Rc::new(Self {
             core: RefCell::new(core),
-            wakers: RefCell::new(HashMap::new()),
+            wakers: RefCell::new(Map::default()),
         })
     }
 

@@ -7,15 +7,13 @@
 //!   stream is routed on its own to an endpoint the port's algorithm picks
 //!   (least-request by default), over pooled backend connections. Frames
 //!   are forwarded by stream id, header blocks without HPACK decoding
-//!   where DESIGN.md 3 shows that is safe ([`core`], [`hpack`]);
+//!   where DESIGN.md 3 shows that is safe (`balancer-router`);
 //! - anything else (HTTP/1.1, TLS, a server-speaks-first protocol): plain
 //!   L4 pass-through to one endpoint, so nothing breaks.
 
-pub mod balance;
-pub mod core;
-pub mod frame;
-pub mod hpack;
 mod io;
+
+pub use balancer_router::{core, endpoint as balance};
 
 use std::{
     collections::HashMap,
@@ -111,7 +109,7 @@ impl Router {
                     ep
                 })
                 .collect();
-            table.insert(f.vip, Arc::new(Pool::new(f.algorithm, eps)));
+            table.insert(f.vip, Arc::new(Pool::new(pick_algorithm(f.algorithm), eps)));
         }
         registry.retain(|addr, ep| {
             if live.contains(addr) {
@@ -311,7 +309,7 @@ impl Router {
         let pool = self
             .pool(vip)
             .ok_or_else(|| anyhow::anyhow!("no service at {vip}"))?;
-        let l4 = Pool::new(Algorithm::LeastConn, pool.endpoints.clone());
+        let l4 = Pool::new(balance::Algorithm::LeastRequest, pool.endpoints.clone());
         let ep = l4
             .pick(&[])
             .ok_or_else(|| anyhow::anyhow!("no endpoint for {vip}"))?;
@@ -320,6 +318,16 @@ impl Router {
         let _ = up.set_nodelay(true);
         tokio::io::copy_bidirectional(&mut sock, &mut up).await?;
         Ok(())
+    }
+}
+
+/// The router's per-stream choice for a port's algorithm: least-conn
+/// (the kernel's default, for L4) means least outstanding streams here.
+fn pick_algorithm(a: Algorithm) -> balance::Algorithm {
+    match a {
+        Algorithm::Random => balance::Algorithm::Random,
+        Algorithm::RoundRobin => balance::Algorithm::RoundRobin,
+        Algorithm::LeastConn | Algorithm::LeastRequest => balance::Algorithm::LeastRequest,
     }
 }
 

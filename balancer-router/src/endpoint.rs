@@ -1,4 +1,4 @@
-//! Per-stream backend choice for the HTTP/2 router.
+//! Per-stream endpoint choice for the HTTP/2 router.
 //!
 //! `least-request` is P2C over a peak-biased latency EWMA, after linkerd's
 //! PeakEWMA: sample two endpoints, take the one with the lower cost
@@ -25,8 +25,6 @@ use std::{
     },
     time::{Duration, Instant},
 };
-
-use crate::state::Algorithm;
 
 /// Seed of a new endpoint's latency estimate.
 pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
@@ -126,7 +124,7 @@ impl InFlight {
         let now = Instant::now();
         let started = *self.started.lock().unwrap_or_else(|p| p.into_inner());
         self.ep.observe(now - started, now);
-        crate::metrics::ROUTER_LATENCY.observe(now - started);
+        crate::stats::LATENCY.observe(now - started);
     }
 }
 
@@ -152,6 +150,15 @@ fn costs(a: &Endpoint, b: &Endpoint) -> (f64, f64) {
     let oa = a.outstanding.load(Ordering::Relaxed) as f64 + 1.0;
     let ob = b.outstanding.load(Ordering::Relaxed) as f64 + 1.0;
     (oa * fa, ob * fb)
+}
+
+/// How a pool chooses an endpoint for a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    Random,
+    RoundRobin,
+    /// P2C over outstanding streams and latency (see the module docs).
+    LeastRequest,
 }
 
 /// The endpoints of one http2 frontend.
@@ -193,15 +200,15 @@ impl Pool {
         let slot = match self.algorithm {
             Algorithm::Random => 0,
             Algorithm::RoundRobin => 1,
-            Algorithm::LeastRequest | Algorithm::LeastConn => 2,
+            Algorithm::LeastRequest => 2,
         };
-        crate::metrics::ROUTER_SELECTIONS[slot].fetch_add(1, Ordering::Relaxed);
+        crate::stats::SELECTIONS[slot].fetch_add(1, Ordering::Relaxed);
         let i = match self.algorithm {
             Algorithm::Random => fastrand::usize(..n),
             Algorithm::RoundRobin => {
                 (self.cursor.fetch_add(1, Ordering::Relaxed) % n as u64) as usize
             }
-            Algorithm::LeastRequest | Algorithm::LeastConn => {
+            Algorithm::LeastRequest => {
                 if n == 1 {
                     0
                 } else {

@@ -1,0 +1,496 @@
+//! The router core driven byte by byte, without sockets: what each hop
+//! sees, frame by frame. The integration tests (tests/tests/http2.rs,
+//! grpc_interop.rs) run the same logic against real peers.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use bytes::BytesMut;
+
+use super::*;
+use crate::endpoint::{Algorithm, Pool};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct F {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+fn parse(mut b: &[u8]) -> Vec<F> {
+    let mut v = Vec::new();
+    if b.starts_with(frame::PREFACE) {
+        b = &b[frame::PREFACE.len()..];
+    }
+    while b.len() >= HEADER_LEN {
+        let h = FrameHeader::parse(b[..HEADER_LEN].try_into().expect("9"));
+        let end = HEADER_LEN + h.length as usize;
+        v.push(F {
+            kind: h.kind,
+            flags: h.flags,
+            stream: h.stream,
+            payload: b[HEADER_LEN..end].to_vec(),
+        });
+        b = &b[end..];
+    }
+    v
+}
+
+fn u32_at(p: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes(p[i..i + 4].try_into().expect("4"))
+}
+
+const VIP: &str = "198.19.0.50:80";
+
+struct H {
+    core: Core,
+    eps: Vec<Arc<Endpoint>>,
+    /// Backend connection id -> endpoint address.
+    conns: Vec<(ConnId, SocketAddr)>,
+}
+
+impl H {
+    fn new(n: usize, algorithm: Algorithm) -> Self {
+        let eps: Vec<Arc<Endpoint>> = (0..n)
+            .map(|i| {
+                Arc::new(Endpoint::new(
+                    format!("198.18.1.{}:8080", 10 + i).parse().expect("addr"),
+                ))
+            })
+            .collect();
+        let pool = Arc::new(Pool::new(algorithm, eps.clone()));
+        let core = Core::new(Box::new(move |_vip, tried| pool.pick(tried)));
+        Self {
+            core,
+            eps,
+            conns: Vec::new(),
+        }
+    }
+
+    /// A client that sent its preface and (empty) SETTINGS.
+    fn client(&mut self) -> ConnId {
+        let id = self.core.add_client(VIP.parse().expect("vip"));
+        let mut b = BytesMut::new();
+        b.extend_from_slice(frame::PREFACE);
+        frame::settings(&mut b, &[]);
+        self.feed(id, b);
+        let out = self.out(id);
+        // Our SETTINGS (table size 0 first), the window, the ACK.
+        assert_eq!(out[0].kind, frame::SETTINGS);
+        assert_eq!(&out[0].payload[..6], &[0, 1, 0, 0, 0, 0]);
+        assert!(
+            out.iter()
+                .any(|f| f.kind == frame::SETTINGS && f.flags == 1)
+        );
+        id
+    }
+
+    fn feed(&mut self, id: ConnId, mut b: BytesMut) {
+        self.core.client_read(id, &mut b);
+        self.pump_io();
+    }
+
+    fn feed_backend(&mut self, id: ConnId, mut b: BytesMut) {
+        self.core.backend_read(id, &mut b);
+        self.pump_io();
+    }
+
+    /// Carry out connect requests at once (as if every connect succeeded).
+    fn pump_io(&mut self) {
+        for io in self.core.take_io() {
+            if let Io::Connect { id, addr } = io {
+                self.conns.push((id, addr));
+                self.core.backend_connected(id);
+            }
+        }
+        let _ = self.core.take_io();
+    }
+
+    fn out(&mut self, id: ConnId) -> Vec<F> {
+        let mut buf = BytesMut::new();
+        self.core.take_out(id, &mut buf);
+        let v = parse(&buf);
+        self.core.written(id);
+        self.pump_io();
+        v
+    }
+
+    fn backend(&self, addr: SocketAddr) -> ConnId {
+        self.conns
+            .iter()
+            .rev()
+            .find(|(_, a)| *a == addr)
+            .map(|(id, _)| *id)
+            .expect("a connection to that endpoint")
+    }
+}
+
+fn frame_bytes(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> BytesMut {
+    let mut b = BytesMut::new();
+    frame::head(&mut b, payload.len(), kind, flags, stream);
+    b.extend_from_slice(payload);
+    b
+}
+
+/// `:method GET`, `:scheme http`, `:path /`, and `:authority` added to the
+/// dynamic table (RFC 7541 C.3.1).
+const REQ_INDEXING: &[u8] = &[
+    0x82, 0x86, 0x84, 0x41, 0x0f, b'w', b'w', b'w', b'.', b'e', b'x', b'a', b'm', b'p', b'l', b'e',
+    b'.', b'c', b'o', b'm',
+];
+/// The same request referring to the dynamic entry (C.3.2 without the
+/// cache-control field).
+const REQ_DYNAMIC: &[u8] = &[0x82, 0x86, 0x84, 0xbe];
+/// A self-contained request: GET http / with a literal authority.
+const REQ_PLAIN: &[u8] = &[0x82, 0x86, 0x84, 0x01, 0x01, b'a'];
+/// `:status 200`.
+const RESP_200: &[u8] = &[0x88];
+
+fn headers(stream: u32, block: &[u8], end: bool) -> BytesMut {
+    let mut b = BytesMut::new();
+    frame::headers(&mut b, stream, block, end, 16_384);
+    b
+}
+
+#[test]
+fn blocks_before_the_ack_are_decoded_and_after_it_pass_through() {
+    let mut h = H::new(2, Algorithm::RoundRobin);
+    let c = h.client();
+    // Before the ACK: the second block refers to the first's table entry.
+    h.feed(c, headers(1, REQ_INDEXING, true));
+    h.feed(c, headers(3, REQ_DYNAMIC, true));
+    let mut seen = Vec::new();
+    for ep in h.eps.clone() {
+        let b = h.backend(ep.addr);
+        for f in h.out(b).into_iter().filter(|f| f.kind == frame::HEADERS) {
+            hpack::check_self_contained(&f.payload).expect("re-encoded without the table");
+            let list = loona_hpack::Decoder::new()
+                .decode(&f.payload)
+                .expect("decodes");
+            seen.push(list);
+        }
+    }
+    assert_eq!(seen.len(), 2);
+    for list in &seen {
+        assert!(
+            list.contains(&(b":authority".to_vec(), b"www.example.com".to_vec())),
+            "{list:?}"
+        );
+    }
+    // The ACK: from now on blocks are forwarded byte for byte...
+    h.feed(c, frame_bytes(frame::SETTINGS, frame::FLAG_ACK, 0, &[]));
+    h.feed(c, headers(5, REQ_PLAIN, true));
+    let fwd: Vec<F> = h
+        .eps
+        .clone()
+        .iter()
+        .flat_map(|ep| {
+            let b = h.backend(ep.addr);
+            h.out(b)
+        })
+        .filter(|f| f.kind == frame::HEADERS)
+        .collect();
+    assert_eq!(fwd.len(), 1);
+    assert_eq!(fwd[0].payload, REQ_PLAIN);
+    // ...and one that still refers to the table is a connection error.
+    h.feed(c, headers(7, REQ_DYNAMIC, true));
+    let out = h.out(c);
+    let goaway = out
+        .iter()
+        .find(|f| f.kind == frame::GOAWAY)
+        .expect("GOAWAY");
+    assert_eq!(u32_at(&goaway.payload, 4), code::COMPRESSION_ERROR);
+}
+
+#[test]
+fn backend_stream_ids_grow_in_order_under_max_concurrent_streams() {
+    let mut h = H::new(1, Algorithm::RoundRobin);
+    let c = h.client();
+    h.feed(c, frame_bytes(frame::SETTINGS, frame::FLAG_ACK, 0, &[]));
+    h.feed(c, headers(1, REQ_PLAIN, true));
+    let b = h.backend(h.eps[0].addr);
+    // The backend allows 2 streams at a time.
+    let mut s = BytesMut::new();
+    frame::settings(&mut s, &[(setting::MAX_CONCURRENT_STREAMS, 2)]);
+    h.feed_backend(b, s);
+    for sid in [3, 5, 7, 9] {
+        h.feed(c, headers(sid, REQ_PLAIN, true));
+    }
+    let mut ids: Vec<u32> = h
+        .out(b)
+        .iter()
+        .filter(|f| f.kind == frame::HEADERS)
+        .map(|f| f.stream)
+        .collect();
+    // 1 was open before the limit was known; 3 more wait... only one more
+    // fits (2 at a time).
+    assert_eq!(ids, vec![1, 3]);
+    // Finishing backend streams lets the queued ones go, in order.
+    for done in [1u32, 3, 5, 7, 9] {
+        h.feed_backend(b, headers(done, RESP_200, true));
+        ids.extend(
+            h.out(b)
+                .iter()
+                .filter(|f| f.kind == frame::HEADERS)
+                .map(|f| f.stream),
+        );
+    }
+    assert_eq!(ids, vec![1, 3, 5, 7, 9]);
+    // Every response reached the client on its own stream.
+    let mut got: Vec<u32> = h
+        .out(c)
+        .iter()
+        .filter(|f| f.kind == frame::HEADERS)
+        .map(|f| f.stream)
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, vec![1, 3, 5, 7, 9]);
+    assert_eq!(h.core.client_streams(c), 0);
+    assert_eq!(
+        h.eps[0]
+            .outstanding
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[test]
+fn a_refused_stream_is_replayed_on_another_endpoint() {
+    let mut h = H::new(2, Algorithm::RoundRobin);
+    let c = h.client();
+    h.feed(c, frame_bytes(frame::SETTINGS, frame::FLAG_ACK, 0, &[]));
+    h.feed(c, headers(1, REQ_PLAIN, false));
+    h.feed(
+        c,
+        frame_bytes(frame::DATA, frame::FLAG_END_STREAM, 1, b"hello"),
+    );
+    let first = h
+        .eps
+        .iter()
+        .map(|e| e.addr)
+        .find(|a| h.conns.iter().any(|(_, x)| x == a))
+        .expect("one endpoint got it");
+    let b1 = h.backend(first);
+    let sent = h.out(b1);
+    assert!(
+        sent.iter()
+            .any(|f| f.kind == frame::DATA && f.payload == b"hello")
+    );
+    // Refused: it goes, whole, to the other endpoint; the client sees nothing.
+    h.feed_backend(
+        b1,
+        frame_bytes(frame::RST_STREAM, 0, 1, &code::REFUSED_STREAM.to_be_bytes()),
+    );
+    let other = h
+        .eps
+        .iter()
+        .map(|e| e.addr)
+        .find(|a| *a != first)
+        .expect("second");
+    let b2 = h.backend(other);
+    let again = h.out(b2);
+    let kinds: Vec<(u8, Vec<u8>)> = again
+        .iter()
+        .filter(|f| f.stream == 1)
+        .map(|f| (f.kind, f.payload.clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (frame::HEADERS, REQ_PLAIN.to_vec()),
+            (frame::DATA, b"hello".to_vec())
+        ]
+    );
+    assert!(h.out(c).iter().all(|f| f.kind != frame::RST_STREAM));
+    // Its answer reaches the client.
+    h.feed_backend(b2, headers(1, RESP_200, true));
+    assert!(
+        h.out(c)
+            .iter()
+            .any(|f| f.kind == frame::HEADERS && f.stream == 1 && f.payload == RESP_200)
+    );
+}
+
+#[test]
+fn goaway_retries_only_the_streams_above_its_last_id() {
+    let mut h = H::new(2, Algorithm::RoundRobin);
+    let c = h.client();
+    h.feed(c, frame_bytes(frame::SETTINGS, frame::FLAG_ACK, 0, &[]));
+    // Round-robin over 2: client streams 1 and 5 on one endpoint (ids 1, 3).
+    for sid in [1, 3, 5] {
+        h.feed(c, headers(sid, REQ_PLAIN, true));
+    }
+    let a = h.eps[0].addr;
+    let ba = h.backend(a);
+    let first: Vec<u32> = h
+        .out(ba)
+        .iter()
+        .filter(|f| f.kind == frame::HEADERS)
+        .map(|f| f.stream)
+        .collect();
+    assert_eq!(first, vec![1, 3]);
+    let mut g = BytesMut::new();
+    frame::goaway(&mut g, 1, code::NO_ERROR);
+    h.feed_backend(ba, g);
+    // Backend stream 3 was not processed: it moved to the other endpoint.
+    let bb = h.backend(h.eps[1].addr);
+    let moved = h
+        .out(bb)
+        .iter()
+        .filter(|f| f.kind == frame::HEADERS)
+        .count();
+    assert_eq!(moved, 2, "its own stream plus the retried one");
+    // Stream 1 is still served by the endpoint that sent GOAWAY.
+    h.feed_backend(ba, headers(1, RESP_200, true));
+    let out = h.out(c);
+    assert!(
+        out.iter()
+            .any(|f| f.kind == frame::HEADERS && f.stream == 1)
+    );
+    assert!(out.iter().all(|f| f.kind != frame::RST_STREAM));
+}
+
+#[test]
+fn request_bytes_are_credited_back_only_once_the_backend_took_them() {
+    let mut h = H::new(1, Algorithm::RoundRobin);
+    let c = h.client();
+    h.feed(c, frame_bytes(frame::SETTINGS, frame::FLAG_ACK, 0, &[]));
+    h.feed(c, headers(1, REQ_PLAIN, false));
+    let b = h.backend(h.eps[0].addr);
+    // The backend's stream window is 10 bytes.
+    let mut s = BytesMut::new();
+    frame::settings(&mut s, &[(setting::INITIAL_WINDOW_SIZE, 10)]);
+    h.feed_backend(b, s);
+    let _ = h.out(b);
+    let body = vec![b'x'; 600 * 1024];
+    for chunk in body.chunks(16_384) {
+        h.feed(c, frame_bytes(frame::DATA, 0, 1, chunk));
+    }
+    let sent: usize = h
+        .out(b)
+        .iter()
+        .filter(|f| f.kind == frame::DATA)
+        .map(|f| f.payload.len())
+        .sum();
+    assert_eq!(sent, 10, "only the backend's window");
+    // No stream credit for the client yet (only 10 bytes went on).
+    assert!(
+        h.out(c)
+            .iter()
+            .all(|f| !(f.kind == frame::WINDOW_UPDATE && f.stream == 1))
+    );
+    // The backend opens the stream's window: the connection's (65,535 by
+    // default) limits next.
+    h.feed_backend(
+        b,
+        frame_bytes(frame::WINDOW_UPDATE, 0, 1, &(1u32 << 20).to_be_bytes()),
+    );
+    let sent: usize = h
+        .out(b)
+        .iter()
+        .filter(|f| f.kind == frame::DATA)
+        .map(|f| f.payload.len())
+        .sum();
+    assert_eq!(sent, 65_535 - 10);
+    // Then the connection's: the rest flows, and the client gets its
+    // window back.
+    h.feed_backend(
+        b,
+        frame_bytes(frame::WINDOW_UPDATE, 0, 0, &(1u32 << 20).to_be_bytes()),
+    );
+    // The output is taken in turns of at most SOFT_OUT_LIMIT.
+    let mut sent = 0;
+    loop {
+        let n: usize = h
+            .out(b)
+            .iter()
+            .filter(|f| f.kind == frame::DATA)
+            .map(|f| f.payload.len())
+            .sum();
+        if n == 0 {
+            break;
+        }
+        assert!(n <= SOFT_OUT_LIMIT + 16_384, "{n}");
+        sent += n;
+    }
+    assert_eq!(sent, body.len() - 65_535);
+    assert!(
+        h.out(c)
+            .iter()
+            .any(|f| f.kind == frame::WINDOW_UPDATE && f.stream == 1)
+    );
+}
+
+#[test]
+fn protocol_errors_are_connection_errors_with_the_right_code() {
+    let cases: [(&str, BytesMut, u32); 6] = [
+        (
+            "DATA on stream 0",
+            frame_bytes(frame::DATA, 0, 0, b"x"),
+            code::PROTOCOL_ERROR,
+        ),
+        (
+            "even stream id",
+            headers(2, REQ_PLAIN, true),
+            code::PROTOCOL_ERROR,
+        ),
+        (
+            "PING of 4 bytes",
+            frame_bytes(frame::PING, 0, 0, &[0; 4]),
+            code::FRAME_SIZE_ERROR,
+        ),
+        (
+            "WINDOW_UPDATE of 0",
+            frame_bytes(frame::WINDOW_UPDATE, 0, 0, &[0; 4]),
+            code::PROTOCOL_ERROR,
+        ),
+        (
+            "CONTINUATION without HEADERS",
+            frame_bytes(frame::CONTINUATION, 4, 1, &[0x82]),
+            code::PROTOCOL_ERROR,
+        ),
+        (
+            "DATA beyond the stream window",
+            {
+                let mut b = headers(1, REQ_PLAIN, false);
+                for _ in 0..(STREAM_WINDOW / 16_384 + 1) {
+                    b.extend_from_slice(&frame_bytes(frame::DATA, 0, 1, &[0; 16_384]));
+                }
+                b
+            },
+            code::FLOW_CONTROL_ERROR,
+        ),
+    ];
+    for (name, bytes, want) in cases {
+        let mut h = H::new(1, Algorithm::RoundRobin);
+        let c = h.client();
+        h.feed(c, frame_bytes(frame::SETTINGS, frame::FLAG_ACK, 0, &[]));
+        h.feed(c, bytes);
+        let out = h.out(c);
+        let g = out
+            .iter()
+            .find(|f| f.kind == frame::GOAWAY)
+            .unwrap_or_else(|| panic!("{name}: no GOAWAY in {out:?}"));
+        assert_eq!(u32_at(&g.payload, 4), want, "{name}");
+        assert!(!h.core.client_reading(c), "{name}: still reading");
+    }
+}
+
+#[test]
+fn arbitrary_bytes_never_panic() {
+    // A small deterministic fuzz; `cargo fuzz` (fuzz/h2router) goes further.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..2000 {
+        let mut h = H::new(2, Algorithm::LeastRequest);
+        let c = h.client();
+        let mut b = BytesMut::new();
+        for _ in 0..(seed % 200) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            b.extend_from_slice(&seed.to_le_bytes()[..(seed % 8) as usize]);
+        }
+        h.feed(c, b);
+        let _ = h.out(c);
+    }
+}
