@@ -69,6 +69,11 @@ enum Command {
         /// Address of the HTTP/2 frame router (for `protocol: http2` ports).
         #[arg(long)]
         proxy_addr: Option<std::net::SocketAddr>,
+        /// Splice client and router sockets with sk_msg (SockHash
+        /// redirect), skipping TCP/IP on that hop. Experimental: see
+        /// bench/results/http2.txt for what it measured.
+        #[arg(long, requires = "proxy_addr")]
+        splice: bool,
         /// Prometheus metrics and /healthz, /readyz on this address.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
@@ -150,10 +155,12 @@ fn main() -> ExitCode {
                 bpffs,
                 pin,
                 proxy_addr,
+                splice,
                 metrics_addr,
                 drain_timeout,
             } => {
                 run(RunOptions {
+                    splice,
                     endpoints_file,
                     node_name,
                     pin_root: pin.then_some(bpffs),
@@ -254,6 +261,7 @@ struct RunOptions {
     cgroup: Option<PathBuf>,
     admin_socket: PathBuf,
     proxy_addr: Option<std::net::SocketAddr>,
+    splice: bool,
     metrics_addr: Option<std::net::SocketAddr>,
     drain_timeout: Duration,
 }
@@ -266,6 +274,7 @@ async fn run(opts: RunOptions) -> anyhow::Result<()> {
         cgroup,
         admin_socket,
         proxy_addr,
+        splice,
         metrics_addr,
         drain_timeout,
     } = opts;
@@ -330,9 +339,18 @@ async fn run(opts: RunOptions) -> anyhow::Result<()> {
             let orig = dataplane
                 .take_orig_dst()
                 .ok_or_else(|| anyhow::anyhow!("ORIG_DST map already taken"))?;
-            let router = proxy::Router::new(orig);
+            let splice_map = if splice {
+                Some(
+                    dataplane
+                        .take_splice()
+                        .ok_or_else(|| anyhow::anyhow!("SPLICE map already taken"))?,
+                )
+            } else {
+                None
+            };
+            let router = proxy::Router::new(orig, splice_map);
             router_task = Some(router.spawn_thread(l)?);
-            dataplane.set_router(addr)?;
+            dataplane.set_router(addr, splice)?;
             tracing::info!(%addr, "HTTP/2 router listening");
             Some(router)
         }

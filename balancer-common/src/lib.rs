@@ -25,6 +25,7 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const SOCKS: &str = "SOCKS";
+    pub const SPLICE: &str = "SPLICE";
 }
 
 /// Map capacities. The agent refuses a desired state that does not fit
@@ -142,7 +143,10 @@ pub struct Config {
     pub router6: [u32; 4],
     /// Router port, network byte order; 0 = no router.
     pub router_port: u16,
-    pub _pad: [u8; 6],
+    /// 1: splice client and router sockets through the `SPLICE` sockhash
+    /// (`run --splice`), see [`SpliceKey`].
+    pub splice: u8,
+    pub _pad: [u8; 5],
     /// CLOCK_MONOTONIC nanoseconds (the clock of `bpf_ktime_get_ns`) when
     /// the agent last saw its router alive. Older than
     /// [`ROUTER_STALE_NS`]: http2 ports are balanced at L4 instead, so a
@@ -165,6 +169,17 @@ pub struct SockKey {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
+
+/// Key of the `SPLICE` sockhash: a socket by its own end and its peer's.
+/// A steered client socket and the router's socket for it have mirrored
+/// keys, so each finds the other by swapping the halves of its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SpliceKey {
+    pub local: SockKey,
+    pub remote: SockKey,
+}
+const _: () = assert!(core::mem::size_of::<SpliceKey>() == 40);
 
 /// Value of the `ORIG_DST` map: the VIP:port the client asked for.
 #[repr(C)]
@@ -253,7 +268,10 @@ pub struct SockState {
     /// What sk_msg found the client sending: [`H2_UNKNOWN`], [`H2_ACTIVE`]
     /// or [`H2_NOT`].
     pub h2: u8,
-    pub _pad: [u8; 3],
+    /// For a steered socket in `SPLICE`: [`SPLICE_UNDECIDED`] until its
+    /// first send, then [`SPLICE_ON`] or [`SPLICE_OFF`] for good.
+    pub splice: u8,
+    pub _pad: [u8; 2],
     /// Highest client stream id seen opening (HEADERS).
     pub last_stream: u32,
 }
@@ -261,6 +279,15 @@ const _: () = assert!(core::mem::size_of::<SockState>() == 32);
 
 /// [`SockState::flags`]: the socket was steered to the HTTP/2 router.
 pub const SOCK_STEERED: u8 = 1;
+/// [`SockState::splice`]: nothing sent yet.
+pub const SPLICE_UNDECIDED: u8 = 0;
+/// The router's socket was in `SPLICE` at the first send: every byte goes
+/// straight to its receive queue.
+pub const SPLICE_ON: u8 = 1;
+/// It was not (or the client did not speak HTTP/2): every byte goes through
+/// TCP. Deciding once per direction is what keeps the byte order: the
+/// router's socket reads spliced bytes before those in its TCP queue.
+pub const SPLICE_OFF: u8 = 2;
 /// [`SockState::h2`]: nothing sent yet.
 pub const H2_UNKNOWN: u8 = 0;
 /// The client sent the HTTP/2 preface: its frames are followed.
@@ -306,9 +333,16 @@ pub enum Counter {
     RouterDown = 15,
     /// sessionAffinity: a client reused its backend.
     AffinityHit = 16,
+    /// A direction of a client-router connection spliced (sk_msg redirect).
+    SpliceOn = 17,
+    /// A direction left on TCP: the peer socket was not in `SPLICE` yet at
+    /// the first send, or the client does not speak HTTP/2.
+    SpliceOff = 18,
+    /// A socket could not be added to `SPLICE`.
+    SpliceFull = 19,
 }
 
-pub const COUNTER_NAMES: [&str; 17] = [
+pub const COUNTER_NAMES: [&str; 20] = [
     "balanced",
     "no_backend",
     "lookup_miss",
@@ -326,6 +360,9 @@ pub const COUNTER_NAMES: [&str; 17] = [
     "select_least_conn",
     "router_down",
     "affinity_hit",
+    "splice_on",
+    "splice_off",
+    "splice_full",
 ];
 pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
 
@@ -346,4 +383,5 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for SpliceKey {}
 }

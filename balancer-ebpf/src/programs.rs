@@ -7,7 +7,8 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, sk_msg_md,
     },
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage, SockHash},
     helpers::{
@@ -23,8 +24,8 @@ use aya_ebpf::{
 use balancer_common::{
     AffinityKey, AffinityValue, Algorithm, Backend, BackendStats, COUNTER_COUNT, Config, Counter,
     H2_ACTIVE, H2_NOT, H2_UNKNOWN, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, Mode, OrigDst, PROTO_TCP,
-    ROUTER_STALE_NS, SOCK_STEERED, ServiceKey, ServiceState, ServiceValue, SlotKey, SockKey,
-    SockState, V4_MAPPED_WORD,
+    ROUTER_STALE_NS, SOCK_STEERED, SPLICE_OFF, SPLICE_ON, ServiceKey, ServiceState, ServiceValue,
+    SlotKey, SockKey, SockState, SpliceKey, V4_MAPPED_WORD,
     h2frame::{HEADERS, PREFACE},
     select::{pick_least_conn, pick_random, pick_round_robin},
 };
@@ -65,6 +66,13 @@ static ORIG_DST: LruHashMap<SockKey, OrigDst, 65_536> = LruHashMap::new();
 /// Keyed by socket cookie; the kernel removes a socket when it closes.
 #[btf_map]
 static SOCKS: SockHash<u64, 65_536> = SockHash::new();
+
+/// Client sockets steered to the router and the router's sockets for them
+/// (`run --splice`), keyed by their own end and their peer's. The
+/// `balancer_splice` sk_msg program moves what one sends straight into the
+/// other's receive queue, skipping TCP/IP (and the veth) for that hop.
+#[btf_map]
+static SPLICE: SockHash<SpliceKey, 65_536> = SockHash::new();
 
 /// sessionAffinity ClientIP: the backend each client last used per service.
 #[btf_map]
@@ -273,7 +281,8 @@ fn record(ctx: &SockAddrContext, key: &ServiceKey, flags: u8, backend_id: u32, h
         flags,
         backend_id,
         h2,
-        _pad: [0; 3],
+        splice: 0,
+        _pad: [0; 2],
         last_stream: 0,
     };
     let st = unsafe { SOCK_STATE.get_or_insert_ptr_mut(ctx, Some(&mut fresh)) };
@@ -485,6 +494,7 @@ fn sock_state(ctx: &SockOpsContext) -> *mut SockState {
 pub fn balancer_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
@@ -543,6 +553,13 @@ fn on_established(ctx: &SockOpsContext) {
         if ORIG_DST.insert(local_key(ctx), orig, 0).is_err() {
             count(Counter::OrigDstFull);
         }
+        if CONFIG.get(0).is_some_and(|c| c.splice != 0)
+            && SPLICE
+                .update(&mut splice_key(ctx), unsafe { &mut *ctx.ops }, 0)
+                .is_err()
+        {
+            count(Counter::SpliceFull);
+        }
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         return;
     }
@@ -567,6 +584,203 @@ fn on_established(ctx: &SockOpsContext) {
     }
     // STATE_CB only fires for sockets that ask for it.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// A socket of the router's listener is established: with `--splice`, it
+/// enters SPLICE now, before its client's first send in nearly every case
+/// (the client's ACK that establishes it is processed in the same softirq
+/// run that woke the client's connect()). When it is not there in time the
+/// client's bytes simply stay on TCP: see `balancer_splice`. This needs the
+/// router in the attached cgroup (the node's root cgroup in Kubernetes);
+/// otherwise the router adds its sockets itself after accept.
+#[inline(always)]
+fn on_passive(ctx: &SockOpsContext) {
+    let Some(cfg) = CONFIG.get(0) else {
+        return;
+    };
+    if cfg.splice == 0 || cfg.router_port == 0 {
+        return;
+    }
+    let key = splice_key(ctx);
+    let router = if key.local.addr[0] == 0
+        && key.local.addr[1] == 0
+        && key.local.addr[2] == V4_MAPPED_WORD
+    {
+        cfg.router4
+    } else {
+        cfg.router6
+    };
+    if key.local.port != cfg.router_port || key.local.addr != router {
+        return;
+    }
+    if SPLICE
+        .update(&mut { key }, unsafe { &mut *ctx.ops }, 0)
+        .is_err()
+    {
+        count(Counter::SpliceFull);
+    }
+}
+
+/// A port from `remote_port` of sock_ops or sk_msg as a raw network-order
+/// `u16`: the kernel puts the 16-bit network-order port in the upper half
+/// of the word on little-endian machines (and in the lower half on others).
+#[inline(always)]
+fn net_port(p: u32) -> u16 {
+    if p >> 16 != 0 {
+        (p >> 16) as u16
+    } else {
+        p as u16
+    }
+}
+
+/// A socket's SPLICE key in sock_ops: its own end, then its peer's.
+#[inline(always)]
+fn splice_key(ctx: &SockOpsContext) -> SpliceKey {
+    let ops = ctx.ops;
+    let (family, v4, v6, port) = unsafe {
+        (
+            read_volatile(&raw const (*ops).family),
+            read_volatile(&raw const (*ops).remote_ip4),
+            [
+                read_volatile(&raw const (*ops).remote_ip6[0]),
+                read_volatile(&raw const (*ops).remote_ip6[1]),
+                read_volatile(&raw const (*ops).remote_ip6[2]),
+                read_volatile(&raw const (*ops).remote_ip6[3]),
+            ],
+            read_volatile(&raw const (*ops).remote_port),
+        )
+    };
+    SpliceKey {
+        local: local_key(ctx),
+        remote: SockKey {
+            addr: if family == AF_INET {
+                [0, 0, V4_MAPPED_WORD, v4]
+            } else {
+                v6
+            },
+            port: net_port(port),
+            _pad: [0; 2],
+        },
+    }
+}
+
+/// The SPLICE key of the peer of the socket sending `msg`: its own key with
+/// the halves swapped.
+#[inline(always)]
+fn peer_key(msg: *const sk_msg_md) -> SpliceKey {
+    // Every field loaded unconditionally, as in `local_key`.
+    let (family, l4, r4, l6, r6, lport, rport) = unsafe {
+        (
+            read_volatile(&raw const (*msg).family),
+            read_volatile(&raw const (*msg).local_ip4),
+            read_volatile(&raw const (*msg).remote_ip4),
+            [
+                read_volatile(&raw const (*msg).local_ip6[0]),
+                read_volatile(&raw const (*msg).local_ip6[1]),
+                read_volatile(&raw const (*msg).local_ip6[2]),
+                read_volatile(&raw const (*msg).local_ip6[3]),
+            ],
+            [
+                read_volatile(&raw const (*msg).remote_ip6[0]),
+                read_volatile(&raw const (*msg).remote_ip6[1]),
+                read_volatile(&raw const (*msg).remote_ip6[2]),
+                read_volatile(&raw const (*msg).remote_ip6[3]),
+            ],
+            read_volatile(&raw const (*msg).local_port),
+            read_volatile(&raw const (*msg).remote_port),
+        )
+    };
+    let v4 = family == AF_INET;
+    SpliceKey {
+        local: SockKey {
+            addr: if v4 { [0, 0, V4_MAPPED_WORD, r4] } else { r6 },
+            port: net_port(rport),
+            _pad: [0; 2],
+        },
+        remote: SockKey {
+            addr: if v4 { [0, 0, V4_MAPPED_WORD, l4] } else { l6 },
+            // local_port is in host order.
+            port: (lport as u16).to_be(),
+            _pad: [0; 2],
+        },
+    }
+}
+
+/// Whether `msg` starts with the HTTP/2 client preface.
+#[inline(always)]
+fn starts_with_preface(msg: *mut sk_msg_md) -> bool {
+    if unsafe { (*msg).size } < PREFACE.len() as u32 {
+        return false;
+    }
+    if unsafe { bpf_msg_pull_data(msg, 0, PREFACE.len() as u32, 0) } != 0 {
+        return false;
+    }
+    let data = unsafe { (*msg).__bindgen_anon_1.data } as usize;
+    let end = unsafe { (*msg).__bindgen_anon_2.data_end } as usize;
+    if data + PREFACE.len() > end {
+        return false;
+    }
+    let mut i = 0;
+    while i < PREFACE.len() {
+        if unsafe { *((data + i) as *const u8) } != PREFACE[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Splice a client socket and the router's socket for it (`run --splice`):
+/// what one sends goes straight into the other's receive queue
+/// (`bpf_msg_redirect_hash` with `BPF_F_INGRESS`), and the verdict holds
+/// for everything after (`apply_bytes(u32::MAX)`), so this runs about once
+/// per direction.
+///
+/// Why each direction decides once, at its first send, and for good: the
+/// receiving socket reads spliced bytes before what waits in its TCP queue,
+/// so a direction that sent anything over TCP must stay there or bytes
+/// would be reordered. The client's direction splices only if the router's
+/// socket is already in SPLICE and the client speaks HTTP/2 (a plain TCP
+/// pass-through has no flow control to bound what queues up unread; the
+/// router also takes its socket out of SPLICE for those). The router's
+/// direction always finds the client's socket there: it entered at
+/// ACTIVE_ESTABLISHED, before the router could accept.
+#[sk_msg]
+pub fn balancer_splice(ctx: SkMsgContext) -> u32 {
+    let msg = ctx.msg;
+    let sk = unsafe { (*msg).__bindgen_anon_3.sk };
+    if sk.is_null() {
+        return SK_PASS;
+    }
+    let mut key = peer_key(msg);
+    let map = ptr::from_ref(&SOCK_STATE).cast_mut().cast::<c_void>();
+    let st: *mut SockState =
+        unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0) }.cast();
+    if st.is_null() {
+        // The router's socket (connect4 gave it no storage).
+        let _ = SPLICE.redirect_msg(&ctx, &mut key, u64::from(BPF_F_INGRESS));
+    } else {
+        match unsafe { (*st).splice } {
+            SPLICE_ON => {
+                let _ = SPLICE.redirect_msg(&ctx, &mut key, u64::from(BPF_F_INGRESS));
+            }
+            SPLICE_OFF => {}
+            _ => {
+                if starts_with_preface(msg)
+                    && SPLICE.redirect_msg(&ctx, &mut key, u64::from(BPF_F_INGRESS))
+                        == i64::from(SK_PASS)
+                {
+                    unsafe { (*st).splice = SPLICE_ON };
+                    count(Counter::SpliceOn);
+                } else {
+                    unsafe { (*st).splice = SPLICE_OFF };
+                    count(Counter::SpliceOff);
+                }
+            }
+        }
+    }
+    let _ = unsafe { bpf_msg_apply_bytes(msg, u32::MAX) };
+    SK_PASS
 }
 
 #[inline(always)]

@@ -480,6 +480,9 @@ pub struct Topology {
     pub pods: Vec<Pod>,
     /// Client namespace balanced by the agent (its processes are in `cgroup`).
     pub client: Netns,
+    /// A child of `cgroup` for the agent itself (see [`Topology::agent_cgroup`]);
+    /// dropped before its parent.
+    pub agent_cgroup: Option<Cgroup>,
     pub cgroup: Cgroup,
     /// Holds the bridge; dropped last.
     pub node: Netns,
@@ -487,6 +490,16 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// A cgroup below the balanced one, for the agent: there sock_ops sees
+    /// the router's own sockets, as on a node where the agent attaches to
+    /// the root cgroup (needed for `--splice` of both directions).
+    pub fn agent_cgroup(&mut self) -> anyhow::Result<PathBuf> {
+        let cg = Cgroup::new(&format!("{}/agent", self.prefix))?;
+        let path = cg.path.clone();
+        self.agent_cgroup = Some(cg);
+        Ok(path)
+    }
+
     /// `n` pods, each running a server on `ports`, and one client namespace.
     pub fn new(tag: &str, n: usize, ports: &[u16]) -> anyhow::Result<Self> {
         require_root();
@@ -522,6 +535,7 @@ impl Topology {
             prefix: prefix.clone(),
             pods: Vec::new(),
             client,
+            agent_cgroup: None,
             cgroup,
             node,
             veth_seq: AtomicU32::new(0),
@@ -767,7 +781,35 @@ impl Agent {
         let mut args: Vec<std::ffi::OsString> =
             vec!["--endpoints-file".into(), endpoints_file.clone().into()];
         args.extend(extra.iter().map(Into::into));
-        Self::spawn(dir, endpoints_file, cgroup, netns, &args, &[])
+        Self::spawn(dir, endpoints_file, cgroup, netns, &args, &[], None)
+    }
+
+    /// As [`Agent::start_with`], with the agent process in `agent_cgroup`
+    /// (from [`Topology::agent_cgroup`]).
+    pub fn start_in_cgroup(
+        prefix: &str,
+        cgroup: &Path,
+        endpoints_yaml: &str,
+        netns: Option<&str>,
+        extra: &[&str],
+        agent_cgroup: &Path,
+    ) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(prefix);
+        std::fs::create_dir_all(&dir)?;
+        let endpoints_file = dir.join("endpoints.yaml");
+        std::fs::write(&endpoints_file, endpoints_yaml)?;
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["--endpoints-file".into(), endpoints_file.clone().into()];
+        args.extend(extra.iter().map(Into::into));
+        Self::spawn(
+            dir,
+            endpoints_file,
+            cgroup,
+            netns,
+            &args,
+            &[],
+            Some(agent_cgroup),
+        )
     }
 
     /// Start the agent on the Kubernetes source, configured by `kubeconfig`.
@@ -787,6 +829,7 @@ impl Agent {
             None,
             &args,
             &[("KUBECONFIG", kubeconfig)],
+            None,
         )
     }
 
@@ -797,17 +840,30 @@ impl Agent {
         netns: Option<&str>,
         args: &[std::ffi::OsString],
         env: &[(&str, &Path)],
+        agent_cgroup: Option<&Path>,
     ) -> anyhow::Result<Self> {
         let admin_socket = dir.join("admin.sock");
         let stderr_log = dir.join("agent.log");
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).arg(agent_bin());
+        let mut cmd = match agent_cgroup {
+            // Join the cgroup first, then become the agent (same pid).
+            Some(cg) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+                    .arg(cg);
                 c
             }
-            None => Command::new(agent_bin()),
+            None => Command::new("env"),
         };
+        match netns {
+            Some(ns) => {
+                cmd.arg("nsenter")
+                    .arg(format!("--net=/run/netns/{ns}"))
+                    .arg(agent_bin());
+            }
+            None => {
+                cmd.arg(agent_bin());
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

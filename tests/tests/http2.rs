@@ -416,3 +416,81 @@ fn a_dead_router_falls_back_to_l4_within_a_second() {
     assert_eq!(pods_of(&v).len(), 1, "one L4 connection, one pod: {v}");
     assert_eq!(v["peer"], VIP, "getpeername still gives the VIP: {v}");
 }
+
+#[test]
+fn spliced_client_and_router_sockets_keep_every_byte_in_order() {
+    // The agent in a cgroup below the balanced one, as on a node where it
+    // attaches to the root cgroup: sock_ops sees the router's sockets too,
+    // so both directions of each client connection can be spliced.
+    let mut t = Topology::new("h2splice", 4, &[8080]).expect("topology");
+    t.start_h2().expect("h2 servers");
+    let agent_cg = t.agent_cgroup().expect("agent cgroup");
+    let all: Vec<usize> = (0..4).collect();
+    let agent = balancer_tests::Agent::start_in_cgroup(
+        &t.prefix,
+        &t.cgroup.path,
+        &http2_yaml(&t, &all),
+        Some(&t.node.name),
+        &["--proxy-addr", balancer_tests::ROUTER_ADDR, "--splice"],
+        &agent_cg,
+    )
+    .expect("agent");
+    let client = |extra: &[&str]| {
+        balancer_tests::h2_client(&t.client.name, Some(&t.cgroup.path), VIP, extra).expect("client")
+    };
+    let mib10 = (10 * 1024 * 1024).to_string();
+    // 10 MiB up and echoed back, on 2 streams at once, byte for byte.
+    let v = client(&[
+        "--path",
+        "/echo",
+        "--requests",
+        "2",
+        "--concurrency",
+        "2",
+        "--upload",
+        &mib10,
+    ]);
+    no_errors(&v);
+    assert_eq!(v["echo_ok"], true, "{v}");
+    let v = client(&[
+        "--path",
+        &format!("/download?bytes={mib10}"),
+        "--requests",
+        "1",
+    ]);
+    no_errors(&v);
+    assert_eq!(v["bytes_received"], 10 * 1024 * 1024);
+    // Many small RPCs on one connection, spread over every pod.
+    let v = client(&[
+        "--path",
+        "/unary",
+        "--requests",
+        "400",
+        "--concurrency",
+        "16",
+    ]);
+    no_errors(&v);
+    assert_eq!(v["statuses"]["0"], 400, "{v}");
+    assert_eq!(pods_of(&v).len(), 4, "{v}");
+    // A client that is not HTTP/2 is not spliced, and still works.
+    let v = h2_raw(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        "198.19.0.51:80",
+        "68656c6c6f0a",
+        2,
+    )
+    .expect("raw");
+    assert!(
+        v["text"].as_str().is_some_and(|x| x.ends_with("hello\n")),
+        "{v}"
+    );
+    // Three HTTP/2 client connections, two directions each: spliced. The
+    // plain one stayed on TCP.
+    let status = agent.status_json().expect("status");
+    let on = status["counters"]["splice_on"].as_u64().unwrap_or(0);
+    let off = status["counters"]["splice_off"].as_u64().unwrap_or(0);
+    assert!(on >= 3, "client directions spliced: {status}");
+    assert!(off >= 1, "the plain client stayed on TCP: {status}");
+    assert_eq!(status["counters"]["splice_full"], 0, "{status}");
+}

@@ -18,7 +18,8 @@ use aya::{
 };
 use balancer_common::{
     Backend, BackendStats, COUNTER_COUNT, COUNTER_NAMES, Config, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SLOTS, OrigDst, ServiceKey, ServiceState, ServiceValue, SlotKey, SockKey, map_names,
+    MAX_SLOTS, OrigDst, ServiceKey, ServiceState, ServiceValue, SlotKey, SockKey, SpliceKey,
+    map_names,
 };
 use serde::Serialize;
 
@@ -38,6 +39,7 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
 ];
 const SOCK_OPS_PROGRAM: &str = "balancer_sock_ops";
 const SK_MSG_PROGRAM: &str = "balancer_h2_streams";
+const SPLICE_PROGRAM: &str = "balancer_splice";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -98,6 +100,34 @@ struct Maps {
     _socks: SockHash<MapData, u64>,
 }
 
+/// Attach an sk_msg program to the sockhash whose sockets it handles.
+fn attach_sk_msg(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    map: &aya::maps::sock::SockMapFd,
+    cgroup: &Path,
+) -> Result<(), DataplaneError> {
+    let sk_msg: &mut SkMsg = ebpf
+        .program_mut(program)
+        .ok_or(DataplaneError::Load {
+            program,
+            source: ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| DataplaneError::Load { program, source })?;
+    sk_msg
+        .load()
+        .map_err(|source| DataplaneError::Load { program, source })?;
+    sk_msg
+        .attach(map)
+        .map_err(|source| DataplaneError::Attach {
+            program,
+            cgroup: cgroup.to_owned(),
+            source,
+        })?;
+    Ok(())
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgramStatus {
     pub name: &'static str,
@@ -132,6 +162,8 @@ pub struct Dataplane {
     programs: Vec<ProgramStatus>,
     programmer: Programmer,
     orig_dst: Option<HashMap<MapData, SockKey, OrigDst>>,
+    /// The SPLICE sockhash, for the router (taken once).
+    splice: Option<SockHash<MapData, SpliceKey>>,
     /// What `set_router` configured; rewritten with each heartbeat.
     router_config: Option<Config>,
 }
@@ -257,30 +289,24 @@ impl Dataplane {
         }
         let socks: SockHash<MapData, u64> =
             SockHash::try_from(socks_map).map_err(map_err(map_names::SOCKS))?;
-        let sk_msg: &mut SkMsg = ebpf
-            .program_mut(SK_MSG_PROGRAM)
-            .ok_or(DataplaneError::Load {
-                program: SK_MSG_PROGRAM,
-                source: ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(|source| DataplaneError::Load {
-                program: SK_MSG_PROGRAM,
-                source,
-            })?;
-        sk_msg.load().map_err(|source| DataplaneError::Load {
-            program: SK_MSG_PROGRAM,
-            source,
-        })?;
-        sk_msg
-            .attach(socks.fd())
-            .map_err(|source| DataplaneError::Attach {
-                program: SK_MSG_PROGRAM,
-                cgroup: cgroup.to_owned(),
-                source,
-            })?;
+        attach_sk_msg(&mut ebpf, SK_MSG_PROGRAM, socks.fd(), cgroup)?;
         programs.push(ProgramStatus {
             name: SK_MSG_PROGRAM,
+            attach_type: "sk_msg",
+        });
+        // sk_msg on the SPLICE sockhash (sock_ops and the router fill it,
+        // only with --splice).
+        let splice_map = ebpf
+            .take_map(map_names::SPLICE)
+            .ok_or(DataplaneError::MissingMap(map_names::SPLICE))?;
+        if let Some(dir) = &pin_dir {
+            pin::pin_map(dir, map_names::SPLICE, &splice_map)?;
+        }
+        let splice: SockHash<MapData, SpliceKey> =
+            SockHash::try_from(splice_map).map_err(map_err(map_names::SPLICE))?;
+        attach_sk_msg(&mut ebpf, SPLICE_PROGRAM, splice.fd(), cgroup)?;
+        programs.push(ProgramStatus {
+            name: SPLICE_PROGRAM,
             attach_type: "sk_msg",
         });
 
@@ -316,6 +342,7 @@ impl Dataplane {
             pin::mark_complete(dir)?;
         }
         Ok(Self {
+            splice: Some(splice),
             _ebpf: Some(ebpf),
             _pinned: pinned,
             pin_dir,
@@ -375,7 +402,14 @@ impl Dataplane {
             name: SK_MSG_PROGRAM,
             attach_type: "sk_msg",
         });
+        programs.push(ProgramStatus {
+            name: SPLICE_PROGRAM,
+            attach_type: "sk_msg",
+        });
+        let splice =
+            Some(SockHash::try_from(open(map_names::SPLICE)?).map_err(map_err(map_names::SPLICE))?);
         Ok(Self {
+            splice,
             _ebpf: None,
             _pinned: Vec::new(),
             pin_dir: Some(dir.to_owned()),
@@ -394,11 +428,18 @@ impl Dataplane {
         self.orig_dst.take()
     }
 
-    /// Point `http2` ports at the router listening on `addr`.
-    pub fn set_router(&mut self, addr: SocketAddr) -> Result<(), DataplaneError> {
+    /// The SPLICE sockhash, for the router (taken once).
+    pub fn take_splice(&mut self) -> Option<SockHash<MapData, SpliceKey>> {
+        self.splice.take()
+    }
+
+    /// Point `http2` ports at the router listening on `addr`; with
+    /// `splice`, client and router sockets are spliced (`balancer_splice`).
+    pub fn set_router(&mut self, addr: SocketAddr, splice: bool) -> Result<(), DataplaneError> {
         let words = plan::addr_words(addr.ip());
         let mut cfg = Config {
             router_port: addr.port().to_be(),
+            splice: u8::from(splice),
             ..Config::default()
         };
         if addr.is_ipv4() {

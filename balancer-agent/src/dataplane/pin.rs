@@ -2,9 +2,10 @@
 //! (including after `kill -9`) or an upgrade adopts a data path that never
 //! stopped.
 //!
-//! Layout: `<bpffs root>/v1/cg-<cgroup inode>/{maps,links}/<name>` and a
-//! `complete` marker written last; `v1` is the map layout version (a
-//! layout change gets a new directory, never a misread map).
+//! Layout: `<bpffs root>/v2/cg-<cgroup inode>/{maps,links}/<name>` and a
+//! `complete` marker written last; `v2` is the map layout version (a
+//! layout change gets a new directory, never a misread map; v2 added
+//! `SPLICE` and three counters).
 
 use std::{
     os::unix::fs::MetadataExt,
@@ -16,7 +17,7 @@ use aya::{
     programs::links::{FdLink, PinnedLink},
 };
 
-pub const LAYOUT: &str = "v1";
+pub const LAYOUT: &str = "v2";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]

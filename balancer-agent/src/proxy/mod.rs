@@ -23,8 +23,8 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
-use balancer_common::{Mode, OrigDst, SockKey};
+use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
+use balancer_common::{Mode, OrigDst, SockKey, SpliceKey};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -58,6 +58,9 @@ pub struct Router {
     /// Every endpoint the router knows, so counters survive updates.
     registry: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
     orig_dst: Mutex<BpfHashMap<MapData, SockKey, OrigDst>>,
+    /// With `--splice`: the SPLICE sockhash, where the router puts its
+    /// client sockets that sock_ops did not.
+    splice: Option<Mutex<SockHash<MapData, SpliceKey>>>,
     shutdown: watch::Sender<bool>,
     /// Client connections open now.
     connections: std::sync::atomic::AtomicUsize,
@@ -76,8 +79,12 @@ impl Drop for ConnGuard {
 }
 
 impl Router {
-    pub fn new(orig_dst: BpfHashMap<MapData, SockKey, OrigDst>) -> Arc<Self> {
+    pub fn new(
+        orig_dst: BpfHashMap<MapData, SockKey, OrigDst>,
+        splice: Option<SockHash<MapData, SpliceKey>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            splice: splice.map(Mutex::new),
             table: RwLock::new(Arc::new(HashMap::new())),
             registry: Mutex::new(HashMap::new()),
             orig_dst: Mutex::new(orig_dst),
@@ -291,13 +298,50 @@ impl Router {
         let Some(vip) = self.orig_dst(peer) else {
             anyhow::bail!("no original destination recorded for {peer}; closing");
         };
+        let splice_key = self.splice_in(&sock, peer);
         match sniff(&sock).await? {
             Sniffed::Http2 => {
                 shared.client(sock, vip, self.shutdown.subscribe()).await;
                 Ok(())
             }
-            Sniffed::Other => self.pass_through(sock, vip).await,
+            Sniffed::Other => {
+                // No HTTP/2 flow control to bound a spliced queue: TCP.
+                if let (Some(m), Some(key)) = (&self.splice, splice_key) {
+                    let _ = m.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                }
+                self.pass_through(sock, vip).await
+            }
         }
+    }
+
+    /// With `--splice`: make sure the accepted socket is in SPLICE before
+    /// it sends anything (sock_ops adds it at PASSIVE_ESTABLISHED when the
+    /// router is in the attached cgroup; otherwise only this does, and the
+    /// client's direction, which decided at its first send, stays on TCP).
+    fn splice_in(&self, sock: &TcpStream, peer: SocketAddr) -> Option<SpliceKey> {
+        let map = self.splice.as_ref()?;
+        let local = sock.local_addr().ok()?;
+        let key = SpliceKey {
+            local: SockKey {
+                addr: addr_words(local.ip()),
+                port: local.port().to_be(),
+                _pad: [0; 2],
+            },
+            remote: SockKey {
+                addr: addr_words(peer.ip()),
+                port: peer.port().to_be(),
+                _pad: [0; 2],
+            },
+        };
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        // BPF_NOEXIST: already there from sock_ops is fine.
+        if let Err(e) = m.insert(key, std::os::fd::AsRawFd::as_raw_fd(sock), 2)
+            && !matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST))
+        {
+            tracing::debug!(%peer, error = %e, "cannot splice");
+            return None;
+        }
+        Some(key)
     }
 
     /// Not HTTP/2: one backend for the whole connection.
