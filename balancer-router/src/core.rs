@@ -203,7 +203,18 @@ enum Drain {
 struct Block {
     stream: u32,
     end_stream: bool,
-    buf: BytesMut,
+    /// A slice of the HEADERS frame (no copy); copied only when
+    /// CONTINUATION frames extend it.
+    buf: Bytes,
+}
+
+impl Block {
+    fn extend(&mut self, more: &[u8]) {
+        let mut b = BytesMut::with_capacity(self.buf.len() + more.len());
+        b.extend_from_slice(&self.buf);
+        b.extend_from_slice(more);
+        self.buf = b.freeze();
+    }
 }
 
 struct Client {
@@ -443,7 +454,7 @@ impl Core {
                 let block = Block {
                     stream: h.stream,
                     end_stream: h.flags & frame::FLAG_END_STREAM != 0,
-                    buf: BytesMut::from(&p[s..e]),
+                    buf: p.slice(s..e),
                 };
                 self.client_block(id, block, h.flags & frame::FLAG_END_HEADERS != 0)
             }
@@ -455,7 +466,7 @@ impl Core {
                 if block.stream != h.stream {
                     return Err(err(code::PROTOCOL_ERROR, "CONTINUATION on another stream"));
                 }
-                block.buf.extend_from_slice(&p);
+                block.extend(&p);
                 self.client_block(id, block, h.flags & frame::FLAG_END_HEADERS != 0)
             }
             frame::PRIORITY => {
@@ -653,7 +664,7 @@ impl Core {
             Some(dec) => dec.reencode(&buf)?,
             None => {
                 hpack::check_self_contained(&buf)?;
-                buf.freeze()
+                buf
             }
         };
         if let Some(cs) = c.streams.get_mut(&sid) {
@@ -1528,7 +1539,7 @@ impl Core {
                 let block = Block {
                     stream: h.stream,
                     end_stream: h.flags & frame::FLAG_END_STREAM != 0,
-                    buf: BytesMut::from(&p[s..e]),
+                    buf: p.slice(s..e),
                 };
                 self.backend_block(b, block, h.flags & frame::FLAG_END_HEADERS != 0)
             }
@@ -1539,7 +1550,7 @@ impl Core {
                 if block.stream != h.stream {
                     return Err(err(code::PROTOCOL_ERROR, "CONTINUATION on another stream"));
                 }
-                block.buf.extend_from_slice(&p);
+                block.extend(&p);
                 self.backend_block(b, block, h.flags & frame::FLAG_END_HEADERS != 0)
             }
             frame::RST_STREAM => {
@@ -1737,7 +1748,7 @@ impl Core {
                 }
             }
             cs.to_down.push_back(Chunk::Headers {
-                block: block.buf.freeze(),
+                block: block.buf,
                 end: block.end_stream,
             });
             self.pump_down(c, sid);

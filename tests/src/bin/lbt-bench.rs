@@ -395,6 +395,22 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         &["--proxy-addr", balancer_tests::ROUTER_ADDR],
     )?;
     let agent_pid = agent.pid().context("agent pid")?;
+    // The splice experiment (`run --splice`): a second agent, on its own
+    // cgroup and client namespace, with its router on another port and
+    // itself in a child of that cgroup, as on a node where the agent
+    // attaches to the root cgroup (so sock_ops sees the router's sockets).
+    let splice_cg = balancer_tests::Cgroup::new(&format!("{}-splice", t.prefix))?;
+    let splice_agent_cg = balancer_tests::Cgroup::new(&format!("{}-splice/agent", t.prefix))?;
+    let splice_client = t.extra_client("splice", "198.18.203.1", "fd00:18::cb:1")?;
+    let splice_agent = Agent::start_in_cgroup(
+        &format!("{}-splice", t.prefix),
+        &splice_cg.path,
+        &yaml,
+        Some(&t.node.name),
+        &["--proxy-addr", "198.18.0.1:15002", "--splice"],
+        &splice_agent_cg.path,
+    )?;
+    let splice_pid = splice_agent.pid().context("splice agent pid")?;
     let plain = t.extra_client("plain", "198.18.202.1", "fd00:18::ca:1")?;
     let kp = t.extra_client("kp", "198.18.201.1", "fd00:18::c9:1")?;
     sh(
@@ -436,7 +452,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
 
     let log = dir.join("h2load.log");
     let cg = t.cgroup.path.clone();
-    let configs: [(&str, &str, Option<&std::path::Path>, String); 5] = [
+    let configs: [(&str, &str, Option<&std::path::Path>, String); 6] = [
         (
             "direct",
             plain.name.as_str(),
@@ -467,6 +483,12 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
             Some(cg.as_path()),
             "http://198.19.0.60:80/index".into(),
         ),
+        (
+            "balancer_splice",
+            splice_client.name.as_str(),
+            Some(splice_cg.path.as_path()),
+            "http://198.19.0.60:80/index".into(),
+        ),
     ];
     // Warm-up: one short run each.
     for (_, ns, cgroup, url) in &configs {
@@ -475,15 +497,22 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
     let mut runs: BTreeMap<&str, Vec<H2Run>> = BTreeMap::new();
     let mut cpu_ticks = 0u64;
     let mut balancer_secs = 0.0;
-    eprintln!("http2: {rounds} rounds x 5 configurations x {n} requests (h2load -c 1 -m 32)");
+    let mut splice_ticks = 0u64;
+    let mut splice_secs = 0.0;
+    eprintln!("http2: {rounds} rounds x 6 configurations x {n} requests (h2load -c 1 -m 32)");
     for _ in 0..rounds {
         for (name, ns, cgroup, url) in &configs {
             let t0 = agent_cpu_ticks(agent_pid);
+            let s0 = agent_cpu_ticks(splice_pid);
             let start = std::time::Instant::now();
             let r = h2load(&t, ns, *cgroup, url, n, &log)?;
             if *name == "balancer" {
                 cpu_ticks += agent_cpu_ticks(agent_pid) - t0;
                 balancer_secs += start.elapsed().as_secs_f64();
+            }
+            if *name == "balancer_splice" {
+                splice_ticks += agent_cpu_ticks(splice_pid) - s0;
+                splice_secs += start.elapsed().as_secs_f64();
             }
             runs.entry(name).or_default().push(r);
         }
@@ -496,6 +525,8 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
     let direct = med["direct"].clone();
     let clk = 100.0; // USER_HZ
     let agent_cpu = cpu_ticks as f64 / clk / balancer_secs;
+    let splice_cpu = splice_ticks as f64 / clk / splice_secs.max(1e-9);
+    let splice_status = splice_agent.status_json()?;
     let rss = agent_mem_kib(agent_pid, "VmRSS:");
     let hwm = agent_mem_kib(agent_pid, "VmHWM:");
     let mut rows = serde_json::Map::new();
@@ -513,7 +544,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
             "all_rounds_rps": runs[name].iter().map(|x| x.rps).collect::<Vec<_>>(),
         });
         table += &format!(
-            "{:<12} {:>9.0} {:>7.2} {:>8.0} {:>8.0} {:>7.2} {:>7.2} {:>7.2}  {}\n",
+            "{:<16} {:>9.0} {:>7.2} {:>8.0} {:>8.0} {:>7.2} {:>7.2} {:>7.2}  {}\n",
             name,
             r.rps,
             r.rps / direct.rps,
@@ -536,12 +567,21 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         rss,
         hwm
     );
+    table += &format!(
+        "agent during the balancer_splice runs: {:.0}% of one CPU; client directions spliced: {}, left on TCP: {}\n",
+        splice_cpu * 100.0,
+        splice_status["counters"]["splice_on"],
+        splice_status["counters"]["splice_off"],
+    );
     let result = serde_json::json!({
         "benchmark": "http2",
         "unix_time": SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
         "h2load": format!("-n {n} -c 1 -m 32"), "pods": PODS, "rounds": rounds,
         "configs": rows,
         "agent": {"cpu_fraction_of_one_core": agent_cpu, "rss_kib": rss, "peak_rss_kib": hwm},
+        "splice_agent": {"cpu_fraction_of_one_core": splice_cpu,
+            "splice_on": splice_status["counters"]["splice_on"],
+            "splice_off": splice_status["counters"]["splice_off"]},
     });
     std::fs::create_dir_all(&out)?;
     std::fs::write(
@@ -551,6 +591,9 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
     std::fs::write(out.join("http2.txt"), &table)?;
     print!("{table}");
     drop(procs);
+    drop(splice_agent);
+    drop(splice_agent_cg);
+    drop(splice_cg);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
