@@ -83,6 +83,12 @@ pub const MAX_ATTEMPTS: usize = 8;
 /// Windows the router grants, per stream and per connection, on each hop:
 /// larger than the 64 KiB default so one stream can fill a fast link.
 pub const STREAM_WINDOW: i64 = 1 << 20;
+/// The stream window granted to backends. A pooled backend connection is
+/// shared by every client, so its connection window is credited as soon
+/// as bytes arrive (a client that does not read must not stall the others
+/// on that backend); what one response may hold in the router is then
+/// this window, until its client reads.
+pub const BACKEND_STREAM_WINDOW: i64 = 256 << 10;
 pub const CONN_WINDOW: i64 = 8 << 20;
 /// Streams one client may have open at once.
 pub const MAX_CLIENT_STREAMS: u32 = 1024;
@@ -107,7 +113,7 @@ const CLIENT_SETTINGS: [(u16, u32); 3] = [
 const BACKEND_SETTINGS: [(u16, u32); 3] = [
     (setting::HEADER_TABLE_SIZE, 0),
     (setting::ENABLE_PUSH, 0),
-    (setting::INITIAL_WINDOW_SIZE, STREAM_WINDOW as u32),
+    (setting::INITIAL_WINDOW_SIZE, BACKEND_STREAM_WINDOW as u32),
 ];
 
 /// What the core asks of the I/O layer.
@@ -181,8 +187,6 @@ struct CStream {
     recv_credit: i64,
     /// backend -> client
     to_down: VecDeque<Chunk>,
-    /// The backend connection the response comes from (to credit it).
-    down_from: Option<ConnId>,
     down_window: i64,
     responded: bool,
     down_ended: bool,
@@ -724,7 +728,6 @@ impl Core {
                 recv_window: STREAM_WINDOW,
                 recv_credit: 0,
                 to_down: VecDeque::new(),
-                down_from: None,
                 down_window: init,
                 responded: false,
                 down_ended: false,
@@ -974,7 +977,7 @@ impl Core {
                 BStream {
                     client: c,
                     sid,
-                    recv_window: STREAM_WINDOW,
+                    recv_window: BACKEND_STREAM_WINDOW,
                     recv_credit: 0,
                     local_end: false,
                     remote_end: false,
@@ -982,7 +985,6 @@ impl Core {
             );
             cs.up = Up::Open(b, bid);
             cs.up_window = be.init_window;
-            cs.down_from = Some(b);
             // The HEADERS go out now, whatever the output holds: ids must
             // reach the backend in increasing order.
             match cs.to_up.pop_front() {
@@ -1093,14 +1095,17 @@ impl Core {
         }
     }
 
-    fn credit_backend(&mut self, b: ConnId, bid: Option<u32>, n: i64) {
+    /// Give flow-control credit back to a backend: `conn` bytes to its
+    /// connection window (on arrival), `stream` bytes to a stream's (once
+    /// passed on to the client).
+    fn credit_backend(&mut self, b: ConnId, conn: i64, stream: Option<(u32, i64)>) {
         let Some(be) = self.backends.get_mut(&b) else {
             return;
         };
-        if n == 0 || be.closing {
+        if be.closing {
             return;
         }
-        be.recv_credit += n;
+        be.recv_credit += conn;
         let mut wake = false;
         if be.recv_credit >= CONN_WINDOW / 4 {
             frame::window_update(&mut be.out, 0, be.recv_credit as u32);
@@ -1108,10 +1113,13 @@ impl Core {
             be.recv_credit = 0;
             wake = true;
         }
-        if let Some(bs) = bid.and_then(|s| be.streams.get_mut(&s)) {
+        if let Some((bid, n)) = stream
+            && n > 0
+            && let Some(bs) = be.streams.get_mut(&bid)
+        {
             bs.recv_credit += n;
-            if !bs.remote_end && bs.recv_credit >= STREAM_WINDOW / 2 {
-                frame::window_update(&mut be.out, bid.unwrap_or(0), bs.recv_credit as u32);
+            if !bs.remote_end && bs.recv_credit >= BACKEND_STREAM_WINDOW / 2 {
+                frame::window_update(&mut be.out, bid, bs.recv_credit as u32);
                 bs.recv_window += bs.recv_credit;
                 bs.recv_credit = 0;
                 wake = true;
@@ -1278,16 +1286,12 @@ impl Core {
             cs.rst_after_down = false;
             wrote = true;
         }
-        let from = cs.down_from;
-        let bid = match cs.up {
-            Up::Open(_, bid) => Some(bid),
-            _ => None,
-        };
+        let up = cs.up;
         if wrote {
             self.wake(c);
         }
-        if let Some(b) = from {
-            self.credit_backend(b, bid, credit);
+        if let Up::Open(b, bid) = up {
+            self.credit_backend(b, 0, Some((bid, credit)));
         }
         self.finish_if_done(c, sid);
     }
@@ -1332,14 +1336,8 @@ impl Core {
                 Chunk::Headers { .. } => 0,
             })
             .sum();
-        let held_down: i64 = cs
-            .to_down
-            .iter()
-            .map(|ch| match ch {
-                Chunk::Data { credit, .. } => *credit,
-                Chunk::Headers { .. } => 0,
-            })
-            .sum();
+        // (What it held of the response was credited to the backend's
+        // connection on arrival, and its backend stream ends here.)
         self.credit_client(c, None, held_up);
         if let Up::Open(b, bid) = cs.up {
             let mut wake = false;
@@ -1354,10 +1352,7 @@ impl Core {
             if wake {
                 self.wake(b);
             }
-            self.credit_backend(b, None, held_down);
             self.after_bstream(b);
-        } else if let Some(b) = cs.down_from {
-            self.credit_backend(b, None, held_down);
         }
     }
 
@@ -1503,8 +1498,9 @@ impl Core {
                 let (s, e) = frame::unpadded(h.kind, h.flags, &p)
                     .ok_or(err(code::PROTOCOL_ERROR, "DATA padding"))?;
                 let end = h.flags & frame::FLAG_END_STREAM != 0;
+                self.credit_backend(b, len, None);
+                let be = self.backends.get_mut(&b).expect("backend exists");
                 let Some(bs) = be.streams.get_mut(&h.stream) else {
-                    self.credit_backend(b, None, len);
                     return Ok(());
                 };
                 if bs.remote_end || len > bs.recv_window {
@@ -1525,8 +1521,6 @@ impl Core {
                         credit: len,
                     });
                     self.pump_down(c, sid);
-                } else {
-                    self.credit_backend(b, None, len);
                 }
                 if end {
                     self.maybe_close_bstream(b, h.stream);

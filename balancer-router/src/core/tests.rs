@@ -494,3 +494,69 @@ fn arbitrary_bytes_never_panic() {
         let _ = h.out(c);
     }
 }
+
+#[test]
+fn a_client_that_does_not_read_does_not_stall_others_on_the_backend() {
+    let mut h = H::new(1, Algorithm::RoundRobin);
+    // Client A: stream windows of 0, so nothing of its responses can go out.
+    let a = h.client();
+    let mut s = BytesMut::new();
+    frame::settings(&mut s, &[(setting::INITIAL_WINDOW_SIZE, 0)]);
+    s.extend_from_slice(&frame_bytes(frame::SETTINGS, frame::FLAG_ACK, 0, &[]));
+    h.feed(a, s);
+    let streams: Vec<u32> = (0..40).map(|i| 1 + 2 * i).collect();
+    for sid in &streams {
+        h.feed(a, headers(*sid, REQ_PLAIN, true));
+    }
+    let b = h.backend(h.eps[0].addr);
+    let mut granted: i64 = 0;
+    let mut count_grants = |fs: &[F]| {
+        for f in fs {
+            if f.kind == frame::WINDOW_UPDATE && f.stream == 0 {
+                granted += i64::from(u32_at(&f.payload, 0));
+            }
+        }
+    };
+    count_grants(&h.out(b));
+    // The backend answers each of A's streams with its whole stream window:
+    // 40 x 256 KiB, more than the 8 MiB connection window.
+    let mut sent: i64 = 0;
+    // Backend stream ids follow the order the HEADERS went out: 1, 3, 5...
+    for bid in streams {
+        h.feed_backend(b, headers(bid, RESP_200, false));
+        for _ in 0..(BACKEND_STREAM_WINDOW / 16_384) {
+            h.feed_backend(b, frame_bytes(frame::DATA, 0, bid, &[7; 16_384]));
+            sent += 16_384;
+        }
+        count_grants(&h.out(b));
+    }
+    // Every byte was credited to the connection on arrival (the backend
+    // could go on sending), though A read none of it.
+    assert!(
+        granted - (CONN_WINDOW - frame::DEFAULT_WINDOW) >= sent - CONN_WINDOW / 4,
+        "granted {granted}, sent {sent}"
+    );
+    // Client B's stream on the same backend connection is answered.
+    let c = h.client();
+    h.feed(c, frame_bytes(frame::SETTINGS, frame::FLAG_ACK, 0, &[]));
+    h.feed(c, headers(1, REQ_PLAIN, true));
+    let bid = h
+        .out(b)
+        .iter()
+        .find(|f| f.kind == frame::HEADERS)
+        .map(|f| f.stream)
+        .expect("B's request went to the backend");
+    h.feed_backend(b, headers(bid, RESP_200, false));
+    h.feed_backend(
+        b,
+        frame_bytes(frame::DATA, frame::FLAG_END_STREAM, bid, b"for B"),
+    );
+    let got = h.out(c);
+    assert!(
+        got.iter()
+            .any(|f| f.kind == frame::DATA && f.stream == 1 && f.payload == b"for B"),
+        "{got:?}"
+    );
+    // And A got its response headers, but no data (its windows are 0).
+    assert!(h.out(a).iter().all(|f| f.kind != frame::DATA));
+}
