@@ -1778,6 +1778,26 @@ impl Core {
         self.finish_if_done(bs.client, bs.sid);
     }
 
+    /// Close pooled connections to endpoints that left every service and
+    /// have no stream left (those with streams close after their last).
+    /// The router calls this periodically.
+    pub fn sweep(&mut self) {
+        let idle: Vec<ConnId> = self
+            .backends
+            .iter()
+            .filter(|(_, be)| {
+                be.streams.is_empty()
+                    && be.queue.is_empty()
+                    && !be.closing
+                    && be.ep.draining.load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for b in idle {
+            self.after_bstream(b);
+        }
+    }
+
     /// A stream left backend `b`: open waiting ones, or close the
     /// connection if it is retiring and idle.
     fn after_bstream(&mut self, b: ConnId) {

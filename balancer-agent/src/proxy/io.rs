@@ -55,6 +55,11 @@ impl Shared {
         r
     }
 
+    /// Periodic upkeep of the core (see [`Core::sweep`]).
+    pub fn sweep(self: &Rc<Self>) {
+        self.with(Core::sweep);
+    }
+
     fn register(&self, id: ConnId) -> Rc<Notify> {
         let n = Rc::new(Notify::new());
         self.wakers.borrow_mut().insert(id, n.clone());

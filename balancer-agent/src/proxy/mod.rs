@@ -230,16 +230,21 @@ impl Router {
                         picker.pick(vip, tried)
                     })));
                     let beat = async {
+                        let mut n = 0u64;
                         loop {
                             router
                                 .alive
                                 .store(true, std::sync::atomic::Ordering::Relaxed);
+                            n += 1;
+                            if n.is_multiple_of(10) {
+                                shared.sweep();
+                            }
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                     };
                     // Serving stops when draining starts; the connections'
                     // tasks go on until they finish or the thread stops.
-                    tokio::task::spawn_local(router.clone().serve(listener, shared));
+                    tokio::task::spawn_local(router.clone().serve(listener, shared.clone()));
                     tokio::select! {
                         () = beat => {}
                         _ = stopped => {}

@@ -560,3 +560,25 @@ fn a_client_that_does_not_read_does_not_stall_others_on_the_backend() {
     // And A got its response headers, but no data (its windows are 0).
     assert!(h.out(a).iter().all(|f| f.kind != frame::DATA));
 }
+
+#[test]
+fn an_idle_connection_to_a_removed_endpoint_is_closed() {
+    let mut h = H::new(1, Algorithm::RoundRobin);
+    let c = h.client();
+    h.feed(c, frame_bytes(frame::SETTINGS, frame::FLAG_ACK, 0, &[]));
+    h.feed(c, headers(1, REQ_PLAIN, true));
+    let b = h.backend(h.eps[0].addr);
+    h.feed_backend(b, headers(1, RESP_200, true));
+    let _ = h.out(b);
+    // Still pooled while the endpoint is in a service.
+    h.core.sweep();
+    assert!(h.core.backend_reading(b));
+    // It left every service: the next sweep says GOAWAY and closes.
+    h.eps[0]
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    h.core.sweep();
+    let mut buf = BytesMut::new();
+    assert_eq!(h.core.take_out(b, &mut buf), Some(true), "to be closed");
+    assert!(parse(&buf).iter().any(|f| f.kind == frame::GOAWAY));
+}
