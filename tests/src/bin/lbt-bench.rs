@@ -366,7 +366,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
     let rounds: usize = std::env::var("LBT_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(5);
     let t = Topology::new("h2bench", PODS, &[])?;
     let dir = std::env::temp_dir().join(format!("{}-files", t.prefix));
     std::fs::create_dir_all(&dir)?;
