@@ -231,11 +231,8 @@ struct Client {
     eof: bool,
     /// HPACK decoder until the client ACKed our SETTINGS.
     pre_ack: Option<PreAck>,
-    /// The client's decoder table changed: start the next block we send
-    /// with a table size update.
-    size_update: bool,
-    max_frame: usize,
-    init_window: i64,
+    /// The client's SETTINGS.
+    peer: PeerSettings,
     send_window: i64,
     recv_window: i64,
     recv_credit: i64,
@@ -262,13 +259,11 @@ struct Backend {
     retiring: bool,
     closing: bool,
     out: BytesMut,
-    size_update: bool,
-    max_frame: usize,
-    init_window: i64,
+    /// The backend's SETTINGS.
+    peer: PeerSettings,
     send_window: i64,
     recv_window: i64,
     recv_credit: i64,
-    max_streams: usize,
     next_stream: u32,
     streams: Map<u32, BStream>,
     queue: VecDeque<(ConnId, u32)>,
@@ -301,6 +296,118 @@ fn push_replay(cs: &mut CStream, chunk: Chunk) {
         }
     }
     cs.replay.push(chunk);
+}
+
+/// A HEADERS or CONTINUATION frame from either peer: the header block it
+/// completes (END_HEADERS), if any. A block in progress waits in `pending`.
+fn header_fragment(
+    pending: &mut Option<Block>,
+    h: FrameHeader,
+    p: Bytes,
+) -> Result<Option<Block>, ConnError> {
+    let block = if h.kind == frame::HEADERS {
+        if h.stream == 0 {
+            return Err(err(code::PROTOCOL_ERROR, "HEADERS on stream 0"));
+        }
+        let (s, e) = frame::unpadded(h.kind, h.flags, &p)
+            .ok_or(err(code::PROTOCOL_ERROR, "HEADERS padding"))?;
+        Block {
+            stream: h.stream,
+            end_stream: h.flags & frame::FLAG_END_STREAM != 0,
+            buf: p.slice(s..e),
+        }
+    } else {
+        let Some(mut block) = pending.take() else {
+            return Err(err(code::PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
+        };
+        if block.stream != h.stream {
+            return Err(err(code::PROTOCOL_ERROR, "CONTINUATION on another stream"));
+        }
+        block.extend(&p);
+        block
+    };
+    if block.buf.len() > MAX_HEADER_BLOCK {
+        return Err(err(code::ENHANCE_YOUR_CALM, "header block too large"));
+    }
+    if h.flags & frame::FLAG_END_HEADERS == 0 {
+        *pending = Some(block);
+        return Ok(None);
+    }
+    Ok(Some(block))
+}
+
+/// Credit `n` bytes to a receive window; once the credit reaches
+/// `threshold`, hand it to the peer in one WINDOW_UPDATE (fewer frames than
+/// one per DATA). True if a frame was queued.
+fn replenish(
+    window: &mut i64,
+    credit: &mut i64,
+    n: i64,
+    threshold: i64,
+    out: &mut BytesMut,
+    stream: u32,
+) -> bool {
+    *credit += n;
+    if n == 0 || *credit < threshold {
+        return false;
+    }
+    frame::window_update(out, stream, *credit as u32);
+    *window += *credit;
+    *credit = 0;
+    true
+}
+
+/// What a peer's SETTINGS told us (RFC 9113 6.5.2).
+struct PeerSettings {
+    /// Its decoder table changed: start the next block we send it with a
+    /// table size update.
+    size_update: bool,
+    max_frame: usize,
+    init_window: i64,
+    max_streams: usize,
+}
+
+impl PeerSettings {
+    fn new(max_streams: usize) -> Self {
+        Self {
+            size_update: false,
+            max_frame: frame::DEFAULT_MAX_FRAME_SIZE as usize,
+            init_window: frame::DEFAULT_WINDOW,
+            max_streams,
+        }
+    }
+
+    /// Apply a SETTINGS payload; returns the change of the initial stream
+    /// window, which the caller applies to the open streams.
+    fn apply(&mut self, p: &[u8]) -> Result<i64, ConnError> {
+        let mut delta = 0;
+        for s in p.chunks_exact(6) {
+            let ident = u16::from_be_bytes([s[0], s[1]]);
+            let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+            match ident {
+                setting::HEADER_TABLE_SIZE => self.size_update = true,
+                setting::ENABLE_PUSH if v > 1 => {
+                    return Err(err(code::PROTOCOL_ERROR, "ENABLE_PUSH not 0 or 1"));
+                }
+                setting::MAX_CONCURRENT_STREAMS => self.max_streams = v as usize,
+                setting::INITIAL_WINDOW_SIZE => {
+                    if i64::from(v) > frame::MAX_WINDOW {
+                        return Err(err(code::FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE"));
+                    }
+                    delta += i64::from(v) - self.init_window;
+                    self.init_window = i64::from(v);
+                }
+                setting::MAX_FRAME_SIZE => {
+                    if !(frame::DEFAULT_MAX_FRAME_SIZE..=0xff_ffff).contains(&v) {
+                        return Err(err(code::PROTOCOL_ERROR, "MAX_FRAME_SIZE"));
+                    }
+                    self.max_frame = v as usize;
+                }
+                _ => {}
+            }
+        }
+        Ok(delta)
+    }
 }
 
 /// Prefix a header block with a table size update to 0 when the peer's
@@ -357,9 +464,7 @@ impl Core {
                 closing: false,
                 eof: false,
                 pre_ack: Some(PreAck::default()),
-                size_update: false,
-                max_frame: frame::DEFAULT_MAX_FRAME_SIZE as usize,
-                init_window: frame::DEFAULT_WINDOW,
+                peer: PeerSettings::new(usize::MAX),
                 send_window: frame::DEFAULT_WINDOW,
                 recv_window: CONN_WINDOW,
                 recv_credit: 0,
@@ -449,29 +554,12 @@ impl Core {
     fn client_frame(&mut self, id: ConnId, h: FrameHeader, p: Bytes) -> Result<(), ConnError> {
         match h.kind {
             frame::DATA => self.client_data(id, h, p),
-            frame::HEADERS => {
-                if h.stream == 0 {
-                    return Err(err(code::PROTOCOL_ERROR, "HEADERS on stream 0"));
-                }
-                let (s, e) = frame::unpadded(h.kind, h.flags, &p)
-                    .ok_or(err(code::PROTOCOL_ERROR, "HEADERS padding"))?;
-                let block = Block {
-                    stream: h.stream,
-                    end_stream: h.flags & frame::FLAG_END_STREAM != 0,
-                    buf: p.slice(s..e),
-                };
-                self.client_block(id, block, h.flags & frame::FLAG_END_HEADERS != 0)
-            }
-            frame::CONTINUATION => {
+            frame::HEADERS | frame::CONTINUATION => {
                 let c = self.clients.get_mut(&id).expect("client exists");
-                let Some(mut block) = c.block.take() else {
-                    return Err(err(code::PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
-                };
-                if block.stream != h.stream {
-                    return Err(err(code::PROTOCOL_ERROR, "CONTINUATION on another stream"));
+                match header_fragment(&mut c.block, h, p)? {
+                    Some(block) => self.client_block(id, block),
+                    None => Ok(()),
                 }
-                block.extend(&p);
-                self.client_block(id, block, h.flags & frame::FLAG_END_HEADERS != 0)
             }
             frame::PRIORITY => {
                 if h.stream == 0 {
@@ -559,31 +647,7 @@ impl Core {
             c.pre_ack = None;
             return Ok(());
         }
-        let mut delta = 0;
-        for s in p.chunks_exact(6) {
-            let ident = u16::from_be_bytes([s[0], s[1]]);
-            let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
-            match ident {
-                setting::HEADER_TABLE_SIZE => c.size_update = true,
-                setting::ENABLE_PUSH if v > 1 => {
-                    return Err(err(code::PROTOCOL_ERROR, "ENABLE_PUSH not 0 or 1"));
-                }
-                setting::INITIAL_WINDOW_SIZE => {
-                    if i64::from(v) > frame::MAX_WINDOW {
-                        return Err(err(code::FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE"));
-                    }
-                    delta += i64::from(v) - c.init_window;
-                    c.init_window = i64::from(v);
-                }
-                setting::MAX_FRAME_SIZE => {
-                    if !(frame::DEFAULT_MAX_FRAME_SIZE..=0xff_ffff).contains(&v) {
-                        return Err(err(code::PROTOCOL_ERROR, "MAX_FRAME_SIZE"));
-                    }
-                    c.max_frame = v as usize;
-                }
-                _ => {}
-            }
-        }
+        let delta = c.peer.apply(p)?;
         frame::settings_ack(&mut c.out);
         self.wake(id);
         if delta != 0 {
@@ -649,15 +713,8 @@ impl Core {
     }
 
     /// A HEADERS or CONTINUATION frame; `complete` when END_HEADERS.
-    fn client_block(&mut self, id: ConnId, block: Block, complete: bool) -> Result<(), ConnError> {
+    fn client_block(&mut self, id: ConnId, block: Block) -> Result<(), ConnError> {
         let c = self.clients.get_mut(&id).expect("client exists");
-        if block.buf.len() > MAX_HEADER_BLOCK {
-            return Err(err(code::ENHANCE_YOUR_CALM, "header block too large"));
-        }
-        if !complete {
-            c.block = Some(block);
-            return Ok(());
-        }
         let Block {
             stream: sid,
             end_stream: end,
@@ -709,7 +766,7 @@ impl Core {
             self.wake(id);
             return Ok(());
         }
-        let init = c.init_window;
+        let init = c.peer.init_window;
         c.streams.insert(
             sid,
             CStream {
@@ -910,13 +967,10 @@ impl Core {
                 retiring: false,
                 closing: false,
                 out,
-                size_update: false,
-                max_frame: frame::DEFAULT_MAX_FRAME_SIZE as usize,
-                init_window: frame::DEFAULT_WINDOW,
+                peer: PeerSettings::new(INITIAL_BACKEND_STREAMS),
                 send_window: frame::DEFAULT_WINDOW,
                 recv_window: CONN_WINDOW,
                 recv_credit: 0,
-                max_streams: INITIAL_BACKEND_STREAMS,
                 next_stream: 1,
                 streams: Map::default(),
                 queue: VecDeque::new(),
@@ -947,7 +1001,7 @@ impl Core {
                 }
                 return;
             }
-            if be.streams.len() >= be.max_streams {
+            if be.streams.len() >= be.peer.max_streams {
                 return;
             }
             let Some((c, sid)) = be.queue.pop_front() else {
@@ -984,13 +1038,13 @@ impl Core {
                 },
             );
             cs.up = Up::Open(b, bid);
-            cs.up_window = be.init_window;
+            cs.up_window = be.peer.init_window;
             // The HEADERS go out now, whatever the output holds: ids must
             // reach the backend in increasing order.
             match cs.to_up.pop_front() {
                 Some(Chunk::Headers { block, end }) => {
-                    let fwd = with_size_update(&block, &mut be.size_update);
-                    frame::headers(&mut be.out, bid, &fwd, end, be.max_frame);
+                    let fwd = with_size_update(&block, &mut be.peer.size_update);
+                    frame::headers(&mut be.out, bid, &fwd, end, be.peer.max_frame);
                     if let Some(i) = &cs.inflight {
                         i.sent();
                     }
@@ -1073,22 +1127,26 @@ impl Core {
         if n == 0 || cl.closing {
             return;
         }
-        cl.recv_credit += n;
-        let mut wake = false;
-        if cl.recv_credit >= CONN_WINDOW / 4 {
-            frame::window_update(&mut cl.out, 0, cl.recv_credit as u32);
-            cl.recv_window += cl.recv_credit;
-            cl.recv_credit = 0;
-            wake = true;
-        }
-        if let Some(cs) = sid.and_then(|s| cl.streams.get_mut(&s)) {
-            cs.recv_credit += n;
-            if !cs.client_ended && cs.recv_credit >= STREAM_WINDOW / 2 {
-                frame::window_update(&mut cl.out, sid.unwrap_or(0), cs.recv_credit as u32);
-                cs.recv_window += cs.recv_credit;
-                cs.recv_credit = 0;
-                wake = true;
-            }
+        let mut wake = replenish(
+            &mut cl.recv_window,
+            &mut cl.recv_credit,
+            n,
+            CONN_WINDOW / 4,
+            &mut cl.out,
+            0,
+        );
+        if let Some(sid) = sid
+            && let Some(cs) = cl.streams.get_mut(&sid)
+            && !cs.client_ended
+        {
+            wake |= replenish(
+                &mut cs.recv_window,
+                &mut cs.recv_credit,
+                n,
+                STREAM_WINDOW / 2,
+                &mut cl.out,
+                sid,
+            );
         }
         if wake {
             self.wake(c);
@@ -1105,25 +1163,26 @@ impl Core {
         if be.closing {
             return;
         }
-        be.recv_credit += conn;
-        let mut wake = false;
-        if be.recv_credit >= CONN_WINDOW / 4 {
-            frame::window_update(&mut be.out, 0, be.recv_credit as u32);
-            be.recv_window += be.recv_credit;
-            be.recv_credit = 0;
-            wake = true;
-        }
+        let mut wake = replenish(
+            &mut be.recv_window,
+            &mut be.recv_credit,
+            conn,
+            CONN_WINDOW / 4,
+            &mut be.out,
+            0,
+        );
         if let Some((bid, n)) = stream
-            && n > 0
             && let Some(bs) = be.streams.get_mut(&bid)
+            && !bs.remote_end
         {
-            bs.recv_credit += n;
-            if !bs.remote_end && bs.recv_credit >= BACKEND_STREAM_WINDOW / 2 {
-                frame::window_update(&mut be.out, bid, bs.recv_credit as u32);
-                bs.recv_window += bs.recv_credit;
-                bs.recv_credit = 0;
-                wake = true;
-            }
+            wake |= replenish(
+                &mut bs.recv_window,
+                &mut bs.recv_credit,
+                n,
+                BACKEND_STREAM_WINDOW / 2,
+                &mut be.out,
+                bid,
+            );
         }
         if wake && be.connected {
             self.wake(b);
@@ -1169,8 +1228,8 @@ impl Core {
             }
             match front {
                 Chunk::Headers { block, end } => {
-                    let fwd = with_size_update(block, &mut be.size_update);
-                    frame::headers(&mut be.out, bid, &fwd, *end, be.max_frame);
+                    let fwd = with_size_update(block, &mut be.peer.size_update);
+                    frame::headers(&mut be.out, bid, &fwd, *end, be.peer.max_frame);
                     ended |= *end;
                     let ch = cs.to_up.pop_front().expect("front exists");
                     push_replay(cs, ch);
@@ -1183,7 +1242,7 @@ impl Core {
                     let n = (data.len() as i64)
                         .min(cs.up_window)
                         .min(be.send_window)
-                        .min(be.max_frame as i64);
+                        .min(be.peer.max_frame as i64);
                     if n <= 0 && !data.is_empty() {
                         be.blocked.push((c, sid));
                         break;
@@ -1247,8 +1306,8 @@ impl Core {
             }
             match front {
                 Chunk::Headers { block, end } => {
-                    let fwd = with_size_update(block, &mut cl.size_update);
-                    frame::headers(&mut cl.out, sid, &fwd, *end, cl.max_frame);
+                    let fwd = with_size_update(block, &mut cl.peer.size_update);
+                    frame::headers(&mut cl.out, sid, &fwd, *end, cl.peer.max_frame);
                     cs.down_ended |= *end;
                     cs.to_down.pop_front();
                 }
@@ -1260,7 +1319,7 @@ impl Core {
                     let n = (data.len() as i64)
                         .min(cs.down_window)
                         .min(cl.send_window)
-                        .min(cl.max_frame as i64);
+                        .min(cl.peer.max_frame as i64);
                     if n <= 0 && !data.is_empty() {
                         cl.blocked.push(sid);
                         break;
@@ -1527,26 +1586,10 @@ impl Core {
                 }
                 Ok(())
             }
-            frame::HEADERS => {
-                let (s, e) = frame::unpadded(h.kind, h.flags, &p)
-                    .ok_or(err(code::PROTOCOL_ERROR, "HEADERS padding"))?;
-                let block = Block {
-                    stream: h.stream,
-                    end_stream: h.flags & frame::FLAG_END_STREAM != 0,
-                    buf: p.slice(s..e),
-                };
-                self.backend_block(b, block, h.flags & frame::FLAG_END_HEADERS != 0)
-            }
-            frame::CONTINUATION => {
-                let Some(mut block) = be.block.take() else {
-                    return Err(err(code::PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
-                };
-                if block.stream != h.stream {
-                    return Err(err(code::PROTOCOL_ERROR, "CONTINUATION on another stream"));
-                }
-                block.extend(&p);
-                self.backend_block(b, block, h.flags & frame::FLAG_END_HEADERS != 0)
-            }
+            frame::HEADERS | frame::CONTINUATION => match header_fragment(&mut be.block, h, p)? {
+                Some(block) => self.backend_block(b, block),
+                None => Ok(()),
+            },
             frame::RST_STREAM => {
                 let reason = (&p[..]).get_u32();
                 let Some(bs) = be.streams.remove(&h.stream) else {
@@ -1585,29 +1628,7 @@ impl Core {
                 if h.flags & frame::FLAG_ACK != 0 {
                     return Ok(());
                 }
-                let mut delta = 0;
-                for s in p.chunks_exact(6) {
-                    let ident = u16::from_be_bytes([s[0], s[1]]);
-                    let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
-                    match ident {
-                        setting::HEADER_TABLE_SIZE => be.size_update = true,
-                        setting::MAX_CONCURRENT_STREAMS => be.max_streams = v as usize,
-                        setting::INITIAL_WINDOW_SIZE => {
-                            if i64::from(v) > frame::MAX_WINDOW {
-                                return Err(err(code::FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE"));
-                            }
-                            delta += i64::from(v) - be.init_window;
-                            be.init_window = i64::from(v);
-                        }
-                        setting::MAX_FRAME_SIZE => {
-                            if !(frame::DEFAULT_MAX_FRAME_SIZE..=0xff_ffff).contains(&v) {
-                                return Err(err(code::PROTOCOL_ERROR, "MAX_FRAME_SIZE"));
-                            }
-                            be.max_frame = v as usize;
-                        }
-                        _ => {}
-                    }
-                }
+                let delta = be.peer.apply(&p)?;
                 frame::settings_ack(&mut be.out);
                 let streams: Vec<(ConnId, u32)> =
                     be.streams.values().map(|bs| (bs.client, bs.sid)).collect();
@@ -1705,15 +1726,8 @@ impl Core {
         }
     }
 
-    fn backend_block(&mut self, b: ConnId, block: Block, complete: bool) -> Result<(), ConnError> {
+    fn backend_block(&mut self, b: ConnId, block: Block) -> Result<(), ConnError> {
         let be = self.backends.get_mut(&b).expect("backend exists");
-        if block.buf.len() > MAX_HEADER_BLOCK {
-            return Err(err(code::ENHANCE_YOUR_CALM, "header block too large"));
-        }
-        if !complete {
-            be.block = Some(block);
-            return Ok(());
-        }
         hpack::check_self_contained(&block.buf)?;
         let Some(bs) = be.streams.get_mut(&block.stream) else {
             // A stream we reset; or a push, which we disabled.
