@@ -151,3 +151,49 @@ fn kill_9_keeps_balancing_and_a_restarted_agent_adopts_the_pins() {
     .expect("client");
     assert_eq!(r.errors.get("ENETUNREACH"), Some(&1), "{r:?}");
 }
+
+#[test]
+fn pins_of_another_layout_are_refused_with_the_way_out() {
+    use std::os::unix::fs::MetadataExt;
+    let t = Topology::new("oldpins", 1, &[8080]).expect("topology");
+    let eps: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+    let yaml = endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &eps);
+    let pin_dir = balancer_tests::PinDir::new(&t.prefix);
+    let pins = pin_dir.path.clone();
+    // bpffs where the pins go (the agent mounts it too, when it must).
+    let fs = Command::new("stat")
+        .args(["-f", "-c", "%T", "/sys/fs/bpf"])
+        .output()
+        .expect("stat");
+    if String::from_utf8_lossy(&fs.stdout).trim() != "bpf_fs" {
+        let ok = Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .expect("mount");
+        assert!(ok.success(), "mounting bpffs");
+    }
+    // What an agent of map layout v1 left for this cgroup: its marker.
+    let ino = std::fs::metadata(&t.cgroup.path).expect("cgroup").ino();
+    std::fs::create_dir_all(format!("{pins}/v1/cg-{ino}/complete")).expect("old pins");
+    let args = ["--pin", "--bpffs", pins.as_str()];
+    let err = Agent::start_with(&t.prefix, &t.cgroup.path, &yaml, None, &args)
+        .err()
+        .expect("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("v1/cg-{ino}")) && msg.contains("balancer-agent cleanup"),
+        "{msg}"
+    );
+    for (name, n) in bpfquery::attachments(&t.cgroup.path).expect("query") {
+        assert_eq!(n, 0, "{name} attached after a refused start");
+    }
+    // The way out works.
+    let out = Command::new(agent_bin())
+        .args(["cleanup", "--bpffs", &pins])
+        .output()
+        .expect("cleanup");
+    assert!(out.status.success());
+    let agent = Agent::start_with(&t.prefix, &t.cgroup.path, &yaml, None, &args)
+        .expect("starts after cleanup");
+    drop(agent);
+}

@@ -32,6 +32,12 @@ pub enum PinError {
     },
     #[error("opening pinned map {path}: {message}")]
     Open { path: PathBuf, message: String },
+    #[error(
+        "{found} holds a data path pinned by an agent with another map layout, still attached \
+         to this cgroup; this agent ({LAYOUT}) cannot adopt it: run `balancer-agent cleanup` \
+         (which detaches it) and start again"
+    )]
+    OtherLayout { found: PathBuf },
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -84,7 +90,18 @@ pub fn layout_dir(root: &Path, cgroup: &Path) -> Result<PathBuf, PinError> {
             path: cgroup.to_owned(),
             message: e.to_string(),
         })?;
-    let dir = root.join(LAYOUT).join(format!("cg-{ino}"));
+    let cg = format!("cg-{ino}");
+    // Another layout's complete pinning for this cgroup keeps its programs
+    // attached: attaching ours would fail with a bare EEXIST.
+    if let Ok(layouts) = std::fs::read_dir(root) {
+        for l in layouts.flatten() {
+            let other = l.path().join(&cg);
+            if l.file_name() != LAYOUT && is_pinned(&other) {
+                return Err(PinError::OtherLayout { found: other });
+            }
+        }
+    }
+    let dir = root.join(LAYOUT).join(cg);
     for sub in ["maps", "links"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(|e| PinError::Bpffs {
             path: dir.clone(),
