@@ -276,19 +276,31 @@ async fn serve(
         {
             return watch(sock, &path, kind, state, events, cut).await;
         }
-        // LIST: everything, one page.
-        let (items, rv) = {
+        // LIST, in pages as the apiserver serves them (`limit`, and a
+        // `continue` token: here the offset of the next item).
+        let limit = query(&path, "limit").and_then(|l| l.parse::<usize>().ok());
+        let offset = query(&path, "continue")
+            .and_then(|c| c.parse::<usize>().ok())
+            .unwrap_or(0);
+        let (items, rv, more) = {
             let st = state.lock().unwrap_or_else(|p| p.into_inner());
-            let items: Vec<Value> = st
-                .objects
-                .iter()
-                .filter(|((k, _, _), _)| *k == kind)
+            let all = st.objects.iter().filter(|((k, _, _), _)| *k == kind);
+            let take = limit.unwrap_or(usize::MAX);
+            let items: Vec<Value> = all
+                .clone()
+                .skip(offset)
+                .take(take)
                 .map(|(_, v)| v.clone())
                 .collect();
-            (items, st.rv)
+            let more = all.count() > offset + items.len();
+            (items, st.rv, more)
         };
+        let mut meta = json!({"resourceVersion": rv.to_string()});
+        if more {
+            meta["continue"] = json!((offset + items.len()).to_string());
+        }
         let list = json!({"apiVersion": kind.api_version(), "kind": format!("{}List", kind.name()),
-                          "metadata": {"resourceVersion": rv.to_string()}, "items": items});
+                          "metadata": meta, "items": items});
         respond(&mut sock, 200, &list).await?;
     }
 }

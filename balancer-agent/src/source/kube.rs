@@ -25,7 +25,7 @@ use k8s_openapi::{
         core::v1::{Node, Service},
         discovery::v1::EndpointSlice,
     },
-    apimachinery::pkg::util::intstr::IntOrString,
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 use crate::state::{Algorithm, DesiredState, EndpointSpec, PortSpec, Protocol, ServiceSpec};
 
 /// Annotations of this project, on a Service.
+const ANNOTATION_PREFIX: &str = "balancer.dev/";
 pub const ANNOTATION_MODE: &str = "balancer.dev/mode";
 pub const ANNOTATION_ALGORITHM: &str = "balancer.dev/algorithm";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -67,6 +68,57 @@ pub struct ApiserverState {
     pub node_zone: Option<String>,
 }
 
+/// Drop what `convert` never reads before an object is stored: on a real
+/// cluster `managedFields`, owner references, status and each endpoint's
+/// `targetRef` are most of an object, and the store holds every Service
+/// and EndpointSlice of the cluster on every node.
+trait Trim {
+    fn trim(&mut self);
+}
+
+fn trim_meta(m: &mut ObjectMeta) {
+    m.managed_fields = None;
+    m.owner_references = None;
+    m.finalizers = None;
+    m.generate_name = None;
+    m.uid = None;
+    m.creation_timestamp = None;
+    m.resource_version = None;
+}
+
+impl Trim for Service {
+    fn trim(&mut self) {
+        trim_meta(&mut self.metadata);
+        self.metadata.labels = None;
+        if let Some(a) = self.metadata.annotations.as_mut() {
+            a.retain(|k, _| k.starts_with(ANNOTATION_PREFIX));
+        }
+        self.status = None;
+    }
+}
+
+impl Trim for EndpointSlice {
+    fn trim(&mut self) {
+        trim_meta(&mut self.metadata);
+        self.metadata.annotations = None;
+        if let Some(l) = self.metadata.labels.as_mut() {
+            l.retain(|k, _| k == SERVICE_NAME_LABEL);
+        }
+        for e in &mut self.endpoints {
+            // Only the first address is used (as kube-proxy does).
+            e.addresses.truncate(1);
+            e.addresses.shrink_to_fit();
+            e.target_ref = None;
+            e.deprecated_topology = None;
+            e.hostname = None;
+            if let Some(h) = e.hints.as_mut() {
+                h.for_nodes = None;
+            }
+        }
+        self.endpoints.shrink_to_fit();
+    }
+}
+
 /// Objects of one kind, with relists buffered until complete.
 struct Store<K> {
     objects: HashMap<(String, String), K>,
@@ -74,7 +126,7 @@ struct Store<K> {
     synced: bool,
 }
 
-impl<K: kube::Resource> Store<K> {
+impl<K: kube::Resource + Trim> Store<K> {
     fn new() -> Self {
         Self {
             objects: HashMap::new(),
@@ -94,7 +146,8 @@ impl<K: kube::Resource> Store<K> {
                 self.relist = Some(HashMap::new());
                 false
             }
-            watcher::Event::InitApply(o) => {
+            watcher::Event::InitApply(mut o) => {
+                o.trim();
                 if let Some(r) = self.relist.as_mut() {
                     r.insert(Self::key(&o), o);
                 }
@@ -107,7 +160,8 @@ impl<K: kube::Resource> Store<K> {
                 self.synced = true;
                 true
             }
-            watcher::Event::Apply(o) => {
+            watcher::Event::Apply(mut o) => {
+                o.trim();
                 self.objects.insert(Self::key(&o), o);
                 true
             }
@@ -717,6 +771,56 @@ mod tests {
         let f = st.frontends();
         assert_eq!(f.len(), 2);
         assert_eq!(f[1].backends[0].to_string(), "[fd00:10::1]:8080");
+    }
+
+    #[test]
+    fn trimmed_objects_convert_the_same_and_keep_little() {
+        let full_svc = base_svc(serde_json::json!({
+            "metadata": {
+                "annotations": {"balancer.dev/algorithm": "random", "kubectl.kubernetes.io/last-applied-configuration": "{...}"},
+                "labels": {"app": "web"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsV1": {"f:spec": {}}}],
+                "uid": "1234", "resourceVersion": "99",
+            },
+            "spec": {"internalTrafficPolicy": "Cluster", "sessionAffinity": "None"},
+            "status": {"loadBalancer": {}},
+        }));
+        let full_slice = web_slice(
+            "web-a",
+            8080,
+            serde_json::json!([
+                {"addresses": ["10.0.0.1", "10.0.0.9"], "conditions": {"ready": true},
+                 "nodeName": "n1", "zone": "z1", "hostname": "web-0",
+                 "hints": {"forZones": [{"name": "z1"}], "forNodes": [{"name": "n1"}]},
+                 "targetRef": {"kind": "Pod", "name": "web-0", "namespace": "default", "uid": "abcd"}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true},
+                 "nodeName": "n2", "zone": "z2",
+                 "hints": {"forZones": [{"name": "z2"}]}}
+            ]),
+        );
+        let node = NodeInfo {
+            name: Some("n1".into()),
+            zone: Some("z1".into()),
+        };
+        let want = convert(&[&full_svc], &[&full_slice], &node);
+        assert_eq!(want.0.services[0].endpoints.len(), 1, "z1's hint: {want:?}");
+        let (mut svc, mut slice) = (full_svc.clone(), full_slice.clone());
+        svc.trim();
+        slice.trim();
+        assert_eq!(convert(&[&svc], &[&slice], &node), want);
+        // What is gone.
+        assert!(svc.metadata.managed_fields.is_none() && svc.status.is_none());
+        assert_eq!(
+            svc.annotations().keys().collect::<Vec<_>>(),
+            vec!["balancer.dev/algorithm"]
+        );
+        assert!(
+            slice
+                .endpoints
+                .iter()
+                .all(|e| e.target_ref.is_none() && e.hostname.is_none() && e.addresses.len() == 1)
+        );
+        assert_eq!(slice.labels().len(), 1);
     }
 
     #[test]

@@ -617,23 +617,54 @@ fn kube(out: PathBuf) -> anyhow::Result<()> {
     eprintln!("kube: creating {services} services x {per} endpoints in the fake apiserver");
     for i in 0..services {
         let vip = format!("198.19.{}.{}", i / 256, i % 256);
+        // Shaped like what a real cluster serves: server-side-apply
+        // managedFields, kubectl's last-applied annotation, labels, and
+        // for every endpoint its pod reference, node and zone.
+        let managed = serde_json::json!([{"manager": "kubectl-client-side-apply",
+            "operation": "Update", "apiVersion": "v1", "time": "2026-11-01T00:00:00Z",
+            "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:annotations": {".": {},
+            "f:kubectl.kubernetes.io/last-applied-configuration": {}}, "f:labels": {".": {}, "f:app": {}}},
+            "f:spec": {"f:internalTrafficPolicy": {}, "f:ports": {".": {}, "k:{\"port\":80,\"protocol\":\"TCP\"}": {
+            ".": {}, "f:name": {}, "f:port": {}, "f:protocol": {}, "f:targetPort": {}}},
+            "f:selector": {}, "f:sessionAffinity": {}, "f:type": {}}}}]);
         api.apply(
             Kind::Service,
-            serde_json::json!({"metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
-                "spec": {"clusterIP": vip, "clusterIPs": [vip],
-                         "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
+            serde_json::json!({"metadata": {"name": format!("svc-{i}"), "namespace": "bench",
+                    "uid": format!("00000000-0000-0000-0000-{i:012}"),
+                    "labels": {"app": format!("svc-{i}"), "team": "bench"},
+                    "annotations": {"kubectl.kubernetes.io/last-applied-configuration":
+                        format!("{{\"apiVersion\":\"v1\",\"kind\":\"Service\",\"metadata\":{{\"name\":\"svc-{i}\",\"namespace\":\"bench\"}},\"spec\":{{\"ports\":[{{\"name\":\"http\",\"port\":80,\"targetPort\":8080}}],\"selector\":{{\"app\":\"svc-{i}\"}}}}}}")},
+                    "managedFields": managed},
+                "spec": {"clusterIP": vip, "clusterIPs": [vip], "type": "ClusterIP",
+                         "selector": {"app": format!("svc-{i}")}, "sessionAffinity": "None",
+                         "internalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"],
+                         "ipFamilyPolicy": "SingleStack",
+                         "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+                "status": {"loadBalancer": {}}}),
         );
         let eps: Vec<serde_json::Value> = (0..per)
             .map(|j| {
                 let k = i * per + j;
                 serde_json::json!({"addresses": [format!("10.{}.{}.{}", (k >> 16) & 255, (k >> 8) & 255, k & 255)],
-                                   "conditions": {"ready": true}})
+                                   "conditions": {"ready": true, "serving": true, "terminating": false},
+                                   "nodeName": format!("node-{}", k % 50),
+                                   "zone": format!("zone-{}", k % 3),
+                                   "targetRef": {"kind": "Pod", "namespace": "bench",
+                                                 "name": format!("svc-{i}-7d9f8b6c5d-{j:05}"),
+                                                 "uid": format!("00000000-0000-0000-0001-{k:012}")}})
             })
             .collect();
         api.apply(
             Kind::EndpointSlice,
             serde_json::json!({"metadata": {"name": format!("svc-{i}-a"), "namespace": "bench",
-                                            "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+                    "generateName": format!("svc-{i}-"),
+                    "labels": {"kubernetes.io/service-name": format!("svc-{i}"),
+                               "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                               "app": format!("svc-{i}")},
+                    "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-11-01T00:00:00Z"},
+                    "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": format!("svc-{i}"),
+                        "uid": format!("00000000-0000-0000-0000-{i:012}"), "controller": true,
+                        "blockOwnerDeletion": true}]},
                 "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
                 "endpoints": eps}),
         );
