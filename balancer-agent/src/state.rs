@@ -87,8 +87,10 @@ pub struct EndpointSpec {
     pub terminating: bool,
     /// Target ports resolved for this endpoint, by service port name (""
     /// for an unnamed port): what an EndpointSlice says, which is how named
-    /// target ports resolve per pod. Empty for the file source.
-    pub target_ports: std::collections::BTreeMap<String, u16>,
+    /// target ports resolve per pod. Empty for the file source. Shared by
+    /// the endpoints of one slice (one map per endpoint was the largest
+    /// part of the desired state of a big cluster).
+    pub target_ports: std::sync::Arc<std::collections::BTreeMap<String, u16>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,7 +25,7 @@ use k8s_openapi::{
         core::v1::{Node, Service},
         discovery::v1::EndpointSlice,
     },
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -68,65 +68,99 @@ pub struct ApiserverState {
     pub node_zone: Option<String>,
 }
 
-/// Drop what `convert` never reads before an object is stored: on a real
-/// cluster `managedFields`, owner references, status and each endpoint's
-/// `targetRef` are most of an object, and the store holds every Service
-/// and EndpointSlice of the cluster on every node.
-trait Trim {
-    fn trim(&mut self);
+/// What the conversion reads of an EndpointSlice. The store keeps this
+/// instead of the object: a k8s-openapi `Endpoint` is about 350 bytes
+/// before any string, mostly fields the conversion never reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slice {
+    pub namespace: String,
+    pub name: String,
+    /// The `kubernetes.io/service-name` label.
+    pub service: Option<String>,
+    pub address_type: String,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+    /// More endpoints than an EndpointSlice may hold: not kept.
+    pub oversized: Option<usize>,
 }
 
-fn trim_meta(m: &mut ObjectMeta) {
-    m.managed_fields = None;
-    m.owner_references = None;
-    m.finalizers = None;
-    m.generate_name = None;
-    m.uid = None;
-    m.creation_timestamp = None;
-    m.resource_version = None;
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: Option<String>,
+    pub port: Option<i32>,
+    pub protocol: Option<String>,
 }
 
-impl Trim for Service {
-    fn trim(&mut self) {
-        trim_meta(&mut self.metadata);
-        self.metadata.labels = None;
-        if let Some(a) = self.metadata.annotations.as_mut() {
-            a.retain(|k, _| k.starts_with(ANNOTATION_PREFIX));
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    /// The first address (the one kube-proxy uses).
+    pub address: Option<String>,
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    /// `hints.forZones` names.
+    pub for_zones: Option<Vec<String>>,
+}
+
+impl From<EndpointSlice> for Slice {
+    fn from(s: EndpointSlice) -> Self {
+        let count = s.endpoints.len();
+        // A fresh vector: collecting in place would keep the source's
+        // buffer, sized for the much larger k8s-openapi endpoints.
+        let mut endpoints = Vec::new();
+        if count <= MAX_SLICE_ENDPOINTS {
+            endpoints.reserve_exact(count);
+            endpoints.extend(s.endpoints.into_iter().map(|e| {
+                let c = e.conditions.unwrap_or_default();
+                SliceEndpoint {
+                    address: e.addresses.into_iter().next(),
+                    ready: c.ready,
+                    serving: c.serving,
+                    terminating: c.terminating,
+                    node_name: e.node_name,
+                    zone: e.zone,
+                    for_zones: e
+                        .hints
+                        .and_then(|h| h.for_zones)
+                        .map(|z| z.into_iter().map(|z| z.name).collect()),
+                }
+            }));
         }
-        self.status = None;
+        Self {
+            namespace: s.metadata.namespace.unwrap_or_default(),
+            name: s.metadata.name.unwrap_or_default(),
+            service: s
+                .metadata
+                .labels
+                .and_then(|mut l| l.remove(SERVICE_NAME_LABEL)),
+            address_type: s.address_type,
+            ports: s
+                .ports
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| SlicePort {
+                    name: p.name,
+                    port: p.port,
+                    protocol: p.protocol,
+                })
+                .collect(),
+            endpoints,
+            oversized: (count > MAX_SLICE_ENDPOINTS).then_some(count),
+        }
     }
 }
 
-impl Trim for EndpointSlice {
-    fn trim(&mut self) {
-        trim_meta(&mut self.metadata);
-        self.metadata.annotations = None;
-        if let Some(l) = self.metadata.labels.as_mut() {
-            l.retain(|k, _| k == SERVICE_NAME_LABEL);
-        }
-        for e in &mut self.endpoints {
-            // Only the first address is used (as kube-proxy does).
-            e.addresses.truncate(1);
-            e.addresses.shrink_to_fit();
-            e.target_ref = None;
-            e.deprecated_topology = None;
-            e.hostname = None;
-            if let Some(h) = e.hints.as_mut() {
-                h.for_nodes = None;
-            }
-        }
-        self.endpoints.shrink_to_fit();
-    }
-}
-
-/// Objects of one kind, with relists buffered until complete.
-struct Store<K> {
-    objects: HashMap<(String, String), K>,
-    relist: Option<HashMap<(String, String), K>>,
+/// Objects of one kind, with relists buffered until complete, each kept
+/// as what the conversion needs of it (`V`).
+struct Store<V> {
+    objects: HashMap<(String, String), V>,
+    relist: Option<HashMap<(String, String), V>>,
     synced: bool,
 }
 
-impl<K: kube::Resource + Trim> Store<K> {
+impl<V> Store<V> {
     fn new() -> Self {
         Self {
             objects: HashMap::new(),
@@ -135,21 +169,21 @@ impl<K: kube::Resource + Trim> Store<K> {
         }
     }
 
-    fn key(o: &K) -> (String, String) {
+    fn key<K: kube::Resource>(o: &K) -> (String, String) {
         (o.namespace().unwrap_or_default(), o.name_any())
     }
 
-    /// Apply one watcher event; true if the served set changed.
-    fn apply(&mut self, e: watcher::Event<K>) -> bool {
+    /// Apply one watcher event, keeping `keep(object)`; true if the served
+    /// set changed.
+    fn apply<K: kube::Resource>(&mut self, e: watcher::Event<K>, keep: impl Fn(K) -> V) -> bool {
         match e {
             watcher::Event::Init => {
                 self.relist = Some(HashMap::new());
                 false
             }
-            watcher::Event::InitApply(mut o) => {
-                o.trim();
+            watcher::Event::InitApply(o) => {
                 if let Some(r) = self.relist.as_mut() {
-                    r.insert(Self::key(&o), o);
+                    r.insert(Self::key(&o), keep(o));
                 }
                 false
             }
@@ -160,9 +194,8 @@ impl<K: kube::Resource + Trim> Store<K> {
                 self.synced = true;
                 true
             }
-            watcher::Event::Apply(mut o) => {
-                o.trim();
-                self.objects.insert(Self::key(&o), o);
+            watcher::Event::Apply(o) => {
+                self.objects.insert(Self::key(&o), keep(o));
                 true
             }
             watcher::Event::Delete(o) => {
@@ -171,6 +204,27 @@ impl<K: kube::Resource + Trim> Store<K> {
             }
         }
     }
+}
+
+/// A Service as the store keeps it: without what the conversion never
+/// reads. On a real cluster `managedFields`, owner references, status and
+/// foreign annotations are most of an object, and every node holds every
+/// Service of the cluster.
+fn keep_service(mut s: Service) -> Service {
+    let m = &mut s.metadata;
+    m.managed_fields = None;
+    m.owner_references = None;
+    m.finalizers = None;
+    m.generate_name = None;
+    m.uid = None;
+    m.creation_timestamp = None;
+    m.resource_version = None;
+    m.labels = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.retain(|k, _| k.starts_with(ANNOTATION_PREFIX));
+    }
+    s.status = None;
+    s
 }
 
 fn parse_mode(svc: &str, v: &str) -> Result<Option<Protocol>, String> {
@@ -200,17 +254,17 @@ fn parse_algorithm(svc: &str, v: &str) -> Result<Algorithm, String> {
 /// state and one line per object (or field) that was skipped.
 pub fn convert(
     services: &[&Service],
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     node: &NodeInfo,
 ) -> (DesiredState, Vec<String>) {
     let mut warnings = Vec::new();
-    let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    let mut by_service: HashMap<(String, String), Vec<&Slice>> = HashMap::new();
     for s in slices {
-        let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) else {
+        let Some(svc) = &s.service else {
             continue;
         };
         by_service
-            .entry((s.namespace().unwrap_or_default(), svc.clone()))
+            .entry((s.namespace.clone(), svc.clone()))
             .or_default()
             .push(s);
     }
@@ -341,19 +395,18 @@ pub fn convert(
             .into_iter()
             .flatten()
         {
-            let slice_name = format!("{ns}/{}", slice.name_any());
+            let slice_name = format!("{ns}/{}", slice.name);
             if slice.address_type == "FQDN" {
                 continue;
             }
-            if slice.endpoints.len() > MAX_SLICE_ENDPOINTS {
+            if let Some(n) = slice.oversized {
                 warnings.push(format!(
-                    "endpointslice {slice_name}: {} endpoints, more than {MAX_SLICE_ENDPOINTS}; skipped",
-                    slice.endpoints.len()
+                    "endpointslice {slice_name}: {n} endpoints, more than {MAX_SLICE_ENDPOINTS}; skipped"
                 ));
                 continue;
             }
             let mut target_ports = BTreeMap::new();
-            for sp in slice.ports.iter().flatten() {
+            for sp in &slice.ports {
                 if sp.protocol.as_deref().unwrap_or("TCP") != "TCP" {
                     continue;
                 }
@@ -368,8 +421,9 @@ pub fn convert(
                     None => {}
                 }
             }
+            let target_ports = std::sync::Arc::new(target_ports);
             for (j, e) in slice.endpoints.iter().enumerate() {
-                let Some(addr) = e.addresses.first() else {
+                let Some(addr) = &e.address else {
                     continue;
                 };
                 let Ok(ip) = addr.parse::<IpAddr>() else {
@@ -378,21 +432,16 @@ pub fn convert(
                     ));
                     continue;
                 };
-                let c = e.conditions.as_ref();
-                let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                let ready = e.ready.unwrap_or(true);
                 let spec = EndpointSpec {
                     address: ip,
                     zone: e.zone.clone(),
                     ready,
-                    serving: c.and_then(|c| c.serving).unwrap_or(ready),
-                    terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                    serving: e.serving.unwrap_or(ready),
+                    terminating: e.terminating.unwrap_or(false),
                     target_ports: target_ports.clone(),
                 };
-                let hints = e
-                    .hints
-                    .as_ref()
-                    .and_then(|h| h.for_zones.as_ref())
-                    .map(|z| z.iter().map(|z| z.name.clone()).collect());
+                let hints = e.for_zones.clone();
                 // The same address in two slices (a pod moving between
                 // them): keep the ready one.
                 match endpoints.get(&ip) {
@@ -501,18 +550,18 @@ pub async fn run(
     .default_backoff();
     tokio::pin!(services, slices);
     let mut svc_store: Store<Service> = Store::new();
-    let mut eps_store: Store<EndpointSlice> = Store::new();
+    let mut eps_store: Store<Slice> = Store::new();
     let mut dirty = false;
     let mut warned: BTreeSet<String> = BTreeSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
             Some(e) = services.next() => match e {
-                Ok(e) => dirty |= svc_store.apply(e),
+                Ok(e) => dirty |= svc_store.apply(e, keep_service),
                 Err(e) => note_error(&health, &e),
             },
             Some(e) = slices.next() => match e {
-                Ok(e) => dirty |= eps_store.apply(e),
+                Ok(e) => dirty |= eps_store.apply(e, Slice::from),
                 Err(e) => note_error(&health, &e),
             },
             _ = tick.tick() => {
@@ -521,7 +570,7 @@ pub async fn run(
                 }
                 dirty = false;
                 let svcs: Vec<&Service> = svc_store.objects.values().collect();
-                let eps: Vec<&EndpointSlice> = eps_store.objects.values().collect();
+                let eps: Vec<&Slice> = eps_store.objects.values().collect();
                 let (state, warnings) = convert(&svcs, &eps, &node);
                 for w in warnings {
                     // Each distinct problem once, not on every update.
@@ -558,8 +607,9 @@ mod tests {
     fn svc(json: serde_json::Value) -> Service {
         serde_json::from_value(json).expect("service")
     }
-    fn slice(json: serde_json::Value) -> EndpointSlice {
-        serde_json::from_value(json).expect("slice")
+    /// An EndpointSlice from JSON, as the store keeps it.
+    fn slice(json: serde_json::Value) -> Slice {
+        Slice::from(serde_json::from_value::<EndpointSlice>(json).expect("slice"))
     }
 
     fn base_svc(extra: serde_json::Value) -> Service {
@@ -583,7 +633,7 @@ mod tests {
         }
     }
 
-    fn web_slice(name: &str, port: i32, eps: serde_json::Value) -> EndpointSlice {
+    fn web_slice(name: &str, port: i32, eps: serde_json::Value) -> Slice {
         slice(serde_json::json!({
             "metadata": {"name": name, "namespace": "default",
                           "labels": {"kubernetes.io/service-name": "web"}},
@@ -774,7 +824,7 @@ mod tests {
     }
 
     #[test]
-    fn trimmed_objects_convert_the_same_and_keep_little() {
+    fn stored_objects_keep_only_what_the_conversion_reads() {
         let full_svc = base_svc(serde_json::json!({
             "metadata": {
                 "annotations": {"balancer.dev/algorithm": "random", "kubectl.kubernetes.io/last-applied-configuration": "{...}"},
@@ -804,36 +854,45 @@ mod tests {
         };
         let want = convert(&[&full_svc], &[&full_slice], &node);
         assert_eq!(want.0.services[0].endpoints.len(), 1, "z1's hint: {want:?}");
-        let (mut svc, mut slice) = (full_svc.clone(), full_slice.clone());
-        svc.trim();
-        slice.trim();
-        assert_eq!(convert(&[&svc], &[&slice], &node), want);
+        let svc = keep_service(full_svc.clone());
+        assert_eq!(convert(&[&svc], &[&full_slice], &node), want);
         // What is gone.
         assert!(svc.metadata.managed_fields.is_none() && svc.status.is_none());
         assert_eq!(
             svc.annotations().keys().collect::<Vec<_>>(),
             vec!["balancer.dev/algorithm"]
         );
-        assert!(
-            slice
-                .endpoints
-                .iter()
-                .all(|e| e.target_ref.is_none() && e.hostname.is_none() && e.addresses.len() == 1)
+        // The slice keeps the first address, conditions, node, zone and
+        // zone hints of each endpoint, and nothing else.
+        assert_eq!(
+            full_slice.endpoints[0],
+            SliceEndpoint {
+                address: Some("10.0.0.1".into()),
+                ready: Some(true),
+                serving: None,
+                terminating: None,
+                node_name: Some("n1".into()),
+                zone: Some("z1".into()),
+                for_zones: Some(vec!["z1".into()]),
+            }
         );
-        assert_eq!(slice.labels().len(), 1);
+        assert_eq!(full_slice.service.as_deref(), Some("web"));
     }
 
     #[test]
     fn a_relist_is_swapped_in_whole() {
         let mut st: Store<Service> = Store::new();
-        assert!(!st.apply(watcher::Event::Init));
-        st.apply(watcher::Event::InitApply(base_svc(serde_json::json!({}))));
-        assert!(st.apply(watcher::Event::InitDone));
+        assert!(!st.apply(watcher::Event::Init, keep_service));
+        st.apply(
+            watcher::Event::InitApply(base_svc(serde_json::json!({}))),
+            keep_service,
+        );
+        assert!(st.apply(watcher::Event::InitDone, keep_service));
         assert_eq!(st.objects.len(), 1);
         // A relist starts: the served set stays until it completes.
-        st.apply(watcher::Event::Init);
+        st.apply(watcher::Event::Init, keep_service);
         assert_eq!(st.objects.len(), 1);
-        st.apply(watcher::Event::InitDone);
+        st.apply(watcher::Event::InitDone, keep_service);
         assert_eq!(st.objects.len(), 0, "the relist said there is nothing");
     }
 }
