@@ -577,7 +577,7 @@ impl Core {
                 }
                 let reason = (&p[..]).get_u32();
                 if let Some(cs) = c.streams.remove(&h.stream) {
-                    self.drop_stream(id, h.stream, cs, Some(reason));
+                    self.drop_stream(id, cs, reason);
                     self.after_stream_end(id);
                 }
                 Ok(())
@@ -811,9 +811,9 @@ impl Core {
         };
         c.closing = true;
         c.blocked.clear();
-        let streams: Vec<(u32, CStream)> = c.streams.drain().collect();
-        for (sid, cs) in streams {
-            self.drop_stream(id, sid, cs, Some(code::CANCEL));
+        let streams: Vec<CStream> = c.streams.drain().map(|(_, cs)| cs).collect();
+        for cs in streams {
+            self.drop_stream(id, cs, code::CANCEL);
         }
         self.wake(id);
     }
@@ -1379,14 +1379,14 @@ impl Core {
         };
         frame::rst(&mut cl.out, sid, code);
         self.wake(c);
-        self.drop_stream(c, sid, cs, Some(code::CANCEL));
+        self.drop_stream(c, cs, code::CANCEL);
         self.after_stream_end(c);
     }
 
     /// A client stream is gone (reset by either side, or its connection
     /// closed): cancel its backend stream with `cancel`, and give back
     /// the flow-control credit of what it still held.
-    fn drop_stream(&mut self, c: ConnId, _sid: u32, cs: CStream, cancel: Option<u32>) {
+    fn drop_stream(&mut self, c: ConnId, cs: CStream, cancel: u32) {
         let held_up: i64 = cs
             .to_up
             .iter()
@@ -1403,9 +1403,8 @@ impl Core {
             if let Some(be) = self.backends.get_mut(&b)
                 && let Some(bs) = be.streams.remove(&bid)
                 && !(bs.local_end && bs.remote_end)
-                && let Some(code) = cancel
             {
-                frame::rst(&mut be.out, bid, code);
+                frame::rst(&mut be.out, bid, cancel);
                 wake = be.connected;
             }
             if wake {
