@@ -298,6 +298,25 @@ fn push_replay(cs: &mut CStream, chunk: Chunk) {
     cs.replay.push(chunk);
 }
 
+/// Take the next whole frame (header and payload) off `buf`, checking the
+/// size rules; None while it is incomplete (room is reserved for it).
+fn next_frame(buf: &mut BytesMut) -> Result<Option<(FrameHeader, Bytes)>, ConnError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let h = FrameHeader::parse(buf[..HEADER_LEN].try_into().expect("9 bytes"));
+    h.check(frame::DEFAULT_MAX_FRAME_SIZE)
+        .map_err(|code| err(code, "frame size"))?;
+    let total = HEADER_LEN + h.length as usize;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let mut f = buf.split_to(total).freeze();
+    f.advance(HEADER_LEN);
+    Ok(Some((h, f)))
+}
+
 /// A HEADERS or CONTINUATION frame from either peer: the header block it
 /// completes (END_HEADERS), if any. A block in progress waits in `pending`.
 fn header_fragment(
@@ -525,19 +544,9 @@ impl Core {
                 buf.advance(frame::PREFACE.len());
                 c.preface_done = true;
             }
-            if buf.len() < HEADER_LEN {
+            let Some((h, f)) = next_frame(buf)? else {
                 return Ok(());
-            }
-            let h = FrameHeader::parse(buf[..HEADER_LEN].try_into().expect("9 bytes"));
-            h.check(frame::DEFAULT_MAX_FRAME_SIZE)
-                .map_err(|code| err(code, "frame size"))?;
-            let total = HEADER_LEN + h.length as usize;
-            if buf.len() < total {
-                buf.reserve(total - buf.len());
-                return Ok(());
-            }
-            let mut f = buf.split_to(total).freeze();
-            f.advance(HEADER_LEN);
+            };
             if !c.settings_seen {
                 if h.kind != frame::SETTINGS || h.flags & frame::FLAG_ACK != 0 {
                     return Err(err(code::PROTOCOL_ERROR, "first frame is not SETTINGS"));
@@ -1524,19 +1533,9 @@ impl Core {
                 buf.clear();
                 return Ok(());
             }
-            if buf.len() < HEADER_LEN {
+            let Some((h, f)) = next_frame(buf)? else {
                 return Ok(());
-            }
-            let h = FrameHeader::parse(buf[..HEADER_LEN].try_into().expect("9 bytes"));
-            h.check(frame::DEFAULT_MAX_FRAME_SIZE)
-                .map_err(|code| err(code, "frame size"))?;
-            let total = HEADER_LEN + h.length as usize;
-            if buf.len() < total {
-                buf.reserve(total - buf.len());
-                return Ok(());
-            }
-            let mut f = buf.split_to(total).freeze();
-            f.advance(HEADER_LEN);
+            };
             if be.block.is_some() && h.kind != frame::CONTINUATION {
                 return Err(err(code::PROTOCOL_ERROR, "frame inside a header block"));
             }

@@ -774,14 +774,7 @@ impl Agent {
         netns: Option<&str>,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(prefix);
-        std::fs::create_dir_all(&dir)?;
-        let endpoints_file = dir.join("endpoints.yaml");
-        std::fs::write(&endpoints_file, endpoints_yaml)?;
-        let mut args: Vec<std::ffi::OsString> =
-            vec!["--endpoints-file".into(), endpoints_file.clone().into()];
-        args.extend(extra.iter().map(Into::into));
-        Self::spawn(dir, endpoints_file, cgroup, netns, &args, &[], None)
+        Self::start_file(prefix, cgroup, endpoints_yaml, netns, extra, None)
     }
 
     /// As [`Agent::start_with`], with the agent process in `agent_cgroup`
@@ -794,6 +787,25 @@ impl Agent {
         extra: &[&str],
         agent_cgroup: &Path,
     ) -> anyhow::Result<Self> {
+        Self::start_file(
+            prefix,
+            cgroup,
+            endpoints_yaml,
+            netns,
+            extra,
+            Some(agent_cgroup),
+        )
+    }
+
+    /// The agent on an endpoints file written from `endpoints_yaml`.
+    fn start_file(
+        prefix: &str,
+        cgroup: &Path,
+        endpoints_yaml: &str,
+        netns: Option<&str>,
+        extra: &[&str],
+        agent_cgroup: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(prefix);
         std::fs::create_dir_all(&dir)?;
         let endpoints_file = dir.join("endpoints.yaml");
@@ -801,15 +813,7 @@ impl Agent {
         let mut args: Vec<std::ffi::OsString> =
             vec!["--endpoints-file".into(), endpoints_file.clone().into()];
         args.extend(extra.iter().map(Into::into));
-        Self::spawn(
-            dir,
-            endpoints_file,
-            cgroup,
-            netns,
-            &args,
-            &[],
-            Some(agent_cgroup),
-        )
+        Self::spawn(dir, endpoints_file, cgroup, netns, &args, &[], agent_cgroup)
     }
 
     /// Start the agent on the Kubernetes source, configured by `kubeconfig`.

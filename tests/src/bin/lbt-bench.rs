@@ -80,19 +80,7 @@ fn l4(out: PathBuf) -> anyhow::Result<()> {
                 .trim_start_matches("services:\n")
         ),
     )?;
-    let kp = t.extra_client("kp", "198.18.201.1", "fd00:18::c9:1")?;
-    sh(
-        "ip",
-        &[
-            "-n",
-            &kp.name,
-            "route",
-            "add",
-            "198.19.0.0/16",
-            "dev",
-            "eth0",
-        ],
-    )?;
+    let kp = kube_proxy_client(&t)?;
     let backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), 8080)).collect();
     let sink_backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), SINK_PORT)).collect();
     install_kube_proxy(
@@ -271,6 +259,26 @@ struct H2Run {
     spread: f64,
 }
 
+/// A client namespace outside the agent's cgroup whose service traffic
+/// (198.19.0.0/16) goes out to the node, where kube-proxy-shaped rules are
+/// installed.
+fn kube_proxy_client(t: &Topology) -> anyhow::Result<balancer_tests::Netns> {
+    let kp = t.extra_client("kp", "198.18.201.1", "fd00:18::c9:1")?;
+    sh(
+        "ip",
+        &[
+            "-n",
+            &kp.name,
+            "route",
+            "add",
+            "198.19.0.0/16",
+            "dev",
+            "eth0",
+        ],
+    )?;
+    Ok(kp)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -412,19 +420,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
     )?;
     let splice_pid = splice_agent.pid().context("splice agent pid")?;
     let plain = t.extra_client("plain", "198.18.202.1", "fd00:18::ca:1")?;
-    let kp = t.extra_client("kp", "198.18.201.1", "fd00:18::c9:1")?;
-    sh(
-        "ip",
-        &[
-            "-n",
-            &kp.name,
-            "route",
-            "add",
-            "198.19.0.0/16",
-            "dev",
-            "eth0",
-        ],
-    )?;
+    let kp = kube_proxy_client(&t)?;
     let backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), 8080)).collect();
     install_kube_proxy(&kp, &kube_proxy_services(&[("198.19.0.60", 80, &backends)]))?;
 
