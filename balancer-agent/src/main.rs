@@ -81,6 +81,20 @@ enum Command {
         /// after the GOAWAY.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         drain_timeout: Duration,
+        /// An HTTP/2 stream with no frame either way for this long is reset
+        /// on both hops (Envoy's stream_idle_timeout default). Streaming
+        /// RPCs that keep exchanging messages are never cut.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        stream_idle_timeout: Duration,
+        /// What one HTTP/2 client connection may make the router hold:
+        /// unread responses (through the windows granted to pods) and
+        /// queued request bytes (its connection window). Like 4MiB, 512KiB.
+        #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+        client_buffer: usize,
+        /// What the responses of all HTTP/2 clients together may make the
+        /// router hold; past it pods get a minimal window per stream.
+        #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+        router_buffer_limit: usize,
     },
     /// Remove every pin (and so detach every pinned program) under --bpffs.
     Cleanup {
@@ -158,8 +172,17 @@ fn main() -> ExitCode {
                 splice,
                 metrics_addr,
                 drain_timeout,
+                stream_idle_timeout,
+                client_buffer,
+                router_buffer_limit,
             } => {
                 run(RunOptions {
+                    limits: proxy::core::Limits {
+                        stream_idle_timeout,
+                        client_buffer,
+                        buffer_limit: router_buffer_limit,
+                        ..Default::default()
+                    },
                     splice,
                     endpoints_file,
                     node_name,
@@ -235,6 +258,28 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_size(s: &str) -> Result<usize, String> {
+    let bad = || format!("{s:?} is not a size (like 4MiB, 512KiB, 1GiB, 65536)");
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| (&s[..i], &s[i..]));
+    let n: usize = num.parse().map_err(|_| bad())?;
+    let mult: usize = match unit {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    let v = n.checked_mul(mult).ok_or_else(bad)?;
+    if v < 64 * 1024 {
+        return Err(format!(
+            "{s:?} is below the 64KiB minimum (one HTTP/2 window)"
+        ));
+    }
+    Ok(v)
+}
+
 /// The cgroup v2 mount point, from /proc/self/mountinfo.
 fn cgroup2_root() -> anyhow::Result<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
@@ -264,6 +309,7 @@ struct RunOptions {
     splice: bool,
     metrics_addr: Option<std::net::SocketAddr>,
     drain_timeout: Duration,
+    limits: proxy::core::Limits,
 }
 
 async fn run(opts: RunOptions) -> anyhow::Result<()> {
@@ -277,6 +323,7 @@ async fn run(opts: RunOptions) -> anyhow::Result<()> {
         splice,
         metrics_addr,
         drain_timeout,
+        limits,
     } = opts;
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
@@ -348,7 +395,7 @@ async fn run(opts: RunOptions) -> anyhow::Result<()> {
             } else {
                 None
             };
-            let router = proxy::Router::new(orig, splice_map);
+            let router = proxy::Router::new(orig, splice_map, limits);
             router_task = Some(router.spawn_thread(l)?);
             dataplane.set_router(addr, splice)?;
             tracing::info!(%addr, "HTTP/2 router listening");

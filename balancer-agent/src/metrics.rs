@@ -18,6 +18,7 @@ use tokio::{
 use crate::agent::Agent;
 
 pub use balancer_router::stats::{LATENCY as ROUTER_LATENCY, SELECTIONS as ROUTER_SELECTIONS};
+use balancer_router::{core::calm, stats as router_stats};
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -152,6 +153,8 @@ pub fn render(agent: &Agent) -> String {
             ROUTER_SELECTIONS[i].load(Ordering::Relaxed),
         );
     }
+
+    router_protection(&mut f);
 
     let r = &status.last_reload;
     f.head(
@@ -290,5 +293,42 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
+
+/// The router's defences: connections cut for floods, streams reset for
+/// idleness or because a backend connection failed, silent backends.
+fn router_protection(f: &mut Family<'_>) {
+    f.head(
+        "balancer_router_floods_total",
+        "counter",
+        "HTTP/2 client connections closed with ENHANCE_YOUR_CALM, by what they flooded.",
+    );
+    for kind in calm::Flood::ALL {
+        f.sample(
+            "balancer_router_floods_total",
+            &[("kind", kind.name())],
+            calm::FLOODS[kind as usize].load(Ordering::Relaxed),
+        );
+    }
+    for (name, help, v) in [
+        (
+            "balancer_router_stream_idle_timeouts_total",
+            "HTTP/2 streams reset on both hops after --stream-idle-timeout without a frame.",
+            &router_stats::STREAM_IDLE_TIMEOUTS,
+        ),
+        (
+            "balancer_router_backend_connection_resets_total",
+            "HTTP/2 streams a pod may have processed, reset because its connection failed.",
+            &router_stats::BACKEND_CONN_RESETS,
+        ),
+        (
+            "balancer_router_backend_settings_timeouts_total",
+            "Backend connections given up because the pod sent no SETTINGS in time.",
+            &router_stats::BACKEND_SETTINGS_TIMEOUTS,
+        ),
+    ] {
+        f.head(name, "counter", help);
+        f.sample(name, &[], v.load(Ordering::Relaxed));
     }
 }

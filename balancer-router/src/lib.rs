@@ -4,16 +4,23 @@
 //! sockets; everything it does with the bytes is here, so that it can be
 //! tested frame by frame and fuzzed (`fuzz/fuzz_targets/h2router.rs`):
 //! - [`core`]: client and backend connections, streams across the two
-//!   hops, flow control, retries, drain;
-//! - [`frame`]: writing frames;
-//! - [`hpack`]: the checks and re-encoding that let header blocks be
-//!   forwarded without decoding;
+//!   hops, retries, drain, flood detection, time and memory bounds;
+//! - [`frame`]: reading and writing frames, one file per frame type where
+//!   it has more than a header; [`frame::Reason`], the typed error code;
+//! - [`flow`]: flow-control windows as types;
+//! - [`hpack`] and [`huffman`]: the complete validation of header blocks
+//!   that lets them be forwarded without re-encoding, and the re-encoding
+//!   of blocks sent before a client ACKed our settings;
+//! - [`error`]: connection and stream errors;
 //! - [`endpoint`]: per-stream endpoint choice (least-request and others);
 //! - [`stats`]: the router's counters, read by the agent's metrics.
 #![forbid(unsafe_code)]
 
 pub mod core;
 pub mod endpoint;
+pub mod error;
+pub mod flow;
 pub mod frame;
 pub mod hpack;
+pub mod huffman;
 pub mod stats;

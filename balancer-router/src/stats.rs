@@ -59,6 +59,14 @@ pub static LATENCY: Histogram = Histogram::new();
 /// Router backend choices by algorithm: random, round-robin, least-request.
 pub static SELECTIONS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
 
+/// Streams reset on both hops after `--stream-idle-timeout` without a frame.
+pub static STREAM_IDLE_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
+/// Streams a backend may have processed, reset because its connection
+/// failed (those it did not process are retried instead).
+pub static BACKEND_CONN_RESETS: AtomicU64 = AtomicU64::new(0);
+/// Backend connections given up because no SETTINGS came in time.
+pub static BACKEND_SETTINGS_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
+
 impl Default for Histogram {
     fn default() -> Self {
         Self::new()

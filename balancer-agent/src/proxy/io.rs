@@ -22,6 +22,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Second phase of a drain if the client does not answer our PING.
 const DRAIN_PING_TIMEOUT: Duration = Duration::from_secs(1);
 const READ_CHUNK: usize = 64 * 1024;
+/// Buffers above this are replaced by fresh ones once they drained.
+const KEEP_BUFFER: usize = 4 * READ_CHUNK;
 
 pub struct Shared {
     core: RefCell<Core>,
@@ -55,9 +57,10 @@ impl Shared {
         r
     }
 
-    /// Periodic upkeep of the core (see [`Core::sweep`]).
-    pub fn sweep(self: &Rc<Self>) {
-        self.with(Core::sweep);
+    /// Periodic upkeep of the core (see [`Core::tick`]).
+    pub fn tick(self: &Rc<Self>) {
+        let now = std::time::Instant::now();
+        self.with(|c| c.tick(now));
     }
 
     fn register(&self, id: ConnId) -> Rc<Notify> {
@@ -214,6 +217,11 @@ impl Shared {
                     return;
                 }
                 self.with(|c| c.written(id));
+                // A burst grew the buffer: give the memory back rather
+                // than keep it for every idle connection.
+                if buf.capacity() > KEEP_BUFFER {
+                    buf = BytesMut::with_capacity(READ_CHUNK);
+                }
                 continue;
             }
             if close {

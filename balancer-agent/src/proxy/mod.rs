@@ -62,6 +62,8 @@ pub struct Router {
     /// client sockets that sock_ops did not.
     splice: Option<Mutex<SockHash<MapData, SpliceKey>>>,
     shutdown: watch::Sender<bool>,
+    /// The router's bounds in time and memory.
+    limits: core::Limits,
     /// Client connections open now.
     connections: std::sync::atomic::AtomicUsize,
     /// Set by the router's own thread every 100 ms: proof of life.
@@ -82,8 +84,10 @@ impl Router {
     pub fn new(
         orig_dst: BpfHashMap<MapData, SockKey, OrigDst>,
         splice: Option<SockHash<MapData, SpliceKey>>,
+        limits: core::Limits,
     ) -> Arc<Self> {
         Arc::new(Self {
+            limits,
             splice: splice.map(Mutex::new),
             table: RwLock::new(Arc::new(HashMap::new())),
             registry: Mutex::new(HashMap::new()),
@@ -226,9 +230,10 @@ impl Router {
                         }
                     };
                     let picker = router.clone();
-                    let shared = io::Shared::new(core::Core::new(Box::new(move |vip, tried| {
-                        picker.pick(vip, tried)
-                    })));
+                    let shared = io::Shared::new(core::Core::with_limits(
+                        Box::new(move |vip, tried| picker.pick(vip, tried)),
+                        router.limits.clone(),
+                    ));
                     let beat = async {
                         let mut n = 0u64;
                         loop {
@@ -236,8 +241,8 @@ impl Router {
                                 .alive
                                 .store(true, std::sync::atomic::Ordering::Relaxed);
                             n += 1;
-                            if n.is_multiple_of(10) {
-                                shared.sweep();
+                            if n.is_multiple_of(5) {
+                                shared.tick();
                             }
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }

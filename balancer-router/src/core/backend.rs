@@ -1,0 +1,555 @@
+//! The backend hop: pooled connections to pods, the router as their
+//! HTTP/2 client. A pod's errors end its own connection or stream; what
+//! reaches a client from it is checked like what reaches a pod from a
+//! client.
+
+use std::sync::atomic::Ordering;
+
+use bytes::{Bytes, BytesMut};
+
+use super::{BStream, Chunk, ConnId, Core, MAX_RESPONSE_HEADER_LIST, Up, state::State};
+use crate::{
+    error::Error,
+    frame::{self, Block, FrameHeader, Reason},
+    hpack::{self, Role},
+    stats,
+};
+
+impl Core {
+    /// The TCP connection of backend `b` is up: its queued output goes.
+    pub fn backend_connected(&mut self, b: ConnId) {
+        let Some(be) = self.backends.get_mut(&b) else {
+            return;
+        };
+        be.connected = true;
+        for bs in be.streams.values() {
+            if let Some(i) = self
+                .clients
+                .get(&bs.client)
+                .and_then(|cl| cl.streams.get(&bs.sid))
+                .and_then(|cs| cs.inflight.as_ref())
+            {
+                i.sent();
+            }
+        }
+        self.wake(b);
+    }
+
+    /// Backend `b` could not be reached (or never spoke HTTP/2): nothing
+    /// reached it, so all its streams are retried elsewhere.
+    pub fn backend_connect_failed(&mut self, b: ConnId) {
+        let Some(be) = self.backends.get_mut(&b) else {
+            return;
+        };
+        tracing::debug!(endpoint = %be.ep.addr, "backend connection failed");
+        be.ep.failures.fetch_add(1, Ordering::Relaxed);
+        be.settings_seen = false;
+        self.backend_gone(b);
+    }
+
+    /// Backend `b`'s connection ended (closed, failed, or we closed it).
+    pub(super) fn backend_gone(&mut self, b: ConnId) {
+        let Some(mut be) = self.backends.remove(&b) else {
+            return;
+        };
+        if self.pool.get(&be.ep.addr) == Some(&b) {
+            self.pool.remove(&be.ep.addr);
+        }
+        // Streams may have been processed only by a backend that spoke
+        // HTTP/2 to us.
+        let spoke = be.settings_seen;
+        let queued: Vec<_> = be.queue.drain(..).collect();
+        let streams: Vec<(u32, BStream)> = be.streams.drain().collect();
+        for (c, sid) in queued {
+            self.reroute(c, sid, b);
+        }
+        for (bid, bs) in streams {
+            self.release(bs.client, bs.recv.available());
+            let Some(cs) = self.cstream(bs.client, bs.sid) else {
+                continue;
+            };
+            if cs.up != Up::Open(b, bid) {
+                continue;
+            }
+            cs.up = Up::Done;
+            if !spoke {
+                self.retry(bs.client, bs.sid);
+            } else if bs.state.recv_closed() {
+                // The whole response arrived; only the request's tail is lost.
+                cs.inflight = None;
+                cs.rst_after_down = true;
+                self.pump_up(bs.client, bs.sid);
+                self.pump_down(bs.client, bs.sid);
+            } else {
+                stats::BACKEND_CONN_RESETS.fetch_add(1, Ordering::Relaxed);
+                self.reset_client_stream(bs.client, bs.sid, Reason::INTERNAL_ERROR);
+            }
+        }
+        self.io.retain(|io| *io != Io::Wake(b));
+        // Let its writer see that the core forgot it, and close the socket.
+        self.io.push(Io::Wake(b));
+    }
+
+    /// Close a backend connection on a protocol error of its own.
+    fn backend_error(&mut self, b: ConnId, reason: Reason, why: &'static str) {
+        if let Some(be) = self.backends.get_mut(&b) {
+            tracing::warn!(endpoint = %be.ep.addr, %reason, why, "backend connection error");
+            frame::goaway(&mut be.out, 0, reason);
+            be.closing = true;
+            self.wake(b);
+        }
+    }
+
+    /// Bytes backend `b` sent.
+    pub fn backend_read(&mut self, b: ConnId, buf: &mut BytesMut) {
+        if let Err(Error::Conn { reason, why }) = self.backend_frames(b, buf) {
+            self.backend_error(b, reason, why);
+            buf.clear();
+        }
+    }
+
+    /// The backend closed its side (or its socket failed).
+    pub fn backend_eof(&mut self, b: ConnId) {
+        self.backend_gone(b);
+    }
+
+    pub fn backend_reading(&self, b: ConnId) -> bool {
+        self.backends.get(&b).is_some_and(|be| !be.closing)
+    }
+
+    fn backend_frames(&mut self, b: ConnId, buf: &mut BytesMut) -> Result<(), Error> {
+        loop {
+            let Some(be) = self.backends.get_mut(&b) else {
+                buf.clear();
+                return Ok(());
+            };
+            if be.closing {
+                buf.clear();
+                return Ok(());
+            }
+            let Some((h, f)) = frame::next_frame(buf)? else {
+                return Ok(());
+            };
+            if !be.settings_seen {
+                if h.kind != frame::SETTINGS || h.flags & frame::FLAG_ACK != 0 {
+                    return Err(Error::conn(
+                        Reason::PROTOCOL_ERROR,
+                        "first frame is not SETTINGS",
+                    ));
+                }
+                be.settings_seen = true;
+            }
+            if be.fragments.in_progress() && h.kind != frame::CONTINUATION {
+                return Err(Error::conn(
+                    Reason::PROTOCOL_ERROR,
+                    "frame inside a header block",
+                ));
+            }
+            match self.backend_frame(b, h, f) {
+                Ok(()) => {}
+                Err(Error::Stream {
+                    stream,
+                    reason,
+                    why,
+                }) => {
+                    tracing::debug!(conn = b, stream, %reason, why, "backend stream error");
+                    self.backend_stream_error(b, stream, reason);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A stream error on a backend stream: RST_STREAM to the backend, and
+    /// the client's stream reset (the client did nothing wrong).
+    fn backend_stream_error(&mut self, b: ConnId, bid: u32, reason: Reason) {
+        let Some(be) = self.backends.get_mut(&b) else {
+            return;
+        };
+        frame::rst(&mut be.out, bid, reason);
+        let bs = be.streams.remove(&bid);
+        if be.connected {
+            self.wake(b);
+        }
+        if let Some(bs) = bs {
+            self.release(bs.client, bs.recv.available());
+            if let Some(cs) = self.cstream(bs.client, bs.sid) {
+                cs.up = Up::Done;
+                if let Some(i) = cs.inflight.take() {
+                    i.ep.failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.reset_client_stream(bs.client, bs.sid, Reason::INTERNAL_ERROR);
+            self.after_bstream(b);
+        }
+    }
+
+    fn backend_frame(&mut self, b: ConnId, h: FrameHeader, p: Bytes) -> Result<(), Error> {
+        let now = self.now;
+        let be = self.backends.get_mut(&b).expect("backend exists");
+        match h.kind {
+            frame::DATA => {
+                if h.stream == 0 {
+                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "DATA on stream 0"));
+                }
+                let len = i64::from(h.length);
+                be.recv.consume(len).map_err(|_| {
+                    Error::conn(Reason::FLOW_CONTROL_ERROR, "connection window exceeded")
+                })?;
+                let (s, e) = frame::unpadded(h.kind, h.flags, &p)
+                    .ok_or(Error::conn(Reason::PROTOCOL_ERROR, "DATA padding"))?;
+                let end = h.flags & frame::FLAG_END_STREAM != 0;
+                self.credit_backend_conn(b, len);
+                let be = self.backends.get_mut(&b).expect("backend exists");
+                let Some(bs) = be.streams.get_mut(&h.stream) else {
+                    // A stream we reset.
+                    return Ok(());
+                };
+                if bs.state.recv_closed() {
+                    return Err(Error::stream(
+                        h.stream,
+                        Reason::STREAM_CLOSED,
+                        "DATA after END_STREAM",
+                    ));
+                }
+                if !bs.response_seen {
+                    return Err(Error::stream(
+                        h.stream,
+                        Reason::PROTOCOL_ERROR,
+                        "DATA before the response HEADERS",
+                    ));
+                }
+                if bs.recv.consume(len).is_err() {
+                    return Err(Error::stream(
+                        h.stream,
+                        Reason::FLOW_CONTROL_ERROR,
+                        "stream window exceeded",
+                    ));
+                }
+                if end {
+                    bs.state.recv_end();
+                }
+                let (c, sid) = (bs.client, bs.sid);
+                // Padding is not passed on: out of the budget at once.
+                let padding = len - (e - s) as i64;
+                let data = p.slice(s..e);
+                let Some(cs) = self.cstream(c, sid) else {
+                    return Ok(());
+                };
+                cs.responded = true;
+                cs.last_active = now;
+                cs.down_bytes += len - padding;
+                cs.to_down.push_back(Chunk::Data {
+                    data,
+                    end,
+                    credit: len - padding,
+                });
+                self.release(c, padding);
+                self.pump_down(c, sid);
+                if end {
+                    self.maybe_close_bstream(b, h.stream);
+                }
+                Ok(())
+            }
+            frame::HEADERS | frame::CONTINUATION => match be.fragments.push(h, p)? {
+                Some(block) => self.backend_block(b, block),
+                None => Ok(()),
+            },
+            frame::RST_STREAM => {
+                if h.stream == 0 {
+                    return Err(Error::conn(
+                        Reason::PROTOCOL_ERROR,
+                        "RST_STREAM on stream 0",
+                    ));
+                }
+                let reason = frame::reason_at(&p, 0);
+                let Some(bs) = be.streams.remove(&h.stream) else {
+                    return Ok(());
+                };
+                self.release(bs.client, bs.recv.available());
+                let (c, sid) = (bs.client, bs.sid);
+                let Some(cs) = self.cstream(c, sid) else {
+                    self.after_bstream(b);
+                    return Ok(());
+                };
+                cs.up = Up::Done;
+                if reason == Reason::REFUSED_STREAM && !cs.responded {
+                    self.retry(c, sid);
+                } else if bs.state.recv_closed() {
+                    // The response is complete; the backend wants no more
+                    // of the request (RFC 9113 8.1).
+                    cs.inflight = None;
+                    cs.rst_after_down = true;
+                    self.pump_up(c, sid);
+                    self.pump_down(c, sid);
+                } else {
+                    if let Some(i) = cs.inflight.take() {
+                        i.ep.failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.reset_client_stream(c, sid, reason);
+                }
+                self.after_bstream(b);
+                Ok(())
+            }
+            frame::SETTINGS => {
+                if h.stream != 0 {
+                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
+                }
+                if h.flags & frame::FLAG_ACK != 0 {
+                    return Ok(());
+                }
+                let delta = be.peer.apply(&p)?;
+                frame::settings_ack(&mut be.out);
+                let streams: Vec<(ConnId, u32)> =
+                    be.streams.values().map(|bs| (bs.client, bs.sid)).collect();
+                self.wake(b);
+                if delta != 0 {
+                    for (c, sid) in &streams {
+                        if let Some(cs) = self.cstream(*c, *sid) {
+                            cs.up_window.adjust(delta).map_err(|_| {
+                                Error::conn(Reason::FLOW_CONTROL_ERROR, "stream window overflow")
+                            })?;
+                        }
+                    }
+                    for (c, sid) in streams {
+                        self.pump_up(c, sid);
+                    }
+                }
+                self.open_queued(b);
+                Ok(())
+            }
+            frame::PING => {
+                if h.stream != 0 {
+                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "PING on a stream"));
+                }
+                if h.flags & frame::FLAG_ACK == 0 {
+                    let payload: [u8; 8] = p[..8].try_into().expect("8 bytes");
+                    frame::ping(&mut be.out, true, payload);
+                    self.wake(b);
+                }
+                Ok(())
+            }
+            frame::GOAWAY => {
+                if h.stream != 0 {
+                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
+                }
+                let last = frame::u31(&p);
+                be.retiring = true;
+                if self.pool.get(&be.ep.addr) == Some(&b) {
+                    self.pool.remove(&be.ep.addr);
+                }
+                tracing::debug!(endpoint = %be.ep.addr, last, "backend GOAWAY");
+                // Streams above `last` were not processed (6.8).
+                let above: Vec<u32> = be
+                    .streams
+                    .keys()
+                    .copied()
+                    .filter(|bid| *bid > last)
+                    .collect();
+                let refused: Vec<BStream> = above
+                    .into_iter()
+                    .filter_map(|bid| be.streams.remove(&bid))
+                    .collect();
+                for bs in refused {
+                    self.release(bs.client, bs.recv.available());
+                    if let Some(cs) = self.cstream(bs.client, bs.sid) {
+                        cs.up = Up::Done;
+                        self.retry(bs.client, bs.sid);
+                    }
+                }
+                self.after_bstream(b);
+                Ok(())
+            }
+            frame::WINDOW_UPDATE => {
+                let inc = i64::from(frame::u31(&p));
+                if h.stream == 0 {
+                    if inc == 0 {
+                        return Err(Error::conn(Reason::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
+                    }
+                    be.send.adjust(inc).map_err(|_| {
+                        Error::conn(Reason::FLOW_CONTROL_ERROR, "connection window overflow")
+                    })?;
+                    let blocked = std::mem::take(&mut be.blocked);
+                    for (c, sid) in blocked {
+                        self.pump_up(c, sid);
+                    }
+                    return Ok(());
+                }
+                let Some(bs) = be.streams.get(&h.stream) else {
+                    return Ok(());
+                };
+                if inc == 0 {
+                    return Err(Error::stream(
+                        h.stream,
+                        Reason::PROTOCOL_ERROR,
+                        "WINDOW_UPDATE of 0",
+                    ));
+                }
+                let (c, sid) = (bs.client, bs.sid);
+                if let Some(cs) = self.cstream(c, sid) {
+                    cs.up_window.adjust(inc).map_err(|_| {
+                        Error::stream(
+                            h.stream,
+                            Reason::FLOW_CONTROL_ERROR,
+                            "stream window overflow",
+                        )
+                    })?;
+                    cs.last_active = now;
+                    self.pump_up(c, sid);
+                }
+                Ok(())
+            }
+            frame::PUSH_PROMISE => Err(Error::conn(
+                Reason::PROTOCOL_ERROR,
+                "PUSH_PROMISE with push disabled",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn backend_block(&mut self, b: ConnId, block: Block) -> Result<(), Error> {
+        let now = self.now;
+        let be = self.backends.get_mut(&b).expect("backend exists");
+        let bs = be.streams.get(&block.stream);
+        let role = match bs {
+            Some(bs) if bs.response_seen => Role::ResponseTrailers,
+            _ => Role::Response,
+        };
+        // Decoding errors are the connection's whatever the stream.
+        let info = match hpack::check_block(
+            &block.buf,
+            role,
+            MAX_RESPONSE_HEADER_LIST,
+            &mut self.scratch,
+        ) {
+            Ok(info) => info,
+            Err(hpack::BlockError::Compression(_)) => {
+                return Err(Error::conn(
+                    Reason::COMPRESSION_ERROR,
+                    "header block cannot be decoded",
+                ));
+            }
+            Err(e) => {
+                if bs.is_none() {
+                    return Ok(());
+                }
+                tracing::debug!(error = %e, "malformed response");
+                return Err(Error::stream(
+                    block.stream,
+                    Reason::PROTOCOL_ERROR,
+                    "malformed response",
+                ));
+            }
+        };
+        let be = self.backends.get_mut(&b).expect("backend exists");
+        let Some(bs) = be.streams.get_mut(&block.stream) else {
+            // A stream we reset; or a push, which we disabled.
+            if block.stream.is_multiple_of(2) || block.stream >= be.next_stream {
+                return Err(Error::conn(
+                    Reason::PROTOCOL_ERROR,
+                    "HEADERS on a stream we did not open",
+                ));
+            }
+            return Ok(());
+        };
+        if bs.state.recv_closed() {
+            return Err(Error::stream(
+                block.stream,
+                Reason::STREAM_CLOSED,
+                "HEADERS after END_STREAM",
+            ));
+        }
+        let informational = info.status.is_some_and(|s| (100..200).contains(&s));
+        if role == Role::ResponseTrailers && !block.end_stream {
+            return Err(Error::stream(
+                block.stream,
+                Reason::PROTOCOL_ERROR,
+                "trailers without END_STREAM",
+            ));
+        }
+        if informational && block.end_stream {
+            return Err(Error::stream(
+                block.stream,
+                Reason::PROTOCOL_ERROR,
+                "1xx response with END_STREAM",
+            ));
+        }
+        if !informational {
+            bs.response_seen = true;
+        }
+        if block.end_stream {
+            bs.state.recv_end();
+        }
+        let (c, sid) = (bs.client, bs.sid);
+        if let Some(cs) = self.cstream(c, sid) {
+            cs.last_active = now;
+            if !cs.responded {
+                cs.responded = true;
+                if let Some(i) = &cs.inflight {
+                    i.responded();
+                }
+            }
+            cs.to_down.push_back(Chunk::Headers {
+                block: block.buf,
+                end: block.end_stream,
+            });
+            self.pump_down(c, sid);
+        }
+        if block.end_stream {
+            self.maybe_close_bstream(b, block.stream);
+        }
+        Ok(())
+    }
+
+    /// A backend stream is over once both sides ended it.
+    pub(super) fn maybe_close_bstream(&mut self, b: ConnId, bid: u32) {
+        let Some(be) = self.backends.get_mut(&b) else {
+            return;
+        };
+        let Some(bs) = be.streams.get(&bid) else {
+            return;
+        };
+        if bs.state != State::Closed {
+            return;
+        }
+        let bs = be.streams.remove(&bid).expect("present");
+        self.release(bs.client, bs.recv.available());
+        if let Some(cs) = self.cstream(bs.client, bs.sid) {
+            cs.up = Up::Done;
+            cs.inflight = None;
+            cs.replay = super::Replay::Off;
+        }
+        self.after_bstream(b);
+        self.finish_if_done(bs.client, bs.sid);
+    }
+
+    /// A stream left backend `b`: open waiting ones, or close the
+    /// connection if it is retiring and idle.
+    pub(super) fn after_bstream(&mut self, b: ConnId) {
+        let Some(be) = self.backends.get_mut(&b) else {
+            return;
+        };
+        let draining = be.ep.draining.load(Ordering::Relaxed);
+        if draining && !be.retiring {
+            be.retiring = true;
+            if self.pool.get(&be.ep.addr) == Some(&b) {
+                self.pool.remove(&be.ep.addr);
+            }
+        }
+        if be.retiring && be.streams.is_empty() && be.queue.is_empty() {
+            if !be.closing {
+                frame::goaway(&mut be.out, 0, Reason::NO_ERROR);
+                be.closing = true;
+                if be.connected {
+                    self.wake(b);
+                } else {
+                    self.backend_gone(b);
+                }
+            }
+            return;
+        }
+        self.open_queued(b);
+    }
+}
+
+use super::Io;

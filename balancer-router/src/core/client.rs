@@ -1,0 +1,746 @@
+//! The client hop: frames from clients, the router as their HTTP/2
+//! server. Everything a client sends is checked here before any of it can
+//! reach a shared backend connection; a client's errors and floods end its
+//! own streams or connection.
+
+use std::collections::VecDeque;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use super::{
+    CStream, Chunk, Client, ConnId, Core, Drain, HARD_OUT_LIMIT, MAX_CLIENT_STREAMS,
+    MAX_HEADER_LIST, Replay, STREAM_WINDOW, Up,
+    calm::Calm,
+    state::{Closed, Recent, State},
+};
+use crate::{
+    error::Error,
+    flow::{RecvWindow, SendWindow},
+    frame::{self, Block, FrameHeader, PeerSettings, Priority, Reason, setting},
+    hpack::{self, PreAck, Role},
+};
+
+impl Core {
+    /// A client connection that sent the HTTP/2 preface (it is still in
+    /// the bytes the reader will hand over). Our SETTINGS go out at once.
+    pub fn add_client(&mut self, vip: std::net::SocketAddr) -> ConnId {
+        let id = self.next_id;
+        self.next_id += 1;
+        let conn_window =
+            (self.limits.client_buffer as i64).clamp(frame::DEFAULT_WINDOW, frame::MAX_WINDOW);
+        let mut out = BytesMut::with_capacity(16 * 1024);
+        frame::settings(
+            &mut out,
+            &[
+                (setting::HEADER_TABLE_SIZE, 0),
+                (setting::MAX_CONCURRENT_STREAMS, MAX_CLIENT_STREAMS),
+                (setting::INITIAL_WINDOW_SIZE, STREAM_WINDOW as u32),
+                (setting::MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST as u32),
+            ],
+        );
+        if conn_window > frame::DEFAULT_WINDOW {
+            frame::window_update(&mut out, 0, (conn_window - frame::DEFAULT_WINDOW) as u32);
+        }
+        self.clients.insert(
+            id,
+            Client {
+                vip,
+                preface_done: false,
+                settings_seen: false,
+                out,
+                closing: false,
+                eof: false,
+                pre_ack: Some(PreAck::default()),
+                peer: PeerSettings::new(usize::MAX),
+                send: SendWindow::new(frame::DEFAULT_WINDOW),
+                recv: RecvWindow::new(conn_window),
+                streams: super::Map::default(),
+                last_stream: 0,
+                fragments: frame::Fragments::default(),
+                blocked: Vec::new(),
+                drain: Drain::No,
+                recent: Recent::default(),
+                calm: Calm::default(),
+                held: 0,
+                out_data: 0,
+                writing: 0,
+                short: Vec::new(),
+            },
+        );
+        self.wake(id);
+        id
+    }
+
+    /// Whether the reader should go on reading this client.
+    pub fn client_reading(&self, id: ConnId) -> bool {
+        self.clients.get(&id).is_some_and(|c| !c.closing && !c.eof)
+    }
+
+    /// Streams open on a client connection (for tests and stats).
+    pub fn client_streams(&self, id: ConnId) -> usize {
+        self.clients.get(&id).map_or(0, |c| c.streams.len())
+    }
+
+    /// Response bytes a client makes the router hold (see
+    /// [`super::Limits::client_buffer`]).
+    pub fn client_held(&self, id: ConnId) -> i64 {
+        self.clients.get(&id).map_or(0, |c| c.held)
+    }
+
+    /// Bytes the client sent.
+    pub fn client_read(&mut self, id: ConnId, buf: &mut BytesMut) {
+        let r = self.client_frames(id, buf).and_then(|()| {
+            // Answers it made us queue (PING and SETTINGS ACKs, resets)
+            // that it does not read.
+            match self.clients.get(&id) {
+                Some(c) if !c.closing && c.out.len() > HARD_OUT_LIMIT => Err(Calm::unread()),
+                _ => Ok(()),
+            }
+        });
+        if let Err(e) = r {
+            let Error::Conn { reason, why } = e else {
+                unreachable!("stream errors are handled per frame")
+            };
+            tracing::debug!(conn = id, %reason, why, "client connection error");
+            self.client_error(id, reason);
+            buf.clear();
+        }
+    }
+
+    fn client_frames(&mut self, id: ConnId, buf: &mut BytesMut) -> Result<(), Error> {
+        loop {
+            let Some(c) = self.clients.get_mut(&id) else {
+                buf.clear();
+                return Ok(());
+            };
+            if c.closing {
+                buf.clear();
+                return Ok(());
+            }
+            if !c.preface_done {
+                if buf.len() < frame::PREFACE.len() {
+                    if !frame::PREFACE.starts_with(buf) {
+                        return Err(Error::conn(Reason::PROTOCOL_ERROR, "bad preface"));
+                    }
+                    return Ok(());
+                }
+                if &buf[..frame::PREFACE.len()] != frame::PREFACE {
+                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "bad preface"));
+                }
+                buf.advance(frame::PREFACE.len());
+                c.preface_done = true;
+            }
+            let Some((h, f)) = frame::next_frame(buf)? else {
+                return Ok(());
+            };
+            if !c.settings_seen {
+                if h.kind != frame::SETTINGS || h.flags & frame::FLAG_ACK != 0 {
+                    return Err(Error::conn(
+                        Reason::PROTOCOL_ERROR,
+                        "first frame is not SETTINGS",
+                    ));
+                }
+                c.settings_seen = true;
+            }
+            if c.fragments.in_progress() && h.kind != frame::CONTINUATION {
+                return Err(Error::conn(
+                    Reason::PROTOCOL_ERROR,
+                    "frame inside a header block",
+                ));
+            }
+            match self.client_frame(id, h, f) {
+                Ok(()) => {}
+                Err(Error::Stream {
+                    stream,
+                    reason,
+                    why,
+                }) => {
+                    tracing::debug!(conn = id, stream, %reason, why, "client stream error");
+                    self.client_stream_error(id, stream, reason)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn client_frame(&mut self, id: ConnId, h: FrameHeader, p: Bytes) -> Result<(), Error> {
+        let now = self.now;
+        let c = self.clients.get_mut(&id).expect("client exists");
+        match h.kind {
+            frame::DATA => self.client_data(id, h, p),
+            frame::HEADERS | frame::CONTINUATION => match c.fragments.push(h, p)? {
+                Some(block) => self.client_block(id, block),
+                None => Ok(()),
+            },
+            frame::PRIORITY => {
+                if h.stream == 0 {
+                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
+                }
+                c.calm.control(1)?;
+                if h.length != 5 {
+                    return Err(Error::stream(
+                        h.stream,
+                        Reason::FRAME_SIZE_ERROR,
+                        "PRIORITY length",
+                    ));
+                }
+                if Priority::parse(&p).dependency == h.stream {
+                    return Err(Error::stream(
+                        h.stream,
+                        Reason::PROTOCOL_ERROR,
+                        "stream depends on itself",
+                    ));
+                }
+                Ok(())
+            }
+            frame::RST_STREAM => {
+                if h.stream == 0 || h.stream > c.last_stream {
+                    return Err(Error::conn(
+                        Reason::PROTOCOL_ERROR,
+                        "RST_STREAM on an idle stream",
+                    ));
+                }
+                let reason = frame::reason_at(&p, 0);
+                let Some(cs) = c.streams.remove(&h.stream) else {
+                    // Closed already: ignored (5.1), but not free.
+                    return c.calm.control(1);
+                };
+                c.recent.insert(
+                    h.stream,
+                    if cs.state.recv_closed() {
+                        Closed::Ended
+                    } else {
+                        Closed::ByPeer
+                    },
+                );
+                // A reset before any response is the shape of a rapid
+                // reset (CVE-2023-44487).
+                let premature = !cs.responded;
+                let r = if premature { c.calm.reset() } else { Ok(()) };
+                self.drop_stream(id, h.stream, cs, reason);
+                self.after_stream_end(id);
+                r
+            }
+            frame::SETTINGS => self.client_settings(id, h, &p),
+            frame::PUSH_PROMISE => Err(Error::conn(
+                Reason::PROTOCOL_ERROR,
+                "PUSH_PROMISE from a client",
+            )),
+            frame::PING => {
+                if h.stream != 0 {
+                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "PING on a stream"));
+                }
+                c.calm.control(1)?;
+                let payload: [u8; 8] = p[..8].try_into().expect("8 bytes");
+                if h.flags & frame::FLAG_ACK == 0 {
+                    frame::ping(&mut c.out, true, payload);
+                    self.wake(id);
+                } else if payload == super::DRAIN_PING && c.drain == Drain::Pinged {
+                    self.drain_final(id);
+                }
+                Ok(())
+            }
+            frame::GOAWAY => {
+                if h.stream != 0 {
+                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
+                }
+                // The client opens no more streams; the open ones finish.
+                c.calm.control(1)
+            }
+            frame::WINDOW_UPDATE => {
+                c.calm.control(1)?;
+                let inc = i64::from(frame::u31(&p));
+                if h.stream == 0 {
+                    if inc == 0 {
+                        return Err(Error::conn(Reason::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
+                    }
+                    c.send.adjust(inc).map_err(|_| {
+                        Error::conn(Reason::FLOW_CONTROL_ERROR, "connection window overflow")
+                    })?;
+                    let blocked = std::mem::take(&mut c.blocked);
+                    for sid in blocked {
+                        self.pump_down(id, sid);
+                    }
+                    return Ok(());
+                }
+                if h.stream > c.last_stream {
+                    return Err(Error::conn(
+                        Reason::PROTOCOL_ERROR,
+                        "WINDOW_UPDATE on an idle stream",
+                    ));
+                }
+                let Some(cs) = c.streams.get_mut(&h.stream) else {
+                    // A closed stream: ignored (5.1).
+                    return Ok(());
+                };
+                if inc == 0 {
+                    return Err(Error::stream(
+                        h.stream,
+                        Reason::PROTOCOL_ERROR,
+                        "WINDOW_UPDATE of 0",
+                    ));
+                }
+                cs.down_window.adjust(inc).map_err(|_| {
+                    Error::stream(
+                        h.stream,
+                        Reason::FLOW_CONTROL_ERROR,
+                        "stream window overflow",
+                    )
+                })?;
+                cs.last_active = now;
+                self.pump_down(id, h.stream);
+                Ok(())
+            }
+            // Unknown frame types are ignored (RFC 9113 4.1), but not free.
+            _ => c.calm.control(1),
+        }
+    }
+
+    fn client_settings(&mut self, id: ConnId, h: FrameHeader, p: &[u8]) -> Result<(), Error> {
+        if h.stream != 0 {
+            return Err(Error::conn(Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
+        }
+        let c = self.clients.get_mut(&id).expect("client exists");
+        if h.flags & frame::FLAG_ACK != 0 {
+            if c.pre_ack.is_none() {
+                // We sent one SETTINGS; more ACKs are cheap frames.
+                return c.calm.control(1);
+            }
+            // From here on the client's header blocks use no dynamic
+            // table: forward them as they are.
+            c.pre_ack = None;
+            return Ok(());
+        }
+        c.calm.control(super::calm::SETTINGS_COST)?;
+        let delta = c.peer.apply(p)?;
+        frame::settings_ack(&mut c.out);
+        self.wake(id);
+        if delta != 0 {
+            let c = self.clients.get_mut(&id).expect("client exists");
+            for cs in c.streams.values_mut() {
+                // RFC 9113 6.9.2: an overflow here is a connection error.
+                cs.down_window.adjust(delta).map_err(|_| {
+                    Error::conn(Reason::FLOW_CONTROL_ERROR, "stream window overflow")
+                })?;
+            }
+            if delta > 0 {
+                let sids: Vec<u32> = c.streams.keys().copied().collect();
+                for sid in sids {
+                    self.pump_down(id, sid);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn client_data(&mut self, id: ConnId, h: FrameHeader, p: Bytes) -> Result<(), Error> {
+        if h.stream == 0 {
+            return Err(Error::conn(Reason::PROTOCOL_ERROR, "DATA on stream 0"));
+        }
+        let now = self.now;
+        let len = i64::from(h.length);
+        let c = self.clients.get_mut(&id).expect("client exists");
+        c.recv
+            .consume(len)
+            .map_err(|_| Error::conn(Reason::FLOW_CONTROL_ERROR, "connection window exceeded"))?;
+        let (s, e) = frame::unpadded(h.kind, h.flags, &p)
+            .ok_or(Error::conn(Reason::PROTOCOL_ERROR, "DATA padding"))?;
+        let end = h.flags & frame::FLAG_END_STREAM != 0;
+        if s == e && !end {
+            // Empty DATA does nothing for anyone (CVE-2019-9518).
+            c.calm.control(1)?;
+        } else {
+            c.calm.useful();
+        }
+        let Some(cs) = c.streams.get_mut(&h.stream) else {
+            if h.stream > c.last_stream {
+                return Err(Error::conn(
+                    Reason::PROTOCOL_ERROR,
+                    "DATA on an idle stream",
+                ));
+            }
+            let how = c.recent.get(h.stream);
+            // Whatever happens to the stream, its bytes count against the
+            // connection window.
+            self.credit_client(id, None, len);
+            return match how {
+                Some(Closed::Ended) => {
+                    Err(Error::conn(Reason::STREAM_CLOSED, "DATA after END_STREAM"))
+                }
+                Some(Closed::ByPeer) => Err(Error::stream(
+                    h.stream,
+                    Reason::STREAM_CLOSED,
+                    "DATA after RST_STREAM",
+                )),
+                Some(Closed::ByUs) | None => Ok(()),
+            };
+        };
+        if cs.state.recv_closed() {
+            self.credit_client(id, None, len);
+            return Err(Error::stream(
+                h.stream,
+                Reason::STREAM_CLOSED,
+                "DATA after END_STREAM",
+            ));
+        }
+        if cs.recv.consume(len).is_err() {
+            self.credit_client(id, None, len);
+            return Err(Error::stream(
+                h.stream,
+                Reason::FLOW_CONTROL_ERROR,
+                "stream window exceeded",
+            ));
+        }
+        cs.last_active = now;
+        if end {
+            cs.state.recv_end();
+        }
+        if cs.up == Up::Done {
+            self.credit_client(id, Some(h.stream), len);
+            self.finish_if_done(id, h.stream);
+            return Ok(());
+        }
+        cs.to_up.push_back(Chunk::Data {
+            data: p.slice(s..e),
+            end,
+            credit: len,
+        });
+        self.pump_up(id, h.stream);
+        Ok(())
+    }
+
+    /// A complete header block: a new request, or a request's trailers.
+    fn client_block(&mut self, id: ConnId, block: Block) -> Result<(), Error> {
+        let now = self.now;
+        let c = self.clients.get_mut(&id).expect("client exists");
+        let Block {
+            stream: sid,
+            end_stream: end,
+            priority,
+            buf,
+        } = block;
+        // Decode while the client may use its table (into literals that
+        // need none); either way what goes on is checked whole below.
+        let buf = match &mut c.pre_ack {
+            Some(dec) => dec
+                .reencode(&buf)
+                .map_err(|e| Error::block(sid, &hpack::BlockError::from(e)))?,
+            None => buf,
+        };
+        let existing = c.streams.get(&sid).map(|cs| cs.state);
+        let role = if existing.is_some() {
+            Role::RequestTrailers
+        } else {
+            Role::Request
+        };
+        if existing.is_none() && sid > c.last_stream {
+            if sid.is_multiple_of(2) {
+                return Err(Error::conn(
+                    Reason::PROTOCOL_ERROR,
+                    "client stream id is even",
+                ));
+            }
+            // The stream is open from here on, even if the request turns
+            // out malformed (then it is reset).
+            c.last_stream = sid;
+        }
+        let checked = hpack::check_block(&buf, role, MAX_HEADER_LIST, &mut self.scratch);
+        let c = self.clients.get_mut(&id).expect("client exists");
+        if let Err(e) = &checked {
+            let e = Error::block(sid, e);
+            if existing.is_none() && sid <= c.last_stream && matches!(e, Error::Stream { .. }) {
+                c.recent.insert(sid, Closed::ByUs);
+                if end {
+                    c.recent.insert(sid, Closed::Ended);
+                }
+            }
+            return Err(e);
+        }
+        if priority.is_some_and(|p| p.dependency == sid) {
+            return Err(Error::stream(
+                sid,
+                Reason::PROTOCOL_ERROR,
+                "stream depends on itself",
+            ));
+        }
+        if let Some(state) = existing {
+            // Trailers.
+            if state.recv_closed() {
+                return Err(Error::stream(
+                    sid,
+                    Reason::STREAM_CLOSED,
+                    "HEADERS after END_STREAM",
+                ));
+            }
+            if !end {
+                return Err(Error::stream(
+                    sid,
+                    Reason::PROTOCOL_ERROR,
+                    "trailers without END_STREAM",
+                ));
+            }
+            let cs = c.streams.get_mut(&sid).expect("exists");
+            cs.state.recv_end();
+            cs.last_active = now;
+            if cs.up == Up::Done {
+                self.finish_if_done(id, sid);
+                return Ok(());
+            }
+            cs.to_up.push_back(Chunk::Headers { block: buf, end });
+            self.pump_up(id, sid);
+            return Ok(());
+        }
+        if sid < c.last_stream {
+            // A stream that is gone: its late HEADERS (trailers) are an
+            // error if the client ended or reset it, ignored if we did.
+            return match c.recent.get(sid) {
+                Some(Closed::Ended) => Err(Error::conn(
+                    Reason::STREAM_CLOSED,
+                    "HEADERS on a closed stream",
+                )),
+                Some(Closed::ByPeer) => Err(Error::stream(
+                    sid,
+                    Reason::STREAM_CLOSED,
+                    "HEADERS after RST_STREAM",
+                )),
+                Some(Closed::ByUs) => Ok(()),
+                None => Err(Error::conn(
+                    Reason::PROTOCOL_ERROR,
+                    "stream id lower than a previous one",
+                )),
+            };
+        }
+        if let Drain::Final(last) = c.drain
+            && sid > last
+        {
+            // Above our final GOAWAY: ignored (6.8).
+            return Ok(());
+        }
+        if c.streams.len() >= MAX_CLIENT_STREAMS as usize {
+            frame::rst(&mut c.out, sid, Reason::REFUSED_STREAM);
+            c.recent.insert(sid, Closed::ByUs);
+            self.wake(id);
+            let c = self.clients.get_mut(&id).expect("client exists");
+            return c.calm.reset();
+        }
+        c.calm.useful();
+        let init = c.peer.init_window;
+        let mut state = State::Open;
+        if end {
+            state.recv_end();
+        }
+        c.streams.insert(
+            sid,
+            CStream {
+                state,
+                up: Up::Done,
+                inflight: None,
+                tried: Vec::new(),
+                to_up: VecDeque::from([Chunk::Headers { block: buf, end }]),
+                up_window: SendWindow::new(0),
+                replay: Replay::Keep {
+                    chunks: Vec::new(),
+                    bytes: 0,
+                },
+                recv: RecvWindow::new(STREAM_WINDOW),
+                to_down: VecDeque::new(),
+                down_bytes: 0,
+                down_window: SendWindow::new(init),
+                responded: false,
+                rst_after_down: false,
+                short: false,
+                last_active: now,
+            },
+        );
+        self.route(id, sid);
+        Ok(())
+    }
+
+    /// A stream error on a client's stream: RST_STREAM to the client, the
+    /// backend's side cancelled. Resets the client provokes count towards
+    /// its reset limit (CVE-2025-8671).
+    fn client_stream_error(&mut self, id: ConnId, sid: u32, reason: Reason) -> Result<(), Error> {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return Ok(());
+        };
+        c.calm.reset()?;
+        if let Some(cs) = c.streams.get(&sid) {
+            let how = if cs.state.recv_closed() {
+                Closed::Ended
+            } else {
+                Closed::ByUs
+            };
+            c.recent.insert(sid, how);
+            self.reset_client_stream(id, sid, reason);
+        } else {
+            if c.recent.get(sid).is_none() {
+                c.recent.insert(sid, Closed::ByUs);
+            }
+            frame::rst(&mut c.out, sid, reason);
+            self.wake(id);
+        }
+        Ok(())
+    }
+
+    /// A connection error on a client: GOAWAY with `reason`, then close.
+    fn client_error(&mut self, id: ConnId, reason: Reason) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        frame::goaway(&mut c.out, c.last_stream, reason);
+        self.close_client(id);
+    }
+
+    /// End every stream of a client and close it once its output is out.
+    pub(super) fn close_client(&mut self, id: ConnId) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        c.closing = true;
+        c.blocked.clear();
+        c.short.clear();
+        let streams: Vec<(u32, CStream)> = c.streams.drain().collect();
+        for (sid, cs) in streams {
+            self.drop_stream(id, sid, cs, Reason::CANCEL);
+        }
+        self.wake(id);
+    }
+
+    /// The client closed its side: streams in flight finish.
+    pub fn client_eof(&mut self, id: ConnId) {
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.eof = true;
+            self.after_stream_end(id);
+        }
+    }
+
+    /// The client's socket failed: nothing more can reach it.
+    pub fn client_gone(&mut self, id: ConnId) {
+        self.close_client(id);
+        if let Some(c) = self.clients.get_mut(&id) {
+            c.out.clear();
+        }
+    }
+
+    /// Start a graceful drain of a client: GOAWAY(2^31-1) and a PING.
+    pub fn client_drain(&mut self, id: ConnId) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if c.drain != Drain::No || c.closing {
+            return;
+        }
+        frame::goaway(&mut c.out, frame::MAX_WINDOW as u32, Reason::NO_ERROR);
+        frame::ping(&mut c.out, false, super::DRAIN_PING);
+        c.drain = Drain::Pinged;
+        self.wake(id);
+    }
+
+    /// The drain's second phase (on the PING's ACK, or after a timeout):
+    /// GOAWAY with the last stream id really accepted.
+    pub fn drain_final(&mut self, id: ConnId) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if c.drain != Drain::Pinged || c.closing {
+            return;
+        }
+        frame::goaway(&mut c.out, c.last_stream, Reason::NO_ERROR);
+        c.drain = Drain::Final(c.last_stream);
+        self.wake(id);
+        self.after_stream_end(id);
+    }
+
+    /// Close a client whose work is over (drained or half-closed, and no
+    /// stream left).
+    pub(super) fn after_stream_end(&mut self, id: ConnId) {
+        let Some(c) = self.clients.get(&id) else {
+            return;
+        };
+        if c.streams.is_empty() && !c.closing && (c.eof || matches!(c.drain, Drain::Final(_))) {
+            self.close_client(id);
+        }
+    }
+
+    /// Remove a client stream whose work is over on both hops.
+    pub(super) fn finish_if_done(&mut self, c: ConnId, sid: u32) {
+        let Some(cl) = self.clients.get_mut(&c) else {
+            return;
+        };
+        let Some(cs) = cl.streams.get(&sid) else {
+            return;
+        };
+        if cs.state == State::Closed && cs.to_down.is_empty() && cs.up == Up::Done {
+            let cs = cl.streams.remove(&sid).expect("present");
+            cl.recent.insert(
+                sid,
+                if cs.rst_after_down {
+                    Closed::ByUs
+                } else {
+                    Closed::Ended
+                },
+            );
+            cl.calm.completed();
+            self.drop_stream(c, sid, cs, Reason::CANCEL);
+            self.after_stream_end(c);
+        }
+    }
+
+    /// Reset a client's stream (RST_STREAM `reason`) and end its backend
+    /// side.
+    pub(super) fn reset_client_stream(&mut self, c: ConnId, sid: u32, reason: Reason) {
+        let Some(cl) = self.clients.get_mut(&c) else {
+            return;
+        };
+        let Some(cs) = cl.streams.remove(&sid) else {
+            return;
+        };
+        if cl.recent.get(sid).is_none() {
+            cl.recent.insert(
+                sid,
+                if cs.state.recv_closed() {
+                    Closed::Ended
+                } else {
+                    Closed::ByUs
+                },
+            );
+        }
+        frame::rst(&mut cl.out, sid, reason);
+        self.wake(c);
+        self.drop_stream(c, sid, cs, Reason::CANCEL);
+        self.after_stream_end(c);
+    }
+
+    /// A client stream is gone (reset by either side, finished, or its
+    /// connection closed): cancel its backend stream with `cancel` if that
+    /// is still open, and give back the flow-control credit and the budget
+    /// of what it still held.
+    pub(super) fn drop_stream(&mut self, c: ConnId, sid: u32, cs: CStream, cancel: Reason) {
+        let held_up: i64 = cs.to_up.iter().map(Chunk::credit).sum();
+        self.credit_client(c, None, held_up);
+        let mut released = cs.down_bytes;
+        if let Up::Open(b, bid) = cs.up {
+            let mut wake = false;
+            if let Some(be) = self.backends.get_mut(&b)
+                && let Some(bs) = be.streams.remove(&bid)
+            {
+                released += bs.recv.available();
+                if bs.state != State::Closed {
+                    frame::rst(&mut be.out, bid, cancel);
+                    wake = be.connected;
+                }
+            }
+            if wake {
+                self.wake(b);
+            }
+            self.after_bstream(b);
+        }
+        if let Some(cl) = self.clients.get_mut(&c) {
+            cl.held -= released;
+            if cs.short {
+                cl.short.retain(|s| *s != sid);
+            }
+        }
+        self.held -= released;
+    }
+}

@@ -1,0 +1,536 @@
+//! The frame router's connection logic, without I/O.
+//!
+//! Every client connection and every pooled backend connection of the
+//! router thread lives in one [`Core`]. The I/O tasks (the agent's
+//! `proxy/io.rs`) hand it the bytes they read and write out what it
+//! queued; the core parses frames, routes each new client stream to an
+//! endpoint, and moves frames between the two hops by stream id. Header
+//! blocks are validated whole ([`crate::hpack`]) and forwarded as they are:
+//! the router never builds header maps.
+//!
+//! Files by concern, as in the `h2` crate:
+//! - [`client`]: the client hop (frames from clients, their errors);
+//! - [`backend`]: the backend hop (pooled connections, frames from pods);
+//! - [`route`]: choosing an endpoint, stream ids per backend connection,
+//!   retries of unprocessed streams;
+//! - [`pump`]: moving a stream's chunks to the other hop within its
+//!   windows, in either direction, and the memory budget of responses;
+//! - [`state`]: the stream lifecycle; [`calm`]: flood detection.
+//!
+//! Per hop, by RFC 9113: connection and stream flow control are the
+//! router's own on each side ([`crate::flow`]); stream ids on a backend
+//! connection are 1, 3, 5... in the order their HEADERS go out, and the
+//! connection retires when they run out; a backend's
+//! MAX_CONCURRENT_STREAMS queues streams; PING and SETTINGS are answered
+//! locally.
+//!
+//! Isolation: backend connections are shared by every client, so nothing
+//! a client sends reaches one unless a conformant server would accept it
+//! (every header block is decoded and checked, every frame's state and
+//! window arithmetic is checked on the client's hop). A client's errors
+//! and floods end its own streams or connection, never a shared one.
+//!
+//! Bounds: what one client can make the router hold is bounded through
+//! the windows it grants pods ([`Limits::client_buffer`], plus a floor per
+//! stream so no stream starves) and its own connection window, and all
+//! clients together by [`Limits::buffer_limit`]; a stream with no frame
+//! either way for [`Limits::stream_idle_timeout`] is reset on both hops;
+//! a backend that does not send its SETTINGS within
+//! [`Limits::connect_timeout`] is given up and its streams retried.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::{
+    endpoint::{Endpoint, InFlight},
+    flow::{RecvWindow, SendWindow},
+    frame::{self, Fragments, PeerSettings, setting},
+    hpack::PreAck,
+    stats,
+};
+
+mod backend;
+pub mod calm;
+mod client;
+mod pump;
+mod route;
+mod state;
+
+use calm::Calm;
+use state::{Recent, State};
+
+pub type ConnId = u64;
+
+/// Hashing for the router's maps, whose keys are small integers (our
+/// connection ids, stream ids): SipHash was 4% of the router's profile.
+/// A client picks its stream ids, but it has at most
+/// [`MAX_CLIENT_STREAMS`] of them in its own map, so collisions it could
+/// craft cost it, not others, little.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+pub type Map<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
+
+/// Request body kept for a retry.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+/// Attempts per stream. Only unprocessed failures are retried, which is
+/// always safe; a backend that closes every connection with GOAWAY after one
+/// request under 16 concurrent streams needed more than 3 here.
+pub const MAX_ATTEMPTS: usize = 8;
+/// The stream window granted to clients: larger than the 64 KiB default
+/// so one upload can fill a fast link. What a client's uploads may make
+/// the router hold in all is its connection window,
+/// [`Limits::client_buffer`].
+pub const STREAM_WINDOW: i64 = 1 << 20;
+/// The window a backend stream is topped up to while its client's budget
+/// allows.
+pub const BACKEND_STREAM_WINDOW: i64 = 256 << 10;
+/// The initial stream window advertised to backends, and the floor every
+/// stream is granted whatever the budgets say (so a client whose other
+/// streams hold its budget still makes progress on each).
+pub const BACKEND_INITIAL_WINDOW: i64 = 16 << 10;
+/// A backend connection's window. It is shared by every client, so it is
+/// credited as soon as bytes arrive (a client that does not read must not
+/// stall the others on that backend); what a response may hold in the
+/// router is bounded by its stream window instead.
+pub const BACKEND_CONN_WINDOW: i64 = 8 << 20;
+/// Streams one client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+pub const MAX_CLIENT_STREAMS: u32 = 256;
+/// SETTINGS_MAX_HEADER_LIST_SIZE we advertise to clients (Envoy's default
+/// is 60 KiB, gRPC's 16 KiB); a list above it is a header-list bomb.
+pub const MAX_HEADER_LIST: usize = 64 * 1024;
+/// The largest response header list accepted from a backend.
+pub const MAX_RESPONSE_HEADER_LIST: usize = 256 * 1024;
+/// Frames are only queued to a connection while its output holds less than
+/// this; beyond it, streams wait until the socket took the bytes.
+pub const SOFT_OUT_LIMIT: usize = 64 * 1024;
+/// A client whose output grows beyond this (answers to its PINGs and
+/// SETTINGS, resets, which are queued whatever the output holds) does
+/// not read them: ENHANCE_YOUR_CALM.
+pub const HARD_OUT_LIMIT: usize = 1 << 20;
+/// Assumed for a backend until its SETTINGS say otherwise (RFC 9113 says
+/// unlimited; a backend that allows fewer refuses the extra streams, and
+/// those are retried).
+const INITIAL_BACKEND_STREAMS: usize = 100;
+/// The payload of the PING of a graceful drain.
+pub const DRAIN_PING: [u8; 8] = *b"lbdrain\0";
+/// To backends: no dynamic table (the point of the design), no push, our
+/// stream window.
+const BACKEND_SETTINGS: [(u16, u32); 3] = [
+    (setting::HEADER_TABLE_SIZE, 0),
+    (setting::ENABLE_PUSH, 0),
+    (setting::INITIAL_WINDOW_SIZE, BACKEND_INITIAL_WINDOW as u32),
+];
+
+/// The router's bounds in time and memory (the agent's flags).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A stream with no frame either way for this long is reset on both
+    /// hops (`--stream-idle-timeout`, Envoy's default).
+    pub stream_idle_timeout: Duration,
+    /// A backend connection must be up and have sent its SETTINGS within
+    /// this, or it is given up and its streams retried.
+    pub connect_timeout: Duration,
+    /// What one client connection's responses may hold in the router
+    /// (`--client-buffer`); also its connection window for uploads.
+    pub client_buffer: usize,
+    /// What the responses of all clients may hold (`--router-buffer-limit`).
+    pub buffer_limit: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            stream_idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(3),
+            client_buffer: 4 << 20,
+            buffer_limit: 256 << 20,
+        }
+    }
+}
+
+/// What the core asks of the I/O layer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Io {
+    /// Open a TCP connection for backend `id`.
+    Connect { id: ConnId, addr: SocketAddr },
+    /// Connection `id` has output (or is to be closed, or was forgotten).
+    Wake(ConnId),
+}
+
+/// A unit of a stream's traffic, queued for the other hop.
+#[derive(Debug, Clone)]
+enum Chunk {
+    Headers {
+        block: Bytes,
+        end: bool,
+    },
+    /// `credit`: flow-control bytes to give back to the sender once this
+    /// chunk is passed on (the frame's length, padding included).
+    Data {
+        data: Bytes,
+        end: bool,
+        credit: i64,
+    },
+}
+
+impl Chunk {
+    fn credit(&self) -> i64 {
+        match self {
+            Chunk::Data { credit, .. } => *credit,
+            Chunk::Headers { .. } => 0,
+        }
+    }
+}
+
+/// Where a client stream's request goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Up {
+    /// Waiting in backend connection's queue for a stream slot.
+    Queued(ConnId),
+    /// Open on backend connection, as that stream id.
+    Open(ConnId, u32),
+    /// The backend side is over: later request bytes are dropped.
+    Done,
+}
+
+/// The request as sent so far, kept to replay it elsewhere if the backend
+/// did not process it; given up past [`REPLAY_LIMIT`].
+#[derive(Debug)]
+enum Replay {
+    Keep { chunks: Vec<Chunk>, bytes: usize },
+    Off,
+}
+
+impl Replay {
+    fn push(&mut self, chunk: Chunk) {
+        let Replay::Keep { chunks, bytes } = self else {
+            return;
+        };
+        if let Chunk::Data { data, .. } = &chunk {
+            *bytes += data.len();
+            if *bytes > REPLAY_LIMIT {
+                *self = Replay::Off;
+                return;
+            }
+        }
+        chunks.push(chunk);
+    }
+
+    fn take(&mut self) -> Option<Vec<Chunk>> {
+        match std::mem::replace(self, Replay::Off) {
+            Replay::Keep { chunks, .. } => Some(chunks),
+            Replay::Off => None,
+        }
+    }
+}
+
+/// A client's stream: its state on the client hop, and where its request
+/// goes.
+struct CStream {
+    state: State,
+    up: Up,
+    inflight: Option<InFlight>,
+    tried: Vec<SocketAddr>,
+    /// client -> backend
+    to_up: VecDeque<Chunk>,
+    up_window: SendWindow,
+    replay: Replay,
+    recv: RecvWindow,
+    /// backend -> client
+    to_down: VecDeque<Chunk>,
+    /// Flow-control bytes in `to_down` (part of the client's budget).
+    down_bytes: i64,
+    down_window: SendWindow,
+    responded: bool,
+    /// Reset the client's stream with NO_ERROR once the response is out
+    /// (the backend answered without reading the whole request, 8.1).
+    rst_after_down: bool,
+    /// Its backend stream's window was granted less than it wanted.
+    short: bool,
+    last_active: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    No,
+    /// GOAWAY(2^31-1) and a PING went out.
+    Pinged,
+    /// GOAWAY with the real last stream id went out.
+    Final(u32),
+}
+
+struct Client {
+    vip: SocketAddr,
+    preface_done: bool,
+    settings_seen: bool,
+    out: BytesMut,
+    /// Flush `out`, then close.
+    closing: bool,
+    eof: bool,
+    /// HPACK decoder until the client ACKed our SETTINGS.
+    pre_ack: Option<PreAck>,
+    /// The client's SETTINGS.
+    peer: PeerSettings,
+    send: SendWindow,
+    recv: RecvWindow,
+    streams: Map<u32, CStream>,
+    last_stream: u32,
+    fragments: Fragments,
+    blocked: Vec<u32>,
+    drain: Drain,
+    recent: Recent,
+    calm: Calm,
+    /// Response bytes this client makes the router hold or may make it
+    /// hold: windows granted to backends for its streams and not yet used,
+    /// bytes queued for it, bytes in its output and being written.
+    held: i64,
+    /// Response bytes in `out` since the last [`Core::take_out`], and
+    /// those the writer took and has not yet reported written.
+    out_data: i64,
+    writing: i64,
+    /// Streams whose backend window was cut by a budget.
+    short: Vec<u32>,
+}
+
+/// A stream on a backend connection: the backend hop of a client stream.
+struct BStream {
+    client: ConnId,
+    sid: u32,
+    state: State,
+    recv: RecvWindow,
+    /// A final (non-1xx) response HEADERS arrived: the next block is
+    /// trailers.
+    response_seen: bool,
+}
+
+struct Backend {
+    ep: Arc<Endpoint>,
+    connected: bool,
+    /// Its SETTINGS arrived: it is an HTTP/2 server, and streams sent to it
+    /// may have been processed.
+    settings_seen: bool,
+    started: Instant,
+    /// No new streams (GOAWAY received, ids ran out, endpoint left).
+    retiring: bool,
+    closing: bool,
+    out: BytesMut,
+    /// The backend's SETTINGS.
+    peer: PeerSettings,
+    send: SendWindow,
+    recv: RecvWindow,
+    next_stream: u32,
+    streams: Map<u32, BStream>,
+    queue: VecDeque<(ConnId, u32)>,
+    fragments: Fragments,
+    blocked: Vec<(ConnId, u32)>,
+}
+
+pub type Picker = Box<dyn Fn(SocketAddr, &[SocketAddr]) -> Option<Arc<Endpoint>>>;
+
+pub struct Core {
+    pick: Picker,
+    limits: Limits,
+    clients: Map<ConnId, Client>,
+    backends: Map<ConnId, Backend>,
+    /// The backend connection new streams to an endpoint use.
+    pool: Map<SocketAddr, ConnId>,
+    next_id: ConnId,
+    io: Vec<Io>,
+    /// The time of the last [`Core::tick`]: a coarse clock, so frames cost
+    /// no clock reads and the core stays deterministic between ticks.
+    now: Instant,
+    /// The sum of every client's `held`.
+    held: i64,
+    /// Scratch space for header block validation.
+    scratch: Vec<u8>,
+}
+
+impl Core {
+    pub fn new(pick: Picker) -> Self {
+        Self::with_limits(pick, Limits::default())
+    }
+
+    pub fn with_limits(pick: Picker, limits: Limits) -> Self {
+        Self {
+            pick,
+            limits,
+            clients: Map::default(),
+            backends: Map::default(),
+            pool: Map::default(),
+            next_id: 1,
+            io: Vec::new(),
+            now: Instant::now(),
+            held: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn take_io(&mut self) -> Vec<Io> {
+        std::mem::take(&mut self.io)
+    }
+
+    fn wake(&mut self, id: ConnId) {
+        if !self.io.contains(&Io::Wake(id)) {
+            self.io.push(Io::Wake(id));
+        }
+    }
+
+    /// Response bytes all clients make the router hold now (see
+    /// [`Limits::buffer_limit`]).
+    pub fn held(&self) -> i64 {
+        self.held
+    }
+
+    /// Client connections and backend connections the core knows.
+    pub fn connections(&self) -> (usize, usize) {
+        (self.clients.len(), self.backends.len())
+    }
+
+    /// Swap a connection's output (client or backend) into `buf` (which
+    /// must be empty; the two buffers are reused in turn), and say whether
+    /// the connection is to be closed once that is written. None once the
+    /// core forgot it.
+    pub fn take_out(&mut self, id: ConnId, buf: &mut BytesMut) -> Option<bool> {
+        if let Some(c) = self.clients.get_mut(&id) {
+            std::mem::swap(&mut c.out, buf);
+            c.writing += std::mem::take(&mut c.out_data);
+            return Some(c.closing);
+        }
+        let b = self.backends.get_mut(&id)?;
+        if b.connected {
+            std::mem::swap(&mut b.out, buf);
+        }
+        Some(b.closing)
+    }
+
+    /// The writer put everything it took on the wire: its bytes leave the
+    /// budget, and streams that waited for room go on.
+    pub fn written(&mut self, id: ConnId) {
+        if let Some(c) = self.clients.get_mut(&id) {
+            let done = std::mem::take(&mut c.writing);
+            c.held -= done;
+            self.held -= done;
+            let blocked = std::mem::take(&mut c.blocked);
+            for sid in blocked {
+                self.pump_down(id, sid);
+            }
+            self.regrant(id);
+        } else if let Some(b) = self.backends.get_mut(&id) {
+            let blocked = std::mem::take(&mut b.blocked);
+            for (c, sid) in blocked {
+                self.pump_up(c, sid);
+            }
+        }
+    }
+
+    /// The connection is closed and its writer done: drop it.
+    pub fn forget(&mut self, id: ConnId) {
+        if self.clients.contains_key(&id) {
+            self.close_client(id);
+            if let Some(c) = self.clients.remove(&id) {
+                self.held -= c.held;
+            }
+        } else if self.backends.contains_key(&id) {
+            self.backend_gone(id);
+        }
+        self.io.retain(|io| *io != Io::Wake(id));
+    }
+
+    /// Periodic upkeep (the router calls it every 500 ms with the time):
+    /// flood meters pay back, idle streams are reset, backends that never
+    /// sent SETTINGS are given up, and pooled connections to endpoints
+    /// that left every service are closed once idle.
+    pub fn tick(&mut self, now: Instant) {
+        self.now = now;
+        let idle = self.limits.stream_idle_timeout;
+        let mut expired = Vec::new();
+        for (id, c) in &mut self.clients {
+            c.calm.tick();
+            for (sid, cs) in &c.streams {
+                if now.saturating_duration_since(cs.last_active) >= idle {
+                    expired.push((*id, *sid));
+                }
+            }
+        }
+        for (c, sid) in expired {
+            tracing::debug!(conn = c, stream = sid, "stream idle; reset on both hops");
+            stats::STREAM_IDLE_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+            self.reset_client_stream(c, sid, frame::Reason::CANCEL);
+        }
+        let silent: Vec<ConnId> = self
+            .backends
+            .iter()
+            .filter(|(_, be)| {
+                !be.settings_seen
+                    && !be.closing
+                    && now.saturating_duration_since(be.started) >= self.limits.connect_timeout
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for b in silent {
+            if let Some(be) = self.backends.get(&b) {
+                tracing::debug!(endpoint = %be.ep.addr, "backend sent no SETTINGS in time; given up");
+            }
+            stats::BACKEND_SETTINGS_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+            self.backend_connect_failed(b);
+        }
+        self.sweep();
+    }
+
+    /// Close pooled connections to endpoints that left every service and
+    /// have no stream left (those with streams close after their last).
+    pub fn sweep(&mut self) {
+        let idle: Vec<ConnId> = self
+            .backends
+            .iter()
+            .filter(|(_, be)| {
+                be.streams.is_empty()
+                    && be.queue.is_empty()
+                    && !be.closing
+                    && be.ep.draining.load(Ordering::Relaxed)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for b in idle {
+            self.after_bstream(b);
+        }
+    }
+
+    /// The client stream `sid` of `c`, if both exist.
+    fn cstream(&mut self, c: ConnId, sid: u32) -> Option<&mut CStream> {
+        self.clients.get_mut(&c)?.streams.get_mut(&sid)
+    }
+}
+
+#[cfg(test)]
+mod tests;
