@@ -433,7 +433,8 @@ impl Core {
         } else {
             Role::Request
         };
-        if existing.is_none() && sid > c.last_stream {
+        let new = existing.is_none() && sid > c.last_stream;
+        if new {
             if sid.is_multiple_of(2) {
                 return Err(Error::conn(
                     Reason::PROTOCOL_ERROR,
@@ -448,7 +449,7 @@ impl Core {
         let c = self.clients.get_mut(&id).expect("client exists");
         if let Err(e) = &checked {
             let e = Error::block(sid, e);
-            if existing.is_none() && sid <= c.last_stream && matches!(e, Error::Stream { .. }) {
+            if new && matches!(e, Error::Stream { .. }) {
                 c.recent.insert(sid, Closed::ByUs);
                 if end {
                     c.recent.insert(sid, Closed::Ended);
@@ -490,7 +491,7 @@ impl Core {
             self.pump_up(id, sid);
             return Ok(());
         }
-        if sid < c.last_stream {
+        if !new {
             // A stream that is gone: its late HEADERS (trailers) are an
             // error if the client ended or reset it, ignored if we did.
             return match c.recent.get(sid) {

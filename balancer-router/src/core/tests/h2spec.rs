@@ -112,6 +112,22 @@ fn http2_5_1_11_data_on_a_closed_stream() {
 }
 
 #[test]
+fn http2_5_1_12_headers_on_a_closed_stream() {
+    let mut h = H::new(1, Algorithm::RoundRobin);
+    let c = ready(&mut h);
+    answered(&mut h, c, 1, true);
+    let _ = h.out(c);
+    h.feed(c, headers(1, REQ_PLAIN, true));
+    assert_eq!(goaway_code(&h.out(c)), Some(Reason::STREAM_CLOSED.code()));
+    // It was not served again.
+    assert!(
+        backend_frames(&mut h)
+            .iter()
+            .all(|f| f.kind != frame::HEADERS)
+    );
+}
+
+#[test]
 fn a_late_frame_on_a_stream_the_router_reset_is_ignored() {
     // The other side of 5.1: frames in flight when our RST_STREAM left are
     // not errors (here: the request had no endpoint, so it was refused).
