@@ -422,9 +422,14 @@ impl Core {
         // Decode while the client may use its table (into literals that
         // need none); either way what goes on is checked whole below.
         let buf = match &mut c.pre_ack {
-            Some(dec) => dec
-                .reencode(&buf)
-                .map_err(|e| Error::block(sid, &hpack::BlockError::from(e)))?,
+            Some(dec) => dec.reencode(&buf).map_err(|e| {
+                let e = match e {
+                    // A small block that expands through the table.
+                    hpack::HpackError::TooLarge => hpack::BlockError::TooLarge,
+                    e => hpack::BlockError::Compression(e),
+                };
+                Error::block(sid, &e)
+            })?,
             None => buf,
         };
         let existing = c.streams.get(&sid).map(|cs| cs.state);

@@ -72,6 +72,14 @@ const REQ_INDEXING: &[u8] = &[
 ];
 /// Refers to dynamic entry 62: valid only before the ACK, after the above.
 const REQ_DYNAMIC: &[u8] = &[0x82, 0x86, 0x84, 0xbe];
+/// The same with a Huffman-coded authority (RFC 7541 C.4.1).
+const REQ_HUFFMAN: &[u8] = &[
+    0x82, 0x86, 0x84, 0x41, 0x8c, 0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab, 0x90, 0xf4,
+    0xff,
+];
+/// A Huffman-coded authority whose padding is not EOS's prefix: only a
+/// Huffman decoder tells it is broken (RFC 7541 5.2).
+const REQ_BAD_HUFFMAN: &[u8] = &[0x82, 0x86, 0x84, 0x01, 0x81, 0x00];
 /// POST https /index.html after a table size update to 0.
 const REQ_POST: &[u8] = &[0x20, 0x83, 0x87, 0x85, 0x01, 0x01, b'b'];
 /// `grpc-status: 0`, never indexed, new name.
@@ -85,7 +93,7 @@ const RESP_200: &[u8] = &[0x88];
 const RESP_200_LEN: &[u8] = &[0x88, 0x5c, 0x01, b'2'];
 const RESP_404: &[u8] = &[0x8d];
 
-const REQUESTS: &[&[u8]] = &[REQ_PLAIN, REQ_PLAIN, REQ_INDEXING, REQ_POST];
+const REQUESTS: &[&[u8]] = &[REQ_PLAIN, REQ_PLAIN, REQ_INDEXING, REQ_HUFFMAN, REQ_POST];
 const TRAILERS: &[&[u8]] = &[TRAILER_GRPC, TRAILER_XY];
 const RESPONSES: &[&[u8]] = &[RESP_200, RESP_200, RESP_200_LEN, RESP_404];
 /// Every block above, and broken ones: a late size update, a truncated
@@ -95,6 +103,8 @@ const BLOCKS: &[&[u8]] = &[
     REQ_INDEXING,
     REQ_DYNAMIC,
     REQ_POST,
+    REQ_HUFFMAN,
+    REQ_BAD_HUFFMAN,
     TRAILER_GRPC,
     TRAILER_XY,
     RESP_200,
@@ -347,7 +357,10 @@ impl Peer {
         let mut b = bytes;
         if !self.started && !b.is_empty() {
             if self.hop == Hop::Backend {
-                assert!(b.starts_with(frame::PREFACE), "backend output without the preface");
+                assert!(
+                    b.starts_with(frame::PREFACE),
+                    "backend output without the preface"
+                );
                 b = &b[frame::PREFACE.len()..];
                 if self.polite {
                     backend_settings(rng, &mut answer);
@@ -365,7 +378,11 @@ impl Peer {
             assert!(b.len() >= HEADER_LEN, "a partial frame header: {b:?}");
             let h = FrameHeader::parse(b[..HEADER_LEN].try_into().expect("9 bytes"));
             let end = HEADER_LEN + h.length as usize;
-            assert!(b.len() >= end, "a partial frame: {h:?} with {} bytes", b.len());
+            assert!(
+                b.len() >= end,
+                "a partial frame: {h:?} with {} bytes",
+                b.len()
+            );
             let p = &b[HEADER_LEN..end];
             b = &b[end..];
             assert_eq!(
@@ -451,7 +468,10 @@ impl Peer {
                 }
             }
             frame::HEADERS => {
-                assert!(!self.local_end.contains(&s), "HEADERS after END_STREAM on {s}");
+                assert!(
+                    !self.local_end.contains(&s),
+                    "HEADERS after END_STREAM on {s}"
+                );
                 assert_eq!(
                     h.flags & !(frame::FLAG_END_STREAM | frame::FLAG_END_HEADERS),
                     0,
@@ -481,7 +501,10 @@ impl Peer {
             }
             frame::PING if h.flags & frame::FLAG_ACK != 0 => {
                 let payload: [u8; 8] = p.try_into().expect("8 bytes");
-                assert!(self.pings_sent.contains(&payload), "ACK of a PING never sent");
+                assert!(
+                    self.pings_sent.contains(&payload),
+                    "ACK of a PING never sent"
+                );
             }
             frame::SETTINGS => {
                 for e in p.chunks_exact(6) {
@@ -511,18 +534,20 @@ impl Peer {
             }
             _ => {}
         }
-        if h.kind == frame::HEADERS || h.kind == frame::CONTINUATION {
-            if h.flags & frame::FLAG_END_HEADERS != 0 {
-                let (_, buf) = block.take().expect("a block in progress");
-                // It decodes on its own, with no dynamic table: whatever the
-                // peer's decoder holds (RFC 7541 2.3, 4.2). A block that is
-                // only a table size update to 0 is fine.
-                let mut fresh = loona_hpack::Decoder::new();
-                fresh.set_max_allowed_table_size(0);
-                fresh.set_max_table_size(0);
-                match fresh.decode(&buf) {
-                    Ok(_) | Err(loona_hpack::decoder::DecoderError::SizeUpdateAtEnd) => {}
-                    Err(e) => panic!("the router sent a block a peer cannot decode ({e:?}): {buf:?}"),
+        if (h.kind == frame::HEADERS || h.kind == frame::CONTINUATION)
+            && h.flags & frame::FLAG_END_HEADERS != 0
+        {
+            let (_, buf) = block.take().expect("a block in progress");
+            // It decodes on its own, with no dynamic table: whatever the
+            // peer's decoder holds (RFC 7541 2.3, 4.2). A block that is
+            // only a table size update to 0 is fine.
+            let mut fresh = loona_hpack::Decoder::new();
+            fresh.set_max_allowed_table_size(0);
+            fresh.set_max_table_size(0);
+            match fresh.decode(&buf) {
+                Ok(_) | Err(loona_hpack::decoder::DecoderError::SizeUpdateAtEnd) => {}
+                Err(e) => {
+                    panic!("the router sent a block a peer cannot decode ({e:?}): {buf:?}")
                 }
             }
         }
@@ -546,8 +571,8 @@ impl Peer {
             }
             _ => {}
         }
-        let ended = matches!(h.kind, frame::DATA | frame::HEADERS)
-            && h.flags & frame::FLAG_END_STREAM != 0;
+        let ended =
+            matches!(h.kind, frame::DATA | frame::HEADERS) && h.flags & frame::FLAG_END_STREAM != 0;
         if ended && !self.answered.contains(&s) {
             match rng.u8(..100) {
                 0..80 => response(rng, s, out),
@@ -932,7 +957,11 @@ fn valid(rng: &mut fastrand::Rng, p: &mut Peer, out: &mut Vec<u8>) {
                 .windows(2)
                 .flat_map(|w| block[w[0]..w[1]].chunks(16_384).collect::<Vec<_>>())
                 .collect();
-            let end = if rng.bool() { frame::FLAG_END_STREAM } else { 0 };
+            let end = if rng.bool() {
+                frame::FLAG_END_STREAM
+            } else {
+                0
+            };
             for (i, part) in parts.iter().enumerate() {
                 let flags = if i + 1 == parts.len() {
                     frame::FLAG_END_HEADERS
@@ -1044,7 +1073,13 @@ fn wild(rng: &mut fastrand::Rng, p: &mut Peer, out: &mut Vec<u8>) {
             );
             let block = random_block(rng);
             let block = &block[..block.len().min(16_000)];
-            put(out, frame::HEADERS, flags, s, &wrap(rng, flags, frame::HEADERS, block));
+            put(
+                out,
+                frame::HEADERS,
+                flags,
+                s,
+                &wrap(rng, flags, frame::HEADERS, block),
+            );
         }
         30..43 => {
             let s = stream_id(rng, p, false);
@@ -1084,7 +1119,11 @@ fn wild(rng: &mut fastrand::Rng, p: &mut Peer, out: &mut Vec<u8>) {
                 .windows(2)
                 .flat_map(|w| block[w[0]..w[1]].chunks(16_384).collect::<Vec<_>>())
                 .collect();
-            let end = if rng.bool() { frame::FLAG_END_STREAM } else { 0 };
+            let end = if rng.bool() {
+                frame::FLAG_END_STREAM
+            } else {
+                0
+            };
             let flaw = rng.u8(..100);
             for (i, part) in parts.iter().enumerate() {
                 let last = i + 1 == parts.len();
@@ -1151,7 +1190,10 @@ fn wild(rng: &mut fastrand::Rng, p: &mut Peer, out: &mut Vec<u8>) {
             let inc: u32 = if rng.u8(..100) < 3 {
                 0
             } else {
-                pick(rng, &[1, 100, 16_384, 65_535, 1 << 20, 1 << 20, 0x7fff_ffff])
+                pick(
+                    rng,
+                    &[1, 100, 16_384, 65_535, 1 << 20, 1 << 20, 0x7fff_ffff],
+                )
             };
             let mut payload = inc.to_be_bytes().to_vec();
             if wrong {
@@ -1179,7 +1221,10 @@ fn wild(rng: &mut fastrand::Rng, p: &mut Peer, out: &mut Vec<u8>) {
         90..92 => {
             let last: u32 = match p.hop {
                 Hop::Client => pick(rng, &[0, 1, 0x7fff_ffff]),
-                Hop::Backend => pick(rng, &[0, 1, p.opened.saturating_sub(2), p.opened, 0x7fff_ffff]),
+                Hop::Backend => pick(
+                    rng,
+                    &[0, 1, p.opened.saturating_sub(2), p.opened, 0x7fff_ffff],
+                ),
             };
             let reason: u32 = pick(rng, &[0, 1, 2, 0xb]);
             let mut payload = last.to_be_bytes().to_vec();
@@ -1196,7 +1241,13 @@ fn wild(rng: &mut fastrand::Rng, p: &mut Peer, out: &mut Vec<u8>) {
             let s = stream_id(rng, p, false);
             let mut payload = pick(rng, &[2u32, 4, 3]).to_be_bytes().to_vec();
             payload.extend_from_slice(pick(rng, BLOCKS));
-            put(out, frame::PUSH_PROMISE, frame::FLAG_END_HEADERS, s, &payload);
+            put(
+                out,
+                frame::PUSH_PROMISE,
+                frame::FLAG_END_HEADERS,
+                s,
+                &payload,
+            );
         }
         _ => {
             let kind = pick(rng, &[0x0a, 0x0b, 0x10, 0xf0, 0xff]);
@@ -1420,7 +1471,10 @@ impl World {
         for p in &self.peers {
             if p.hop == Hop::Client {
                 let n = self.core.client_streams(p.id);
-                assert!(n <= MAX_CLIENT_STREAMS as usize, "{n} streams on one client");
+                assert!(
+                    n <= MAX_CLIENT_STREAMS as usize,
+                    "{n} streams on one client"
+                );
                 if p.gone {
                     assert_eq!(n, 0, "a forgotten client has streams");
                 }
@@ -1474,7 +1528,11 @@ impl World {
         }
         for id in 1..=highest + 2 {
             let mut buf = BytesMut::new();
-            assert_eq!(self.core.take_out(id, &mut buf), None, "connection {id} left");
+            assert_eq!(
+                self.core.take_out(id, &mut buf),
+                None,
+                "connection {id} left"
+            );
             assert_eq!(self.core.client_streams(id), 0, "streams of {id} left");
             assert!(!self.core.client_reading(id) && !self.core.backend_reading(id));
         }
@@ -1518,7 +1576,7 @@ fn random_valid_frames_never_panic_and_output_whole_frames() {
         client_wild: 6,
         backend_wild: 2,
     };
-    run(0..1500, mix);
+    run(0..900, mix);
 }
 
 #[test]
@@ -1532,7 +1590,7 @@ fn random_backend_frames_never_panic_and_respect_frame_limits() {
         client_wild: 1,
         backend_wild: 8,
     };
-    run(10_000..11_500, mix);
+    run(10_000..10_700, mix);
 }
 
 #[test]
@@ -1545,5 +1603,5 @@ fn forgetting_connections_amid_random_frames_leaves_nothing_behind() {
         client_wild: 3,
         backend_wild: 3,
     };
-    run(20_000..21_200, mix);
+    run(20_000..20_600, mix);
 }

@@ -55,8 +55,9 @@ struct H {
     eps: Vec<Arc<Endpoint>>,
     /// Backend connection id -> endpoint address.
     conns: Vec<(ConnId, SocketAddr)>,
-    /// Backends connect but send nothing (not even SETTINGS).
-    silent: bool,
+    /// This endpoint accepts connections but sends nothing (not even its
+    /// SETTINGS).
+    silent: Option<SocketAddr>,
 }
 
 impl H {
@@ -78,7 +79,7 @@ impl H {
             core,
             eps,
             conns: Vec::new(),
-            silent: false,
+            silent: None,
         }
     }
 
@@ -120,7 +121,7 @@ impl H {
                     any = true;
                     self.conns.push((id, addr));
                     self.core.backend_connected(id);
-                    if !self.silent {
+                    if self.silent != Some(addr) {
                         let mut s = BytesMut::new();
                         frame::settings(&mut s, &[]);
                         self.core.backend_read(id, &mut s);
