@@ -18,7 +18,6 @@ use tokio::{
 
 use super::core::{ConnId, Core, Io, Map};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Second phase of a drain if the client does not answer our PING.
 const DRAIN_PING_TIMEOUT: Duration = Duration::from_secs(1);
 const READ_CHUNK: usize = 64 * 1024;
@@ -139,7 +138,10 @@ impl Shared {
     /// One backend connection of the pool: connect, then move bytes until
     /// the core lets it go.
     async fn backend(self: Rc<Self>, id: ConnId, addr: SocketAddr) {
-        let sock = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        // The core gives a connection that is up but sends no SETTINGS the
+        // same time (see `Limits::connect_timeout`).
+        let timeout = self.core.borrow().limits().connect_timeout;
+        let sock = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(%addr, error = %e, "connecting to backend");

@@ -395,6 +395,10 @@ impl Core {
         }
     }
 
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     pub fn take_io(&mut self) -> Vec<Io> {
         std::mem::take(&mut self.io)
     }
