@@ -39,6 +39,11 @@ impl Error {
                 Error::conn(Reason::COMPRESSION_ERROR, "header block cannot be decoded")
             }
             BlockError::TooLarge => Error::conn(Reason::ENHANCE_YOUR_CALM, "header list too large"),
+            // A new request is answered 431 before it gets here; trailers
+            // end their stream.
+            BlockError::FieldTooLarge => {
+                Error::stream(stream, Reason::PROTOCOL_ERROR, "header field too large")
+            }
             BlockError::Malformed(why) => Error::stream(stream, Reason::PROTOCOL_ERROR, why),
         }
     }

@@ -115,12 +115,18 @@ pub enum BlockError {
     /// every conformant server): connection error COMPRESSION_ERROR.
     #[error("header block cannot be decoded: {0}")]
     Compression(#[from] HpackError),
-    /// The decoded list exceeds the limit we advertise, or one string
-    /// exceeds [`Limits::max_string`]: the caller answers
-    /// ENHANCE_YOUR_CALM (or 431). The block was walked whole and refers
-    /// to no table, so no HPACK state is lost if only the stream ends.
-    #[error("header list or field too large")]
+    /// The decoded list exceeds the limit we advertise (a peer that
+    /// ignores our SETTINGS_MAX_HEADER_LIST_SIZE): the caller answers
+    /// ENHANCE_YOUR_CALM.
+    #[error("header list too large")]
     TooLarge,
+    /// The list is within the limit but one string exceeds
+    /// [`Limits::max_string`], which some servers refuse by ending the
+    /// whole connection: the caller refuses the message (431). The block
+    /// was walked whole and refers to no table, so no HPACK state is lost
+    /// if only the stream ends.
+    #[error("header field too large")]
+    FieldTooLarge,
     /// A malformed message (RFC 9113 8.1.1, 8.2, 8.3): stream error
     /// PROTOCOL_ERROR on that stream only.
     #[error("malformed message: {0}")]
@@ -193,7 +199,9 @@ impl<'b> Str<'b> {
         ))
     }
 
-    /// The string, decoded into `scratch` if Huffman-coded.
+    /// The string, decoded into `scratch` if Huffman-coded. `scratch`
+    /// only grows (its length is its high-water mark), so that it is not
+    /// cleared for every string.
     fn text<'s>(self, scratch: &'s mut Vec<u8>) -> Result<&'s [u8], HpackError>
     where
         'b: 's,
@@ -201,9 +209,12 @@ impl<'b> Str<'b> {
         if !self.huffman {
             return Ok(self.raw);
         }
-        scratch.clear();
-        huffman::decode(self.raw, scratch)?;
-        Ok(scratch)
+        let need = huffman::buf_len(self.raw.len());
+        if scratch.len() < need {
+            scratch.resize(need, 0);
+        }
+        let n = huffman::decode_into(self.raw, scratch)?;
+        Ok(&scratch[..n])
     }
 
     /// The decoded length, checking the Huffman code without writing it.
@@ -456,12 +467,25 @@ fn classify(name: &[u8]) -> Result<Kind, &'static str> {
     })
 }
 
+/// Whether `v` has a NUL, CR or LF. Values seldom have any byte below
+/// 0x0e: that is looked for 8 bytes at a time first (a byte `b < 0x0e`
+/// makes `b - 0x0e` borrow into its top bit while `!b` has it set).
+fn has_nul_cr_lf(v: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let (words, tail) = v.as_chunks::<8>();
+    let low = words.iter().fold(0u64, |a, w| {
+        let x = u64::from_ne_bytes(*w);
+        a | (x.wrapping_sub(0x0e * ONES) & !x & (0x80 * ONES))
+    });
+    if low == 0 && tail.iter().all(|&b| b >= 0x0e) {
+        return false;
+    }
+    v.iter().any(|&b| matches!(b, 0 | b'\r' | b'\n'))
+}
+
 /// RFC 9113 8.2.1: no NUL, CR or LF, and no SP or HTAB at either end.
 fn check_value(v: &[u8]) -> Result<(), &'static str> {
-    let bad = v
-        .iter()
-        .fold(false, |a, &b| a | (b == 0) | (b == b'\r') | (b == b'\n'));
-    if bad {
+    if has_nul_cr_lf(v) {
         return Err("NUL, CR or LF in a field value");
     }
     let ws = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
@@ -694,8 +718,11 @@ pub fn check_block_with(
         Ok(())
     })?;
     msg.finish();
-    if too_long || list > limits.max_list {
+    if list > limits.max_list {
         return Err(BlockError::TooLarge);
+    }
+    if too_long {
+        return Err(BlockError::FieldTooLarge);
     }
     if let Some(why) = msg.malformed {
         return Err(BlockError::Malformed(why));
@@ -867,7 +894,10 @@ mod tests {
             .collect()
     }
 
-    fn decode_fresh(block: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// A decoded header list.
+    type List = Vec<(Vec<u8>, Vec<u8>)>;
+
+    fn decode_fresh(block: &[u8]) -> List {
         loona_hpack::Decoder::new().decode(block).expect("decodes")
     }
 
@@ -1307,7 +1337,10 @@ mod tests {
     #[test]
     fn string_longer_than_max_string_is_too_large() {
         let long = "v".repeat(MAX_STRING + 1);
-        assert_eq!(req(&get().lit("x-long", &long)), Err(BlockError::TooLarge));
+        assert_eq!(
+            req(&get().lit("x-long", &long)),
+            Err(BlockError::FieldTooLarge)
+        );
         assert!(req(&get().lit("x-long", &long[1..])).is_ok());
         // Counted as sent: Huffman-coded, MAX_STRING bytes decode to more.
         let mut coded = Vec::new();
@@ -1322,7 +1355,7 @@ mod tests {
         let b = get().lit("x-name-of-17-byte", "v");
         assert_eq!(
             check_block_with(&b.0, Role::Request, limits, &mut Vec::new()),
-            Err(BlockError::TooLarge)
+            Err(BlockError::FieldTooLarge)
         );
     }
 
@@ -1769,7 +1802,7 @@ mod tests {
     ];
 
     /// A random valid request and its header list.
-    fn random_request(rng: &mut fastrand::Rng) -> (B, Vec<(Vec<u8>, Vec<u8>)>) {
+    fn random_request(rng: &mut fastrand::Rng) -> (B, List) {
         let mut b = B::default();
         if rng.bool() {
             b = b.size(0);
@@ -1842,7 +1875,7 @@ mod tests {
     fn random_requests_agree_with_loona() {
         let mut rng = fastrand::Rng::with_seed(9113);
         let mut scratch = Vec::new();
-        for _ in 0..2_000 {
+        for _ in 0..1_000 {
             let (b, list) = random_request(&mut rng);
             assert_eq!(decode_fresh(&b.0), list);
             let info = check_block(&b.0, Role::Request, MAX_DECODED, &mut scratch)
@@ -1864,7 +1897,7 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(0xdead);
         let mut scratch = Vec::new();
         let mut outcomes = [0usize; 4];
-        for _ in 0..20_000 {
+        for _ in 0..5_000 {
             let (mut b, _) = random_request(&mut rng);
             for _ in 0..rng.usize(1..4) {
                 match rng.u8(0..4) {
@@ -1887,7 +1920,7 @@ mod tests {
             outcomes[match ours {
                 Ok(_) => 0,
                 Err(BlockError::Compression(_)) => 1,
-                Err(BlockError::TooLarge) => 2,
+                Err(BlockError::TooLarge | BlockError::FieldTooLarge) => 2,
                 Err(BlockError::Malformed(_)) => 3,
             }] += 1;
             if matches!(ours, Err(BlockError::Compression(_))) {
@@ -1906,7 +1939,7 @@ mod tests {
         }
         // (Too large cannot happen here: MAX_DECODED is far away.)
         assert!(
-            outcomes[0] > 100 && outcomes[1] > 100 && outcomes[3] > 100,
+            outcomes[0] > 50 && outcomes[1] > 50 && outcomes[3] > 50,
             "{outcomes:?}"
         );
     }
@@ -1927,24 +1960,19 @@ mod tests {
             .lit_h("grpc-timeout", "4999958u")
             .lit_h("grpc-accept-encoding", "gzip");
         let mut scratch = Vec::new();
-        let n = 1_000_000;
-        let t = std::time::Instant::now();
-        for _ in 0..n {
+        let t = huffman::best_of(|| {
             let info = check_block(
                 std::hint::black_box(&b.0),
                 Role::Request,
                 MAX_DECODED,
                 &mut scratch,
-            )
-            .expect("valid");
-            std::hint::black_box(info);
-        }
-        let per = t.elapsed() / n;
-        println!("check_block, {} bytes, 9 fields: {per:?}", b.0.len());
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            check_self_contained(std::hint::black_box(&b.0)).expect("valid");
-        }
-        println!("check_self_contained: {:?}", t.elapsed() / n);
+            );
+            assert!(std::hint::black_box(info).is_ok());
+        });
+        println!("check_block, {} bytes, 9 fields: {t:?}", b.0.len());
+        let t = huffman::best_of(|| {
+            assert!(check_self_contained(std::hint::black_box(&b.0)).is_ok());
+        });
+        println!("check_self_contained: {t:?}");
     }
 }

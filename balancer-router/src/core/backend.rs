@@ -416,12 +416,13 @@ impl Core {
             _ => Role::Response,
         };
         // Decoding errors are the connection's whatever the stream.
-        let info = match hpack::check_block(
-            &block.buf,
-            role,
-            MAX_RESPONSE_HEADER_LIST,
-            &mut self.scratch,
-        ) {
+        // Clients are not nginx: a response's field may be as long as its
+        // list allows.
+        let limits = hpack::Limits {
+            max_list: MAX_RESPONSE_HEADER_LIST,
+            max_string: MAX_RESPONSE_HEADER_LIST,
+        };
+        let info = match hpack::check_block_with(&block.buf, role, limits, &mut self.scratch) {
             Ok(info) => info,
             Err(hpack::BlockError::Compression(_)) => {
                 return Err(Error::conn(

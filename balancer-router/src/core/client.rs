@@ -20,6 +20,9 @@ use crate::{
     hpack::{self, PreAck, Role},
 };
 
+/// `:status 431`: a literal without indexing on the static name `:status`.
+const TOO_LARGE_431: &[u8] = &[0x08, 0x03, b'4', b'3', b'1'];
+
 impl Core {
     /// A client connection that sent the HTTP/2 preface (it is still in
     /// the bytes the reader will hand over). Our SETTINGS go out at once.
@@ -452,6 +455,22 @@ impl Core {
         }
         let checked = hpack::check_block(&buf, role, MAX_HEADER_LIST, &mut self.scratch);
         let c = self.clients.get_mut(&id).expect("client exists");
+        if new && checked == Err(hpack::BlockError::FieldTooLarge) {
+            // Within the list we allow, but longer than some pods take
+            // without ending their whole connection: refused with
+            // 431 Request Header Fields Too Large (RFC 6585), on this
+            // stream alone.
+            frame::headers(&mut c.out, sid, TOO_LARGE_431, true, c.peer.max_frame);
+            if end {
+                c.recent.insert(sid, Closed::Ended);
+            } else {
+                frame::rst(&mut c.out, sid, Reason::NO_ERROR);
+                c.recent.insert(sid, Closed::ByUs);
+            }
+            self.wake(id);
+            let c = self.clients.get_mut(&id).expect("client exists");
+            return c.calm.reset();
+        }
         if let Err(e) = &checked {
             let e = Error::block(sid, e);
             if new && matches!(e, Error::Stream { .. }) {

@@ -125,9 +125,11 @@ pub const BACKEND_INITIAL_WINDOW: i64 = 16 << 10;
 pub const BACKEND_CONN_WINDOW: i64 = 8 << 20;
 /// Streams one client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
 pub const MAX_CLIENT_STREAMS: u32 = 256;
-/// SETTINGS_MAX_HEADER_LIST_SIZE we advertise to clients (Envoy's default
-/// is 60 KiB, gRPC's 16 KiB); a list above it is a header-list bomb.
-pub const MAX_HEADER_LIST: usize = 64 * 1024;
+/// SETTINGS_MAX_HEADER_LIST_SIZE we advertise to clients; a list above it
+/// is a header-list bomb. 32 KiB: nginx ends the whole connection when a
+/// block's names and values pass 32 KiB (gRPC's default limit is 16 KiB,
+/// Envoy's 60 KiB).
+pub const MAX_HEADER_LIST: usize = 32 * 1024;
 /// The largest response header list accepted from a backend.
 pub const MAX_RESPONSE_HEADER_LIST: usize = 256 * 1024;
 /// Frames are only queued to a connection while its output holds less than

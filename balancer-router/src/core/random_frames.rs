@@ -195,9 +195,12 @@ struct Peer {
     /// Streams it answered (backends: response HEADERS sent) and ended.
     answered: BTreeSet<u32>,
     sent_end: BTreeSet<u32>,
-    /// Clients: it sent a SETTINGS ACK; a block that added a table entry.
+    /// Clients: it sent a SETTINGS ACK; a block that added a table entry;
+    /// PRIORITY on streams while they were idle (a RST_STREAM on those may
+    /// come before the client opens them: it does not close them).
     acked: bool,
     indexed: bool,
+    idle_priority: BTreeSet<u32>,
     data_conn: i64,
     data_stream: BTreeMap<u32, i64>,
     /// Its WINDOW_UPDATE increments, on the connection and per stream.
@@ -242,6 +245,7 @@ impl Peer {
             sent_end: BTreeSet::new(),
             acked: false,
             indexed: false,
+            idle_priority: BTreeSet::new(),
             data_conn: 0,
             data_stream: BTreeMap::new(),
             grants_conn: 0,
@@ -294,6 +298,9 @@ impl Peer {
                 }
             }
             (frame::SETTINGS, _) if h.flags & frame::FLAG_ACK != 0 => self.acked = true,
+            (frame::PRIORITY, Hop::Client) if h.stream >= self.next_sid || h.stream % 2 == 0 => {
+                self.idle_priority.insert(h.stream);
+            }
             _ => {}
         }
     }
@@ -311,12 +318,15 @@ impl Peer {
     }
 
     fn note_read(&mut self, h: FrameHeader, p: &[u8]) {
+        trace(|| format!("{:?} {} -> core: {}", self.hop, self.id, show(h, p)));
         match h.kind {
             frame::DATA => {
                 self.fed_conn += i64::from(h.length);
                 *self.fed_stream.entry(h.stream).or_default() += i64::from(h.length);
             }
-            frame::HEADERS => self.max_sid = self.max_sid.max(h.stream),
+            // PRIORITY may name an idle stream, and a self-dependency is
+            // answered with RST_STREAM on it (RFC 9113 5.3.1).
+            frame::HEADERS | frame::PRIORITY => self.max_sid = self.max_sid.max(h.stream),
             frame::SETTINGS if h.flags & frame::FLAG_ACK == 0 => {
                 self.settings_sent += 1;
                 for s in p.chunks_exact(6) {
@@ -402,6 +412,7 @@ impl Peer {
     }
 
     fn check_frame(&mut self, h: FrameHeader, p: &[u8], block: &mut Option<(u32, Vec<u8>)>) {
+        trace(|| format!("{:?} {} <- core: {}", self.hop, self.id, show(h, p)));
         let s = h.stream;
         match block {
             Some((bs, _)) => assert!(
@@ -427,8 +438,14 @@ impl Peer {
             assert_ne!(s, 0, "{h:?} on stream 0");
         }
         if s != 0 {
-            assert!(!self.reset.contains(&s), "{h:?} after RST_STREAM");
-            assert_eq!(s % 2, 1, "{h:?}: even stream id");
+            // RST_STREAM is the last frame on a stream; more of them are
+            // allowed for frames that keep coming (RFC 9113 5.4.2).
+            assert!(
+                !self.reset.contains(&s) || h.kind == frame::RST_STREAM,
+                "{h:?} after RST_STREAM"
+            );
+            let idle_rst = h.kind == frame::RST_STREAM && self.idle_priority.contains(&s);
+            assert!(s % 2 == 1 || idle_rst, "{h:?}: even stream id");
             match self.hop {
                 Hop::Client => assert!(
                     s <= self.max_sid,
@@ -487,7 +504,7 @@ impl Peer {
                     buf.extend_from_slice(p);
                 }
             }
-            frame::RST_STREAM => {
+            frame::RST_STREAM if !self.idle_priority.contains(&s) => {
                 self.reset.insert(s);
             }
             frame::SETTINGS if h.flags & frame::FLAG_ACK != 0 => {
@@ -1548,19 +1565,53 @@ impl World {
     }
 }
 
+std::thread_local! {
+    /// The frames of a failing run, replayed with tracing on.
+    static TRACE: std::cell::RefCell<Option<VecDeque<String>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn trace(line: impl FnOnce() -> String) {
+    TRACE.with_borrow_mut(|t| {
+        if let Some(t) = t {
+            if t.len() == 200 {
+                t.pop_front();
+            }
+            t.push_back(line());
+        }
+    });
+}
+
+fn show(h: FrameHeader, p: &[u8]) -> String {
+    let shown = &p[..p.len().min(24)];
+    format!(
+        "type {} flags {:#x} stream {} len {} {shown:02x?}",
+        h.kind, h.flags, h.stream, h.length
+    )
+}
+
+fn play(seed: u64, mix: Mix) {
+    let mut w = World::new(seed, mix);
+    let steps = w.rng.usize(10..80);
+    for _ in 0..steps {
+        w.step();
+    }
+    w.finish();
+}
+
 fn run(seeds: std::ops::Range<u64>, mix: Mix) {
     for seed in seeds {
-        let result = std::panic::catch_unwind(|| {
-            let mut w = World::new(seed, mix);
-            let steps = w.rng.usize(10..80);
-            for _ in 0..steps {
-                w.step();
+        if let Err(e) = std::panic::catch_unwind(|| play(seed, mix)) {
+            // The same run again, with the frames of each hop traced.
+            TRACE.with_borrow_mut(|t| *t = Some(VecDeque::new()));
+            let again = std::panic::catch_unwind(|| play(seed, mix));
+            let lines = TRACE.with_borrow_mut(Option::take).unwrap_or_default();
+            eprintln!("the last frames before the failure:");
+            for line in lines {
+                eprintln!("  {line}");
             }
-            w.finish();
-        });
-        if let Err(e) = result {
             eprintln!("failed with seed {seed} and {mix:?}");
-            std::panic::resume_unwind(e);
+            std::panic::resume_unwind(again.err().unwrap_or(e));
         }
     }
 }

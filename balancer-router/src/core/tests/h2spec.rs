@@ -316,3 +316,28 @@ fn malformed_requests_are_stream_errors_that_never_reach_a_pod() {
         );
     }
 }
+
+#[test]
+fn a_field_longer_than_pods_take_is_refused_with_431_on_that_stream() {
+    let mut h = H::new(1, Algorithm::RoundRobin);
+    let c = ready(&mut h);
+    // One 9 KiB value: within our list limit, beyond nginx's field limit.
+    let mut block = REQ_PLAIN.to_vec();
+    block.extend_from_slice(&[0x00, 0x01, b'x', 0x7f, 0x81, 0x47]);
+    block.extend(std::iter::repeat_n(b'v', 9 * 1024));
+    h.feed(c, headers(1, &block, true));
+    let out = h.out(c);
+    let resp = out
+        .iter()
+        .find(|f| f.kind == frame::HEADERS && f.stream == 1)
+        .expect("an answer");
+    assert_eq!(resp.payload, [0x08, 0x03, b'4', b'3', b'1']);
+    assert_eq!(goaway_code(&out), None);
+    assert_eq!(backend_frames(&mut h), vec![]);
+    h.feed(c, headers(3, REQ_PLAIN, true));
+    assert!(
+        backend_frames(&mut h)
+            .iter()
+            .any(|f| f.kind == frame::HEADERS)
+    );
+}
