@@ -286,16 +286,6 @@ async fn handle(mut sock: TcpStream, agent: Arc<Mutex<Agent>>) -> std::io::Resul
     sock.shutdown().await
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-    }
-}
-
 /// The router's defences: connections cut for floods, streams reset for
 /// idleness or because a backend connection failed, silent backends.
 fn router_protection(f: &mut Family<'_>) {
@@ -330,5 +320,15 @@ fn router_protection(f: &mut Family<'_>) {
     ] {
         f.head(name, "counter", help);
         f.sample(name, &[], v.load(Ordering::Relaxed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }
