@@ -762,10 +762,10 @@ impl Core {
         }
         if let Some(cl) = self.clients.get_mut(&c) {
             cl.held -= released;
+            self.held -= released;
             if cs.short {
                 cl.short.retain(|s| *s != sid);
             }
         }
-        self.held -= released;
     }
 }

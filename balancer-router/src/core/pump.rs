@@ -164,10 +164,11 @@ impl Core {
         if n == 0 {
             return;
         }
+        // A client that is gone was taken out of the node's count whole.
         if let Some(cl) = self.clients.get_mut(&c) {
             cl.held -= n;
+            self.held -= n;
         }
-        self.held -= n;
     }
 
     /// Top up the backend window of client stream `sid` as far as the

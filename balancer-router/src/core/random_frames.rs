@@ -7,19 +7,27 @@
 //!
 //! Beyond "no panic", what must hold whatever the peers send:
 //! - every `take_out` is whole frames, each within the size rules and the
-//!   peer's SETTINGS_MAX_FRAME_SIZE (16,384 unless it raised it), backend
-//!   output starts with the preface, each first frame is SETTINGS;
-//! - header blocks are contiguous (RFC 9113 6.10) and self-contained;
-//! - stream ids: a client sees only the streams it opened; a backend sees
-//!   new streams 1, 3, 5... in order; nothing after the router's RST_STREAM,
-//!   no DATA or HEADERS after its END_STREAM;
-//! - the router's DATA stays within the peer's windows, and its
-//!   WINDOW_UPDATEs give back no more than the peer sent;
-//! - the core's links are consistent (a client stream open on a backend
-//!   stream is that stream's; each endpoint's outstanding count is its
-//!   in-flight streams), and once every connection is forgotten nothing is
-//!   left: no connection, no pooled id, no pending I/O, no stream counted
-//!   in flight.
+//!   peer's SETTINGS_MAX_FRAME_SIZE (16,384 unless it raised it); backend
+//!   output starts with the preface, each hop's first frame is SETTINGS;
+//!   the router sends no frame type it has no business sending;
+//! - header blocks are contiguous (RFC 9113 6.10) and decode on their own
+//!   with no dynamic table, Huffman included (RFC 7541), whatever the
+//!   sender's block was;
+//! - stream ids: a client sees only odd streams it opened (or named in
+//!   PRIORITY); a backend sees new streams 1, 3, 5... in order; after the
+//!   router's RST_STREAM only more RST_STREAM; no DATA or HEADERS after its
+//!   END_STREAM;
+//! - flow control: the router's DATA stays within the peer's connection
+//!   and stream windows (as of the SETTINGS and WINDOW_UPDATEs the core
+//!   had read), and its WINDOW_UPDATEs never take a peer's window past
+//!   2^31-1; SETTINGS ACKs and PING ACKs answer only what the peer sent;
+//! - counts: no client above MAX_CLIENT_STREAMS, no endpoint with more
+//!   streams in flight than clients have open; and once every connection
+//!   is forgotten nothing is left: `take_out` knows no id, no client
+//!   streams, no pending I/O, no stream counted in flight.
+//!
+//! On a failure the seed is played again with every frame traced, and the
+//! last 200 are printed.
 //!
 //! `cargo fuzz` (fuzz/fuzz_targets/h2router.rs) goes further on arbitrary
 //! bytes.
