@@ -453,6 +453,26 @@ impl Core {
             // out malformed (then it is reset).
             c.last_stream = sid;
         }
+        if !new && existing.is_none() {
+            // A stream that is gone: its late HEADERS (trailers) are an
+            // error if the client ended or reset it, ignored if we did.
+            return match c.recent.get(sid) {
+                Some(Closed::Ended) => Err(Error::conn(
+                    Reason::STREAM_CLOSED,
+                    "HEADERS on a closed stream",
+                )),
+                Some(Closed::ByPeer) => Err(Error::stream(
+                    sid,
+                    Reason::STREAM_CLOSED,
+                    "HEADERS after RST_STREAM",
+                )),
+                Some(Closed::ByUs) => Ok(()),
+                None => Err(Error::conn(
+                    Reason::PROTOCOL_ERROR,
+                    "stream id lower than a previous one",
+                )),
+            };
+        }
         let checked = hpack::check_block(&buf, role, MAX_HEADER_LIST, &mut self.scratch);
         let c = self.clients.get_mut(&id).expect("client exists");
         if new && checked == Err(hpack::BlockError::FieldTooLarge) {
@@ -514,26 +534,6 @@ impl Core {
             cs.to_up.push_back(Chunk::Headers { block: buf, end });
             self.pump_up(id, sid);
             return Ok(());
-        }
-        if !new {
-            // A stream that is gone: its late HEADERS (trailers) are an
-            // error if the client ended or reset it, ignored if we did.
-            return match c.recent.get(sid) {
-                Some(Closed::Ended) => Err(Error::conn(
-                    Reason::STREAM_CLOSED,
-                    "HEADERS on a closed stream",
-                )),
-                Some(Closed::ByPeer) => Err(Error::stream(
-                    sid,
-                    Reason::STREAM_CLOSED,
-                    "HEADERS after RST_STREAM",
-                )),
-                Some(Closed::ByUs) => Ok(()),
-                None => Err(Error::conn(
-                    Reason::PROTOCOL_ERROR,
-                    "stream id lower than a previous one",
-                )),
-            };
         }
         if let Drain::Final(last) = c.drain
             && sid > last

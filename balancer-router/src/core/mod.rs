@@ -539,4 +539,6 @@ impl Core {
 }
 
 #[cfg(test)]
+mod random_frames;
+#[cfg(test)]
 mod tests;

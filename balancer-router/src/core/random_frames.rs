@@ -306,7 +306,9 @@ impl Peer {
                 }
             }
             (frame::SETTINGS, _) if h.flags & frame::FLAG_ACK != 0 => self.acked = true,
-            (frame::PRIORITY, Hop::Client) if h.stream >= self.next_sid || h.stream % 2 == 0 => {
+            (frame::PRIORITY, Hop::Client)
+                if h.stream >= self.next_sid || h.stream.is_multiple_of(2) =>
+            {
                 self.idle_priority.insert(h.stream);
             }
             _ => {}
