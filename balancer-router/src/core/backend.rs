@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
 
-use super::{BStream, Chunk, ConnId, Core, MAX_RESPONSE_HEADER_LIST, Up, state::State};
+use super::{BStream, Chunk, ConnId, Core, MAX_RESPONSE_HEADER_LIST, Up, state::State, unpool};
 use crate::{
     error::Error,
     frame::{self, Block, FrameHeader, Reason},
@@ -52,9 +52,8 @@ impl Core {
         let Some(mut be) = self.backends.remove(&b) else {
             return;
         };
-        if self.pool.get(&be.ep.addr) == Some(&b) {
-            self.pool.remove(&be.ep.addr);
-        }
+        let addr = be.ep.addr;
+        unpool(&mut self.pool, addr, b);
         // Streams may have been processed only by a backend that spoke
         // HTTP/2 to us.
         let spoke = be.settings_seen;
@@ -96,6 +95,8 @@ impl Core {
             tracing::warn!(endpoint = %be.ep.addr, %reason, why, "backend connection error");
             frame::goaway(&mut be.out, 0, reason);
             be.closing = true;
+            let addr = be.ep.addr;
+            unpool(&mut self.pool, addr, b);
             self.wake(b);
         }
     }
@@ -138,6 +139,8 @@ impl Core {
                     ));
                 }
                 be.settings_seen = true;
+                // Its SETTINGS name its limit, or there is none.
+                be.peer.max_streams = usize::MAX;
             }
             if be.fragments.in_progress() && h.kind != frame::CONTINUATION {
                 return Err(Error::conn(
@@ -335,9 +338,8 @@ impl Core {
                 }
                 let last = frame::u31(&p);
                 be.retiring = true;
-                if self.pool.get(&be.ep.addr) == Some(&b) {
-                    self.pool.remove(&be.ep.addr);
-                }
+                let addr = be.ep.addr;
+                unpool(&mut self.pool, addr, b);
                 tracing::debug!(endpoint = %be.ep.addr, last, "backend GOAWAY");
                 // Streams above `last` were not processed (6.8).
                 let above: Vec<u32> = be
@@ -533,9 +535,8 @@ impl Core {
         let draining = be.ep.draining.load(Ordering::Relaxed);
         if draining && !be.retiring {
             be.retiring = true;
-            if self.pool.get(&be.ep.addr) == Some(&b) {
-                self.pool.remove(&be.ep.addr);
-            }
+            let addr = be.ep.addr;
+            unpool(&mut self.pool, addr, b);
         }
         if be.retiring && be.streams.is_empty() && be.queue.is_empty() {
             if !be.closing {

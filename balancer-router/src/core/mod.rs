@@ -139,10 +139,15 @@ pub const SOFT_OUT_LIMIT: usize = 64 * 1024;
 /// SETTINGS, resets, which are queued whatever the output holds) does
 /// not read them: ENHANCE_YOUR_CALM.
 pub const HARD_OUT_LIMIT: usize = 1 << 20;
-/// Assumed for a backend until its SETTINGS say otherwise (RFC 9113 says
-/// unlimited; a backend that allows fewer refuses the extra streams, and
-/// those are retried).
+/// Assumed for a backend until its SETTINGS say otherwise (a backend that
+/// allows fewer refuses the extra streams, and those are retried); SETTINGS
+/// that name no limit mean none (RFC 9113 6.5.2).
 const INITIAL_BACKEND_STREAMS: usize = 100;
+/// Connections to one endpoint: when every one is full (its
+/// MAX_CONCURRENT_STREAMS), a stream opens another, so one client holding
+/// every slot of a connection cannot make others' streams wait. Idle extra
+/// connections close at the next tick.
+pub const MAX_CONNS_PER_ENDPOINT: usize = 16;
 /// The payload of the PING of a graceful drain.
 pub const DRAIN_PING: [u8; 8] = *b"lbdrain\0";
 /// To backends: no dynamic table (the point of the design), no push, our
@@ -364,8 +369,9 @@ pub struct Core {
     limits: Limits,
     clients: Map<ConnId, Client>,
     backends: Map<ConnId, Backend>,
-    /// The backend connection new streams to an endpoint use.
-    pool: Map<SocketAddr, ConnId>,
+    /// The backend connections new streams to an endpoint may use (more
+    /// than one when one connection's MAX_CONCURRENT_STREAMS is full).
+    pool: Map<SocketAddr, Vec<ConnId>>,
     next_id: ConnId,
     io: Vec<Io>,
     /// The time of the last [`Core::tick`]: a coarse clock, so frames cost
@@ -530,6 +536,31 @@ impl Core {
         for b in idle {
             self.after_bstream(b);
         }
+        self.close_idle_extras();
+    }
+
+    /// Close extra pooled connections to an endpoint once they are idle
+    /// (the first one stays).
+    fn close_idle_extras(&mut self) {
+        let extra: Vec<ConnId> = self
+            .pool
+            .values()
+            .filter(|conns| conns.len() > 1)
+            .flat_map(|conns| conns[1..].iter().copied())
+            .filter(|b| {
+                self.backends
+                    .get(b)
+                    .is_some_and(|be| be.streams.is_empty() && be.queue.is_empty())
+            })
+            .collect();
+        for b in extra {
+            if let Some(be) = self.backends.get_mut(&b) {
+                be.retiring = true;
+                let addr = be.ep.addr;
+                unpool(&mut self.pool, addr, b);
+            }
+            self.after_bstream(b);
+        }
     }
 
     /// The client stream `sid` of `c`, if both exist.
@@ -540,5 +571,15 @@ impl Core {
 
 #[cfg(test)]
 mod random_frames;
+/// Take backend connection `b` out of the pool of `addr`: no new streams.
+fn unpool(pool: &mut Map<SocketAddr, Vec<ConnId>>, addr: SocketAddr, b: ConnId) {
+    if let Some(conns) = pool.get_mut(&addr) {
+        conns.retain(|x| *x != b);
+        if conns.is_empty() {
+            pool.remove(&addr);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -13,7 +13,8 @@ use bytes::BytesMut;
 
 use super::{
     BACKEND_CONN_WINDOW, BACKEND_INITIAL_WINDOW, BACKEND_SETTINGS, BStream, Backend, Chunk, ConnId,
-    Core, INITIAL_BACKEND_STREAMS, Io, MAX_ATTEMPTS, Up, state::State,
+    Core, INITIAL_BACKEND_STREAMS, Io, MAX_ATTEMPTS, MAX_CONNS_PER_ENDPOINT, Up, state::State,
+    unpool,
 };
 use crate::{
     endpoint::Endpoint,
@@ -51,15 +52,35 @@ impl Core {
         };
         cs.tried.push(ep.addr);
         cs.inflight = Some(ep.start());
-        let b = match self.pool.get(&ep.addr) {
-            Some(b) => *b,
-            None => self.new_backend(ep),
-        };
+        let b = self.connection_for(ep);
         let cs = self.cstream(c, sid).expect("stream exists");
         cs.up = Up::Queued(b);
         let be = self.backends.get_mut(&b).expect("pooled backend exists");
         be.queue.push_back((c, sid));
         self.open_queued(b);
+    }
+
+    /// A pooled connection to `ep` with a free stream slot, or a new one
+    /// (up to [`MAX_CONNS_PER_ENDPOINT`]; past that, the least busy).
+    fn connection_for(&mut self, ep: Arc<Endpoint>) -> ConnId {
+        let conns = self.pool.get(&ep.addr).map(Vec::as_slice).unwrap_or(&[]);
+        let mut least: Option<(usize, ConnId)> = None;
+        for b in conns {
+            let Some(be) = self.backends.get(b) else {
+                continue;
+            };
+            let busy = be.streams.len() + be.queue.len();
+            if busy < be.peer.max_streams {
+                return *b;
+            }
+            if least.is_none_or(|(n, _)| busy < n) {
+                least = Some((busy, *b));
+            }
+        }
+        match least {
+            Some((_, b)) if conns.len() >= MAX_CONNS_PER_ENDPOINT => b,
+            _ => self.new_backend(ep),
+        }
     }
 
     fn new_backend(&mut self, ep: Arc<Endpoint>) -> ConnId {
@@ -94,7 +115,7 @@ impl Core {
                 blocked: Vec::new(),
             },
         );
-        self.pool.insert(addr, id);
+        self.pool.entry(addr).or_default().push(id);
         self.io.push(Io::Connect { id, addr });
         id
     }
@@ -137,9 +158,8 @@ impl Core {
             if i64::from(be.next_stream) > frame::MAX_WINDOW {
                 // Ids ran out: this connection takes no more streams.
                 be.retiring = true;
-                if self.pool.get(&be.ep.addr) == Some(&b) {
-                    self.pool.remove(&be.ep.addr);
-                }
+                let addr = be.ep.addr;
+                unpool(&mut self.pool, addr, b);
             }
             let mut state = State::Open;
             cs.up = Up::Open(b, bid);

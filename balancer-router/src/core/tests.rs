@@ -244,26 +244,32 @@ fn backend_stream_ids_grow_in_order_under_max_concurrent_streams() {
     for sid in [3, 5, 7, 9] {
         h.feed(c, headers(sid, REQ_PLAIN, true));
     }
-    let mut ids: Vec<u32> = h
+    // Two fit on the first connection; the others open another one to the
+    // same pod rather than wait behind streams that may never end.
+    let ids: Vec<u32> = h
         .out(b)
         .iter()
         .filter(|f| f.kind == frame::HEADERS)
         .map(|f| f.stream)
         .collect();
-    // 1 was open before the limit was known; 3 more wait... only one more
-    // fits (2 at a time).
     assert_eq!(ids, vec![1, 3]);
-    // Finishing backend streams lets the queued ones go, in order.
-    for done in [1u32, 3, 5, 7, 9] {
-        h.feed_backend(b, headers(done, RESP_200, true));
-        ids.extend(
-            h.out(b)
-                .iter()
-                .filter(|f| f.kind == frame::HEADERS)
-                .map(|f| f.stream),
-        );
+    let conns: Vec<ConnId> = h.conns.iter().map(|(id, _)| *id).collect();
+    assert_eq!(conns.len(), 2, "{conns:?}");
+    let b2 = conns[1];
+    let ids2: Vec<u32> = h
+        .out(b2)
+        .iter()
+        .filter(|f| f.kind == frame::HEADERS)
+        .map(|f| f.stream)
+        .collect();
+    assert_eq!(
+        ids2,
+        vec![1, 3, 5],
+        "ids start again and grow on each connection"
+    );
+    for (bk, bid) in [(b, 1), (b, 3), (b2, 1), (b2, 3), (b2, 5)] {
+        h.feed_backend(bk, headers(bid, RESP_200, true));
     }
-    assert_eq!(ids, vec![1, 3, 5, 7, 9]);
     // Every response reached the client on its own stream.
     let mut got: Vec<u32> = h
         .out(c)
@@ -279,6 +285,50 @@ fn backend_stream_ids_grow_in_order_under_max_concurrent_streams() {
             .outstanding
             .load(std::sync::atomic::Ordering::Relaxed),
         0
+    );
+    // The extra connection closes once idle; the first stays pooled.
+    h.core.sweep();
+    assert!(h.core.backend_reading(b));
+    let mut buf = BytesMut::new();
+    assert_eq!(h.core.take_out(b2, &mut buf), Some(true), "to be closed");
+}
+
+#[test]
+fn one_client_holding_every_slot_of_a_pod_connection_does_not_stall_another() {
+    // The fuzzer's isolation_stream_slots: A's streams never end.
+    let mut h = H::new(1, Algorithm::RoundRobin);
+    let a = h.client();
+    h.feed(a, frame_bytes(frame::SETTINGS, frame::FLAG_ACK, 0, &[]));
+    h.feed(a, headers(1, REQ_PLAIN, false));
+    let b = h.backend(h.eps[0].addr);
+    let mut s = BytesMut::new();
+    frame::settings(&mut s, &[(setting::MAX_CONCURRENT_STREAMS, 100)]);
+    h.feed_backend(b, s);
+    for i in 1..MAX_CLIENT_STREAMS {
+        h.feed(a, headers(1 + 2 * i, REQ_PLAIN, false));
+    }
+    let c = h.client();
+    h.feed(c, frame_bytes(frame::SETTINGS, frame::FLAG_ACK, 0, &[]));
+    h.feed(c, headers(1, REQ_PLAIN, true));
+    let conns: Vec<ConnId> = h.conns.iter().map(|(id, _)| *id).collect();
+    let mut answered = false;
+    for bk in conns {
+        let mut hs: Vec<u32> = Vec::new();
+        for f in h.out(bk) {
+            if f.kind == frame::HEADERS && f.flags & frame::FLAG_END_STREAM != 0 {
+                hs.push(f.stream);
+            }
+        }
+        for bid in hs {
+            h.feed_backend(bk, headers(bid, RESP_200, true));
+            answered = true;
+        }
+    }
+    assert!(answered, "B's request reached a pod");
+    assert!(
+        h.out(c)
+            .iter()
+            .any(|f| f.kind == frame::HEADERS && f.stream == 1 && f.payload == RESP_200)
     );
 }
 
