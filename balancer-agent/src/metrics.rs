@@ -313,6 +313,11 @@ fn router_protection(f: &mut Family<'_>) {
             &router_stats::BACKEND_CONN_RESETS,
         ),
         (
+            "balancer_router_backend_reset_retirements_total",
+            "Pod connections the router stopped opening streams on because it sent them many resets (a fresh one takes over).",
+            &router_stats::BACKEND_RESET_RETIREMENTS,
+        ),
+        (
             "balancer_router_backend_settings_timeouts_total",
             "Backend connections given up because the pod sent no SETTINGS in time.",
             &router_stats::BACKEND_SETTINGS_TIMEOUTS,

@@ -64,6 +64,9 @@ pub static STREAM_IDLE_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
 /// Streams a backend may have processed, reset because its connection
 /// failed (those it did not process are retried instead).
 pub static BACKEND_CONN_RESETS: AtomicU64 = AtomicU64::new(0);
+/// Pod connections retired (no new streams; a fresh one opened) because
+/// the router sent many resets on them.
+pub static BACKEND_RESET_RETIREMENTS: AtomicU64 = AtomicU64::new(0);
 /// Backend connections given up because no SETTINGS came in time.
 pub static BACKEND_SETTINGS_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
 

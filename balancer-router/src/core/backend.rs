@@ -169,11 +169,8 @@ impl Core {
         let Some(be) = self.backends.get_mut(&b) else {
             return;
         };
-        frame::rst(&mut be.out, bid, reason);
         let bs = be.streams.remove(&bid);
-        if be.connected {
-            self.wake(b);
-        }
+        self.reset_backend_stream(b, bid, reason);
         if let Some(bs) = bs {
             self.release(bs.client, bs.recv.available());
             if let Some(cs) = self.cstream(bs.client, bs.sid) {

@@ -398,7 +398,9 @@ impl Core {
         if end {
             cs.state.recv_end();
         }
-        if cs.up == Up::Done {
+        if cs.up == Up::Done || (s == e && !end) {
+            // Nobody takes it, or it carries nothing (an empty DATA frame
+            // is not passed on: pods count them as a flood too).
             self.credit_client(id, Some(h.stream), len);
             self.finish_if_done(id, h.stream);
             return Ok(());
@@ -745,18 +747,15 @@ impl Core {
         self.credit_client(c, None, held_up);
         let mut released = cs.down_bytes;
         if let Up::Open(b, bid) = cs.up {
-            let mut wake = false;
+            let mut reset = false;
             if let Some(be) = self.backends.get_mut(&b)
                 && let Some(bs) = be.streams.remove(&bid)
             {
                 released += bs.recv.available();
-                if bs.state != State::Closed {
-                    frame::rst(&mut be.out, bid, cancel);
-                    wake = be.connected;
-                }
+                reset = bs.state != State::Closed;
             }
-            if wake {
-                self.wake(b);
+            if reset {
+                self.reset_backend_stream(b, bid, cancel);
             }
             self.after_bstream(b);
         }

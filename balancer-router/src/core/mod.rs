@@ -148,6 +148,18 @@ const INITIAL_BACKEND_STREAMS: usize = 100;
 /// every slot of a connection cannot make others' streams wait. Idle extra
 /// connections close at the next tick.
 pub const MAX_CONNS_PER_ENDPOINT: usize = 16;
+/// RST_STREAMs the router may send on one pod connection, net of what
+/// time pays back ([`BACKEND_RESET_REFUND`] per tick), before it stops
+/// opening streams there and opens a fresh connection. Servers defend
+/// against rapid reset per connection: nghttp2 (nghttpd, Envoy) ends a
+/// connection past a burst of 1,000 resets and 33 a second, and every
+/// client's streams on it with it. Clients' cancels (deadlines, and
+/// attacks within each client's own limit) are many clients' resets on
+/// one shared connection, so the router keeps each connection well
+/// inside that.
+pub const BACKEND_RESET_BUDGET: u32 = 400;
+/// What a tick (500 ms) pays back of [`BACKEND_RESET_BUDGET`]: 10 a second.
+pub const BACKEND_RESET_REFUND: u32 = 5;
 /// The payload of the PING of a graceful drain.
 pub const DRAIN_PING: [u8; 8] = *b"lbdrain\0";
 /// To backends: no dynamic table (the point of the design), no push, our
@@ -347,9 +359,12 @@ struct Backend {
     /// may have been processed.
     settings_seen: bool,
     started: Instant,
-    /// No new streams (GOAWAY received, ids ran out, endpoint left).
+    /// No new streams (GOAWAY received, ids ran out, endpoint left, too
+    /// many resets sent).
     retiring: bool,
     closing: bool,
+    /// RST_STREAMs sent, net of time (see [`BACKEND_RESET_BUDGET`]).
+    resets: u32,
     out: BytesMut,
     /// The backend's SETTINGS.
     peer: PeerSettings,
@@ -486,6 +501,9 @@ impl Core {
         self.now = now;
         let idle = self.limits.stream_idle_timeout;
         let mut expired = Vec::new();
+        for be in self.backends.values_mut() {
+            be.resets = be.resets.saturating_sub(BACKEND_RESET_REFUND);
+        }
         for (id, c) in &mut self.clients {
             c.calm.tick();
             for (sid, cs) in &c.streams {
@@ -560,6 +578,26 @@ impl Core {
                 unpool(&mut self.pool, addr, b);
             }
             self.after_bstream(b);
+        }
+    }
+
+    /// Send RST_STREAM on backend stream `bid` of `b`; past the budget the
+    /// connection takes no new streams.
+    fn reset_backend_stream(&mut self, b: ConnId, bid: u32, reason: frame::Reason) {
+        let Some(be) = self.backends.get_mut(&b) else {
+            return;
+        };
+        frame::rst(&mut be.out, bid, reason);
+        be.resets += 1;
+        if be.resets > BACKEND_RESET_BUDGET && !be.retiring {
+            tracing::debug!(endpoint = %be.ep.addr, "many resets on a pod connection; opening a fresh one");
+            stats::BACKEND_RESET_RETIREMENTS.fetch_add(1, Ordering::Relaxed);
+            be.retiring = true;
+            let addr = be.ep.addr;
+            unpool(&mut self.pool, addr, b);
+        }
+        if be.connected {
+            self.wake(b);
         }
     }
 

@@ -104,6 +104,7 @@ impl Core {
                 started: self.now,
                 retiring: false,
                 closing: false,
+                resets: 0,
                 out,
                 peer: PeerSettings::new(INITIAL_BACKEND_STREAMS),
                 send: SendWindow::new(frame::DEFAULT_WINDOW),
