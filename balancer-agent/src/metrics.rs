@@ -301,6 +301,31 @@ fn router_protection(f: &mut Family<'_>) {
             calm::FLOODS[kind as usize].load(Ordering::Relaxed),
         );
     }
+    f.head(
+        "balancer_router_held_bytes",
+        "gauge",
+        "Response bytes the HTTP/2 router holds or has let pods send for its clients (bounded by --router-buffer-limit plus 16 KiB per stream).",
+    );
+    f.sample(
+        "balancer_router_held_bytes",
+        &[],
+        router_stats::HELD_BYTES.load(Ordering::Relaxed),
+    );
+    f.head(
+        "balancer_router_connections",
+        "gauge",
+        "Connections of the HTTP/2 router, by side.",
+    );
+    f.sample(
+        "balancer_router_connections",
+        &[("side", "client")],
+        router_stats::CLIENT_CONNECTIONS.load(Ordering::Relaxed),
+    );
+    f.sample(
+        "balancer_router_connections",
+        &[("side", "pod")],
+        router_stats::BACKEND_CONNECTIONS.load(Ordering::Relaxed),
+    );
     for (name, help, v) in [
         (
             "balancer_router_stream_idle_timeouts_total",

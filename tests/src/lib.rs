@@ -10,6 +10,7 @@
 
 pub mod bpfquery;
 pub mod fakeapi;
+pub mod h2wire;
 
 use std::{
     collections::BTreeMap,
@@ -264,16 +265,26 @@ pub struct H2Server {
 
 impl H2Server {
     pub fn start(ns: &str, name: &str, port: u16) -> anyhow::Result<Self> {
+        Self::spawn(&[
+            "serve",
+            "--netns",
+            ns,
+            "--name",
+            name,
+            "--port",
+            &port.to_string(),
+        ])
+    }
+
+    /// `lbt-h2 silent`: a TCP listener that accepts and never sends a
+    /// byte (no SETTINGS); it prints `conn <n>` per accepted connection.
+    pub fn start_silent(ns: &str, port: u16) -> anyhow::Result<Self> {
+        Self::spawn(&["silent", "--netns", ns, "--port", &port.to_string()])
+    }
+
+    fn spawn(args: &[&str]) -> anyhow::Result<Self> {
         let mut child = Command::new(workspace_bin("lbt-h2"))
-            .args([
-                "serve",
-                "--netns",
-                ns,
-                "--name",
-                name,
-                "--port",
-                &port.to_string(),
-            ])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -305,6 +316,16 @@ impl H2Server {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter(|e| e.as_str() == event)
+            .count()
+    }
+
+    /// Events that start with `prefix`.
+    pub fn count_prefix(&self, prefix: &str) -> usize {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|e| e.starts_with(prefix))
             .count()
     }
 
@@ -392,6 +413,228 @@ pub fn h2_client_spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?)
+}
+
+/// As [`h2_client_wait`], but a client still running after `timeout` is
+/// killed and that is an error (a stream that hangs fails the test instead
+/// of hanging it).
+pub fn h2_client_wait_timeout(mut child: Child, timeout: Duration) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + timeout;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("lbt-h2 client did not finish within {timeout:?}: a stream hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h2_client_wait(child)
+}
+
+/// Run `lbt-h2 hostile`: every named case on its own connection; returns
+/// `{"results": [...]}`, one observation per case.
+pub fn h2_hostile(
+    ns: &str,
+    cgroup: Option<&Path>,
+    addr: &str,
+    extra: &[&str],
+) -> anyhow::Result<Value> {
+    h2_tool("hostile", ns, cgroup, addr, extra)
+}
+
+/// `lbt-h2 hold`: many connections whose streams ask for responses that
+/// are never read, held until [`H2Hold::close`].
+pub struct H2Hold {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// The first line it printed: what it opened.
+    pub report: Value,
+}
+
+impl H2Hold {
+    pub fn start(
+        ns: &str,
+        cgroup: Option<&Path>,
+        addr: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(workspace_bin("lbt-h2"));
+        cmd.args(["hold", "--netns", ns, "--connect", addr])
+            .args(extra);
+        if let Some(cg) = cgroup {
+            cmd.arg("--cgroup").arg(cg);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning lbt-h2 hold")?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = rx
+            .recv_timeout(Duration::from_secs(60))
+            .context("lbt-h2 hold printed nothing")?;
+        Ok(Self {
+            child,
+            stdin,
+            lines: rx,
+            report: serde_json::from_str(&first).context("lbt-h2 hold output")?,
+        })
+    }
+
+    /// Close every connection and wait for the helper to exit.
+    pub fn close(mut self) -> anyhow::Result<()> {
+        if let Some(mut s) = self.stdin.take() {
+            writeln!(s, "close")?;
+        }
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(20))
+            .context("lbt-h2 hold did not close")?;
+        anyhow::ensure!(line == "closed", "lbt-h2 hold said {line}");
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for H2Hold {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Raise this process's open-file limit to its hard limit (children, such
+/// as the agent and the helpers, inherit it). Returns the new soft limit.
+pub fn raise_nofile_limit() -> anyhow::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(hard)
+}
+
+/// Bytes sent by `dev` in namespace `ns` (from the kernel's link stats).
+pub fn link_tx_bytes(ns: &str, dev: &str) -> anyhow::Result<u64> {
+    let out = sh("ip", &["-n", ns, "-j", "-s", "link", "show", "dev", dev])?;
+    let v: Value = serde_json::from_str(&out)?;
+    v[0]["stats64"]["tx"]["bytes"].as_u64().context("tx bytes")
+}
+
+/// nghttpd (Debian nghttp2-server, h2c with prior knowledge) in pod
+/// namespaces, serving a document root with `index` (256 bytes); killed on
+/// drop.
+pub struct Nghttpd {
+    children: Vec<Child>,
+    pub docroot: PathBuf,
+}
+
+impl Drop for Nghttpd {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.docroot);
+    }
+}
+
+/// The summary of an h2load run ("requests: N total, N started, N done,
+/// N succeeded, N failed, N errored, N timeout" and "status codes").
+#[derive(Debug, Clone, Default)]
+pub struct H2load {
+    pub total: u64,
+    pub started: u64,
+    pub done: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub errored: u64,
+    pub timeout: u64,
+    pub status_2xx: u64,
+    pub output: String,
+}
+
+impl H2load {
+    /// Its "requests:" and "status codes:" lines.
+    pub fn summary(&self) -> String {
+        self.output
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("requests:") || l.starts_with("status codes:"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    pub fn parse(output: &str) -> anyhow::Result<Self> {
+        let line = |prefix: &str| {
+            output
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(prefix).map(str::to_owned))
+        };
+        let reqs = line("requests:").with_context(|| format!("no requests line: {output}"))?;
+        let field = |text: &str, name: &str| -> u64 {
+            text.split(',')
+                .find_map(|p| {
+                    let mut it = p.split_whitespace();
+                    let n = it.next()?;
+                    (it.next()? == name).then(|| n.parse().ok())?
+                })
+                .unwrap_or(0)
+        };
+        let status = line("status codes:").unwrap_or_default();
+        Ok(Self {
+            total: field(&reqs, "total"),
+            started: field(&reqs, "started"),
+            done: field(&reqs, "done"),
+            succeeded: field(&reqs, "succeeded"),
+            failed: field(&reqs, "failed"),
+            errored: field(&reqs, "errored"),
+            timeout: field(&reqs, "timeout"),
+            status_2xx: field(&status, "2xx"),
+            output: output.to_owned(),
+        })
+    }
+}
+
+/// Start h2load in namespace `ns` (joining `cgroup` first, so it is
+/// balanced by the agent); wait for it with [`h2load_wait`].
+pub fn h2load_spawn(ns: &str, cgroup: Option<&Path>, args: &[&str]) -> anyhow::Result<Child> {
+    let mut cmd = Command::new("sh");
+    match cgroup {
+        Some(cg) => {
+            cmd.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+                .arg(cg);
+        }
+        None => {
+            cmd.args(["-c", "exec \"$@\"", "sh"]);
+        }
+    }
+    cmd.args(["ip", "netns", "exec", ns, "h2load"]).args(args);
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting h2load (cargo xtask setup installs nghttp2-client)")
+}
+
+pub fn h2load_wait(child: Child) -> anyhow::Result<H2load> {
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "h2load failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    H2load::parse(&text)
 }
 
 pub fn h2_client_wait(child: Child) -> anyhow::Result<Value> {
@@ -593,6 +836,48 @@ impl Topology {
         let ns = Netns::new(&format!("{}-{tag}", self.prefix))?;
         self.plug(&ns.name, v4.parse()?, v6.parse()?)?;
         Ok(ns)
+    }
+
+    /// Start nghttpd on `port` in every pod; it serves `/index`.
+    pub fn start_nghttpd(&self, port: u16) -> anyhow::Result<Nghttpd> {
+        let docroot = std::env::temp_dir().join(format!("{}-docroot", self.prefix));
+        std::fs::create_dir_all(&docroot)?;
+        std::fs::write(docroot.join("index"), vec![b'x'; 256])?;
+        let mut n = Nghttpd {
+            children: Vec::new(),
+            docroot,
+        };
+        let root = n.docroot.display().to_string();
+        for p in &self.pods {
+            n.children.push(
+                Command::new("ip")
+                    .args([
+                        "netns", "exec", &p.ns.name, "nghttpd", "--no-tls", "-d", &root,
+                    ])
+                    .arg(port.to_string())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting nghttpd (cargo xtask setup installs nghttp2-server)")?,
+            );
+        }
+        for p in &self.pods {
+            Self::wait_for("nghttpd to listen", Duration::from_secs(10), || {
+                let out = sh(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        &p.ns.name,
+                        "ss",
+                        "-Hltn",
+                        &format!("sport = :{port}"),
+                    ],
+                )?;
+                Ok(!out.trim().is_empty())
+            })?;
+        }
+        Ok(n)
     }
 
     /// Start an `lbt-h2` server on [`H2_PORT`] in every pod.
@@ -878,7 +1163,11 @@ impl Agent {
             .arg("--admin-socket")
             .arg(&admin_socket)
             .args(args)
-            .env("RUST_LOG", "info")
+            // LBT_AGENT_RUST_LOG=debug to see more of what an agent did.
+            .env(
+                "RUST_LOG",
+                std::env::var("LBT_AGENT_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_log)?)
             .spawn()
@@ -909,6 +1198,25 @@ impl Agent {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Whether the agent process is still running (not exited).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The agent's resident set size (VmRSS), in bytes.
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        let pid = self.pid().context("agent not running")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("VmRSS")?;
+        Ok(kib * 1024)
     }
 
     /// The agent's process id while it runs.

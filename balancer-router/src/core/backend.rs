@@ -233,6 +233,7 @@ impl Core {
                 // Padding is not passed on: out of the budget at once.
                 let padding = len - (e - s) as i64;
                 let data = p.slice(s..e);
+                let span = data.as_ptr_range();
                 let Some(cs) = self.cstream(c, sid) else {
                     return Ok(());
                 };
@@ -246,6 +247,16 @@ impl Core {
                 });
                 self.release(c, padding);
                 self.pump_down(c, sid);
+                // A chunk its client cannot take now is copied out of the
+                // read buffer, which holds other streams' frames too: a
+                // client that does not read must not pin them all.
+                if let Some(cs) = self.cstream(c, sid)
+                    && let Some(Chunk::Data { data, .. }) = cs.to_down.back_mut()
+                    && !data.is_empty()
+                    && span.contains(&data.as_ptr())
+                {
+                    *data = Bytes::copy_from_slice(data);
+                }
                 if end {
                     self.maybe_close_bstream(b, h.stream);
                 }

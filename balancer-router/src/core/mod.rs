@@ -535,6 +535,9 @@ impl Core {
             self.backend_connect_failed(b);
         }
         self.sweep();
+        stats::HELD_BYTES.store(self.held, Ordering::Relaxed);
+        stats::CLIENT_CONNECTIONS.store(self.clients.len() as u64, Ordering::Relaxed);
+        stats::BACKEND_CONNECTIONS.store(self.backends.len() as u64, Ordering::Relaxed);
     }
 
     /// Close pooled connections to endpoints that left every service and

@@ -197,7 +197,13 @@ impl Core {
         }
         let stream_held = bs.recv.available() + cs.down_bytes;
         let want = BACKEND_STREAM_WINDOW - stream_held;
-        let floor = BACKEND_INITIAL_WINDOW - stream_held;
+        // The floor only for a client that took everything we sent it: one
+        // that stopped reading gets nothing past the budgets.
+        let floor = if cl.out_data + cl.writing == 0 {
+            BACKEND_INITIAL_WINDOW - stream_held
+        } else {
+            0
+        };
         if want < BACKEND_STREAM_WINDOW / 2 && floor <= 0 {
             // Batch: one WINDOW_UPDATE per half window.
             return;
