@@ -735,6 +735,49 @@ pub fn check_block_with(
     })
 }
 
+/// The last block a peer sent that passed [`check_block_with`], to skip
+/// the walk when the next one is the same bytes. With no dynamic table a
+/// client's requests, and a pod's responses, are often byte for byte
+/// alike (the same method, authority and metadata; a date that changes
+/// once a second): the check is a pure function of the bytes, the role
+/// and the limits, so its answer can be kept. Only small blocks are kept,
+/// copied (a slice would pin the whole read buffer).
+#[derive(Debug, Default)]
+pub struct LastBlock {
+    block: Vec<u8>,
+    role: Option<Role>,
+    limits: Option<Limits>,
+    info: BlockInfo,
+}
+
+impl LastBlock {
+    /// Blocks longer than this are checked every time.
+    pub const MAX: usize = 512;
+
+    /// [`check_block_with`], answered from the last block when it is the
+    /// same.
+    pub fn check(
+        &mut self,
+        block: &[u8],
+        role: Role,
+        limits: Limits,
+        scratch: &mut Vec<u8>,
+    ) -> Result<BlockInfo, BlockError> {
+        if self.role == Some(role) && self.limits == Some(limits) && self.block == block {
+            return Ok(self.info);
+        }
+        let info = check_block_with(block, role, limits, scratch)?;
+        if block.len() <= Self::MAX {
+            self.block.clear();
+            self.block.extend_from_slice(block);
+            self.role = Some(role);
+            self.limits = Some(limits);
+            self.info = info;
+        }
+        Ok(info)
+    }
+}
+
 /// Check that a header block uses no dynamic table and decodes: every
 /// index is in the static table, table size updates (only at the start)
 /// set 0, integers, lengths and Huffman strings are valid, and the decoded
@@ -1357,6 +1400,38 @@ mod tests {
             check_block_with(&b.0, Role::Request, limits, &mut Vec::new()),
             Err(BlockError::FieldTooLarge)
         );
+    }
+
+    #[test]
+    fn the_last_block_is_answered_again_only_when_it_is_the_same() {
+        let mut last = LastBlock::default();
+        let mut s = Vec::new();
+        let limits = Limits::default();
+        let good = get().0;
+        let info = check_block_with(&good, Role::Request, limits, &mut s).expect("valid");
+        assert_eq!(last.check(&good, Role::Request, limits, &mut s), Ok(info));
+        assert_eq!(last.check(&good, Role::Request, limits, &mut s), Ok(info));
+        // The same bytes in another role, or under other limits, are checked.
+        assert!(matches!(
+            last.check(&good, Role::RequestTrailers, limits, &mut s),
+            Err(BlockError::Malformed(_))
+        ));
+        let tight = Limits {
+            max_list: 10,
+            ..limits
+        };
+        assert_eq!(
+            last.check(&good, Role::Request, tight, &mut s),
+            Err(BlockError::TooLarge)
+        );
+        // Another block is checked, and a bad one never kept.
+        let mut bad = good.clone();
+        bad.push(0x80);
+        assert!(matches!(
+            last.check(&bad, Role::Request, limits, &mut s),
+            Err(BlockError::Compression(_))
+        ));
+        assert_eq!(last.check(&good, Role::Request, limits, &mut s), Ok(info));
     }
 
     // ---- RFC 9113 8.2: fields ----

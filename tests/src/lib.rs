@@ -465,26 +465,7 @@ impl H2Hold {
         if let Some(cg) = cgroup {
             cmd.arg("--cgroup").arg(cg);
         }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawning lbt-h2 hold")?;
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take().context("stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let first = rx
-            .recv_timeout(Duration::from_secs(60))
-            .context("lbt-h2 hold printed nothing")?;
+        let (child, stdin, rx, first) = spawn_holder(&mut cmd, "lbt-h2 hold")?;
         Ok(Self {
             child,
             stdin,
@@ -938,19 +919,24 @@ fn client_cmd(ns: &str, cgroup: Option<&Path>, addr: &str, count: usize, mode: &
     cmd
 }
 
-/// Open `count` connections one after another and keep them open.
-pub fn hold_connections(
-    ns: &str,
-    cgroup: Option<&Path>,
-    addr: &str,
-    count: usize,
-) -> anyhow::Result<HeldClient> {
-    let mut child = client_cmd(ns, cgroup, addr, count, "hold")
+/// A helper process that holds connections until told on stdin: it, its
+/// stdin, its stdout lines, and the first line (its report), awaited for
+/// up to 60 s.
+fn spawn_holder(
+    cmd: &mut Command,
+    what: &str,
+) -> anyhow::Result<(
+    Child,
+    Option<ChildStdin>,
+    std::sync::mpsc::Receiver<String>,
+    String,
+)> {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("spawning lbt-peer client")?;
+        .with_context(|| format!("spawning {what}"))?;
     let stdin = child.stdin.take();
     let stdout = child.stdout.take().context("stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -964,7 +950,21 @@ pub fn hold_connections(
     });
     let first = rx
         .recv_timeout(Duration::from_secs(60))
-        .context("client printed no result")?;
+        .with_context(|| format!("{what} printed nothing"))?;
+    Ok((child, stdin, rx, first))
+}
+
+/// Open `count` connections one after another and keep them open.
+pub fn hold_connections(
+    ns: &str,
+    cgroup: Option<&Path>,
+    addr: &str,
+    count: usize,
+) -> anyhow::Result<HeldClient> {
+    let (child, stdin, rx, first) = spawn_holder(
+        &mut client_cmd(ns, cgroup, addr, count, "hold"),
+        "lbt-peer client",
+    )?;
     let result = ClientResult::parse(&serde_json::from_str(&first).context("client output")?)?;
     Ok(HeldClient {
         child,

@@ -132,22 +132,10 @@ impl Core {
                 return Ok(());
             };
             if !be.settings_seen {
-                if h.kind != frame::SETTINGS || h.flags & frame::FLAG_ACK != 0 {
-                    return Err(Error::conn(
-                        Reason::PROTOCOL_ERROR,
-                        "first frame is not SETTINGS",
-                    ));
-                }
-                be.settings_seen = true;
                 // Its SETTINGS name its limit, or there is none.
                 be.peer.max_streams = usize::MAX;
             }
-            if be.fragments.in_progress() && h.kind != frame::CONTINUATION {
-                return Err(Error::conn(
-                    Reason::PROTOCOL_ERROR,
-                    "frame inside a header block",
-                ));
-            }
+            frame::check_order(&h, &mut be.settings_seen, be.fragments.in_progress())?;
             match self.backend_frame(b, h, f) {
                 Ok(()) => {}
                 Err(Error::Stream {
@@ -432,7 +420,10 @@ impl Core {
             max_list: MAX_RESPONSE_HEADER_LIST,
             max_string: MAX_RESPONSE_HEADER_LIST,
         };
-        let info = match hpack::check_block_with(&block.buf, role, limits, &mut self.scratch) {
+        let info = match be
+            .last_block
+            .check(&block.buf, role, limits, &mut self.scratch)
+        {
             Ok(info) => info,
             Err(hpack::BlockError::Compression(_)) => {
                 return Err(Error::conn(

@@ -68,6 +68,7 @@ impl Core {
                 out_data: 0,
                 writing: 0,
                 short: Vec::new(),
+                last_block: hpack::LastBlock::default(),
             },
         );
         self.wake(id);
@@ -136,21 +137,7 @@ impl Core {
             let Some((h, f)) = frame::next_frame(buf)? else {
                 return Ok(());
             };
-            if !c.settings_seen {
-                if h.kind != frame::SETTINGS || h.flags & frame::FLAG_ACK != 0 {
-                    return Err(Error::conn(
-                        Reason::PROTOCOL_ERROR,
-                        "first frame is not SETTINGS",
-                    ));
-                }
-                c.settings_seen = true;
-            }
-            if c.fragments.in_progress() && h.kind != frame::CONTINUATION {
-                return Err(Error::conn(
-                    Reason::PROTOCOL_ERROR,
-                    "frame inside a header block",
-                ));
-            }
+            frame::check_order(&h, &mut c.settings_seen, c.fragments.in_progress())?;
             match self.client_frame(id, h, f) {
                 Ok(()) => {}
                 Err(Error::Stream {
@@ -475,8 +462,11 @@ impl Core {
                 )),
             };
         }
-        let checked = hpack::check_block(&buf, role, MAX_HEADER_LIST, &mut self.scratch);
-        let c = self.clients.get_mut(&id).expect("client exists");
+        let limits = hpack::Limits {
+            max_list: MAX_HEADER_LIST,
+            max_string: hpack::MAX_STRING,
+        };
+        let checked = c.last_block.check(&buf, role, limits, &mut self.scratch);
         if new && checked == Err(hpack::BlockError::FieldTooLarge) {
             // Within the list we allow, but longer than some pods take
             // without ending their whole connection: refused with

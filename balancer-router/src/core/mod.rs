@@ -51,7 +51,7 @@ use crate::{
     endpoint::{Endpoint, InFlight},
     flow::{RecvWindow, SendWindow},
     frame::{self, Fragments, PeerSettings, setting},
-    hpack::PreAck,
+    hpack::{LastBlock, PreAck},
     stats,
 };
 
@@ -339,6 +339,7 @@ struct Client {
     writing: i64,
     /// Streams whose backend window was cut by a budget.
     short: Vec<u32>,
+    last_block: LastBlock,
 }
 
 /// A stream on a backend connection: the backend hop of a client stream.
@@ -365,6 +366,7 @@ struct Backend {
     closing: bool,
     /// RST_STREAMs sent, net of time (see [`BACKEND_RESET_BUDGET`]).
     resets: u32,
+    last_block: LastBlock,
     out: BytesMut,
     /// The backend's SETTINGS.
     peer: PeerSettings,

@@ -105,6 +105,7 @@ impl Core {
                 retiring: false,
                 closing: false,
                 resets: 0,
+                last_block: crate::hpack::LastBlock::default(),
                 out,
                 peer: PeerSettings::new(INITIAL_BACKEND_STREAMS),
                 send: SendWindow::new(frame::DEFAULT_WINDOW),

@@ -1,10 +1,6 @@
 //! Stream lifecycle (RFC 9113 5.1), as one enum per hop, and what a client
 //! connection remembers of the streams it closed.
 
-use std::collections::VecDeque;
-
-use super::Map;
-
 /// One hop of a stream, as RFC 9113 5.1 names its states, seen from the
 /// router: "remote" is the peer of that hop (the client, or the backend),
 /// "local" the router. Idle and reserved streams are never stored.
@@ -60,31 +56,45 @@ pub enum Closed {
     Ended,
 }
 
-/// Streams recently closed on a connection, at most [`Recent::CAPACITY`]
+/// Streams recently closed on a connection, the last [`Recent::CAPACITY`]
 /// (oldest forgotten first). A frame on an older closed stream is ignored,
 /// the safe answer for a well-behaved client whose frames were in flight.
-#[derive(Default)]
+/// A ring: every finished stream is written here, while lookups happen
+/// only for frames on closed streams, so writing is one store and looking
+/// up a scan.
 pub struct Recent {
-    how: Map<u32, Closed>,
-    order: VecDeque<u32>,
+    ring: Box<[(u32, Closed); Recent::CAPACITY]>,
+    next: usize,
+}
+
+impl Default for Recent {
+    fn default() -> Self {
+        // Stream 0 is never a client stream: an empty slot.
+        Self {
+            ring: Box::new([(0, Closed::ByUs); Recent::CAPACITY]),
+            next: 0,
+        }
+    }
 }
 
 impl Recent {
     pub const CAPACITY: usize = 256;
 
+    /// Record how `sid` closed; a later record for the same stream wins.
     pub fn insert(&mut self, sid: u32, how: Closed) {
-        if self.how.insert(sid, how).is_none() {
-            self.order.push_back(sid);
-            if self.order.len() > Self::CAPACITY
-                && let Some(old) = self.order.pop_front()
-            {
-                self.how.remove(&old);
-            }
-        }
+        self.ring[self.next] = (sid, how);
+        self.next = (self.next + 1) % Self::CAPACITY;
     }
 
     pub fn get(&self, sid: u32) -> Option<Closed> {
-        self.how.get(&sid).copied()
+        if sid == 0 {
+            return None;
+        }
+        // Newest first, so the latest record of a stream wins.
+        (1..=Self::CAPACITY)
+            .map(|back| self.ring[(self.next + Self::CAPACITY - back) % Self::CAPACITY])
+            .find(|(s, _)| *s == sid)
+            .map(|(_, how)| how)
     }
 }
 
@@ -115,6 +125,8 @@ mod tests {
         }
         assert_eq!(r.get(1), None, "the oldest is forgotten");
         assert_eq!(r.get(2 * 20 + 1), Some(Closed::ByUs));
-        assert_eq!(r.how.len(), Recent::CAPACITY);
+        assert_eq!(r.get(0), None);
+        r.insert(41, Closed::Ended);
+        assert_eq!(r.get(41), Some(Closed::Ended), "the latest record wins");
     }
 }

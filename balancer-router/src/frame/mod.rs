@@ -99,6 +99,28 @@ pub fn next_frame(buf: &mut BytesMut) -> Result<Option<(FrameHeader, Bytes)>, Er
     Ok(Some((h, f)))
 }
 
+/// The order rules every frame of a peer must follow, on either hop: its
+/// first frame is SETTINGS (its preface, RFC 9113 3.4), and nothing but
+/// CONTINUATION comes inside a header block (6.10).
+pub fn check_order(h: &FrameHeader, settings_seen: &mut bool, in_block: bool) -> Result<(), Error> {
+    if !*settings_seen {
+        if h.kind != SETTINGS || h.flags & FLAG_ACK != 0 {
+            return Err(Error::conn(
+                Reason::PROTOCOL_ERROR,
+                "first frame is not SETTINGS",
+            ));
+        }
+        *settings_seen = true;
+    }
+    if in_block && h.kind != CONTINUATION {
+        return Err(Error::conn(
+            Reason::PROTOCOL_ERROR,
+            "frame inside a header block",
+        ));
+    }
+    Ok(())
+}
+
 /// The 31-bit value of a WINDOW_UPDATE, RST_STREAM or GOAWAY field.
 pub fn u31(p: &[u8]) -> u32 {
     u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff

@@ -4,7 +4,7 @@
 //! busy real client never reaches a limit.
 
 use super::{
-    h2spec::{goaway_code, ready},
+    h2spec::{goaway_code, next_request, ready},
     *,
 };
 use crate::core::calm::{CONTROL_LIMIT, RESET_LIMIT};
@@ -35,17 +35,7 @@ fn attack(name: &str, attack: impl FnOnce(&mut H, ConnId) -> Vec<F>) {
     let mut h = H::new(2, Algorithm::RoundRobin);
     let good = ready(&mut h);
     h.feed(good, headers(1, REQ_PLAIN, true));
-    let (b, bid) = h
-        .conns
-        .clone()
-        .into_iter()
-        .find_map(|(b, _)| {
-            h.out(b)
-                .into_iter()
-                .find(|f| f.kind == frame::HEADERS)
-                .map(|f| (b, f.stream))
-        })
-        .expect("the good request reached a pod");
+    let (b, bid) = next_request(&mut h);
     let bad = ready(&mut h);
     let out = attack(&mut h, bad);
     assert_eq!(
@@ -308,17 +298,7 @@ fn a_busy_well_behaved_client_never_reaches_a_limit() {
             frame::settings(&mut b, &[(setting::INITIAL_WINDOW_SIZE, 1 << 20)]);
         }
         h.feed(c, b);
-        let (bk, bid) = h
-            .conns
-            .clone()
-            .into_iter()
-            .find_map(|(bk, _)| {
-                h.out(bk)
-                    .into_iter()
-                    .find(|f| f.kind == frame::HEADERS)
-                    .map(|f| (bk, f.stream))
-            })
-            .expect("reached a pod");
+        let (bk, bid) = next_request(&mut h);
         if i % 3 == 0 {
             h.feed(c, rst(sid, Reason::CANCEL));
             continue;

@@ -38,11 +38,10 @@ pub(super) fn backend_frames(h: &mut H) -> Vec<F> {
     ids.into_iter().flat_map(|b| h.out(b)).collect()
 }
 
-/// A request on `sid` answered whole by the backend.
-fn answered(h: &mut H, c: ConnId, sid: u32, end_request: bool) -> ConnId {
-    h.feed(c, headers(sid, REQ_PLAIN, end_request));
-    let (b, bid) = h
-        .conns
+/// The pod connection and stream id of the next request the router sent
+/// to a pod (reading every pod connection's output).
+pub(super) fn next_request(h: &mut H) -> (ConnId, u32) {
+    h.conns
         .clone()
         .into_iter()
         .find_map(|(b, _)| {
@@ -51,7 +50,13 @@ fn answered(h: &mut H, c: ConnId, sid: u32, end_request: bool) -> ConnId {
                 .find(|f| f.kind == frame::HEADERS)
                 .map(|f| (b, f.stream))
         })
-        .expect("the request reached a backend");
+        .expect("the request reached a pod")
+}
+
+/// A request on `sid` answered whole by the backend.
+fn answered(h: &mut H, c: ConnId, sid: u32, end_request: bool) -> ConnId {
+    h.feed(c, headers(sid, REQ_PLAIN, end_request));
+    let (b, bid) = next_request(h);
     h.feed_backend(b, headers(bid, RESP_200, false));
     h.feed_backend(
         b,
