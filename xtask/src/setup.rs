@@ -20,6 +20,7 @@ const PACKAGES: &[&str] = &[
     "nghttp2-server",
     "nghttp2-proxy",
     "haproxy",
+    "curl",
 ];
 
 /// The nightly that DESIGN.md 4 pins: its LLVM (22) is the one bpf-linker
