@@ -102,9 +102,9 @@ impl Core {
             }
         });
         if let Err(e) = r {
-            let Error::Conn { reason, why } = e else {
-                unreachable!("stream errors are handled per frame")
-            };
+            // Stream errors are handled per frame; one that got here ends
+            // the connection rather than the process.
+            let (Error::Conn { reason, why } | Error::Stream { reason, why, .. }) = e;
             tracing::debug!(conn = id, %reason, why, "client connection error");
             self.client_error(id, reason);
             buf.clear();
