@@ -197,3 +197,64 @@ fn pins_of_another_layout_are_refused_with_the_way_out() {
         .expect("starts after cleanup");
     drop(agent);
 }
+
+/// A bpffs the agent mounted itself on an empty directory, unmounted and
+/// removed on drop.
+struct OwnBpffs(String);
+
+impl Drop for OwnBpffs {
+    fn drop(&mut self) {
+        let _ = Command::new(agent_bin())
+            .args(["cleanup", "--bpffs", &self.0])
+            .output();
+        let _ = Command::new("umount").arg(&self.0).output();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn cleanup_works_on_a_bpffs_the_agent_mounted_itself() {
+    let t = Topology::new("ownbpffs", 2, &[8080]).expect("topology");
+    let eps: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+    let yaml = endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &eps);
+    let dir = OwnBpffs(format!("/tmp/{}-bpffs", t.prefix));
+    std::fs::create_dir_all(&dir.0).expect("empty dir");
+    let args = ["--pin", "--bpffs", dir.0.as_str()];
+    let agent = Agent::start_with(&t.prefix, &t.cgroup.path, &yaml, None, &args).expect("agent");
+    drop(agent);
+    // The kernel's own files sit at the root of the new bpffs, beside the
+    // agent's layout directory.
+    let entries: Vec<(String, bool)> = std::fs::read_dir(&dir.0)
+        .expect("read bpffs")
+        .map(|e| {
+            let e = e.expect("entry");
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.file_type().expect("type").is_dir(),
+            )
+        })
+        .collect();
+    assert!(
+        entries.iter().any(|(_, d)| *d),
+        "a layout directory: {entries:?}"
+    );
+    let out = Command::new(agent_bin())
+        .args(["cleanup", "--bpffs", &dir.0])
+        .output()
+        .expect("cleanup");
+    assert!(
+        out.status.success(),
+        "cleanup on {entries:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (name, n) in bpfquery::attachments(&t.cgroup.path).expect("query") {
+        assert_eq!(n, 0, "{name} still attached after cleanup");
+    }
+    let left: Vec<String> = std::fs::read_dir(&dir.0)
+        .expect("read bpffs")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "layouts left: {left:?}");
+}

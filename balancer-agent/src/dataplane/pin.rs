@@ -177,8 +177,14 @@ pub fn cleanup(root: &Path) -> Result<Vec<PathBuf>, PinError> {
         path: root.to_owned(),
         message: e.to_string(),
     };
-    for layout in std::fs::read_dir(root).map_err(err)? {
-        let layout = layout.map_err(err)?.path();
+    for entry in std::fs::read_dir(root).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        // Layouts are directories; the kernel puts files of its own
+        // (`maps.debug`, `progs.debug`) at the root of every bpffs.
+        if !entry.file_type().map_err(err)?.is_dir() {
+            continue;
+        }
+        let layout = entry.path();
         removed.push(layout.clone());
         std::fs::remove_dir_all(&layout).map_err(err)?;
     }
