@@ -32,7 +32,8 @@ impl Algorithm {
         match self {
             Self::Random => balancer_common::Algorithm::Random,
             Self::RoundRobin => balancer_common::Algorithm::RoundRobin,
-            Self::LeastConn | Self::LeastRequest => balancer_common::Algorithm::LeastConn,
+            Self::LeastConn => balancer_common::Algorithm::LeastConn,
+            Self::LeastRequest => balancer_common::Algorithm::LeastRequest,
         }
     }
     pub fn as_str(self) -> &'static str {

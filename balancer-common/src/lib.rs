@@ -63,6 +63,12 @@ pub enum Algorithm {
     Random = 0,
     RoundRobin = 1,
     LeastConn = 2,
+    /// An http2 port whose streams the router spreads by least-request;
+    /// its connections, when they are balanced in the kernel (no router),
+    /// go by least-conn. Stored as its own value so that an agent that
+    /// adopts the maps reads back what was written. Programs of earlier
+    /// builds treat it as an unknown value: least-conn too.
+    LeastRequest = 3,
 }
 
 impl Algorithm {
@@ -71,6 +77,7 @@ impl Algorithm {
             0 => Some(Self::Random),
             1 => Some(Self::RoundRobin),
             2 => Some(Self::LeastConn),
+            3 => Some(Self::LeastRequest),
             _ => None,
         }
     }

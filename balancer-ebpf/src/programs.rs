@@ -210,7 +210,7 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
             count(Counter::SelectRoundRobin);
             Some(pick_round_robin(n, cursor))
         }
-        Some(Algorithm::LeastConn) | None => {
+        Some(Algorithm::LeastConn | Algorithm::LeastRequest) | None => {
             count(Counter::SelectLeastConn);
             pick_least_conn(n, cursor, rand, |slot| {
                 let id = unsafe {

@@ -177,7 +177,8 @@ impl Programmer {
             let algorithm = match balancer_common::Algorithm::from_u8(v.algorithm) {
                 Some(balancer_common::Algorithm::Random) => Algorithm::Random,
                 Some(balancer_common::Algorithm::RoundRobin) => Algorithm::RoundRobin,
-                _ => Algorithm::LeastConn,
+                Some(balancer_common::Algorithm::LeastRequest) => Algorithm::LeastRequest,
+                Some(balancer_common::Algorithm::LeastConn) | None => Algorithm::LeastConn,
             };
             let mode = if v.mode == balancer_common::Mode::Http2 as u8 {
                 balancer_common::Mode::Http2
@@ -702,9 +703,17 @@ mod tests {
     fn record_rebuilt_from_maps_makes_the_next_update_a_diff() {
         let mut p = Programmer::default();
         let mut m = Maps::default();
+        let mut http2 = fe("198.19.0.2:80", &["198.18.0.3:8080"]);
+        http2.algorithm = Algorithm::LeastRequest;
+        http2.mode = balancer_common::Mode::Http2;
+        let mut rr = fe("198.19.0.3:80", &["198.18.0.3:8080"]);
+        rr.algorithm = Algorithm::RoundRobin;
         let t = [
             fe("198.19.0.1:80", &["198.18.0.1:8080", "198.18.0.2:8080"]),
             fe("[fd00:19::1]:443", &["[fd00:18::1]:443"]),
+            // Every algorithm reads back as written (least-request too).
+            http2,
+            rr,
         ];
         step(&mut p, &mut m, &t);
         let services: Vec<_> = m.services.iter().map(|(k, v)| (*k, *v)).collect();
