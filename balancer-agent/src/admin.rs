@@ -16,7 +16,7 @@ use tokio::{
 
 use crate::{
     agent::Agent,
-    dataplane::{MapFill, ProgramStatus},
+    dataplane::{Attached, MapFill},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -68,15 +68,28 @@ struct Response {
 pub struct ProgramView {
     pub name: String,
     pub attach_type: String,
+    /// What the kernel reports (BPF_PROG_QUERY), not what the agent did.
     pub attached: bool,
+    /// Kernel ids of the programs attached there.
+    #[serde(default)]
+    pub ids: Vec<u32>,
+    /// Why the kernel could not be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
-impl From<&ProgramStatus> for ProgramView {
-    fn from(p: &ProgramStatus) -> Self {
+impl From<&Attached> for ProgramView {
+    fn from(p: &Attached) -> Self {
+        let (ids, error) = match &p.ids {
+            Ok(ids) => (ids.clone(), None),
+            Err(e) => (Vec::new(), Some(e.clone())),
+        };
         Self {
             name: p.name.into(),
             attach_type: p.attach_type.into(),
-            attached: true,
+            attached: !ids.is_empty(),
+            ids,
+            error,
         }
     }
 }

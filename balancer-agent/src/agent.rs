@@ -126,7 +126,7 @@ impl Agent {
             cgroup: self.dataplane.cgroup().display().to_string(),
             programs: self
                 .dataplane
-                .programs()
+                .attached()
                 .iter()
                 .map(ProgramView::from)
                 .collect(),

@@ -1,6 +1,7 @@
 //! balancer-agent: the node agent (`run`) and its CLI (`status`, `services`,
 //! `endpoints`).
-#![forbid(unsafe_code)]
+// No unsafe code but in `dataplane::query` (BPF_PROG_QUERY), which says why.
+#![deny(unsafe_code)]
 
 mod admin;
 mod agent;

@@ -267,6 +267,11 @@ fn admin_socket_is_root_only_and_cli_tables_show_live_counts() {
         names.contains(&"balancer_h2_streams") && names.contains(&"balancer_splice"),
         "{names:?}"
     );
+    // What the kernel reports: one program at each attach point.
+    for p in json["programs"].as_array().expect("programs") {
+        assert_eq!(p["attached"], true, "{p}");
+        assert_eq!(p["ids"].as_array().map(Vec::len), Some(1), "{p}");
+    }
     assert_eq!(json["counters"]["balanced"], 6);
     held.close().expect("close");
 }

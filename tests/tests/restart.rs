@@ -21,6 +21,7 @@ fn kill_9_keeps_balancing_and_a_restarted_agent_adopts_the_pins() {
     let pins = pin_dir.path.clone();
     let args = ["--pin", "--bpffs", pins.as_str()];
     let agent = Agent::start_with(&t.prefix, &t.cgroup.path, &yaml, None, &args).expect("agent");
+    let first_status = agent.status_json().expect("status");
     let first = hold_connections(
         &t.client.name,
         Some(&t.cgroup.path),
@@ -75,6 +76,15 @@ fn kill_9_keeps_balancing_and_a_restarted_agent_adopts_the_pins() {
     );
     let status = agent.status_json().expect("status");
     assert_eq!(status["adopted"], true, "{status}");
+    // Adopted programs are reported as the kernel sees them, each the one
+    // program at its attach point, as the first agent left it.
+    let before = first_status["programs"].as_array().expect("programs");
+    let after = status["programs"].as_array().expect("programs");
+    assert_eq!(before.len(), after.len());
+    for (b, a) in before.iter().zip(after) {
+        assert_eq!(a["attached"], true, "{a}");
+        assert_eq!(a["ids"], b["ids"], "the same programs: {b} then {a}");
+    }
     assert!(
         status["pins"]
             .as_str()

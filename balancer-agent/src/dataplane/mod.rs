@@ -3,6 +3,7 @@
 
 pub mod pin;
 pub mod plan;
+mod query;
 
 use std::{
     fs::File,
@@ -132,6 +133,36 @@ fn attach_sk_msg(
 pub struct ProgramStatus {
     pub name: &'static str,
     pub attach_type: &'static str,
+    /// Where the kernel is asked whether it is attached.
+    #[serde(skip)]
+    target: Target,
+}
+
+/// Where a program attaches: the cgroup at an attach type, or a sockhash.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Cgroup(u32),
+    Socks,
+    Splice,
+}
+
+/// What the kernel says of one of the agent's programs.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub name: &'static str,
+    pub attach_type: &'static str,
+    /// The ids of the programs attached there (the agent attaches one);
+    /// the error if the kernel could not be asked.
+    pub ids: Result<Vec<u32>, String>,
+}
+
+fn sock_addr_target(name: &str) -> Target {
+    Target::Cgroup(match name.trim_start_matches("balancer_") {
+        "connect4" => query::CGROUP_INET4_CONNECT,
+        "connect6" => query::CGROUP_INET6_CONNECT,
+        "getpeername4" => query::CGROUP_INET4_GETPEERNAME,
+        _ => query::CGROUP_INET6_GETPEERNAME,
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -164,6 +195,9 @@ pub struct Dataplane {
     orig_dst: Option<HashMap<MapData, SockKey, OrigDst>>,
     /// The SPLICE sockhash, for the router (taken once).
     splice: Option<SockHash<MapData, SpliceKey>>,
+    /// The SPLICE map's fd, kept to ask the kernel about its program after
+    /// the router took the map.
+    splice_fd: Option<std::os::fd::OwnedFd>,
     /// What `set_router` configured; rewritten with each heartbeat.
     router_config: Option<Config>,
 }
@@ -241,6 +275,7 @@ impl Dataplane {
             programs.push(ProgramStatus {
                 name,
                 attach_type: name.trim_start_matches("balancer_"),
+                target: sock_addr_target(name),
             });
         }
         let sock_ops: &mut SockOps = ebpf
@@ -278,6 +313,7 @@ impl Dataplane {
         programs.push(ProgramStatus {
             name: SOCK_OPS_PROGRAM,
             attach_type: "sock_ops",
+            target: Target::Cgroup(query::CGROUP_SOCK_OPS),
         });
 
         // sk_msg on the SOCKS sockhash (sock_ops fills it).
@@ -293,6 +329,7 @@ impl Dataplane {
         programs.push(ProgramStatus {
             name: SK_MSG_PROGRAM,
             attach_type: "sk_msg",
+            target: Target::Socks,
         });
         // sk_msg on the SPLICE sockhash (sock_ops and the router fill it,
         // only with --splice).
@@ -308,6 +345,7 @@ impl Dataplane {
         programs.push(ProgramStatus {
             name: SPLICE_PROGRAM,
             attach_type: "sk_msg",
+            target: Target::Splice,
         });
 
         let mut take = |name: &'static str| -> Result<aya::maps::Map, DataplaneError> {
@@ -342,6 +380,7 @@ impl Dataplane {
             pin::mark_complete(dir)?;
         }
         Ok(Self {
+            splice_fd: splice.fd().as_fd().try_clone_to_owned().ok(),
             splice: Some(splice),
             _ebpf: Some(ebpf),
             _pinned: pinned,
@@ -392,24 +431,32 @@ impl Dataplane {
             .map(|name| ProgramStatus {
                 name,
                 attach_type: name.trim_start_matches("balancer_"),
+                target: sock_addr_target(name),
             })
             .collect();
         programs.push(ProgramStatus {
             name: SOCK_OPS_PROGRAM,
             attach_type: "sock_ops",
+            target: Target::Cgroup(query::CGROUP_SOCK_OPS),
         });
         programs.push(ProgramStatus {
             name: SK_MSG_PROGRAM,
             attach_type: "sk_msg",
+            target: Target::Socks,
         });
         programs.push(ProgramStatus {
             name: SPLICE_PROGRAM,
             attach_type: "sk_msg",
+            target: Target::Splice,
         });
         let splice =
             Some(SockHash::try_from(open(map_names::SPLICE)?).map_err(map_err(map_names::SPLICE))?);
+        let splice_fd = splice
+            .as_ref()
+            .and_then(|m| m.fd().as_fd().try_clone_to_owned().ok());
         Ok(Self {
             splice,
+            splice_fd,
             _ebpf: None,
             _pinned: Vec::new(),
             pin_dir: Some(dir.to_owned()),
@@ -470,8 +517,33 @@ impl Dataplane {
         &self.cgroup
     }
 
-    pub fn programs(&self) -> &[ProgramStatus] {
-        &self.programs
+    /// Each of the agent's programs, and what the kernel reports attached
+    /// where it belongs (BPF_PROG_QUERY; the cgroup and the sockhashes).
+    pub fn attached(&self) -> Vec<Attached> {
+        let cgroup = File::open(&self.cgroup);
+        self.programs
+            .iter()
+            .map(|p| {
+                let ids = match p.target {
+                    Target::Cgroup(t) => match &cgroup {
+                        Ok(f) => query::attached(f.as_fd(), t),
+                        Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                    },
+                    Target::Socks => {
+                        query::attached(self.maps._socks.fd().as_fd(), query::SK_MSG_VERDICT)
+                    }
+                    Target::Splice => match &self.splice_fd {
+                        Some(fd) => query::attached(fd.as_fd(), query::SK_MSG_VERDICT),
+                        None => Err(std::io::Error::other("the SPLICE map is not open")),
+                    },
+                };
+                Attached {
+                    name: p.name,
+                    attach_type: p.attach_type,
+                    ids: ids.map_err(|e| e.to_string()),
+                }
+            })
+            .collect()
     }
 
     /// Publish `frontends`: plan every write first (nothing is written if
