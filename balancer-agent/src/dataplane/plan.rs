@@ -364,6 +364,28 @@ impl Programmer {
     pub fn finish_draining(&mut self, id: u32) -> bool {
         self.draining.remove(&id).is_some()
     }
+
+    /// Entries of SERVICES, SLOTS, BACKENDS and BACKEND_STATS, from the
+    /// record of what was written (no map walk): every service has slots
+    /// `0..n`, every referenced backend an entry and stats, every draining
+    /// one its stats.
+    pub fn fill(&self) -> Fill {
+        Fill {
+            services: self.services.len(),
+            slots: self.services.values().map(|s| s.backends.len()).sum(),
+            backends: self.backend_ids.len(),
+            stats: self.backend_ids.len() + self.draining.len(),
+        }
+    }
+}
+
+/// Map entries, as [`Programmer::fill`] counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fill {
+    pub services: usize,
+    pub slots: usize,
+    pub backends: usize,
+    pub stats: usize,
 }
 
 /// The recorded state a plan leads to.
@@ -540,6 +562,17 @@ mod tests {
             maps.assert_consistent(&allowed, &format!("op {i} {op:?}"));
         }
         p.commit(state);
+        // What the agent counts without walking the maps is what is there.
+        assert_eq!(
+            p.fill(),
+            Fill {
+                services: maps.services.len(),
+                slots: maps.slots.len(),
+                backends: maps.backends.len(),
+                stats: maps.stats.len(),
+            },
+            "after {ops:?}"
+        );
         ops
     }
 
