@@ -181,6 +181,9 @@ pub struct EndpointView {
     /// The router's PeakEWMA latency estimate, microseconds.
     #[serde(default)]
     pub ewma_us: u64,
+    /// Where its counts are read (the data path's backend id).
+    #[serde(skip)]
+    pub backend_id: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -197,6 +200,8 @@ pub struct DrainingView {
     pub port: u16,
     pub active_connections: u64,
     pub connections_total: u64,
+    #[serde(skip)]
+    pub backend_id: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -161,6 +161,19 @@ impl Agent {
     }
 
     pub fn endpoints(&self, only: Option<&str>) -> EndpointsView {
+        let mut v = self.endpoints_shape(only);
+        fill_counts(
+            &mut v,
+            |id| self.dataplane.stats(id),
+            self.router.as_deref(),
+        );
+        v
+    }
+
+    /// The endpoints view without the live counts, which [`fill_counts`]
+    /// reads: no syscall, so a scrape can take it under the agent's lock
+    /// and read the counts after releasing it.
+    pub fn endpoints_shape(&self, only: Option<&str>) -> EndpointsView {
         let mut services = Vec::new();
         for s in &self.state.services {
             if only.is_some_and(|n| n != s.name) {
@@ -187,16 +200,6 @@ impl Agent {
                 target_ports.dedup();
                 for port in target_ports {
                     let addr = std::net::SocketAddr::new(e.address, port);
-                    let stats = self
-                        .dataplane
-                        .backend_id(&addr)
-                        .map(|id| self.dataplane.stats(id))
-                        .unwrap_or_default();
-                    let streams = self
-                        .router
-                        .as_ref()
-                        .map(|r| r.stats(&addr))
-                        .unwrap_or_default();
                     endpoints.push(EndpointView {
                         address: e.address.to_string(),
                         port,
@@ -205,13 +208,12 @@ impl Agent {
                         serving: e.serving,
                         terminating: e.terminating,
                         usable,
-                        active_connections: stats.active,
-                        connections_total: stats.total,
-                        active_streams: streams.active_streams,
-                        // Router streams (http2 ports) plus streams sk_msg
-                        // saw on L4-balanced connections.
-                        streams_total: streams.streams_total + stats.streams,
-                        ewma_us: streams.ewma_us,
+                        active_connections: 0,
+                        connections_total: 0,
+                        active_streams: 0,
+                        streams_total: 0,
+                        ewma_us: 0,
+                        backend_id: self.dataplane.backend_id(&addr),
                     });
                 }
             }
@@ -234,15 +236,46 @@ impl Agent {
         }
         let draining = self
             .dataplane
-            .draining()
+            .draining_ids()
             .into_iter()
-            .map(|(addr, st)| DrainingView {
+            .map(|(id, addr)| DrainingView {
                 address: addr.ip().to_string(),
                 port: addr.port(),
-                active_connections: st.active,
-                connections_total: st.total,
+                active_connections: 0,
+                connections_total: 0,
+                backend_id: id,
             })
             .collect();
         EndpointsView { services, draining }
+    }
+}
+
+/// Fill an [`Agent::endpoints_shape`] with the live counts: the kernel's
+/// per-backend stats (`stats`), and the router's per-endpoint streams.
+pub fn fill_counts(
+    view: &mut EndpointsView,
+    stats: impl Fn(u32) -> balancer_common::BackendStats,
+    router: Option<&crate::proxy::Router>,
+) {
+    for s in &mut view.services {
+        for e in &mut s.endpoints {
+            let st = e.backend_id.map(&stats).unwrap_or_default();
+            let streams = match (router, e.address.parse()) {
+                (Some(r), Ok(ip)) => r.stats(&std::net::SocketAddr::new(ip, e.port)),
+                _ => Default::default(),
+            };
+            e.active_connections = st.active;
+            e.connections_total = st.total;
+            e.active_streams = streams.active_streams;
+            // Router streams (http2 ports) plus streams sk_msg saw on
+            // L4-balanced connections.
+            e.streams_total = streams.streams_total + st.streams;
+            e.ewma_us = streams.ewma_us;
+        }
+    }
+    for d in &mut view.draining {
+        let st = stats(d.backend_id);
+        d.active_connections = st.active;
+        d.connections_total = st.total;
     }
 }

@@ -385,6 +385,7 @@ mod tests {
             active_streams: 0,
             streams_total: streams,
             ewma_us: 0,
+            backend_id: None,
         }
     }
 

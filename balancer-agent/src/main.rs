@@ -427,7 +427,17 @@ async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let agent = Arc::new(Mutex::new(agent));
 
     let admin_task = tokio::spawn(admin::serve(listener, agent.clone()));
-    let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, agent.clone())));
+    let metrics_task = match metrics_listener {
+        Some(l) => {
+            let stats = agent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .dataplane
+                .stats_reader()?;
+            Some(tokio::spawn(metrics::serve(l, agent.clone(), stats)))
+        }
+        None => None,
+    };
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -15,7 +15,11 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::agent::Agent;
+use crate::{
+    admin::{EndpointsView, StatusView},
+    agent::{Agent, fill_counts},
+    dataplane::StatsReader,
+};
 
 pub use balancer_router::stats::{LATENCY as ROUTER_LATENCY, SELECTIONS as ROUTER_SELECTIONS};
 use balancer_router::{core::calm, stats as router_stats};
@@ -49,10 +53,8 @@ impl Family<'_> {
 }
 
 /// The whole exposition.
-pub fn render(agent: &Agent) -> String {
+pub fn render(view: &EndpointsView, status: &StatusView) -> String {
     let mut out = String::new();
-    let view = agent.endpoints(None);
-    let status = agent.status();
     let mut f = Family { out: &mut out };
 
     type Get = fn(&crate::admin::EndpointView) -> u64;
@@ -223,19 +225,39 @@ pub fn render(agent: &Agent) -> String {
     out
 }
 
-pub async fn serve(listener: TcpListener, agent: Arc<Mutex<Agent>>) {
+/// Serve scrapes. Each takes the agent's lock only for what costs no
+/// syscall per backend (the endpoints' shape, the status), and reads the
+/// per-backend counts through `stats`, a handle of its own on the map,
+/// after releasing it: a scrape never holds up the applying of updates.
+pub async fn serve(listener: TcpListener, agent: Arc<Mutex<Agent>>, stats: StatsReader) {
+    let stats = Arc::new(stats);
     loop {
         let Ok((sock, _)) = listener.accept().await else {
             continue;
         };
         let agent = agent.clone();
+        let stats = stats.clone();
         tokio::spawn(async move {
-            let _ = handle(sock, agent).await;
+            let _ = handle(sock, agent, stats).await;
         });
     }
 }
 
-async fn handle(mut sock: TcpStream, agent: Arc<Mutex<Agent>>) -> std::io::Result<()> {
+/// A scrape: the snapshot under the lock, the counts after it.
+fn scrape(agent: &Mutex<Agent>, stats: &StatsReader) -> String {
+    let (mut view, status, router) = {
+        let a = agent.lock().unwrap_or_else(|p| p.into_inner());
+        (a.endpoints_shape(None), a.status(), a.router.clone())
+    };
+    fill_counts(&mut view, |id| stats.get(id), router.as_deref());
+    render(&view, &status)
+}
+
+async fn handle(
+    mut sock: TcpStream,
+    agent: Arc<Mutex<Agent>>,
+    stats: Arc<StatsReader>,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     // The request head only; bodies are not expected.
@@ -253,8 +275,8 @@ async fn handle(mut sock: TcpStream, agent: Arc<Mutex<Agent>>) -> std::io::Resul
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (code, ctype, body) = match (method, path) {
         ("GET", "/metrics") => {
-            let a = agent.lock().unwrap_or_else(|p| p.into_inner());
-            ("200 OK", "text/plain; version=0.0.4", render(&a))
+            let body = tokio::task::block_in_place(|| scrape(&agent, &stats));
+            ("200 OK", "text/plain; version=0.0.4", body)
         }
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
         ("GET", "/readyz") => {

@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash},
+    maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps},
 };
 use balancer_common::{
@@ -78,6 +78,12 @@ pub enum DataplaneError {
         map: &'static str,
         #[source]
         source: MapError,
+    },
+    #[error("map {map}: duplicating its fd: {source}")]
+    Dup {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error(transparent)]
     Plan(#[from] PlanError),
@@ -144,6 +150,16 @@ enum Target {
     Cgroup(u32),
     Socks,
     Splice,
+}
+
+/// Reads BACKEND_STATS through a handle of its own (see
+/// [`Dataplane::stats_reader`]).
+pub struct StatsReader(HashMap<MapData, u32, BackendStats>);
+
+impl StatsReader {
+    pub fn get(&self, id: u32) -> BackendStats {
+        self.0.get(&id, 0).unwrap_or_default()
+    }
 }
 
 /// What the kernel says of one of the agent's programs.
@@ -617,13 +633,35 @@ impl Dataplane {
         self.maps.stats.get(&id, 0).unwrap_or_default()
     }
 
-    /// Backends removed from the state that still have open connections.
-    pub fn draining(&self) -> Vec<(SocketAddr, BackendStats)> {
+    /// Backends removed from the state that may still have open
+    /// connections: their ids and addresses.
+    pub fn draining_ids(&self) -> Vec<(u32, SocketAddr)> {
         self.programmer
             .draining
             .iter()
-            .map(|(id, addr)| (*addr, self.stats(*id)))
+            .map(|(id, addr)| (*id, *addr))
             .collect()
+    }
+
+    /// A handle of its own on BACKEND_STATS (the same kernel map), so
+    /// counts can be read without the agent: a scrape of 100k backends is
+    /// 100k syscalls, which must not hold up updates.
+    pub fn stats_reader(&self) -> Result<StatsReader, DataplaneError> {
+        let fd = self
+            .maps
+            .stats
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| DataplaneError::Dup {
+                map: map_names::BACKEND_STATS,
+                source,
+            })?;
+        let data = MapData::from_fd(fd).map_err(map_err(map_names::BACKEND_STATS))?;
+        let map = HashMap::try_from(aya::maps::Map::HashMap(data))
+            .map_err(map_err(map_names::BACKEND_STATS))?;
+        Ok(StatsReader(map))
     }
 
     /// How full the maps are, from the agent's record of what it wrote
