@@ -47,6 +47,9 @@ impl Kind {
         if p == "/apis/discovery.k8s.io/v1/endpointslices" {
             return Some((Kind::EndpointSlice, None));
         }
+        if p == "/api/v1/nodes" {
+            return Some((Kind::Node, None));
+        }
         if let Some(n) = p.strip_prefix("/api/v1/nodes/") {
             return Some((Kind::Node, Some(n.to_owned())));
         }
@@ -221,6 +224,19 @@ fn query(path: &str, key: &str) -> Option<String> {
         .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_owned))
 }
 
+/// The name a `fieldSelector=metadata.name=NAME` asks for (the only field
+/// selector served), URL-decoded.
+fn selected_name(path: &str) -> Option<String> {
+    let sel = query(path, "fieldSelector")?
+        .replace("%3D", "=")
+        .replace("%3d", "=");
+    sel.strip_prefix("metadata.name=").map(str::to_owned)
+}
+
+fn named(v: &Value, name: Option<&str>) -> bool {
+    name.is_none_or(|n| v["metadata"]["name"] == n)
+}
+
 async fn serve(
     mut sock: TcpStream,
     state: Arc<Mutex<State>>,
@@ -284,7 +300,11 @@ async fn serve(
             .unwrap_or(0);
         let (items, rv, more) = {
             let st = state.lock().unwrap_or_else(|p| p.into_inner());
-            let all = st.objects.iter().filter(|((k, _, _), _)| *k == kind);
+            let name = selected_name(&path);
+            let all = st
+                .objects
+                .iter()
+                .filter(|((k, _, _), v)| *k == kind && named(v, name.as_deref()));
             let take = limit.unwrap_or(usize::MAX);
             let items: Vec<Value> = all
                 .clone()
@@ -359,7 +379,14 @@ async fn watch(
     loop {
         tokio::select! {
             ev = rx.recv() => match ev {
-                Ok((k, rv, v)) if k == kind && rv > from => chunk(&mut sock, &v).await?,
+                Ok((k, rv, v))
+                    if k == kind
+                        && rv > from
+                        && (v["type"] == "BOOKMARK"
+                            || named(&v["object"], selected_name(path).as_deref())) =>
+                {
+                    chunk(&mut sock, &v).await?
+                }
                 Ok(_) => {}
                 Err(_) => return Ok(()),
             },

@@ -238,3 +238,74 @@ fn session_affinity_client_ip_keeps_each_client_on_one_pod() {
     drop(api);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn node(zone: &str) -> Value {
+    json!({"metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": zone}}})
+}
+
+#[test]
+fn a_relabelled_node_zone_changes_which_endpoints_hints_pick() {
+    let t = Topology::new("kubezone", 3, &[8080]).expect("topology");
+    let dir = std::env::temp_dir().join(format!("{}-api", t.prefix));
+    let api = FakeApi::start(&dir).expect("fake apiserver");
+    let ips: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+    api.apply(Kind::Node, node("a"));
+    let mut svc = service();
+    svc["spec"]["trafficDistribution"] = json!("PreferClose");
+    api.apply(Kind::Service, svc);
+    // pod0 and pod1 in zone a, pod2 in zone b, each hinted for its zone.
+    let mut sl = slice("web-a", &ips);
+    for (i, e) in sl["endpoints"]
+        .as_array_mut()
+        .expect("endpoints")
+        .iter_mut()
+        .enumerate()
+    {
+        let zone = if i < 2 { "a" } else { "b" };
+        e["zone"] = json!(zone);
+        e["hints"] = json!({"forZones": [{"name": zone}]});
+    }
+    api.apply(Kind::EndpointSlice, sl);
+    let agent = Agent::start_kube(
+        &t.prefix,
+        &t.cgroup.path,
+        &api.kubeconfig,
+        &["--node-name", "n1"],
+    )
+    .expect("agent");
+    Topology::wait_for("zone a's endpoints", Duration::from_secs(20), || {
+        Ok(endpoint_addrs(&agent) == ips[..2])
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", agent.log()));
+    assert_eq!(
+        agent.status_json().expect("status")["apiserver"]["node_zone"],
+        "a"
+    );
+    // The node moves to zone b: no restart, the hints follow.
+    api.apply(Kind::Node, node("b"));
+    Topology::wait_for("zone b's endpoints", Duration::from_secs(10), || {
+        Ok(endpoint_addrs(&agent) == ips[2..])
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", agent.log()));
+    assert_eq!(
+        agent.status_json().expect("status")["apiserver"]["node_zone"],
+        "b"
+    );
+    let r = short_connections(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{VIP}:80"),
+        6,
+    )
+    .expect("client");
+    assert_eq!(r.count("pod2"), 6, "{r:?}");
+    // Its label removed: hints off, every endpoint.
+    api.apply(
+        Kind::Node,
+        json!({"metadata": {"name": "n1", "labels": {}}}),
+    );
+    Topology::wait_for("every endpoint", Duration::from_secs(10), || {
+        Ok(endpoint_addrs(&agent) == ips)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", agent.log()));
+}

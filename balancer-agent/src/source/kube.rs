@@ -529,15 +529,23 @@ pub async fn run(
         name: node_name.clone(),
         zone: None,
     };
-    if let Some(n) = &node_name {
-        match Api::<Node>::all(client.clone()).get(n).await {
-            Ok(obj) => node.zone = obj.labels().get(ZONE_LABEL).cloned(),
-            Err(e) => {
-                tracing::warn!(node = %n, error = %e, "cannot read this node's zone; topology hints off")
-            }
-        }
-    }
-    set(&|h| h.node_zone = node.zone.clone());
+    // This node alone, watched: a relabelled zone (a node moved between
+    // zones, or labelled after it joined) changes which endpoints topology
+    // hints pick, without a restart. The first sync waits for it, so the
+    // first state already has the zone; without --node-name hints are off.
+    let nodes = match &node_name {
+        Some(n) => watcher(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={n}")),
+        )
+        .default_backoff()
+        .left_stream(),
+        None => futures::stream::pending().right_stream(),
+    };
+    let mut zone = NodeZone {
+        synced: node_name.is_none(),
+        ..NodeZone::default()
+    };
     let services = watcher(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
@@ -548,7 +556,7 @@ pub async fn run(
         watcher::Config::default().labels(SERVICE_NAME_LABEL),
     )
     .default_backoff();
-    tokio::pin!(services, slices);
+    tokio::pin!(services, slices, nodes);
     let mut svc_store: Store<Service> = Store::new();
     let mut eps_store: Store<Slice> = Store::new();
     let mut dirty = false;
@@ -564,8 +572,19 @@ pub async fn run(
                 Ok(e) => dirty |= eps_store.apply(e, Slice::from),
                 Err(e) => note_error(&health, &e),
             },
+            Some(e) = nodes.next() => match e {
+                Ok(e) => {
+                    if let Some(z) = zone.apply(e) {
+                        tracing::info!(node = ?node.name, from = ?node.zone, to = ?z, "node zone");
+                        node.zone = z;
+                        set(&|h| h.node_zone = node.zone.clone());
+                        dirty = true;
+                    }
+                }
+                Err(e) => note_error(&health, &e),
+            },
             _ = tick.tick() => {
-                if !dirty || !svc_store.synced || !eps_store.synced {
+                if !dirty || !svc_store.synced || !eps_store.synced || !zone.synced {
                     continue;
                 }
                 dirty = false;
@@ -589,6 +608,45 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// This node's zone, from a watch of the node alone. The node deleted,
+/// its label removed, or a relist without it: no zone (topology hints
+/// off), as kube-proxy does.
+#[derive(Debug, Default)]
+struct NodeZone {
+    zone: Option<String>,
+    /// During a (re)list: the zone it has shown so far.
+    relist: Option<Option<String>>,
+    /// The first list completed.
+    synced: bool,
+}
+
+impl NodeZone {
+    /// Apply a watch event; returns the new zone if it changed.
+    fn apply(&mut self, e: watcher::Event<Node>) -> Option<Option<String>> {
+        let of = |n: &Node| n.labels().get(ZONE_LABEL).cloned();
+        let next = match e {
+            watcher::Event::Init => {
+                self.relist = Some(None);
+                return None;
+            }
+            watcher::Event::InitApply(n) => {
+                self.relist = Some(of(&n));
+                return None;
+            }
+            watcher::Event::InitDone => {
+                self.synced = true;
+                self.relist.take().unwrap_or(None)
+            }
+            watcher::Event::Apply(n) => of(&n),
+            watcher::Event::Delete(_) => None,
+        };
+        (next != self.zone).then(|| {
+            self.zone = next.clone();
+            next
+        })
     }
 }
 
@@ -749,6 +807,52 @@ mod tests {
             w.iter().any(|l| l.contains("endpointslice default/web-a")),
             "{w:?}"
         );
+    }
+
+    #[test]
+    fn the_node_zone_follows_its_watch() {
+        let node = |zone: Option<&str>| -> Node {
+            let mut labels = serde_json::Map::new();
+            if let Some(z) = zone {
+                labels.insert(ZONE_LABEL.into(), z.into());
+            }
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "n1", "labels": labels}
+            }))
+            .expect("node")
+        };
+        let mut z = NodeZone::default();
+        assert_eq!(z.apply(watcher::Event::Init), None);
+        assert_eq!(z.apply(watcher::Event::InitApply(node(Some("a")))), None);
+        assert!(!z.synced);
+        assert_eq!(z.apply(watcher::Event::InitDone), Some(Some("a".into())));
+        assert!(z.synced);
+        assert_eq!(
+            z.apply(watcher::Event::Apply(node(Some("a")))),
+            None,
+            "unchanged"
+        );
+        assert_eq!(
+            z.apply(watcher::Event::Apply(node(Some("b")))),
+            Some(Some("b".into()))
+        );
+        assert_eq!(
+            z.apply(watcher::Event::Apply(node(None))),
+            Some(None),
+            "label removed"
+        );
+        assert_eq!(
+            z.apply(watcher::Event::Apply(node(Some("c")))),
+            Some(Some("c".into()))
+        );
+        // A relist that no longer shows the node: no zone.
+        assert_eq!(z.apply(watcher::Event::Init), None);
+        assert_eq!(z.apply(watcher::Event::InitDone), Some(None));
+        assert_eq!(
+            z.apply(watcher::Event::Apply(node(Some("c")))),
+            Some(Some("c".into()))
+        );
+        assert_eq!(z.apply(watcher::Event::Delete(node(Some("c")))), Some(None));
     }
 
     #[test]
