@@ -227,6 +227,13 @@ impl Core {
                 };
                 cs.responded = true;
                 cs.last_active = now;
+                if data.is_empty() && !end {
+                    // Nothing to pass on; clients count empty frames as a
+                    // flood too.
+                    self.release(c, padding);
+                    self.grant(c, sid);
+                    return Ok(());
+                }
                 cs.down_bytes += len - padding;
                 cs.to_down.push_back(Chunk::Data {
                     data,
@@ -367,10 +374,7 @@ impl Core {
                     be.send.adjust(inc).map_err(|_| {
                         Error::conn(Reason::FLOW_CONTROL_ERROR, "connection window overflow")
                     })?;
-                    let blocked = std::mem::take(&mut be.blocked);
-                    for (c, sid) in blocked {
-                        self.pump_up(c, sid);
-                    }
+                    self.unblock_up(b);
                     return Ok(());
                 }
                 let Some(bs) = be.streams.get(&h.stream) else {
@@ -537,6 +541,16 @@ impl Core {
             let addr = be.ep.addr;
             unpool(&mut self.pool, addr, b);
         }
+        if be.retiring && !be.queue.is_empty() {
+            // Nothing new starts here: the queue moves elsewhere first.
+            let queued: Vec<_> = be.queue.drain(..).collect();
+            for (c, sid) in queued {
+                self.reroute(c, sid, b);
+            }
+        }
+        let Some(be) = self.backends.get_mut(&b) else {
+            return;
+        };
         if be.retiring && be.streams.is_empty() && be.queue.is_empty() {
             if !be.closing {
                 frame::goaway(&mut be.out, 0, Reason::NO_ERROR);

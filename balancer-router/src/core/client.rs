@@ -20,6 +20,12 @@ use crate::{
     hpack::{self, PreAck, Role},
 };
 
+/// DATA frames smaller than this join the chunk waiting before them...
+const SMALL_DATA: usize = 1024;
+/// ...up to this size (the default frame size: a merged chunk still goes
+/// out in one frame).
+const MERGED_DATA: usize = 16 * 1024;
+
 /// `:status 431`: a literal without indexing on the static name `:status`.
 const TOO_LARGE_431: &[u8] = &[0x08, 0x03, b'4', b'3', b'1'];
 
@@ -184,7 +190,7 @@ impl Core {
                 Ok(())
             }
             frame::RST_STREAM => {
-                if h.stream == 0 || h.stream > c.last_stream {
+                if h.stream == 0 || h.stream > c.last_stream || h.stream.is_multiple_of(2) {
                     return Err(Error::conn(
                         Reason::PROTOCOL_ERROR,
                         "RST_STREAM on an idle stream",
@@ -204,9 +210,11 @@ impl Core {
                     },
                 );
                 // A reset before any response is the shape of a rapid
-                // reset (CVE-2023-44487).
-                let premature = !cs.responded;
-                let r = if premature { c.calm.reset() } else { Ok(()) };
+                // reset (CVE-2023-44487); one that we pass on to a pod
+                // spends that pod connection's reset budget, which all
+                // clients share: both count.
+                let costly = !cs.responded || matches!(cs.up, Up::Open(..));
+                let r = if costly { c.calm.reset() } else { Ok(()) };
                 self.drop_stream(id, h.stream, cs, reason);
                 self.after_stream_end(id);
                 r
@@ -247,13 +255,10 @@ impl Core {
                     c.send.adjust(inc).map_err(|_| {
                         Error::conn(Reason::FLOW_CONTROL_ERROR, "connection window overflow")
                     })?;
-                    let blocked = std::mem::take(&mut c.blocked);
-                    for sid in blocked {
-                        self.pump_down(id, sid);
-                    }
+                    self.unblock_down(id);
                     return Ok(());
                 }
-                if h.stream > c.last_stream {
+                if h.stream > c.last_stream || h.stream.is_multiple_of(2) {
                     return Err(Error::conn(
                         Reason::PROTOCOL_ERROR,
                         "WINDOW_UPDATE on an idle stream",
@@ -339,16 +344,16 @@ impl Core {
         if s == e && !end {
             // Empty DATA does nothing for anyone (CVE-2019-9518).
             c.calm.control(1)?;
-        } else {
-            c.calm.useful();
         }
         let Some(cs) = c.streams.get_mut(&h.stream) else {
-            if h.stream > c.last_stream {
+            if h.stream > c.last_stream || h.stream.is_multiple_of(2) {
                 return Err(Error::conn(
                     Reason::PROTOCOL_ERROR,
                     "DATA on an idle stream",
                 ));
             }
+            // Not useful to anyone: a cheap frame, whatever its size.
+            c.calm.control(1)?;
             let how = c.recent.get(h.stream);
             // Whatever happens to the stream, its bytes count against the
             // connection window.
@@ -392,11 +397,36 @@ impl Core {
             self.finish_if_done(id, h.stream);
             return Ok(());
         }
-        cs.to_up.push_back(Chunk::Data {
-            data: p.slice(s..e),
-            end,
-            credit: len,
-        });
+        c.calm.useful();
+        let data = p.slice(s..e);
+        // A small frame behind one still waiting joins it: chunks cost
+        // memory and work per frame, and one-byte frames must not make a
+        // window's worth of them.
+        match cs.to_up.back_mut() {
+            Some(Chunk::Data {
+                data: last,
+                end: last_end,
+                credit,
+            }) if !*last_end
+                && data.len() < SMALL_DATA
+                && last.len() + data.len() <= MERGED_DATA =>
+            {
+                let mut m = std::mem::take(last).try_into_mut().unwrap_or_else(|b| {
+                    let mut m = BytesMut::with_capacity(MERGED_DATA);
+                    m.extend_from_slice(&b);
+                    m
+                });
+                m.extend_from_slice(&data);
+                *last = m.freeze();
+                *credit += len;
+                *last_end = end;
+            }
+            _ => cs.to_up.push_back(Chunk::Data {
+                data,
+                end,
+                credit: len,
+            }),
+        }
         self.pump_up(id, h.stream);
         Ok(())
     }
@@ -566,6 +596,8 @@ impl Core {
                 responded: false,
                 rst_after_down: false,
                 short: false,
+                blocked_up: false,
+                blocked_down: false,
                 last_active: now,
             },
         );

@@ -147,7 +147,7 @@ const INITIAL_BACKEND_STREAMS: usize = 100;
 /// MAX_CONCURRENT_STREAMS), a stream opens another, so one client holding
 /// every slot of a connection cannot make others' streams wait. Idle extra
 /// connections close at the next tick.
-pub const MAX_CONNS_PER_ENDPOINT: usize = 16;
+pub const MAX_CONNS_PER_ENDPOINT: usize = 64;
 /// RST_STREAMs the router may send on one pod connection, net of what
 /// time pays back ([`BACKEND_RESET_REFUND`] per tick), before it stops
 /// opening streams there and opens a fresh connection. Servers defend
@@ -296,6 +296,10 @@ struct CStream {
     rst_after_down: bool,
     /// Its backend stream's window was granted less than it wanted.
     short: bool,
+    /// In its backend connection's `blocked` list (at most once).
+    blocked_up: bool,
+    /// In its client's `blocked` list (at most once).
+    blocked_down: bool,
     last_active: Instant,
 }
 
@@ -469,16 +473,10 @@ impl Core {
             let done = std::mem::take(&mut c.writing);
             c.held -= done;
             self.held -= done;
-            let blocked = std::mem::take(&mut c.blocked);
-            for sid in blocked {
-                self.pump_down(id, sid);
-            }
+            self.unblock_down(id);
             self.regrant(id);
-        } else if let Some(b) = self.backends.get_mut(&id) {
-            let blocked = std::mem::take(&mut b.blocked);
-            for (c, sid) in blocked {
-                self.pump_up(c, sid);
-            }
+        } else if self.backends.contains_key(&id) {
+            self.unblock_up(id);
         }
     }
 
@@ -603,6 +601,42 @@ impl Core {
         }
         if be.connected {
             self.wake(b);
+        }
+    }
+
+    /// Pump every stream that waited for room or window on client `c`.
+    fn unblock_down(&mut self, c: ConnId) {
+        let Some(cl) = self.clients.get_mut(&c) else {
+            return;
+        };
+        let blocked = std::mem::take(&mut cl.blocked);
+        for sid in &blocked {
+            if let Some(cs) = cl.streams.get_mut(sid) {
+                cs.blocked_down = false;
+            }
+        }
+        for sid in blocked {
+            self.pump_down(c, sid);
+        }
+    }
+
+    /// Pump every stream that waited for room or window on backend `b`.
+    fn unblock_up(&mut self, b: ConnId) {
+        let Some(be) = self.backends.get_mut(&b) else {
+            return;
+        };
+        let blocked = std::mem::take(&mut be.blocked);
+        for (c, sid) in &blocked {
+            if let Some(cs) = self
+                .clients
+                .get_mut(c)
+                .and_then(|cl| cl.streams.get_mut(sid))
+            {
+                cs.blocked_up = false;
+            }
+        }
+        for (c, sid) in blocked {
+            self.pump_up(c, sid);
         }
     }
 

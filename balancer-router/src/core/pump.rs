@@ -173,7 +173,7 @@ impl Core {
 
     /// Top up the backend window of client stream `sid` as far as the
     /// budgets allow (see the module docs).
-    fn grant(&mut self, c: ConnId, sid: u32) {
+    pub(super) fn grant(&mut self, c: ConnId, sid: u32) {
         let Some(cl) = self.clients.get_mut(&c) else {
             return;
         };
@@ -264,6 +264,11 @@ impl Core {
         let Some(be) = self.backends.get_mut(&b) else {
             return;
         };
+        if be.closing {
+            // Its GOAWAY is out: nothing more goes there; the streams are
+            // dealt with when the connection is gone.
+            return;
+        }
         let r = pump(
             &mut cs.to_up,
             &mut cs.up_window,
@@ -275,7 +280,8 @@ impl Core {
             },
             Some(&mut cs.replay),
         );
-        if r.blocked {
+        if r.blocked && !cs.blocked_up {
+            cs.blocked_up = true;
             be.blocked.push((c, sid));
         }
         if r.ended
@@ -314,7 +320,8 @@ impl Core {
             },
             None,
         );
-        if r.blocked {
+        if r.blocked && !cs.blocked_down {
+            cs.blocked_down = true;
             cl.blocked.push(sid);
         }
         if r.ended {

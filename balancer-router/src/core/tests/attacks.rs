@@ -357,3 +357,29 @@ fn many_clients_cancels_never_reach_a_pod_connection_as_a_rapid_reset() {
         );
     }
 }
+
+#[test]
+fn data_on_closed_streams_does_not_pay_for_a_control_flood() {
+    // SETTINGS (each walks every stream), PING, and DATA on a stream that
+    // is gone: the DATA must not count as useful work.
+    attack("DATA on closed streams", |h, c| {
+        // Stream 3 was skipped: DATA on it is ignored, as on a stream
+        // the router reset.
+        let first = headers(5, REQ_PLAIN, true);
+        feed_all(
+            h,
+            c,
+            std::iter::once(first).chain((0..20_000u32).flat_map(|i| {
+                let mut s = BytesMut::new();
+                frame::settings(&mut s, &[(setting::INITIAL_WINDOW_SIZE, 65_535 + i % 2)]);
+                [
+                    s,
+                    frame_bytes(frame::PING, 0, 0, &[1; 8]),
+                    frame_bytes(frame::DATA, 0, 3, &[0]),
+                    frame_bytes(frame::DATA, 0, 3, &[0]),
+                    frame_bytes(frame::DATA, 0, 3, &[0]),
+                ]
+            })),
+        )
+    });
+}

@@ -244,3 +244,113 @@ fn clients_that_never_read_together_hold_at_most_the_node_limit() {
     let _ = backend_frames(&mut h);
     assert_eq!(h.core.held(), 0);
 }
+
+#[test]
+fn an_empty_data_frame_may_end_a_stream_whose_window_went_negative() {
+    // The client lowers its initial window below what is in flight: the
+    // stream's window is negative when the pod's empty END_STREAM comes.
+    let mut h = H::new(1, Algorithm::RoundRobin);
+    let c = ready(&mut h);
+    h.feed(c, headers(1, REQ_PLAIN, true));
+    let b = h.backend(h.eps[0].addr);
+    let _ = h.out(b);
+    let mut r = headers(1, RESP_200, false);
+    r.extend_from_slice(&frame_bytes(frame::DATA, 0, 1, &[7; 16_384]));
+    h.feed_backend(b, r);
+    let _ = h.out(c);
+    let mut s = BytesMut::new();
+    frame::settings(&mut s, &[(setting::INITIAL_WINDOW_SIZE, 0)]);
+    h.feed(c, s);
+    h.feed_backend(b, frame_bytes(frame::DATA, frame::FLAG_END_STREAM, 1, &[]));
+    let out = h.out(c);
+    assert!(
+        out.iter()
+            .any(|f| f.kind == frame::DATA && f.flags & frame::FLAG_END_STREAM != 0),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn one_byte_data_frames_join_the_chunk_they_wait_behind() {
+    let mut h = H::new(1, Algorithm::RoundRobin);
+    let c = ready(&mut h);
+    h.feed(c, headers(1, REQ_PLAIN, false));
+    let b = h.backend(h.eps[0].addr);
+    let _ = h.out(b);
+    // The pod's stream window (65,535) used up by full frames...
+    let mut buf = BytesMut::new();
+    for _ in 0..4 {
+        buf.extend_from_slice(&frame_bytes(frame::DATA, 0, 1, &[1; 16_384]));
+    }
+    h.feed(c, buf);
+    // ...then 200,000 one-byte frames wait.
+    let n = 200_000;
+    let mut buf = BytesMut::new();
+    for _ in 0..n {
+        buf.extend_from_slice(&frame_bytes(frame::DATA, 0, 1, &[2]));
+    }
+    h.feed(c, buf);
+    assert!(h.core.client_reading(c));
+    let queued = h.core.clients[&c].streams[&1].to_up.len();
+    assert!(queued <= n / 1024 + 2, "{queued} chunks queued");
+    assert!(h.core.backends[&b].blocked.len() <= 1);
+    // The pod opens its windows: every byte goes, in order, in full frames.
+    let mut sent: Vec<u8> = Vec::new();
+    let mut wu = frame_bytes(frame::WINDOW_UPDATE, 0, 1, &(1u32 << 30).to_be_bytes());
+    wu.extend_from_slice(&frame_bytes(
+        frame::WINDOW_UPDATE,
+        0,
+        0,
+        &(1u32 << 30).to_be_bytes(),
+    ));
+    h.feed_backend(b, wu);
+    loop {
+        let fs = h.out(b);
+        if fs.is_empty() {
+            break;
+        }
+        for f in fs.iter().filter(|f| f.kind == frame::DATA) {
+            assert!(f.payload.len() <= 16_384);
+            sent.extend_from_slice(&f.payload);
+        }
+    }
+    assert_eq!(sent.len(), 4 * 16_384 + n);
+    assert!(sent[4 * 16_384..].iter().all(|b| *b == 2));
+}
+
+#[test]
+fn a_retired_pod_connection_hands_its_queue_on_and_closes() {
+    let mut h = H::new(1, Algorithm::RoundRobin);
+    let c = ready(&mut h);
+    h.feed(c, headers(1, REQ_PLAIN, false));
+    let b = h.backend(h.eps[0].addr);
+    // One stream at a time on this connection; one more waits on it.
+    let mut s = BytesMut::new();
+    frame::settings(&mut s, &[(setting::MAX_CONCURRENT_STREAMS, 1)]);
+    h.feed_backend(b, s);
+    h.core
+        .backends
+        .get_mut(&b)
+        .expect("b")
+        .queue
+        .push_back((c, 3));
+    h.feed(c, headers(3, REQ_PLAIN, false));
+    let _ = h.out(b);
+    // Its reset budget is spent by the next cancel.
+    h.core.backends.get_mut(&b).expect("b").resets = BACKEND_RESET_BUDGET;
+    h.feed(
+        c,
+        frame_bytes(
+            frame::RST_STREAM,
+            0,
+            1,
+            &Reason::CANCEL.code().to_be_bytes(),
+        ),
+    );
+    // It takes nothing new and closes; stream 3 went to a fresh one.
+    let mut buf = BytesMut::new();
+    assert_eq!(h.core.take_out(b, &mut buf), Some(true), "closing");
+    let fresh = h.conns.iter().map(|(id, _)| *id).find(|id| *id != b);
+    let fresh = fresh.expect("a fresh connection");
+    assert!(h.out(fresh).iter().any(|f| f.kind == frame::HEADERS));
+}
