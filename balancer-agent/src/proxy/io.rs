@@ -21,6 +21,29 @@ use super::core::{ConnId, Core, Io, Map};
 /// Second phase of a drain if the client does not answer our PING.
 const DRAIN_PING_TIMEOUT: Duration = Duration::from_secs(1);
 const READ_CHUNK: usize = 64 * 1024;
+/// How long a connection the router closes on an error keeps reading
+/// (and discarding) what its peer still sends...
+const LINGER: Duration = Duration::from_secs(1);
+/// ...and how much at most.
+const LINGER_BYTES: usize = 4 << 20;
+
+/// Read and discard until the peer closes, [`LINGER`] passes, or
+/// [`LINGER_BYTES`] came. A socket closed with unread input sends RST, and
+/// a RST can make the peer's kernel drop what it had not yet read, our
+/// GOAWAY among it: a peer that floods us would never learn why it was cut
+/// off (nginx's lingering close, for the same reason).
+async fn linger(r: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) {
+    let deadline = tokio::time::Instant::now() + LINGER;
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        buf.clear();
+        match tokio::time::timeout_at(deadline, r.read_buf(buf)).await {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
+}
+
 /// Buffers above this are replaced by fresh ones once they drained.
 const KEEP_BUFFER: usize = 4 * READ_CHUNK;
 
@@ -111,6 +134,7 @@ impl Shared {
                                 c.client_reading(id)
                             });
                             if !go {
+                                linger(&mut r, &mut buf).await;
                                 return;
                             }
                         }
@@ -199,7 +223,11 @@ impl Shared {
         tokio::pin!(reader);
         tokio::pin!(writer);
         tokio::select! {
-            () = &mut writer => {}
+            // The reader may be lingering (see [`linger`]): give it its
+            // time before the socket closes.
+            () = &mut writer => {
+                let _ = tokio::time::timeout(LINGER, &mut reader).await;
+            }
             () = &mut reader => writer.await,
         }
         self.wakers.borrow_mut().remove(&id);
