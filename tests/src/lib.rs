@@ -445,9 +445,7 @@ pub fn h2_hostile(
 /// `lbt-h2 hold`: many connections whose streams ask for responses that
 /// are never read, held until [`H2Hold::close`].
 pub struct H2Hold {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: std::sync::mpsc::Receiver<String>,
+    holder: Holder,
     /// The first line it printed: what it opened.
     pub report: Value,
 }
@@ -465,34 +463,16 @@ impl H2Hold {
         if let Some(cg) = cgroup {
             cmd.arg("--cgroup").arg(cg);
         }
-        let (child, stdin, rx, first) = spawn_holder(&mut cmd, "lbt-h2 hold")?;
+        let (holder, first) = Holder::spawn(&mut cmd, "lbt-h2 hold")?;
         Ok(Self {
-            child,
-            stdin,
-            lines: rx,
+            holder,
             report: serde_json::from_str(&first).context("lbt-h2 hold output")?,
         })
     }
 
     /// Close every connection and wait for the helper to exit.
-    pub fn close(mut self) -> anyhow::Result<()> {
-        if let Some(mut s) = self.stdin.take() {
-            writeln!(s, "close")?;
-        }
-        let line = self
-            .lines
-            .recv_timeout(Duration::from_secs(20))
-            .context("lbt-h2 hold did not close")?;
-        anyhow::ensure!(line == "closed", "lbt-h2 hold said {line}");
-        self.child.wait()?;
-        Ok(())
-    }
-}
-
-impl Drop for H2Hold {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn close(self) -> anyhow::Result<()> {
+        self.holder.close()
     }
 }
 
@@ -669,29 +649,75 @@ impl ClientResult {
 
 /// A client holding its connections open until [`HeldClient::close`].
 pub struct HeldClient {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: std::sync::mpsc::Receiver<String>,
+    holder: Holder,
     pub result: ClientResult,
 }
 
 impl HeldClient {
     /// Close every connection and wait for the client to exit.
-    pub fn close(mut self) -> anyhow::Result<()> {
+    pub fn close(self) -> anyhow::Result<()> {
+        self.holder.close()
+    }
+}
+
+/// A helper process that holds connections until told `close` on stdin
+/// (killed on drop if it was not).
+struct Holder {
+    what: &'static str,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Holder {
+    /// Spawn it and wait up to 60 s for its first line (its report).
+    fn spawn(cmd: &mut Command, what: &'static str) -> anyhow::Result<(Self, String)> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("spawning {what}"))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let holder = Self {
+            what,
+            child,
+            stdin,
+            lines: rx,
+        };
+        let first = holder
+            .lines
+            .recv_timeout(Duration::from_secs(60))
+            .with_context(|| format!("{what} printed nothing"))?;
+        Ok((holder, first))
+    }
+
+    fn close(mut self) -> anyhow::Result<()> {
         if let Some(mut s) = self.stdin.take() {
             writeln!(s, "close")?;
         }
+        let what = self.what;
         let line = self
             .lines
             .recv_timeout(Duration::from_secs(20))
-            .context("client did not close")?;
-        anyhow::ensure!(line == "closed", "client said {line}");
+            .with_context(|| format!("{what} did not close"))?;
+        anyhow::ensure!(line == "closed", "{what} said {line}");
         self.child.wait()?;
         Ok(())
     }
 }
 
-impl Drop for HeldClient {
+impl Drop for Holder {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -919,41 +945,6 @@ fn client_cmd(ns: &str, cgroup: Option<&Path>, addr: &str, count: usize, mode: &
     cmd
 }
 
-/// A helper process that holds connections until told on stdin: it, its
-/// stdin, its stdout lines, and the first line (its report), awaited for
-/// up to 60 s.
-fn spawn_holder(
-    cmd: &mut Command,
-    what: &str,
-) -> anyhow::Result<(
-    Child,
-    Option<ChildStdin>,
-    std::sync::mpsc::Receiver<String>,
-    String,
-)> {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("spawning {what}"))?;
-    let stdin = child.stdin.take();
-    let stdout = child.stdout.take().context("stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let first = rx
-        .recv_timeout(Duration::from_secs(60))
-        .with_context(|| format!("{what} printed nothing"))?;
-    Ok((child, stdin, rx, first))
-}
-
 /// Open `count` connections one after another and keep them open.
 pub fn hold_connections(
     ns: &str,
@@ -961,17 +952,12 @@ pub fn hold_connections(
     addr: &str,
     count: usize,
 ) -> anyhow::Result<HeldClient> {
-    let (child, stdin, rx, first) = spawn_holder(
+    let (holder, first) = Holder::spawn(
         &mut client_cmd(ns, cgroup, addr, count, "hold"),
         "lbt-peer client",
     )?;
     let result = ClientResult::parse(&serde_json::from_str(&first).context("client output")?)?;
-    Ok(HeldClient {
-        child,
-        stdin,
-        lines: rx,
-        result,
-    })
+    Ok(HeldClient { holder, result })
 }
 
 /// Open and close `count` connections one after another.
