@@ -96,6 +96,18 @@ impl SendWindow {
         Ok(())
     }
 
+    /// A connection-level WINDOW_UPDATE of `inc`: 0 is a PROTOCOL_ERROR and
+    /// an overflow a FLOW_CONTROL_ERROR, both of the connection (RFC 9113
+    /// 6.9, 6.9.1).
+    pub fn connection_update(&mut self, inc: i64) -> Result<(), crate::error::Error> {
+        use crate::{error::Error, frame::Reason};
+        if inc == 0 {
+            return Err(Error::conn(Reason::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
+        }
+        self.adjust(inc)
+            .map_err(|_| Error::conn(Reason::FLOW_CONTROL_ERROR, "connection window overflow"))
+    }
+
     /// We sent `n` bytes (never more than [`Self::get`]; an empty frame
     /// may go out while the window is negative).
     pub fn consume(&mut self, n: i64) {

@@ -368,12 +368,7 @@ impl Core {
             frame::WINDOW_UPDATE => {
                 let inc = i64::from(frame::u31(&p));
                 if h.stream == 0 {
-                    if inc == 0 {
-                        return Err(Error::conn(Reason::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
-                    }
-                    be.send.adjust(inc).map_err(|_| {
-                        Error::conn(Reason::FLOW_CONTROL_ERROR, "connection window overflow")
-                    })?;
+                    be.send.connection_update(inc)?;
                     self.unblock_up(b);
                     return Ok(());
                 }

@@ -249,12 +249,7 @@ impl Core {
                 c.calm.control(1)?;
                 let inc = i64::from(frame::u31(&p));
                 if h.stream == 0 {
-                    if inc == 0 {
-                        return Err(Error::conn(Reason::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
-                    }
-                    c.send.adjust(inc).map_err(|_| {
-                        Error::conn(Reason::FLOW_CONTROL_ERROR, "connection window overflow")
-                    })?;
+                    c.send.connection_update(inc)?;
                     self.unblock_down(id);
                     return Ok(());
                 }
