@@ -181,9 +181,12 @@ pub struct EndpointView {
     /// The router's PeakEWMA latency estimate, microseconds.
     #[serde(default)]
     pub ewma_us: u64,
-    /// Where its counts are read (the data path's backend id).
+    /// Where its counts are read: the data path's backend id, and the
+    /// address the router knows it by.
     #[serde(skip)]
     pub backend_id: Option<u32>,
+    #[serde(skip)]
+    pub socket: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -214,6 +214,7 @@ impl Agent {
                         streams_total: 0,
                         ewma_us: 0,
                         backend_id: self.dataplane.backend_id(&addr),
+                        socket: Some(addr),
                     });
                 }
             }
@@ -260,8 +261,8 @@ pub fn fill_counts(
     for s in &mut view.services {
         for e in &mut s.endpoints {
             let st = e.backend_id.map(&stats).unwrap_or_default();
-            let streams = match (router, e.address.parse()) {
-                (Some(r), Ok(ip)) => r.stats(&std::net::SocketAddr::new(ip, e.port)),
+            let streams = match (router, e.socket) {
+                (Some(r), Some(addr)) => r.stats(&addr),
                 _ => Default::default(),
             };
             e.active_connections = st.active;

@@ -386,6 +386,7 @@ mod tests {
             streams_total: streams,
             ewma_us: 0,
             backend_id: None,
+            socket: None,
         }
     }
 

@@ -43,7 +43,6 @@ impl Core {
         };
         tracing::debug!(endpoint = %be.ep.addr, "backend connection failed");
         be.ep.failures.fetch_add(1, Ordering::Relaxed);
-        be.settings_seen = false;
         self.backend_gone(b);
     }
 
@@ -221,7 +220,6 @@ impl Core {
                 // Padding is not passed on: out of the budget at once.
                 let padding = len - (e - s) as i64;
                 let data = p.slice(s..e);
-                let span = data.as_ptr_range();
                 let Some(cs) = self.cstream(c, sid) else {
                     return Ok(());
                 };
@@ -244,11 +242,11 @@ impl Core {
                 self.pump_down(c, sid);
                 // A chunk its client cannot take now is copied out of the
                 // read buffer, which holds other streams' frames too: a
-                // client that does not read must not pin them all.
+                // client that does not read must not pin them all. (What is
+                // left queued ends with this chunk: the queue is FIFO.)
                 if let Some(cs) = self.cstream(c, sid)
                     && let Some(Chunk::Data { data, .. }) = cs.to_down.back_mut()
                     && !data.is_empty()
-                    && span.contains(&data.as_ptr())
                 {
                     *data = Bytes::copy_from_slice(data);
                 }

@@ -100,6 +100,11 @@ impl Calm {
         self.control = self.control.saturating_sub(USEFUL_REFUND);
     }
 
+    /// `n` useful events at once (DATA frames sent in one pump).
+    pub fn useful_times(&mut self, n: u32) {
+        self.control = self.control.saturating_sub(USEFUL_REFUND.saturating_mul(n));
+    }
+
     /// A stream's response reached the client whole.
     pub fn completed(&mut self) {
         self.resets = self.resets.saturating_sub(1);

@@ -776,12 +776,11 @@ impl Core {
             }
             self.after_bstream(b);
         }
-        if let Some(cl) = self.clients.get_mut(&c) {
-            cl.held -= released;
-            self.held -= released;
-            if cs.short {
-                cl.short.retain(|s| *s != sid);
-            }
+        self.release(c, released);
+        if cs.short
+            && let Some(cl) = self.clients.get_mut(&c)
+        {
+            cl.short.retain(|s| *s != sid);
         }
     }
 }

@@ -444,11 +444,6 @@ impl Core {
         self.held
     }
 
-    /// Client connections and backend connections the core knows.
-    pub fn connections(&self) -> (usize, usize) {
-        (self.clients.len(), self.backends.len())
-    }
-
     /// Swap a connection's output (client or backend) into `buf` (which
     /// must be empty; the two buffers are reused in turn), and say whether
     /// the connection is to be closed once that is written. None once the

@@ -331,9 +331,7 @@ impl Core {
         // the budget until it is written.
         cs.down_bytes -= r.credit;
         cl.out_data += r.credit;
-        for _ in 0..r.data_frames {
-            cl.calm.useful();
-        }
+        cl.calm.useful_times(r.data_frames);
         if cs.state.send_closed() && cs.to_down.is_empty() && cs.rst_after_down {
             if cs.state.recv_closed() {
                 cs.rst_after_down = false;
