@@ -1,11 +1,15 @@
 //! The admin API: one JSON request and one JSON response per connection on a
 //! root-only Unix socket. The CLI (`status`, `services`, `endpoints`) is its
-//! client.
+//! client. The agent and the router process each serve one (the agent asks
+//! the router's for its per-endpoint streams); each answers its own
+//! requests.
 
 use std::{
     collections::BTreeMap,
+    future::Future,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    pin::Pin,
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -14,10 +18,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use crate::{
-    agent::Agent,
-    dataplane::{Attached, MapFill},
-};
+use crate::dataplane::{Attached, MapFill};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -27,7 +28,7 @@ pub enum AdminError {
         source: std::io::Error,
     },
     #[error(
-        "cannot reach the agent at {path}: {source} (is `balancer-agent run` running, and are you root?)"
+        "cannot reach {path}: {source} (is `balancer-agent run` (or `router`, for its socket) running, and are you root?)"
     )]
     Connect {
         path: PathBuf,
@@ -52,7 +53,13 @@ pub enum AdminError {
 pub enum Request {
     Status,
     Services,
-    Endpoints { name: Option<String> },
+    Endpoints {
+        name: Option<String>,
+    },
+    /// The router process: its listener, table and connections.
+    RouterStatus,
+    /// The router process: streams and latency per endpoint.
+    RouterEndpoints,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -150,6 +157,57 @@ pub struct StatusView {
     /// This agent adopted an earlier agent's pinned data path.
     #[serde(default)]
     pub adopted: bool,
+    /// The routing table's generation in the maps (even when complete).
+    #[serde(default)]
+    pub generation: u64,
+    /// The HTTP/2 router, as the kernel sees it (CONFIG) and as it
+    /// answers on its socket.
+    #[serde(default)]
+    pub router: Option<RouterView>,
+}
+
+/// The router as the agent sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RouterView {
+    /// Where it listens (from CONFIG).
+    pub address: String,
+    pub splice: bool,
+    /// Since its last heartbeat in CONFIG.
+    pub heartbeat_age_ms: u64,
+    /// Heartbeat fresh: the kernel steers http2 ports to it (else they
+    /// are balanced per connection).
+    pub alive: bool,
+    /// What it answered on its socket; `None` when it did not.
+    #[serde(default)]
+    pub process: Option<RouterStatusView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The router process's own status (`router-status`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RouterStatusView {
+    pub version: String,
+    pub pid: u32,
+    pub listen: String,
+    pub splice: bool,
+    /// The generation of the table it serves.
+    pub generation: u64,
+    /// http2 service ports in its table.
+    pub routes: usize,
+    pub client_connections: u64,
+    pub backend_connections: u64,
+    /// The last failure to read the table (it keeps serving the last one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_error: Option<String>,
+}
+
+/// One endpoint's streams through the router (`router-endpoints`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouterEndpointView {
+    pub address: std::net::SocketAddr,
+    #[serde(flatten)]
+    pub stats: crate::router::EndpointStats,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -216,8 +274,11 @@ pub struct EndpointsView {
 }
 
 /// Bind the socket with mode 0600 (set through the umask, so there is no
-/// window in which another user could connect).
-pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+/// window in which another user could connect). A socket another process
+/// still answers on is refused, unless `take_over` (a router that starts
+/// beside the one it replaces: the old one keeps serving its open
+/// connections, the new one the path).
+pub fn bind(path: &Path, take_over: bool) -> Result<UnixListener, AdminError> {
     use nix::sys::stat::{Mode, umask};
     let bind_err = |source| AdminError::Bind {
         path: path.to_owned(),
@@ -230,10 +291,10 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     }
     // A stale socket from a previous run: only remove it if nobody answers.
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        if !take_over && std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(bind_err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
-                "another agent is listening there",
+                "another process is listening there",
             )));
         }
         std::fs::remove_file(path).map_err(bind_err)?;
@@ -244,21 +305,28 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     listener.map_err(bind_err)
 }
 
-pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>) {
+/// What answers requests on a socket.
+pub type Answer = Arc<
+    dyn Fn(Request) -> Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+pub async fn serve(listener: UnixListener, answer: Answer) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let agent = agent.clone();
+        let answer = answer.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, agent).await {
+            if let Err(e) = handle(stream, answer).await {
                 tracing::debug!(error = %e, "admin connection failed");
             }
         });
     }
 }
 
-async fn handle(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> std::io::Result<()> {
+async fn handle(stream: UnixStream, answer: Answer) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read).take(64 * 1024);
@@ -270,10 +338,7 @@ async fn handle(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> std::io::Result
             data: serde_json::Value::Null,
         },
         Ok(req) => {
-            let result = {
-                let agent = agent.lock().unwrap_or_else(|p| p.into_inner());
-                agent.answer(&req)
-            };
+            let result = answer(req).await;
             match result {
                 Ok(data) => Response {
                     ok: true,

@@ -9,16 +9,14 @@ use std::{
 use crate::{
     admin::{
         DrainingView, EndpointView, EndpointsView, MapView, PortView, ProgramView, ReloadView,
-        Request, ServiceView, SourceView, StatusView,
+        Request, RouterEndpointView, RouterView, ServiceView, SourceView, StatusView,
     },
     dataplane::Dataplane,
-    state::{DesiredState, Protocol},
+    state::DesiredState,
 };
 
 pub struct Agent {
     pub dataplane: Dataplane,
-    /// The HTTP/2 router, when `--proxy-addr` is set.
-    pub router: Option<std::sync::Arc<crate::proxy::Router>>,
     pub state: DesiredState,
     pub source_kind: &'static str,
     /// The file, or the cluster's default namespace.
@@ -39,7 +37,6 @@ impl Agent {
     pub fn new(dataplane: Dataplane, source_kind: &'static str, source_location: String) -> Self {
         Self {
             dataplane,
-            router: None,
             state: DesiredState::default(),
             source_kind,
             source_location,
@@ -52,26 +49,11 @@ impl Agent {
     pub fn apply(&mut self, state: DesiredState) -> Result<(), String> {
         self.reload.attempts += 1;
         self.reload.at_unix_ms = now_ms();
-        if self.router.is_none() {
-            for s in &state.services {
-                for p in &s.ports {
-                    if p.protocol == Protocol::Http2 {
-                        tracing::warn!(
-                            service = %s.name, port = p.port,
-                            "protocol http2 without --proxy-addr: balancing this port per connection"
-                        );
-                    }
-                }
-            }
-        }
-        // Convert everything first; publish to the router and the kernel
-        // only once the kernel accepted it.
+        // Convert everything first, then publish to the kernel (and so to
+        // the router process, which reads the same maps).
         let frontends = state.frontends();
         match self.dataplane.apply(&frontends) {
             Ok(summary) => {
-                if let Some(r) = &self.router {
-                    r.update(&frontends);
-                }
                 tracing::info!(
                     services = state.services.len(),
                     frontends = summary.frontends,
@@ -104,20 +86,21 @@ impl Agent {
         self.reload.at_unix_ms = now_ms();
     }
 
-    pub fn answer(&self, req: &Request) -> Result<serde_json::Value, String> {
-        let v = match req {
-            Request::Status => serde_json::to_value(self.status()),
-            Request::Services | Request::Endpoints { name: None } => {
-                serde_json::to_value(self.endpoints(None))
-            }
+    /// The endpoints view of `req` with the kernel's counts (the router's
+    /// are filled in by the caller, from the router's socket).
+    pub fn endpoints_for(&self, req: &Request) -> Result<EndpointsView, String> {
+        match req {
+            Request::Services | Request::Endpoints { name: None } => Ok(self.endpoints(None)),
             Request::Endpoints { name: Some(n) } => {
                 if !self.state.services.iter().any(|s| &s.name == n) {
                     return Err(format!("no service named {n:?}"));
                 }
-                serde_json::to_value(self.endpoints(Some(n)))
+                Ok(self.endpoints(Some(n)))
             }
-        };
-        v.map_err(|e| e.to_string())
+            Request::Status | Request::RouterStatus | Request::RouterEndpoints => Err(format!(
+                "{req:?} is not an endpoints request (router requests go to the router's socket)"
+            )),
+        }
     }
 
     pub fn status(&self) -> StatusView {
@@ -146,6 +129,24 @@ impl Agent {
                 .as_ref()
                 .map(|p| p.display().to_string()),
             adopted: self.dataplane.adopted,
+            generation: self.dataplane.generation(),
+            router: self.dataplane.router_config().map(|c| {
+                let now = crate::router::monotonic_ns();
+                let age = now.saturating_sub(c.heartbeat_ns);
+                let ip = if c.router4 != [0; 4] {
+                    crate::dataplane::plan::words_addr(c.router4)
+                } else {
+                    crate::dataplane::plan::words_addr(c.router6)
+                };
+                RouterView {
+                    address: std::net::SocketAddr::new(ip, u16::from_be(c.router_port)).to_string(),
+                    splice: c.splice != 0,
+                    heartbeat_age_ms: age / 1_000_000,
+                    alive: age <= balancer_common::ROUTER_STALE_NS,
+                    process: None,
+                    error: None,
+                }
+            }),
             apiserver: self
                 .apiserver
                 .as_ref()
@@ -162,11 +163,7 @@ impl Agent {
 
     pub fn endpoints(&self, only: Option<&str>) -> EndpointsView {
         let mut v = self.endpoints_shape(only);
-        fill_counts(
-            &mut v,
-            |id| self.dataplane.stats(id),
-            self.router.as_deref(),
-        );
+        fill_kernel(&mut v, |id| self.dataplane.stats(id));
         v
     }
 
@@ -251,32 +248,38 @@ impl Agent {
     }
 }
 
-/// Fill an [`Agent::endpoints_shape`] with the live counts: the kernel's
-/// per-backend stats (`stats`), and the router's per-endpoint streams.
-pub fn fill_counts(
-    view: &mut EndpointsView,
-    stats: impl Fn(u32) -> balancer_common::BackendStats,
-    router: Option<&crate::proxy::Router>,
-) {
+/// Fill an [`Agent::endpoints_shape`] with the kernel's per-backend
+/// counts (`stats`).
+pub fn fill_kernel(view: &mut EndpointsView, stats: impl Fn(u32) -> balancer_common::BackendStats) {
     for s in &mut view.services {
         for e in &mut s.endpoints {
             let st = e.backend_id.map(&stats).unwrap_or_default();
-            let streams = match (router, e.socket) {
-                (Some(r), Some(addr)) => r.stats(&addr),
-                _ => Default::default(),
-            };
             e.active_connections = st.active;
             e.connections_total = st.total;
-            e.active_streams = streams.active_streams;
-            // Router streams (http2 ports) plus streams sk_msg saw on
-            // L4-balanced connections.
-            e.streams_total = streams.streams_total + st.streams;
-            e.ewma_us = streams.ewma_us;
+            // Streams sk_msg saw on L4-balanced connections; the router's
+            // are added by `fill_router`.
+            e.streams_total = st.streams;
         }
     }
     for d in &mut view.draining {
         let st = stats(d.backend_id);
         d.active_connections = st.active;
         d.connections_total = st.total;
+    }
+}
+
+/// Add the router's per-endpoint streams and latency (http2 ports).
+pub fn fill_router(view: &mut EndpointsView, router: &[RouterEndpointView]) {
+    let by_addr: std::collections::HashMap<_, _> =
+        router.iter().map(|r| (r.address, r.stats)).collect();
+    for s in &mut view.services {
+        for e in &mut s.endpoints {
+            let Some(r) = e.socket.and_then(|a| by_addr.get(&a)) else {
+                continue;
+            };
+            e.active_streams = r.active_streams;
+            e.streams_total += r.streams_total;
+            e.ewma_us = r.ewma_us;
+        }
     }
 }

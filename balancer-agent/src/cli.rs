@@ -90,6 +90,36 @@ pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
                 .unwrap_or_default()
         );
     }
+    match &v.router {
+        None => {
+            let _ = writeln!(
+                o,
+                "router:    none (http2 ports are balanced per connection)"
+            );
+        }
+        Some(rt) => {
+            let _ = writeln!(
+                o,
+                "router:    {} {} (heartbeat {} ms ago{}){}",
+                rt.address,
+                if rt.alive {
+                    "steered to"
+                } else {
+                    "DOWN, http2 ports balanced per connection"
+                },
+                rt.heartbeat_age_ms,
+                if rt.splice { ", splice" } else { "" },
+                match (&rt.process, &rt.error) {
+                    (Some(p), _) => format!(
+                        "; pid {}, table generation {} of {}, {} routes, {} client connections",
+                        p.pid, p.generation, v.generation, p.routes, p.client_connections
+                    ),
+                    (None, Some(e)) => format!("; {e}"),
+                    (None, None) => String::new(),
+                }
+            );
+        }
+    }
     if let Some(e) = &r.error {
         let _ = writeln!(o, "error:     {e}");
     }

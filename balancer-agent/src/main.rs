@@ -1,30 +1,29 @@
-//! balancer-agent: the node agent (`run`) and its CLI (`status`, `services`,
-//! `endpoints`).
+//! balancer-agent: the node agent (`run`, the control plane), the HTTP/2
+//! router (`router`, its own process) and the CLI (`status`, `services`,
+//! `endpoints`, `top`, `cleanup`).
 // No unsafe code but in `dataplane::query` (BPF_PROG_QUERY), which says why.
 #![deny(unsafe_code)]
 
 mod admin;
 mod agent;
+mod app;
 mod cli;
 mod dataplane;
 mod metrics;
-mod proxy;
+mod router;
+mod socket;
 mod source;
 mod state;
 
-use std::{
-    path::PathBuf,
-    process::ExitCode,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tokio::signal::unix::{SignalKind, signal};
 
-use crate::{admin::Request, agent::Agent, dataplane::Dataplane, source::file};
+use crate::admin::Request;
 
 const DEFAULT_ADMIN_SOCKET: &str = "/run/balancer/admin.sock";
+const DEFAULT_ROUTER_SOCKET: &str = "/run/balancer/router.sock";
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf/balancer";
 
 #[derive(Parser)]
 #[command(version, about = "Socket-level load balancer for Kubernetes Services")]
@@ -42,9 +41,10 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the eBPF programs, attach them to a cgroup and keep their maps in
-    /// sync with an endpoints file, or, without one, with the cluster's
-    /// Services and EndpointSlices.
+    /// The control plane: load the eBPF programs, attach them to a cgroup
+    /// and keep their maps in sync with an endpoints file, or, without one,
+    /// with the cluster's Services and EndpointSlices. HTTP/2 streams are
+    /// routed by `balancer-agent router`, a process of its own.
     Run {
         /// YAML or JSON endpoints file; reloaded when it changes. Without
         /// it, the Kubernetes API is watched (configured like kubectl:
@@ -60,24 +60,47 @@ enum Command {
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
         /// bpffs directory for pins (mounted if missing).
-        #[arg(long, default_value = "/sys/fs/bpf/balancer")]
+        #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
         /// Pin maps and links under --bpffs: the data path outlives the
         /// agent (restarts, kill -9, upgrades adopt it) and SIGTERM leaves it
-        /// in place. `balancer-agent cleanup` removes it.
+        /// in place; the router process reads its table from these pins.
+        /// `balancer-agent cleanup` removes them.
         #[arg(long)]
         pin: bool,
-        /// Address of the HTTP/2 frame router (for `protocol: http2` ports).
-        #[arg(long)]
-        proxy_addr: Option<std::net::SocketAddr>,
-        /// Splice client and router sockets with sk_msg (SockHash
-        /// redirect), skipping TCP/IP on that hop. Experimental: see
-        /// bench/results/http2.txt for what it measured.
-        #[arg(long, requires = "proxy_addr")]
-        splice: bool,
+        /// The router process's admin socket, asked for its streams per
+        /// endpoint (`endpoints`, `top`, metrics) and its status.
+        #[arg(long, default_value = DEFAULT_ROUTER_SOCKET)]
+        router_socket: PathBuf,
         /// Prometheus metrics and /healthz, /readyz on this address.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+    },
+    /// The HTTP/2 router: balances every stream of `protocol: http2` ports
+    /// over pooled pod connections. Reads its table from the maps `run
+    /// --pin` pinned, so it keeps serving while the agent restarts.
+    Router {
+        /// Where pods reach the router (an address of the node); the kernel
+        /// steers http2 ports here while the router's heartbeat is fresh.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The cgroup the agent attached to (default: the cgroup v2 root),
+        /// which names its pin directory.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// The agent's --bpffs.
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        #[arg(long, default_value = DEFAULT_ROUTER_SOCKET)]
+        admin_socket: PathBuf,
+        /// Prometheus metrics and /healthz, /readyz on this address.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Splice client and router sockets with sk_msg (SockHash
+        /// redirect), skipping TCP/IP on that hop. Experimental: see
+        /// bench/results/http2.txt for what it measured.
+        #[arg(long)]
+        splice: bool,
         /// On SIGTERM, how long HTTP/2 clients get to finish their streams
         /// after the GOAWAY.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -99,7 +122,7 @@ enum Command {
     },
     /// Remove every pin (and so detach every pinned program) under --bpffs.
     Cleanup {
-        #[arg(long, default_value = "/sys/fs/bpf/balancer")]
+        #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
     /// Programs, cgroup, maps, source and the last reload.
@@ -169,30 +192,46 @@ fn main() -> ExitCode {
                 admin_socket,
                 bpffs,
                 pin,
-                proxy_addr,
-                splice,
+                router_socket,
                 metrics_addr,
-                drain_timeout,
-                stream_idle_timeout,
-                client_buffer,
-                router_buffer_limit,
             } => {
-                run(RunOptions {
-                    limits: proxy::core::Limits {
-                        stream_idle_timeout,
-                        client_buffer,
-                        buffer_limit: router_buffer_limit,
-                        ..Default::default()
-                    },
-                    splice,
+                app::run(app::RunOptions {
                     endpoints_file,
                     node_name,
                     pin_root: pin.then_some(bpffs),
                     cgroup,
                     admin_socket,
-                    proxy_addr,
+                    router_socket,
                     metrics_addr,
+                })
+                .await
+            }
+            Command::Router {
+                listen,
+                cgroup,
+                bpffs,
+                admin_socket,
+                metrics_addr,
+                splice,
+                drain_timeout,
+                stream_idle_timeout,
+                client_buffer,
+                router_buffer_limit,
+            } => {
+                router::process::run(router::process::RouterOptions {
+                    listen,
+                    cgroup,
+                    bpffs,
+                    admin_socket,
+                    metrics_addr,
+                    splice,
                     drain_timeout,
+                    limits: router::core::Limits {
+                        stream_idle_timeout,
+                        client_buffer,
+                        buffer_limit: router_buffer_limit,
+                        ..Default::default()
+                    },
                 })
                 .await
             }
@@ -279,245 +318,4 @@ fn parse_size(s: &str) -> Result<usize, String> {
         ));
     }
     Ok(v)
-}
-
-/// The cgroup v2 mount point, from /proc/self/mountinfo.
-fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    for line in info.lines() {
-        // ... mount-point ... - fstype source options
-        let mut halves = line.split(" - ");
-        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
-            continue;
-        };
-        if right.split_whitespace().next() == Some("cgroup2")
-            && let Some(mnt) = left.split_whitespace().nth(4)
-        {
-            return Ok(PathBuf::from(mnt));
-        }
-    }
-    anyhow::bail!("no cgroup v2 hierarchy is mounted; pass --cgroup")
-}
-
-/// Everything `run` takes from the command line.
-struct RunOptions {
-    endpoints_file: Option<PathBuf>,
-    node_name: Option<String>,
-    pin_root: Option<PathBuf>,
-    cgroup: Option<PathBuf>,
-    admin_socket: PathBuf,
-    proxy_addr: Option<std::net::SocketAddr>,
-    splice: bool,
-    metrics_addr: Option<std::net::SocketAddr>,
-    drain_timeout: Duration,
-    limits: proxy::core::Limits,
-}
-
-async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let RunOptions {
-        endpoints_file,
-        node_name,
-        pin_root,
-        cgroup,
-        admin_socket,
-        proxy_addr,
-        splice,
-        metrics_addr,
-        drain_timeout,
-        limits,
-    } = opts;
-    if !nix::unistd::geteuid().is_root() {
-        anyhow::bail!(
-            "balancer-agent run must run as root: loading eBPF programs needs CAP_BPF, \
-             CAP_NET_ADMIN and CAP_SYS_ADMIN"
-        );
-    }
-    // Parse the file (or find the cluster) before touching the kernel: a
-    // bad file attaches nothing.
-    let source = match &endpoints_file {
-        Some(path) => {
-            let (bytes, initial) = file::load(path).await?;
-            Source::File(path.clone(), bytes, initial)
-        }
-        None => {
-            let client = ::kube::Client::try_default().await.map_err(|e| {
-                anyhow::anyhow!(
-                    "no --endpoints-file and no Kubernetes configuration \
-                     (KUBECONFIG, ~/.kube/config or in-cluster): {e}"
-                )
-            })?;
-            Source::Kube(client)
-        }
-    };
-    let cgroup = match cgroup {
-        Some(c) => c,
-        None => cgroup2_root()?,
-    };
-    let listener = admin::bind(&admin_socket)?;
-    let _socket_guard = RemoveOnDrop(admin_socket.clone());
-    let router_listener = match proxy_addr {
-        Some(addr) => Some(
-            proxy::bind_reuseport(addr)
-                .map_err(|e| anyhow::anyhow!("cannot listen on --proxy-addr {addr}: {e}"))?,
-        ),
-        None => None,
-    };
-    let metrics_listener = match metrics_addr {
-        Some(addr) => Some(
-            // SO_REUSEPORT too: during an upgrade both agents listen.
-            proxy::bind_reuseport(addr)
-                .and_then(|l| {
-                    l.set_nonblocking(true)?;
-                    tokio::net::TcpListener::from_std(l)
-                })
-                .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?,
-        ),
-        None => None,
-    };
-    let mut dataplane = Dataplane::attach(&cgroup, pin_root.as_deref())?;
-    if dataplane.adopted {
-        tracing::info!(cgroup = %cgroup.display(), "adopted the pinned data path; it never stopped");
-    } else {
-        tracing::info!(cgroup = %cgroup.display(), pinned = pin_root.is_some(), "programs attached");
-    }
-    let pinned = dataplane.pin_dir.clone();
-    let mut router_task = None;
-    let router = match (proxy_addr, router_listener) {
-        (Some(addr), Some(l)) => {
-            let orig = dataplane
-                .take_orig_dst()
-                .ok_or_else(|| anyhow::anyhow!("ORIG_DST map already taken"))?;
-            let splice_map = if splice {
-                Some(
-                    dataplane
-                        .take_splice()
-                        .ok_or_else(|| anyhow::anyhow!("SPLICE map already taken"))?,
-                )
-            } else {
-                None
-            };
-            let router = proxy::Router::new(orig, splice_map, limits);
-            router_task = Some(router.spawn_thread(l)?);
-            dataplane.set_router(addr, splice)?;
-            tracing::info!(%addr, "HTTP/2 router listening");
-            Some(router)
-        }
-        _ => None,
-    };
-    let (kind, where_) = match &source {
-        Source::File(p, _, _) => ("file", p.display().to_string()),
-        Source::Kube(c) => ("kubernetes", c.default_namespace().to_owned()),
-    };
-    let mut agent = Agent::new(dataplane, kind, where_);
-    agent.router = router.clone();
-    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-    let watch_task = match source {
-        Source::File(path, bytes, initial) => {
-            agent
-                .apply(initial)
-                .map_err(|e| anyhow::anyhow!("cannot program the endpoints: {e}"))?;
-            tokio::spawn(file::watch(path, bytes, tx))
-        }
-        Source::Kube(client) => {
-            let health = Arc::new(Mutex::new(source::kube::ApiserverState::default()));
-            agent.apiserver = Some(health.clone());
-            tokio::spawn(source::kube::run(client, node_name, tx, health))
-        }
-    };
-    let agent = Arc::new(Mutex::new(agent));
-
-    let admin_task = tokio::spawn(admin::serve(listener, agent.clone()));
-    let metrics_task = match metrics_listener {
-        Some(l) => {
-            let stats = agent
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .dataplane
-                .stats_reader()?;
-            Some(tokio::spawn(metrics::serve(l, agent.clone(), stats)))
-        }
-        None => None,
-    };
-
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    // Drained-backend collection and the router heartbeat.
-    let mut gc = tokio::time::interval(Duration::from_millis(250));
-    tracing::info!(admin_socket = %admin_socket.display(), "agent ready");
-    loop {
-        tokio::select! {
-            Some(update) = rx.recv() => {
-                let mut a = agent.lock().unwrap_or_else(|p| p.into_inner());
-                match update {
-                    Ok(state) => {
-                        if let Err(e) = a.apply(state) {
-                            tracing::error!(error = %e, "reload refused; keeping the last good state");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "reload refused; keeping the last good state");
-                        a.reject(e.to_string());
-                    }
-                }
-            }
-            _ = gc.tick() => {
-                let mut a = agent.lock().unwrap_or_else(|p| p.into_inner());
-                a.dataplane.collect_drained();
-                if router.as_ref().is_some_and(|r| r.take_alive())
-                    && let Err(e) = a.dataplane.heartbeat()
-                {
-                    tracing::warn!(error = %e, "router heartbeat");
-                }
-            }
-            _ = term.recv() => { tracing::info!("SIGTERM: detaching"); break; }
-            _ = int.recv() => { tracing::info!("SIGINT: detaching"); break; }
-        }
-    }
-    if let Some(r) = &router {
-        // Two-phase GOAWAY to every client, then let their streams finish.
-        // The programs stay attached meanwhile, so new connections are
-        // still balanced (and told to go away by the router).
-        let open = r.drain(drain_timeout).await;
-        if open > 0 {
-            tracing::warn!(
-                open,
-                "drain timeout: closing client connections with streams in flight"
-            );
-        }
-    }
-    if let Some(t) = router_task {
-        t.stop();
-    }
-    drop(router);
-    admin_task.abort();
-    watch_task.abort();
-    if let Some(t) = metrics_task {
-        t.abort();
-        let _ = t.await;
-    }
-    let _ = admin_task.await;
-    let _ = watch_task.await;
-    // The last reference: dropping it drops the eBPF object, which closes
-    // the link fds and so detaches every program that is not pinned.
-    drop(agent);
-    match pinned {
-        Some(dir) => tracing::info!(
-            pins = %dir.display(),
-            "left the data path pinned for the next agent; `balancer-agent cleanup` removes it"
-        ),
-        None => tracing::info!("detached; bye"),
-    }
-    Ok(())
-}
-
-enum Source {
-    File(PathBuf, Vec<u8>, state::DesiredState),
-    Kube(::kube::Client),
-}
-
-struct RemoveOnDrop(PathBuf);
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }

@@ -1,12 +1,15 @@
 //! Prometheus metrics and health endpoints on their own listener
-//! (`--metrics-addr`): `GET /metrics`, `/healthz`, `/readyz`.
+//! (`--metrics-addr`): `GET /metrics`, `/healthz`, `/readyz`. The agent and
+//! the router process each serve their own (`render`, `render_router`).
 //!
 //! The exposition is rendered on each scrape from the same sources as the
 //! admin API (kernel maps, router counters), so the two never disagree.
 
 use std::{
     fmt::Write as _,
-    sync::{Arc, Mutex, atomic::Ordering},
+    future::Future,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -15,11 +18,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::{
-    admin::{EndpointsView, StatusView},
-    agent::{Agent, fill_counts},
-    dataplane::StatsReader,
-};
+use crate::admin::{EndpointsView, RouterStatusView, StatusView};
 
 pub use balancer_router::stats::{LATENCY as ROUTER_LATENCY, SELECTIONS as ROUTER_SELECTIONS};
 use balancer_router::{core::calm, stats as router_stats};
@@ -145,18 +144,6 @@ pub fn render(view: &EndpointsView, status: &StatusView) -> String {
             get(key),
         );
     }
-    for (i, alg) in ["random", "round-robin", "least-request"]
-        .iter()
-        .enumerate()
-    {
-        f.sample(
-            "balancer_selections_total",
-            &[("layer", "router"), ("algorithm", alg)],
-            ROUTER_SELECTIONS[i].load(Ordering::Relaxed),
-        );
-    }
-
-    router_protection(&mut f);
 
     let r = &status.last_reload;
     f.head(
@@ -217,6 +204,43 @@ pub fn render(view: &EndpointsView, status: &StatusView) -> String {
     for m in &status.maps {
         f.sample("balancer_map_capacity", &[("map", &m.name)], m.max_entries);
     }
+    out
+}
+
+/// The router process's exposition: its choices, defences, buffers and
+/// latency histogram (its per-endpoint streams are in the agent's, with
+/// the service names).
+pub fn render_router(status: &RouterStatusView) -> String {
+    let mut out = String::new();
+    let mut f = Family { out: &mut out };
+    f.head(
+        "balancer_router_selections_total",
+        "counter",
+        "Backend choices of the router, per stream, by algorithm.",
+    );
+    for (i, alg) in ["random", "round-robin", "least-request"]
+        .iter()
+        .enumerate()
+    {
+        f.sample(
+            "balancer_router_selections_total",
+            &[("algorithm", alg)],
+            ROUTER_SELECTIONS[i].load(Ordering::Relaxed),
+        );
+    }
+    f.head(
+        "balancer_router_routes",
+        "gauge",
+        "http2 service ports in the router's table.",
+    );
+    f.sample("balancer_router_routes", &[], status.routes);
+    f.head(
+        "balancer_router_table_generation",
+        "gauge",
+        "Generation of the routing table the router serves (the agent's GENERATION map).",
+    );
+    f.sample("balancer_router_table_generation", &[], status.generation);
+    router_protection(&mut f);
     ROUTER_LATENCY.render(
         &mut out,
         "balancer_router_response_latency_seconds",
@@ -225,39 +249,38 @@ pub fn render(view: &EndpointsView, status: &StatusView) -> String {
     out
 }
 
-/// Serve scrapes. Each takes the agent's lock only for what costs no
-/// syscall per backend (the endpoints' shape, the status), and reads the
-/// per-backend counts through `stats`, a handle of its own on the map,
-/// after releasing it: a scrape never holds up the applying of updates.
-pub async fn serve(listener: TcpListener, agent: Arc<Mutex<Agent>>, stats: StatsReader) {
-    let stats = Arc::new(stats);
+/// An HTTP reply: status line, content type, body.
+pub type Reply = (&'static str, &'static str, String);
+
+/// What answers a GET on the metrics listener, by path.
+pub type Handler = Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Reply> + Send>> + Send + Sync>;
+
+pub fn ok(body: String) -> Reply {
+    ("200 OK", "text/plain; version=0.0.4", body)
+}
+
+pub fn unavailable(why: &str) -> Reply {
+    ("503 Service Unavailable", "text/plain", format!("{why}\n"))
+}
+
+pub fn not_found() -> Reply {
+    ("404 Not Found", "text/plain", "not found\n".to_owned())
+}
+
+/// Serve GETs with `handler`, one request per connection.
+pub async fn serve(listener: TcpListener, handler: Handler) {
     loop {
         let Ok((sock, _)) = listener.accept().await else {
             continue;
         };
-        let agent = agent.clone();
-        let stats = stats.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
-            let _ = handle(sock, agent, stats).await;
+            let _ = handle(sock, handler).await;
         });
     }
 }
 
-/// A scrape: the snapshot under the lock, the counts after it.
-fn scrape(agent: &Mutex<Agent>, stats: &StatsReader) -> String {
-    let (mut view, status, router) = {
-        let a = agent.lock().unwrap_or_else(|p| p.into_inner());
-        (a.endpoints_shape(None), a.status(), a.router.clone())
-    };
-    fill_counts(&mut view, |id| stats.get(id), router.as_deref());
-    render(&view, &status)
-}
-
-async fn handle(
-    mut sock: TcpStream,
-    agent: Arc<Mutex<Agent>>,
-    stats: Arc<StatsReader>,
-) -> std::io::Result<()> {
+async fn handle(mut sock: TcpStream, handler: Handler) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     // The request head only; bodies are not expected.
@@ -273,32 +296,14 @@ async fn handle(
     let head = String::from_utf8_lossy(&buf);
     let mut parts = head.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (code, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => {
-            let body = tokio::task::block_in_place(|| scrape(&agent, &stats));
-            ("200 OK", "text/plain; version=0.0.4", body)
-        }
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        ("GET", "/readyz") => {
-            let a = agent.lock().unwrap_or_else(|p| p.into_inner());
-            // Ready: programs attached (the agent exists only then) and the
-            // first sync applied.
-            if a.reload.applied > 0 {
-                ("200 OK", "text/plain", "ready\n".to_owned())
-            } else {
-                (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not synced yet\n".to_owned(),
-                )
-            }
-        }
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => (
+    let (code, ctype, body) = if method == "GET" {
+        handler(path.to_owned()).await
+    } else {
+        (
             "405 Method Not Allowed",
             "text/plain",
             "GET only\n".to_owned(),
-        ),
+        )
     };
     let resp = format!(
         "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -26,6 +26,8 @@ pub mod map_names {
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const SOCKS: &str = "SOCKS";
     pub const SPLICE: &str = "SPLICE";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const GENERATION: &str = "GENERATION";
 }
 
 /// Map capacities. The agent refuses a desired state that does not fit
@@ -155,7 +157,8 @@ pub struct Config {
     pub splice: u8,
     pub _pad: [u8; 5],
     /// CLOCK_MONOTONIC nanoseconds (the clock of `bpf_ktime_get_ns`) when
-    /// the agent last saw its router alive. Older than
+    /// the router process last checked in (every 250 ms while its event
+    /// loop runs). Older than
     /// [`ROUTER_STALE_NS`]: http2 ports are balanced at L4 instead, so a
     /// dead router never blackholes new connections.
     pub heartbeat_ns: u64,

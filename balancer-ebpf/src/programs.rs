@@ -54,8 +54,15 @@ static SERVICE_STATE: Array<ServiceState, MAX_SERVICES_USIZE> = Array::new();
 static COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 #[btf_map]
 static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
+/// Written by the router process (`balancer-agent router`): where it
+/// listens, and its heartbeat.
 #[btf_map]
 static CONFIG: Array<Config, 1> = Array::new();
+/// The routing table's generation, a seqlock that no program reads: the
+/// agent makes it odd before it writes SERVICES, SLOTS and BACKENDS and
+/// even after; the router process re-reads the table when it changes.
+#[btf_map]
+static GENERATION: Array<u64, 1> = Array::new();
 /// Original destination of connections steered to the router, keyed by the
 /// client's address as the router sees it. Entries are deleted when the
 /// client socket closes; LRU only as a backstop.
@@ -311,7 +318,7 @@ fn router_for(key: &ServiceKey) -> Option<([u32; 4], u16)> {
     if cfg.router_port == 0 {
         return None;
     }
-    // The agent refreshes the heartbeat while its router runs; a stale one
+    // The router refreshes the heartbeat while it runs; a stale one
     // means the router is gone (crash, kill -9, upgrade gap): balance at L4.
     let now = unsafe { bpf_ktime_get_ns() };
     if now.saturating_sub(cfg.heartbeat_ns) > ROUTER_STALE_NS {

@@ -1021,13 +1021,64 @@ impl Drop for PinDir {
     }
 }
 
-/// The agent as a real process, stopped with SIGTERM on drop.
+/// Arguments of the router process among a test's agent arguments: each
+/// with whether it takes a value. `--proxy-addr` is the router's
+/// `--listen`, `--router-metrics-addr` its `--metrics-addr`.
+const ROUTER_ARGS: [(&str, bool); 7] = [
+    ("--proxy-addr", true),
+    ("--splice", false),
+    ("--drain-timeout", true),
+    ("--stream-idle-timeout", true),
+    ("--client-buffer", true),
+    ("--router-buffer-limit", true),
+    ("--router-metrics-addr", true),
+];
+
+/// The agent as a real process, stopped with SIGTERM on drop; with
+/// `--proxy-addr` among its arguments, the HTTP/2 router process beside it
+/// (`balancer-agent router`, as the DaemonSet's second container), which
+/// reads the data path from the agent's pins: `--pin` is added, with a pin
+/// directory of this agent's own, unless the test pins itself.
 pub struct Agent {
     child: Option<Child>,
     pub admin_socket: PathBuf,
     pub endpoints_file: PathBuf,
     pub dir: PathBuf,
     pub stderr_log: PathBuf,
+    router: Option<Child>,
+    /// The router's arguments, to start it again.
+    router_cmd: Option<Vec<std::ffi::OsString>>,
+    pub router_socket: PathBuf,
+    pub router_log: PathBuf,
+    /// Where the processes run (netns, cgroup), to start them again.
+    netns: Option<String>,
+    agent_cgroup: Option<PathBuf>,
+    /// Declared last: removed after both processes stopped.
+    _pins: Option<PinDir>,
+}
+
+/// A command run in `agent_cgroup` (joined first: same pid) and `netns`.
+fn wrapped(agent_cgroup: Option<&Path>, netns: Option<&str>) -> Command {
+    let mut cmd = match agent_cgroup {
+        Some(cg) => {
+            let mut c = Command::new("sh");
+            c.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+                .arg(cg);
+            c
+        }
+        None => Command::new("env"),
+    };
+    match netns {
+        Some(ns) => {
+            cmd.arg("nsenter")
+                .arg(format!("--net=/run/netns/{ns}"))
+                .arg(agent_bin());
+        }
+        None => {
+            cmd.arg(agent_bin());
+        }
+    }
+    cmd
 }
 
 impl Agent {
@@ -1119,26 +1170,58 @@ impl Agent {
     ) -> anyhow::Result<Self> {
         let admin_socket = dir.join("admin.sock");
         let stderr_log = dir.join("agent.log");
-        let mut cmd = match agent_cgroup {
-            // Join the cgroup first, then become the agent (same pid).
-            Some(cg) => {
-                let mut c = Command::new("sh");
-                c.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
-                    .arg(cg);
-                c
-            }
-            None => Command::new("env"),
-        };
-        match netns {
-            Some(ns) => {
-                cmd.arg("nsenter")
-                    .arg(format!("--net=/run/netns/{ns}"))
-                    .arg(agent_bin());
-            }
-            None => {
-                cmd.arg(agent_bin());
+        let router_socket = dir.join("router.sock");
+        // Split the router's arguments off.
+        let mut agent_args: Vec<std::ffi::OsString> = Vec::new();
+        let mut router_args: Vec<std::ffi::OsString> = Vec::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match ROUTER_ARGS.iter().find(|(n, _)| a == n) {
+                Some((name, takes_value)) => {
+                    router_args.push(match *name {
+                        "--proxy-addr" => "--listen".into(),
+                        "--router-metrics-addr" => "--metrics-addr".into(),
+                        _ => a.clone(),
+                    });
+                    if *takes_value {
+                        router_args.push(it.next().context("a router argument's value")?.clone());
+                    }
+                }
+                None => agent_args.push(a.clone()),
             }
         }
+        let mut pins = None;
+        let router_cmd = if router_args.iter().any(|a| a == "--listen") {
+            if !agent_args.iter().any(|a| a == "--pin") {
+                let name = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let p = PinDir::new(&format!("lbt-{name}"));
+                agent_args.extend(["--pin".into(), "--bpffs".into(), p.path.clone().into()]);
+                pins = Some(p);
+            }
+            let bpffs = agent_args
+                .iter()
+                .position(|a| a == "--bpffs")
+                .and_then(|i| agent_args.get(i + 1))
+                .cloned()
+                .context("--pin needs --bpffs in tests")?;
+            let mut r: Vec<std::ffi::OsString> = vec![
+                "router".into(),
+                "--cgroup".into(),
+                cgroup.into(),
+                "--bpffs".into(),
+                bpffs,
+                "--admin-socket".into(),
+                router_socket.clone().into(),
+            ];
+            r.extend(router_args);
+            Some(r)
+        } else {
+            None
+        };
+        let mut cmd = wrapped(agent_cgroup, netns);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -1148,7 +1231,9 @@ impl Agent {
             .arg(cgroup)
             .arg("--admin-socket")
             .arg(&admin_socket)
-            .args(args)
+            .arg("--router-socket")
+            .arg(&router_socket)
+            .args(&agent_args)
             // LBT_AGENT_RUST_LOG=debug to see more of what an agent did.
             .env(
                 "RUST_LOG",
@@ -1162,12 +1247,22 @@ impl Agent {
             child: Some(child),
             admin_socket,
             endpoints_file,
+            router_log: dir.join("router.log"),
             dir,
             stderr_log,
+            router: None,
+            router_cmd,
+            router_socket,
+            netns: netns.map(str::to_owned),
+            agent_cgroup: agent_cgroup.map(Path::to_owned),
+            _pins: pins,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if agent.cli(&["status", "-o", "json"]).is_ok() {
+                if agent.router_cmd.is_some() {
+                    agent.start_router()?;
+                }
                 return Ok(agent);
             }
             if let Some(c) = agent.child.as_mut()
@@ -1180,6 +1275,84 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Start the router process (again), and wait until the kernel steers
+    /// to it and it serves the agent's table.
+    pub fn start_router(&mut self) -> anyhow::Result<()> {
+        let args = self
+            .router_cmd
+            .clone()
+            .context("no router for this agent")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.router_log)?;
+        let child = wrapped(self.agent_cgroup.as_deref(), self.netns.as_deref())
+            .args(&args)
+            .env(
+                "RUST_LOG",
+                std::env::var("LBT_AGENT_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning balancer-agent router")?;
+        self.router = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.router_synced().unwrap_or(false) {
+                return Ok(());
+            }
+            if let Some(c) = self.router.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("router exited with {status}: {}", self.router_log());
+            }
+            if Instant::now() > deadline {
+                bail!("router did not come up: {}", self.router_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The kernel steers to a router, which serves this agent's table.
+    pub fn router_synced(&self) -> anyhow::Result<bool> {
+        let s = self.status_json()?;
+        let r = &s["router"];
+        Ok(r["alive"] == true
+            && r["process"]["pid"].as_u64() == self.router_pid().map(u64::from)
+            && r["process"]["generation"] == s["generation"])
+    }
+
+    pub fn router_log(&self) -> String {
+        std::fs::read_to_string(&self.router_log).unwrap_or_default()
+    }
+
+    /// The router process's id while it runs.
+    pub fn router_pid(&self) -> Option<u32> {
+        self.router.as_ref().map(Child::id)
+    }
+
+    /// `kill -9` of the router process.
+    pub fn kill_router(&mut self) -> anyhow::Result<()> {
+        let mut c = self.router.take().context("no router running")?;
+        c.kill()?;
+        c.wait()?;
+        Ok(())
+    }
+
+    /// `kill -9` of the agent (the control plane) only.
+    pub fn kill_agent(&mut self) -> anyhow::Result<()> {
+        let mut c = self.child.take().context("agent not running")?;
+        c.kill()?;
+        c.wait()?;
+        Ok(())
+    }
+
+    /// The router's resident set size (VmRSS), in bytes.
+    pub fn router_rss_bytes(&self) -> anyhow::Result<u64> {
+        rss_of(self.router_pid().context("router not running")?)
     }
 
     pub fn log(&self) -> String {
@@ -1195,14 +1368,7 @@ impl Agent {
 
     /// The agent's resident set size (VmRSS), in bytes.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
-        let pid = self.pid().context("agent not running")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .context("VmRSS")?;
-        Ok(kib * 1024)
+        rss_of(self.pid().context("agent not running")?)
     }
 
     /// The agent's process id while it runs.
@@ -1269,11 +1435,40 @@ impl Agent {
             status = self.status_json()?;
             Ok(status["last_reload"]["attempts"].as_u64().unwrap_or(0) > before)
         })?;
+        if self.router.is_some() {
+            Topology::wait_for(
+                "the router to read the table",
+                Duration::from_secs(10),
+                || self.router_synced(),
+            )?;
+        }
         Ok(status)
     }
 
-    /// SIGTERM, and the exit status.
+    /// SIGTERM to the router (it drains) and the agent, and the agent's
+    /// exit status; an error if the router did not exit cleanly.
     pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let router = self.router.take();
+        if let Some(r) = &router {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(r.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let agent = self.stop_agent();
+        if let Some(r) = router {
+            let st = wait_exit(r, Duration::from_secs(30), "router")?;
+            anyhow::ensure!(
+                st.success(),
+                "router exited with {st}: {}",
+                self.router_log()
+            );
+        }
+        agent
+    }
+
+    /// SIGTERM to the agent only, and its exit status.
+    pub fn stop_agent(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let mut child = self.child.take().context("already stopped")?;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
@@ -1291,6 +1486,36 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Wait for `child` to exit, at most `limit` (then kill it).
+fn wait_exit(
+    mut child: Child,
+    limit: Duration,
+    what: &str,
+) -> anyhow::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("{what} did not exit within {limit:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A process's resident set size (VmRSS), in bytes.
+pub fn rss_of(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    Ok(kib * 1024)
 }
 
 impl Drop for Agent {

@@ -423,7 +423,7 @@ fn pods_tx(t: &Topology) -> u64 {
         .sum()
 }
 
-/// Watch the agent's RSS until the pods stop sending (the windows the
+/// Watch the router's RSS until the pods stop sending (the windows the
 /// router granted are used up), at most `max`; stops early once the
 /// growth over `base` exceeds `limit`. Returns the peak growth.
 fn settle(agent: &Agent, t: &Topology, base: u64, limit: u64, max: Duration) -> u64 {
@@ -431,7 +431,7 @@ fn settle(agent: &Agent, t: &Topology, base: u64, limit: u64, max: Duration) -> 
     let mut peak = 0;
     let mut tx: Vec<(Instant, u64)> = Vec::new();
     loop {
-        let rss = agent.rss_bytes().expect("agent rss");
+        let rss = agent.router_rss_bytes().expect("router rss");
         peak = peak.max(rss.saturating_sub(base));
         if peak > limit {
             return peak;
@@ -460,19 +460,19 @@ fn thousand_connections_that_never_read_hold_bounded_memory() {
         nofile >= 4096,
         "open-file hard limit {nofile}: too low for 1000 connections"
     );
-    let s = setup_with("h2hold", 4, &["--metrics-addr", METRICS]);
-    let pid = s.agent.pid().expect("pid");
+    let s = setup_with("h2hold", 4, &["--router-metrics-addr", METRICS]);
+    let pid = s.agent.router_pid().expect("pid");
     assert_eq!(
         std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .expect("comm")
             .trim(),
         "balancer-agent",
-        "the pid measured is the agent's"
+        "the pid measured is the router's"
     );
     // Warm up: the router thread and its pooled backend connections exist.
     no_errors(&s.client(&["--path", "/unary", "--requests", "40", "--concurrency", "4"]));
     std::thread::sleep(Duration::from_millis(300));
-    let base = s.agent.rss_bytes().expect("rss");
+    let base = s.agent.router_rss_bytes().expect("rss");
     let (ns, cg) = (&s.t.client.name, Some(s.t.cgroup.path.as_path()));
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     let downloads = || -> u64 {

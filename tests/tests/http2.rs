@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use balancer_tests::{Topology, h2_client_spawn, h2_client_wait, h2_raw};
-use common::{VIP, http2_yaml, no_errors, pods_of, setup, setup_with};
+use common::{VIP, http2_yaml, no_errors, pods_of, setup};
 use serde_json::Value;
 
 #[test]
@@ -397,24 +397,34 @@ fn sk_msg_counts_streams_on_l4_connections_making_pinning_visible() {
 
 #[test]
 fn a_dead_router_falls_back_to_l4_within_a_second() {
-    // Pinned, so the programs outlive the agent; its heartbeat does not.
-    let pin_dir = balancer_tests::PinDir::new(&format!("lbt-h2down-{}", std::process::id()));
-    let pins = pin_dir.path.clone();
-    let s = setup_with("h2down", 4, &["--pin", "--bpffs", &pins]);
+    let mut s = setup("h2down", 4);
     let v = s.client(&["--path", "/unary", "--requests", "40", "--concurrency", "4"]);
     no_errors(&v);
     assert_eq!(pods_of(&v).len(), 4, "through the router: {v}");
-    let pid = s.agent.pid().expect("pid");
-    std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .expect("kill");
+    s.agent.kill_router().expect("kill -9 the router");
     std::thread::sleep(Duration::from_millis(1200));
     // No router: the same client still works, balanced per connection.
     let v = s.client(&["--path", "/unary", "--requests", "40", "--concurrency", "4"]);
     no_errors(&v);
     assert_eq!(pods_of(&v).len(), 1, "one L4 connection, one pod: {v}");
     assert_eq!(v["peer"], VIP, "getpeername still gives the VIP: {v}");
+    // A router again: steered to it, spread per stream.
+    s.agent.start_router().expect("router back");
+    let v = s.client(&["--path", "/unary", "--requests", "40", "--concurrency", "4"]);
+    no_errors(&v);
+    assert_eq!(pods_of(&v).len(), 4, "through the new router: {v}");
+}
+
+#[test]
+fn the_router_serves_on_while_the_control_plane_is_dead() {
+    let mut s = setup("h2cpdead", 4);
+    s.agent.kill_agent().expect("kill -9 the agent");
+    std::thread::sleep(Duration::from_millis(1500));
+    // New connections are still steered to the router (its heartbeat is
+    // its own), which still has the table: every stream spread.
+    let v = s.client(&["--path", "/unary", "--requests", "80", "--concurrency", "8"]);
+    no_errors(&v);
+    assert_eq!(pods_of(&v).len(), 4, "spread with no control plane: {v}");
 }
 
 #[test]

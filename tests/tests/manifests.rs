@@ -117,37 +117,102 @@ fn daemonset_is_least_privilege_node_critical_and_probed() {
         tol.iter()
             .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())
     );
-    let c = &spec.containers[0];
-    let sc = c.security_context.as_ref().expect("securityContext");
-    assert_eq!(sc.privileged, Some(false));
-    let caps = sc.capabilities.as_ref().expect("capabilities");
-    let add: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
-    assert_eq!(add, BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]));
-    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
-    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+    // The control plane and the router: two containers, each with its own
+    // capabilities, probes (on its own port) and resources.
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["agent", "router"]);
+    let probe = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
         p.as_ref()
             .and_then(|p| p.http_get.as_ref())
-            .and_then(|h| h.path.clone())
+            .map(|h| (h.path.clone().unwrap_or_default(), h.port.clone()))
     };
-    assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/healthz"));
-    assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/readyz"));
-    let res = c.resources.as_ref().expect("resources");
-    assert!(res.requests.is_some() && res.limits.is_some());
-    let env = c.env.as_ref().expect("env");
-    let field = |name: &str| {
-        env.iter()
+    for (c, caps_want, port) in [
+        (
+            &spec.containers[0],
+            BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]),
+            9464,
+        ),
+        (&spec.containers[1], BTreeSet::from(["BPF"]), 9465),
+    ] {
+        let sc = c.security_context.as_ref().expect("securityContext");
+        assert_eq!(sc.privileged, Some(false), "{}", c.name);
+        let caps = sc.capabilities.as_ref().expect("capabilities");
+        let add: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+        assert_eq!(add, caps_want, "{}", c.name);
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+        let port = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port);
+        assert_eq!(
+            probe(&c.liveness_probe),
+            Some(("/healthz".into(), port.clone())),
+            "{}",
+            c.name
+        );
+        assert_eq!(
+            probe(&c.readiness_probe),
+            Some(("/readyz".into(), port)),
+            "{}",
+            c.name
+        );
+        let res = c.resources.as_ref().expect("resources");
+        assert!(res.requests.is_some() && res.limits.is_some(), "{}", c.name);
+        let mounts: BTreeSet<&str> = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert!(
+            mounts.contains("/sys/fs/bpf") && mounts.contains("/run/balancer"),
+            "{}: the pins and the sockets are shared",
+            c.name
+        );
+    }
+    let field = |c: &k8s_openapi::api::core::v1::Container, name: &str| {
+        c.env
+            .iter()
+            .flatten()
             .find(|e| e.name == name)
             .and_then(|e| e.value_from.as_ref())
             .and_then(|v| v.field_ref.as_ref())
             .map(|f| f.field_path.clone())
     };
-    assert_eq!(field("NODE_NAME").as_deref(), Some("spec.nodeName"));
-    assert_eq!(field("NODE_IP").as_deref(), Some("status.hostIP"));
-    let args = c.args.as_ref().expect("args");
-    assert!(
-        args.iter()
-            .any(|a| a == "--proxy-addr=$(NODE_IP):$(PROXY_PORT)")
+    assert_eq!(
+        field(&spec.containers[0], "NODE_NAME").as_deref(),
+        Some("spec.nodeName")
     );
+    assert_eq!(
+        field(&spec.containers[1], "NODE_IP").as_deref(),
+        Some("status.hostIP")
+    );
+    let arg = |c: &k8s_openapi::api::core::v1::Container, a: &str| {
+        c.args.iter().flatten().any(|x| x == a)
+    };
+    assert!(
+        arg(&spec.containers[0], "--pin"),
+        "the router reads the pins"
+    );
+    assert!(arg(
+        &spec.containers[1],
+        "--listen=$(NODE_IP):$(PROXY_PORT)"
+    ));
+    // The same pin directory: the same cgroup and bpffs.
+    for a in [
+        "--cgroup=/host/sys/fs/cgroup",
+        "--bpffs=/sys/fs/bpf/balancer",
+    ] {
+        assert!(
+            arg(&spec.containers[0], a) && arg(&spec.containers[1], a),
+            "{a}"
+        );
+    }
+    assert!(arg(
+        &spec.containers[0],
+        "--router-socket=/run/balancer/router.sock"
+    ));
+    assert!(arg(
+        &spec.containers[1],
+        "--admin-socket=/run/balancer/router.sock"
+    ));
     let host_paths: BTreeSet<String> = spec
         .volumes
         .iter()
@@ -159,16 +224,20 @@ fn daemonset_is_least_privilege_node_critical_and_probed() {
 
 #[test]
 fn the_agent_accepts_the_daemonset_arguments() {
-    // Every flag the DaemonSet passes exists in the agent's CLI.
+    // Every flag each container passes exists in its subcommand's CLI.
     let ds: DaemonSet = load("daemonset.yaml");
     let spec = ds.spec.expect("spec").template.spec.expect("pod spec");
-    let help = Command::new(balancer_tests::agent_bin())
-        .args(["run", "--help"])
-        .output()
-        .expect("agent");
-    let help = String::from_utf8_lossy(&help.stdout);
-    for a in spec.containers[0].args.iter().flatten().skip(1) {
-        let flag = a.split('=').next().unwrap_or("");
-        assert!(help.contains(flag), "agent run has no {flag}:\n{help}");
+    for c in &spec.containers {
+        let args = c.args.as_ref().expect("args");
+        let help = Command::new(balancer_tests::agent_bin())
+            .args([args[0].as_str(), "--help"])
+            .output()
+            .expect("agent");
+        assert!(help.status.success(), "no subcommand {}", args[0]);
+        let help = String::from_utf8_lossy(&help.stdout);
+        for a in args.iter().skip(1) {
+            let flag = a.split('=').next().unwrap_or("");
+            assert!(help.contains(flag), "{} has no {flag}:\n{help}", args[0]);
+        }
     }
 }

@@ -19,8 +19,7 @@ use aya::{
 };
 use balancer_common::{
     Backend, BackendStats, COUNTER_COUNT, COUNTER_NAMES, Config, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SLOTS, OrigDst, ServiceKey, ServiceState, ServiceValue, SlotKey, SockKey, SpliceKey,
-    map_names,
+    MAX_SLOTS, ServiceKey, ServiceState, ServiceValue, SlotKey, SpliceKey, map_names,
 };
 use serde::Serialize;
 
@@ -103,6 +102,8 @@ struct Maps {
     service_state: Array<MapData, ServiceState>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
+    /// The routing table's seqlock (odd while a plan is being written).
+    generation: Array<MapData, u64>,
     /// Kept open: the sk_msg program is attached to it.
     _socks: SockHash<MapData, u64>,
 }
@@ -208,14 +209,8 @@ pub struct Dataplane {
     cgroup: PathBuf,
     programs: Vec<ProgramStatus>,
     programmer: Programmer,
-    orig_dst: Option<HashMap<MapData, SockKey, OrigDst>>,
-    /// The SPLICE sockhash, for the router (taken once).
-    splice: Option<SockHash<MapData, SpliceKey>>,
-    /// The SPLICE map's fd, kept to ask the kernel about its program after
-    /// the router took the map.
+    /// The SPLICE map's fd, kept to ask the kernel about its program.
     splice_fd: Option<std::os::fd::OwnedFd>,
-    /// What `set_router` configured; rewritten with each heartbeat.
-    router_config: Option<Config>,
 }
 
 /// Checks that `path` is a cgroup v2 directory.
@@ -387,17 +382,19 @@ impl Dataplane {
                 .map_err(map_err(map_names::COUNTERS))?,
             config: Array::try_from(take(map_names::CONFIG)?)
                 .map_err(map_err(map_names::CONFIG))?,
+            generation: Array::try_from(take(map_names::GENERATION)?)
+                .map_err(map_err(map_names::GENERATION))?,
             _socks: socks,
         };
-        let orig_dst = Some(
-            HashMap::try_from(take(map_names::ORIG_DST)?).map_err(map_err(map_names::ORIG_DST))?,
-        );
+        // The router process opens ORIG_DST (and AFFINITY is the kernel's
+        // alone) from the pins; only pinned here.
+        take(map_names::ORIG_DST)?;
+        take(map_names::AFFINITY)?;
         if let Some(dir) = &pin_dir {
             pin::mark_complete(dir)?;
         }
         Ok(Self {
             splice_fd: splice.fd().as_fd().try_clone_to_owned().ok(),
-            splice: Some(splice),
             _ebpf: Some(ebpf),
             _pinned: pinned,
             pin_dir,
@@ -406,8 +403,6 @@ impl Dataplane {
             cgroup: cgroup.to_owned(),
             programs,
             programmer: Programmer::default(),
-            orig_dst,
-            router_config: None,
         })
     }
 
@@ -430,12 +425,11 @@ impl Dataplane {
                 .map_err(map_err(map_names::COUNTERS))?,
             config: Array::try_from(open(map_names::CONFIG)?)
                 .map_err(map_err(map_names::CONFIG))?,
+            generation: Array::try_from(open(map_names::GENERATION)?)
+                .map_err(map_err(map_names::GENERATION))?,
             _socks: SockHash::try_from(open(map_names::SOCKS)?)
                 .map_err(map_err(map_names::SOCKS))?,
         };
-        let orig_dst = Some(
-            HashMap::try_from(open(map_names::ORIG_DST)?).map_err(map_err(map_names::ORIG_DST))?,
-        );
         let services: Vec<(ServiceKey, ServiceValue)> =
             maps.services.iter().filter_map(Result::ok).collect();
         let slots: Vec<(SlotKey, u32)> = maps.slots.iter().filter_map(Result::ok).collect();
@@ -465,13 +459,10 @@ impl Dataplane {
             attach_type: "sk_msg",
             target: Target::Splice,
         });
-        let splice =
-            Some(SockHash::try_from(open(map_names::SPLICE)?).map_err(map_err(map_names::SPLICE))?);
-        let splice_fd = splice
-            .as_ref()
-            .and_then(|m| m.fd().as_fd().try_clone_to_owned().ok());
+        let splice: SockHash<MapData, SpliceKey> =
+            SockHash::try_from(open(map_names::SPLICE)?).map_err(map_err(map_names::SPLICE))?;
+        let splice_fd = splice.fd().as_fd().try_clone_to_owned().ok();
         Ok(Self {
-            splice,
             splice_fd,
             _ebpf: None,
             _pinned: Vec::new(),
@@ -481,52 +472,17 @@ impl Dataplane {
             cgroup: cgroup.to_owned(),
             programs,
             programmer,
-            orig_dst,
-            router_config: None,
         })
     }
 
-    /// The ORIG_DST map, for the router (taken once).
-    pub fn take_orig_dst(&mut self) -> Option<HashMap<MapData, SockKey, OrigDst>> {
-        self.orig_dst.take()
-    }
-
-    /// The SPLICE sockhash, for the router (taken once).
-    pub fn take_splice(&mut self) -> Option<SockHash<MapData, SpliceKey>> {
-        self.splice.take()
-    }
-
-    /// Point `http2` ports at the router listening on `addr`; with
-    /// `splice`, client and router sockets are spliced (`balancer_splice`).
-    pub fn set_router(&mut self, addr: SocketAddr, splice: bool) -> Result<(), DataplaneError> {
-        let words = plan::addr_words(addr.ip());
-        let mut cfg = Config {
-            router_port: addr.port().to_be(),
-            splice: u8::from(splice),
-            ..Config::default()
-        };
-        if addr.is_ipv4() {
-            cfg.router4 = words;
-        } else {
-            cfg.router6 = words;
-        }
-        self.router_config = Some(cfg);
-        self.heartbeat()
-    }
-
-    /// Tell the kernel the router is alive (see `Config::heartbeat_ns`).
-    pub fn heartbeat(&mut self) -> Result<(), DataplaneError> {
-        let Some(mut cfg) = self.router_config else {
-            return Ok(());
-        };
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-            .unwrap_or(0);
-        cfg.heartbeat_ns = now;
+    /// What the router process wrote to CONFIG: where it listens and
+    /// when it last checked in. `None` before any router ran.
+    pub fn router_config(&self) -> Option<Config> {
         self.maps
             .config
-            .set(0, cfg, 0)
-            .map_err(map_err(map_names::CONFIG))
+            .get(&0, 0)
+            .ok()
+            .filter(|c| c.router_port != 0)
     }
 
     pub fn cgroup(&self) -> &Path {
@@ -566,8 +522,13 @@ impl Dataplane {
     /// they do not fit), then apply them in order.
     pub fn apply(&mut self, frontends: &[Frontend]) -> Result<ApplySummary, DataplaneError> {
         let (ops, next) = self.programmer.plan(frontends)?;
-        for op in &ops {
-            self.write(op)?;
+        if !ops.is_empty() {
+            // The router process re-reads the table when the generation
+            // moves, and not while it is odd (a plan half written).
+            self.set_generation(true)?;
+            let written = ops.iter().try_for_each(|op| self.write(op));
+            self.set_generation(false)?;
+            written?;
         }
         self.programmer.commit(next);
         self.collect_drained();
@@ -575,6 +536,25 @@ impl Dataplane {
             ops: ops.len(),
             frontends: frontends.len(),
         })
+    }
+
+    /// Step the seqlock to odd (`writing`) or to the next even value.
+    fn set_generation(&mut self, writing: bool) -> Result<(), DataplaneError> {
+        let g = self.maps.generation.get(&0, 0).unwrap_or(0);
+        let next = if (g % 2 == 1) == writing {
+            g + 2
+        } else {
+            g + 1
+        };
+        self.maps
+            .generation
+            .set(0, next, 0)
+            .map_err(map_err(map_names::GENERATION))
+    }
+
+    /// The routing table's generation (even when complete).
+    pub fn generation(&self) -> u64 {
+        self.maps.generation.get(&0, 0).unwrap_or(0)
     }
 
     fn write(&mut self, op: &Op) -> Result<(), DataplaneError> {

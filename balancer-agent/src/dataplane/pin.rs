@@ -2,10 +2,11 @@
 //! (including after `kill -9`) or an upgrade adopts a data path that never
 //! stopped.
 //!
-//! Layout: `<bpffs root>/v2/cg-<cgroup inode>/{maps,links}/<name>` and a
-//! `complete` marker written last; `v2` is the map layout version (a
+//! Layout: `<bpffs root>/v3/cg-<cgroup inode>/{maps,links}/<name>` and a
+//! `complete` marker written last; `v3` is the map layout version (a
 //! layout change gets a new directory, never a misread map; v2 added
-//! `SPLICE` and three counters).
+//! `SPLICE` and three counters, v3 `GENERATION` and `AFFINITY` pinned, for
+//! the router process, which reads the data path from these pins).
 
 use std::{
     os::unix::fs::MetadataExt,
@@ -17,7 +18,7 @@ use aya::{
     programs::links::{FdLink, PinnedLink},
 };
 
-pub const LAYOUT: &str = "v2";
+pub const LAYOUT: &str = "v3";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +80,18 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), PinError> {
         tracing::info!(path = %anc.display(), "mounted bpffs");
     }
     std::fs::create_dir_all(root).map_err(|e| err(e.to_string()))
+}
+
+/// Where this layout's pins for `cgroup` are, without creating anything
+/// (the router process waits for the agent to pin them).
+pub fn dir_of(root: &Path, cgroup: &Path) -> Result<PathBuf, PinError> {
+    let ino = std::fs::metadata(cgroup)
+        .map(|m| m.ino())
+        .map_err(|e| PinError::Bpffs {
+            path: cgroup.to_owned(),
+            message: e.to_string(),
+        })?;
+    Ok(root.join(LAYOUT).join(format!("cg-{ino}")))
 }
 
 /// The pin directory of this layout and cgroup.

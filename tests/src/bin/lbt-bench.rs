@@ -402,7 +402,8 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         Some(&t.node.name),
         &["--proxy-addr", balancer_tests::ROUTER_ADDR],
     )?;
-    let agent_pid = agent.pid().context("agent pid")?;
+    // The router process does the HTTP/2 work: its CPU and memory.
+    let agent_pid = agent.router_pid().context("router pid")?;
     // The splice experiment (`run --splice`): a second agent, on its own
     // cgroup and client namespace, with its router on another port and
     // itself in a child of that cgroup, as on a node where the agent
@@ -418,7 +419,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         &["--proxy-addr", "198.18.0.1:15002", "--splice"],
         &splice_agent_cg.path,
     )?;
-    let splice_pid = splice_agent.pid().context("splice agent pid")?;
+    let splice_pid = splice_agent.router_pid().context("splice router pid")?;
     let plain = t.extra_client("plain", "198.18.202.1", "fd00:18::ca:1")?;
     let kp = kube_proxy_client(&t)?;
     let backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), 8080)).collect();

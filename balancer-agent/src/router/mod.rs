@@ -1,5 +1,9 @@
-//! The HTTP/2 router: the agent's listener at `--proxy-addr`, where
-//! `connect4/6` send connections to `http2` service ports.
+//! The HTTP/2 router, its own process (`balancer-agent router`): the
+//! listener at `--listen`, where `connect4/6` send connections to `http2`
+//! service ports. It reads its routing table from the maps the agent pinned
+//! (`table.rs`) and writes its heartbeat and address to `CONFIG`
+//! (`process.rs`), so the control plane can crash, OOM or restart without
+//! touching an HTTP/2 connection.
 //!
 //! On accept it learns the VIP the client asked for from the kernel's
 //! `ORIG_DST` map, then:
@@ -12,6 +16,8 @@
 //!   L4 pass-through to one endpoint, so nothing breaks.
 
 mod io;
+pub mod process;
+pub mod table;
 
 pub use balancer_router::{core, endpoint as balance};
 
@@ -23,18 +29,16 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
-use balancer_common::{Mode, OrigDst, SockKey, SpliceKey};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, SockHash};
+use balancer_common::{Config, OrigDst, SockKey, SpliceKey};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
 
-use crate::{
-    dataplane::plan::addr_words,
-    state::{Algorithm, Frontend},
-};
+use crate::dataplane::plan::addr_words;
 use balance::{Endpoint, Pool};
+use table::Route;
 
 use balancer_common::h2frame::PREFACE;
 /// A client that starts the preface must finish it within this time.
@@ -45,7 +49,7 @@ const SILENT_CLIENT: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Per-endpoint router statistics, for the admin API.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct EndpointStats {
     pub active_streams: u64,
     pub streams_total: u64,
@@ -57,10 +61,11 @@ pub struct Router {
     table: RwLock<Arc<HashMap<SocketAddr, Arc<Pool>>>>,
     /// Every endpoint the router knows, so counters survive updates.
     registry: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
-    orig_dst: Mutex<BpfHashMap<MapData, SockKey, OrigDst>>,
-    /// With `--splice`: the SPLICE sockhash, where the router puts its
-    /// client sockets that sock_ops did not.
-    splice: Option<Mutex<SockHash<MapData, SpliceKey>>>,
+    /// The kernel maps the router uses; replaced whole when the agent
+    /// pinned a fresh data path.
+    maps: Mutex<Maps>,
+    /// With `--splice`, client and router sockets are spliced.
+    splice: bool,
     shutdown: watch::Sender<bool>,
     /// The router's bounds in time and memory.
     limits: core::Limits,
@@ -68,6 +73,25 @@ pub struct Router {
     connections: std::sync::atomic::AtomicUsize,
     /// Set by the router's own thread every 100 ms: proof of life.
     alive: std::sync::atomic::AtomicBool,
+}
+
+/// The pinned maps the router reads and writes besides its table.
+pub struct Maps {
+    /// The VIP each steered client asked for.
+    pub orig_dst: BpfHashMap<MapData, SockKey, OrigDst>,
+    /// Where the router listens, and its heartbeat.
+    pub config: Array<MapData, Config>,
+    /// With `--splice`: the SPLICE sockhash, where the router puts its
+    /// client sockets that sock_ops did not.
+    pub splice: Option<SockHash<MapData, SpliceKey>>,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which
+/// the programs compare the heartbeat against.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 /// Counts a client connection while it lives.
@@ -81,31 +105,32 @@ impl Drop for ConnGuard {
 }
 
 impl Router {
-    pub fn new(
-        orig_dst: BpfHashMap<MapData, SockKey, OrigDst>,
-        splice: Option<SockHash<MapData, SpliceKey>>,
-        limits: core::Limits,
-    ) -> Arc<Self> {
+    pub fn new(maps: Maps, limits: core::Limits) -> Arc<Self> {
         Arc::new(Self {
             limits,
-            splice: splice.map(Mutex::new),
+            splice: maps.splice.is_some(),
             table: RwLock::new(Arc::new(HashMap::new())),
             registry: Mutex::new(HashMap::new()),
-            orig_dst: Mutex::new(orig_dst),
+            maps: Mutex::new(maps),
             shutdown: watch::channel(false).0,
             connections: std::sync::atomic::AtomicUsize::new(0),
             alive: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Publish the http2 frontends: build the new table outside the lock,
-    /// then swap it in. Endpoints that left drain: their streams finish,
-    /// and no new one is sent to them.
-    pub fn update(&self, frontends: &[Frontend]) {
+    /// Take maps the agent pinned anew.
+    pub fn replace_maps(&self, maps: Maps) {
+        *self.maps.lock().unwrap_or_else(|p| p.into_inner()) = maps;
+    }
+
+    /// Publish the http2 routes: build the new table, then swap it in.
+    /// Endpoints that left drain: their streams finish, and no new one is
+    /// sent to them.
+    pub fn update(&self, routes: &[Route]) {
         let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let mut table = HashMap::new();
         let mut live = std::collections::HashSet::new();
-        for f in frontends.iter().filter(|f| f.mode == Mode::Http2) {
+        for f in routes {
             let eps: Vec<Arc<Endpoint>> = f
                 .backends
                 .iter()
@@ -120,7 +145,7 @@ impl Router {
                     ep
                 })
                 .collect();
-            table.insert(f.vip, Arc::new(Pool::new(pick_algorithm(f.algorithm), eps)));
+            table.insert(f.vip, Arc::new(Pool::new(f.algorithm, eps)));
         }
         registry.retain(|addr, ep| {
             if live.contains(addr) {
@@ -146,15 +171,44 @@ impl Router {
         self.pool(vip)?.pick(exclude)
     }
 
-    pub fn stats(&self, addr: &SocketAddr) -> EndpointStats {
+    /// Every endpoint the router knows (routed to, or draining with
+    /// streams in flight), with its counters.
+    pub fn endpoint_stats(&self) -> Vec<(SocketAddr, EndpointStats)> {
         let reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        reg.get(addr)
-            .map(|e| EndpointStats {
-                active_streams: e.outstanding.load(std::sync::atomic::Ordering::Relaxed),
-                streams_total: e.streams_total.load(std::sync::atomic::Ordering::Relaxed),
-                ewma_us: e.ewma().as_micros() as u64,
+        let mut v: Vec<_> = reg
+            .iter()
+            .map(|(addr, e)| {
+                (
+                    *addr,
+                    EndpointStats {
+                        active_streams: e.outstanding.load(std::sync::atomic::Ordering::Relaxed),
+                        streams_total: e.streams_total.load(std::sync::atomic::Ordering::Relaxed),
+                        ewma_us: e.ewma().as_micros() as u64,
+                    },
+                )
             })
-            .unwrap_or_default()
+            .collect();
+        v.sort_by_key(|(a, _)| *a);
+        v
+    }
+
+    /// The number of http2 service ports in the table.
+    pub fn routes(&self) -> usize {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Write `cfg` (with the heartbeat of now) to CONFIG.
+    pub fn heartbeat(&self, mut cfg: Config) -> Result<(), aya::maps::MapError> {
+        cfg.heartbeat_ns = monotonic_ns();
+        self.write_config(cfg)
+    }
+
+    pub fn write_config(&self, cfg: Config) -> Result<(), aya::maps::MapError> {
+        self.maps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config
+            .set(0, cfg, 0)
     }
 
     /// True if the router's thread checked in since the last call: it is
@@ -170,8 +224,8 @@ impl Router {
             port: peer.port().to_be(),
             _pad: [0; 2],
         };
-        let map = self.orig_dst.lock().unwrap_or_else(|p| p.into_inner());
-        let v = map.get(&key, 0).ok()?;
+        let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        let v = maps.orig_dst.get(&key, 0).ok()?;
         let ip = crate::dataplane::plan::words_addr(v.addr);
         Some(SocketAddr::new(ip, u16::from_be(v.port)))
     }
@@ -316,8 +370,11 @@ impl Router {
             }
             Sniffed::Other => {
                 // No HTTP/2 flow control to bound a spliced queue: TCP.
-                if let (Some(m), Some(key)) = (&self.splice, splice_key) {
-                    let _ = m.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                if let Some(key) = splice_key {
+                    let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(m) = maps.splice.as_mut() {
+                        let _ = m.remove(&key);
+                    }
                 }
                 self.pass_through(sock, vip).await
             }
@@ -329,7 +386,9 @@ impl Router {
     /// router is in the attached cgroup; otherwise only this does, and the
     /// client's direction, which decided at its first send, stays on TCP).
     fn splice_in(&self, sock: &TcpStream, peer: SocketAddr) -> Option<SpliceKey> {
-        let map = self.splice.as_ref()?;
+        if !self.splice {
+            return None;
+        }
         let local = sock.local_addr().ok()?;
         let key = SpliceKey {
             local: SockKey {
@@ -343,7 +402,8 @@ impl Router {
                 _pad: [0; 2],
             },
         };
-        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        let m = maps.splice.as_mut()?;
         // BPF_NOEXIST: already there from sock_ops is fine.
         if let Err(e) = m.insert(key, std::os::fd::AsRawFd::as_raw_fd(sock), 2)
             && !matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST))
@@ -373,34 +433,6 @@ impl Router {
         tokio::io::copy_bidirectional(&mut sock, &mut up).await?;
         Ok(())
     }
-}
-
-/// The router's per-stream choice for a port's algorithm: least-conn
-/// (the kernel's default, for L4) means least outstanding streams here.
-fn pick_algorithm(a: Algorithm) -> balance::Algorithm {
-    match a {
-        Algorithm::Random => balance::Algorithm::Random,
-        Algorithm::RoundRobin => balance::Algorithm::RoundRobin,
-        Algorithm::LeastConn | Algorithm::LeastRequest => balance::Algorithm::LeastRequest,
-    }
-}
-
-/// The router's listening socket, with SO_REUSEPORT so that during an
-/// upgrade the new agent listens on the same address before the old one
-/// stops accepting: no moment without a listener. Also asks the kernel to
-/// migrate connections queued on a closing listener to the others
-/// (net.ipv4.tcp_migrate_req, Linux 5.14+), best effort.
-pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    sock.set_reuse_address(true)?;
-    sock.set_reuse_port(true)?;
-    sock.bind(&addr.into())?;
-    sock.listen(1024)?;
-    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
-        tracing::debug!(error = %e, "cannot enable tcp_migrate_req");
-    }
-    Ok(sock.into())
 }
 
 /// The router's thread; [`RouterThread::stop`] ends it and every

@@ -1,0 +1,333 @@
+//! `balancer-agent run`: the control plane. It attaches the programs, keeps
+//! their maps in sync with the endpoint source, and serves the admin
+//! socket and metrics. It holds no HTTP/2 connection: the router is its own
+//! process (`router::process`), which reads the same pinned maps, so this
+//! one can crash, OOM or restart without touching a client.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    admin::{self, Request, RouterEndpointView, RouterStatusView},
+    agent::{Agent, fill_kernel, fill_router},
+    dataplane::Dataplane,
+    metrics, socket,
+    source::{self, file},
+    state,
+};
+
+/// How long the agent waits for the router's socket to answer.
+const ROUTER_ASK_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Everything `run` takes from the command line.
+pub struct RunOptions {
+    pub endpoints_file: Option<PathBuf>,
+    pub node_name: Option<String>,
+    pub pin_root: Option<PathBuf>,
+    pub cgroup: Option<PathBuf>,
+    pub admin_socket: PathBuf,
+    /// The router process's admin socket, asked for its streams.
+    pub router_socket: PathBuf,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// The cgroup v2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    for line in info.lines() {
+        // ... mount-point ... - fstype source options
+        let mut halves = line.split(" - ");
+        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
+            continue;
+        };
+        if right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mnt) = left.split_whitespace().nth(4)
+        {
+            return Ok(PathBuf::from(mnt));
+        }
+    }
+    anyhow::bail!("no cgroup v2 hierarchy is mounted; pass --cgroup")
+}
+
+/// Ask the router process on `path`, with a short timeout: a router that
+/// is down or stuck must not hold up the agent's answers.
+pub async fn ask_router<T: for<'de> serde::Deserialize<'de>>(
+    path: &Path,
+    req: &Request,
+) -> Result<T, String> {
+    match tokio::time::timeout(ROUTER_ASK_TIMEOUT, admin::request(path, req)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "the router at {} did not answer within {ROUTER_ASK_TIMEOUT:?}",
+            path.display()
+        )),
+    }
+}
+
+/// The agent's answers: the view under the lock, then the router's part
+/// from its socket after releasing it.
+fn answer(agent: Arc<Mutex<Agent>>, router_socket: PathBuf) -> admin::Answer {
+    Arc::new(move |req: Request| {
+        let agent = agent.clone();
+        let router_socket = router_socket.clone();
+        Box::pin(async move {
+            match req {
+                Request::Status => {
+                    let mut status = agent.lock().unwrap_or_else(|p| p.into_inner()).status();
+                    if let Some(r) = status.router.as_mut() {
+                        match ask_router::<RouterStatusView>(&router_socket, &Request::RouterStatus)
+                            .await
+                        {
+                            Ok(p) => r.process = Some(p),
+                            Err(e) => r.error = Some(e),
+                        }
+                    }
+                    serde_json::to_value(status).map_err(|e| e.to_string())
+                }
+                req => {
+                    let mut view = agent
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .endpoints_for(&req)?;
+                    if let Ok(r) = ask_router::<Vec<RouterEndpointView>>(
+                        &router_socket,
+                        &Request::RouterEndpoints,
+                    )
+                    .await
+                    {
+                        fill_router(&mut view, &r);
+                    }
+                    serde_json::to_value(view).map_err(|e| e.to_string())
+                }
+            }
+        })
+    })
+}
+
+/// The agent's metrics listener: each scrape takes the agent's lock only
+/// for what costs no syscall per backend (the endpoints' shape, the
+/// status), and reads the per-backend counts through its own handle on
+/// the map after releasing it: a scrape never holds up an update.
+fn metrics_handler(
+    agent: Arc<Mutex<Agent>>,
+    stats: crate::dataplane::StatsReader,
+    router_socket: PathBuf,
+) -> metrics::Handler {
+    let stats = Arc::new(stats);
+    Arc::new(move |path: String| {
+        let agent = agent.clone();
+        let stats = stats.clone();
+        let router_socket = router_socket.clone();
+        Box::pin(async move {
+            match path.as_str() {
+                "/metrics" => {
+                    let (mut view, status) = {
+                        let a = agent.lock().unwrap_or_else(|p| p.into_inner());
+                        (a.endpoints_shape(None), a.status())
+                    };
+                    let router = ask_router::<Vec<RouterEndpointView>>(
+                        &router_socket,
+                        &Request::RouterEndpoints,
+                    )
+                    .await
+                    .unwrap_or_default();
+                    let body = tokio::task::spawn_blocking(move || {
+                        fill_kernel(&mut view, |id| stats.get(id));
+                        fill_router(&mut view, &router);
+                        metrics::render(&view, &status)
+                    })
+                    .await
+                    .unwrap_or_default();
+                    metrics::ok(body)
+                }
+                "/healthz" => metrics::ok("ok\n".into()),
+                "/readyz" => {
+                    // Ready: programs attached (the agent exists only then)
+                    // and the first sync applied.
+                    if agent
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .reload
+                        .applied
+                        > 0
+                    {
+                        metrics::ok("ready\n".into())
+                    } else {
+                        metrics::unavailable("not synced yet")
+                    }
+                }
+                _ => metrics::not_found(),
+            }
+        })
+    })
+}
+
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let RunOptions {
+        endpoints_file,
+        node_name,
+        pin_root,
+        cgroup,
+        admin_socket,
+        router_socket,
+        metrics_addr,
+    } = opts;
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "balancer-agent run must run as root: loading eBPF programs needs CAP_BPF, \
+             CAP_NET_ADMIN and CAP_SYS_ADMIN"
+        );
+    }
+    // Parse the file (or find the cluster) before touching the kernel: a
+    // bad file attaches nothing.
+    let source = match &endpoints_file {
+        Some(path) => {
+            let (bytes, initial) = file::load(path).await?;
+            Source::File(path.clone(), bytes, initial)
+        }
+        None => {
+            let client = ::kube::Client::try_default().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "no --endpoints-file and no Kubernetes configuration \
+                     (KUBECONFIG, ~/.kube/config or in-cluster): {e}"
+                )
+            })?;
+            Source::Kube(client)
+        }
+    };
+    let cgroup = match cgroup {
+        Some(c) => c,
+        None => cgroup2_root()?,
+    };
+    let listener = admin::bind(&admin_socket, false)?;
+    let _socket_guard = RemoveOnDrop(admin_socket.clone());
+    let metrics_listener = match metrics_addr {
+        Some(addr) => Some(
+            // SO_REUSEPORT: during an upgrade both agents listen.
+            socket::bind_reuseport(addr)
+                .and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(l)
+                })
+                .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let dataplane = Dataplane::attach(&cgroup, pin_root.as_deref())?;
+    if dataplane.adopted {
+        tracing::info!(cgroup = %cgroup.display(), "adopted the pinned data path; it never stopped");
+    } else {
+        tracing::info!(cgroup = %cgroup.display(), pinned = pin_root.is_some(), "programs attached");
+    }
+    if dataplane.pin_dir.is_none() {
+        tracing::info!(
+            "not pinned (no --pin): the router process cannot read the data path, so http2 \
+             ports are balanced per connection"
+        );
+    }
+    let pinned = dataplane.pin_dir.clone();
+    let (kind, where_) = match &source {
+        Source::File(p, _, _) => ("file", p.display().to_string()),
+        Source::Kube(c) => ("kubernetes", c.default_namespace().to_owned()),
+    };
+    let mut agent = Agent::new(dataplane, kind, where_);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let watch_task = match source {
+        Source::File(path, bytes, initial) => {
+            agent
+                .apply(initial)
+                .map_err(|e| anyhow::anyhow!("cannot program the endpoints: {e}"))?;
+            tokio::spawn(file::watch(path, bytes, tx))
+        }
+        Source::Kube(client) => {
+            let health = Arc::new(Mutex::new(source::kube::ApiserverState::default()));
+            agent.apiserver = Some(health.clone());
+            tokio::spawn(source::kube::run(client, node_name, tx, health))
+        }
+    };
+    let agent = Arc::new(Mutex::new(agent));
+
+    let admin_task = tokio::spawn(admin::serve(
+        listener,
+        answer(agent.clone(), router_socket.clone()),
+    ));
+    let metrics_task = match metrics_listener {
+        Some(l) => {
+            let stats = agent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .dataplane
+                .stats_reader()?;
+            Some(tokio::spawn(metrics::serve(
+                l,
+                metrics_handler(agent.clone(), stats, router_socket),
+            )))
+        }
+        None => None,
+    };
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    // Drained-backend collection.
+    let mut gc = tokio::time::interval(Duration::from_millis(250));
+    tracing::info!(admin_socket = %admin_socket.display(), "agent ready");
+    loop {
+        tokio::select! {
+            Some(update) = rx.recv() => {
+                let mut a = agent.lock().unwrap_or_else(|p| p.into_inner());
+                match update {
+                    Ok(state) => {
+                        if let Err(e) = a.apply(state) {
+                            tracing::error!(error = %e, "reload refused; keeping the last good state");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload refused; keeping the last good state");
+                        a.reject(e.to_string());
+                    }
+                }
+            }
+            _ = gc.tick() => {
+                agent.lock().unwrap_or_else(|p| p.into_inner()).dataplane.collect_drained();
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: detaching"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: detaching"); break; }
+        }
+    }
+    admin_task.abort();
+    watch_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+        let _ = t.await;
+    }
+    let _ = admin_task.await;
+    let _ = watch_task.await;
+    // The last reference: dropping it drops the eBPF object, which closes
+    // the link fds and so detaches every program that is not pinned.
+    drop(agent);
+    match pinned {
+        Some(dir) => tracing::info!(
+            pins = %dir.display(),
+            "left the data path pinned for the next agent; `balancer-agent cleanup` removes it"
+        ),
+        None => tracing::info!("detached; bye"),
+    }
+    Ok(())
+}
+
+enum Source {
+    File(PathBuf, Vec<u8>, state::DesiredState),
+    Kube(::kube::Client),
+}
+
+pub struct RemoveOnDrop(pub PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,379 @@
+//! `balancer-agent router`: the HTTP/2 router as its own process, the
+//! second container of the DaemonSet pod.
+//!
+//! - It waits for the agent's pinned data path, then opens the maps it
+//!   needs from the pins: the table (`table.rs`), `ORIG_DST`, `CONFIG`,
+//!   and with `--splice` `SPLICE`.
+//! - It serves only once its first table is read, and only then writes its
+//!   address and heartbeat to `CONFIG`: the kernel steers http2 ports to a
+//!   router that is ready, and to nothing else.
+//! - The heartbeat (every 250 ms, while the router's event loop checks
+//!   in) is the kernel's proof of life: when this process dies, new
+//!   connections go back to L4 within `ROUTER_STALE_NS` (1 s).
+//! - It never talks to the agent: the agent can crash, restart or be
+//!   upgraded, and the router keeps serving the last table it read.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, HashMap, SockHash};
+use balancer_common::{Config, map_names};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::{
+    Maps, Router, core,
+    table::{PinnedTable, TableError},
+};
+use crate::{
+    admin::{self, Request, RouterEndpointView, RouterStatusView},
+    app::RemoveOnDrop,
+    dataplane::{pin, plan::addr_words},
+    metrics, socket,
+};
+
+/// How often the table's generation is polled (one syscall).
+const TABLE_POLL: Duration = Duration::from_millis(50);
+/// How often the pins are checked for a data path pinned anew.
+const PIN_CHECK: Duration = Duration::from_secs(1);
+/// How often the heartbeat is written.
+const HEARTBEAT: Duration = Duration::from_millis(250);
+/// Not alive (`/healthz`) after this long without the event loop checking in.
+const STUCK: Duration = Duration::from_secs(2);
+
+pub struct RouterOptions {
+    pub listen: SocketAddr,
+    pub cgroup: Option<PathBuf>,
+    pub bpffs: PathBuf,
+    pub admin_socket: PathBuf,
+    pub metrics_addr: Option<SocketAddr>,
+    pub splice: bool,
+    pub drain_timeout: Duration,
+    pub limits: core::Limits,
+}
+
+/// What the router's admin socket and metrics report.
+struct Shared {
+    router: Arc<Router>,
+    listen: SocketAddr,
+    splice: bool,
+    generation: AtomicU64,
+    table_error: Mutex<Option<String>>,
+    last_alive: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    fn status(&self) -> RouterStatusView {
+        RouterStatusView {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            listen: self.listen.to_string(),
+            splice: self.splice,
+            generation: self.generation.load(Ordering::Relaxed),
+            routes: self.router.routes(),
+            client_connections: balancer_router::stats::CLIENT_CONNECTIONS.load(Ordering::Relaxed),
+            backend_connections: balancer_router::stats::BACKEND_CONNECTIONS
+                .load(Ordering::Relaxed),
+            table_error: self
+                .table_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+
+    fn alive(&self) -> bool {
+        self.last_alive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < STUCK)
+    }
+}
+
+/// The maps besides the table, opened from the pins.
+fn open_maps(dir: &Path, splice: bool) -> Result<Maps, TableError> {
+    let open = |name: &'static str| pin::open_map(dir, name);
+    let err = |map: &'static str| move |source| TableError::Map { map, source };
+    Ok(Maps {
+        orig_dst: HashMap::try_from(open(map_names::ORIG_DST)?)
+            .map_err(err(map_names::ORIG_DST))?,
+        config: Array::try_from(open(map_names::CONFIG)?).map_err(err(map_names::CONFIG))?,
+        splice: if splice {
+            Some(SockHash::try_from(open(map_names::SPLICE)?).map_err(err(map_names::SPLICE))?)
+        } else {
+            None
+        },
+    })
+}
+
+/// Wait until the agent has pinned a complete data path, then open it.
+async fn wait_for_pins(dir: &Path, splice: bool) -> (PinnedTable, Maps) {
+    let mut said = None::<Instant>;
+    loop {
+        if pin::is_pinned(dir) {
+            match PinnedTable::open(dir).and_then(|t| Ok((t, open_maps(dir, splice)?))) {
+                Ok(x) => return x,
+                Err(e) => {
+                    if said.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                        tracing::warn!(error = %e, "cannot open the pinned data path yet");
+                        said = Some(Instant::now());
+                    }
+                }
+            }
+        } else if said.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+            tracing::info!(
+                pins = %dir.display(),
+                "waiting for the agent to pin the data path (balancer-agent run --pin)"
+            );
+            said = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Poll the generation; re-read the table when it moved, and reopen
+/// everything when the agent pinned a fresh data path. Runs on its own
+/// thread: map reads are syscalls, thousands for a large table.
+fn watch_table(shared: Arc<Shared>, mut table: PinnedTable, dir: PathBuf, stop: Arc<AtomicBool>) {
+    let mut last = shared.generation.load(Ordering::Relaxed);
+    let mut checked = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(TABLE_POLL);
+        if checked.elapsed() >= PIN_CHECK {
+            checked = Instant::now();
+            if !table.current() && pin::is_pinned(&dir) {
+                match PinnedTable::open(&dir).and_then(|t| Ok((t, open_maps(&dir, shared.splice)?)))
+                {
+                    Ok((t, maps)) => {
+                        tracing::info!("the agent pinned a new data path; reading it");
+                        table = t;
+                        shared.router.replace_maps(maps);
+                        last = u64::MAX;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "new pins not readable yet"),
+                }
+            }
+        }
+        let g = match table.generation() {
+            Ok(g) => g,
+            Err(e) => {
+                record(&shared, Some(e.to_string()));
+                continue;
+            }
+        };
+        if g == last || g % 2 == 1 {
+            continue;
+        }
+        match table.read() {
+            Ok((g, routes)) => {
+                shared.router.update(&routes);
+                shared.generation.store(g, Ordering::Relaxed);
+                record(&shared, None);
+                tracing::debug!(generation = g, routes = routes.len(), "routing table read");
+                last = g;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the routing table; serving the last one");
+                record(&shared, Some(e.to_string()));
+            }
+        }
+    }
+}
+
+fn record(shared: &Shared, error: Option<String>) {
+    *shared.table_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+}
+
+fn answer(shared: Arc<Shared>) -> admin::Answer {
+    Arc::new(move |req: Request| {
+        let shared = shared.clone();
+        Box::pin(async move {
+            match req {
+                Request::RouterStatus => {
+                    serde_json::to_value(shared.status()).map_err(|e| e.to_string())
+                }
+                Request::RouterEndpoints => {
+                    let v: Vec<RouterEndpointView> = shared
+                        .router
+                        .endpoint_stats()
+                        .into_iter()
+                        .map(|(address, stats)| RouterEndpointView { address, stats })
+                        .collect();
+                    serde_json::to_value(v).map_err(|e| e.to_string())
+                }
+                other => Err(format!(
+                    "this is the router's socket; {other:?} goes to the agent's (--admin-socket of `run`)"
+                )),
+            }
+        })
+    })
+}
+
+fn metrics_handler(shared: Arc<Shared>) -> metrics::Handler {
+    Arc::new(move |path: String| {
+        let shared = shared.clone();
+        Box::pin(async move {
+            match path.as_str() {
+                "/metrics" => metrics::ok(metrics::render_router(&shared.status())),
+                // Alive: the event loop checks in (a stuck router is
+                // restarted; its clients fall back to L4 meanwhile).
+                "/healthz" if shared.alive() => metrics::ok("ok\n".into()),
+                "/healthz" => metrics::unavailable("the router's event loop is not checking in"),
+                // Ready: serving a table and steered to by the kernel.
+                "/readyz" if shared.alive() => metrics::ok("ready\n".into()),
+                "/readyz" => metrics::unavailable("no table yet, or not checking in"),
+                _ => metrics::not_found(),
+            }
+        })
+    })
+}
+
+pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
+    let RouterOptions {
+        listen,
+        cgroup,
+        bpffs,
+        admin_socket,
+        metrics_addr,
+        splice,
+        drain_timeout,
+        limits,
+    } = opts;
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "balancer-agent router must run as root: it opens the agent's pinned maps (CAP_BPF)"
+        );
+    }
+    let cgroup = match cgroup {
+        Some(c) => c,
+        None => crate::app::cgroup2_root()?,
+    };
+    let dir = pin::dir_of(&bpffs, &cgroup)?;
+    let listener = socket::bind_reuseport(listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on --listen {listen}: {e}"))?;
+    let admin_listener = admin::bind(&admin_socket, true)?;
+    let _socket_guard = RemoveOnDrop(admin_socket.clone());
+    let metrics_listener = match metrics_addr {
+        Some(addr) => Some(
+            socket::bind_reuseport(addr)
+                .and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(l)
+                })
+                .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let (table, maps) = wait_for_pins(&dir, splice).await;
+    let router = Router::new(maps, limits);
+    let (generation, routes) = {
+        // The first table before serving: a router that is steered to
+        // knows every http2 port.
+        let mut first = table.read();
+        while let Err(e) = &first {
+            tracing::warn!(error = %e, "cannot read the routing table yet");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            first = table.read();
+        }
+        first.unwrap_or_default()
+    };
+    router.update(&routes);
+    tracing::info!(generation, routes = routes.len(), pins = %dir.display(), "routing table read");
+    let shared = Arc::new(Shared {
+        router: router.clone(),
+        listen,
+        splice,
+        generation: AtomicU64::new(generation),
+        table_error: Mutex::new(None),
+        last_alive: Mutex::new(None),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (shared, dir, stop) = (shared.clone(), dir.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("table".into())
+            .spawn(move || watch_table(shared, table, dir, stop))?
+    };
+    let router_thread = router.spawn_thread(listener)?;
+    let admin_task = tokio::spawn(admin::serve(admin_listener, answer(shared.clone())));
+    let metrics_task =
+        metrics_listener.map(|l| tokio::spawn(metrics::serve(l, metrics_handler(shared.clone()))));
+
+    let words = addr_words(listen.ip());
+    let mut cfg = Config {
+        router_port: listen.port().to_be(),
+        splice: u8::from(splice),
+        ..Config::default()
+    };
+    if listen.is_ipv4() {
+        cfg.router4 = words;
+    } else {
+        cfg.router6 = words;
+    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    let mut said_ready = false;
+    loop {
+        tokio::select! {
+            _ = beat.tick() => {
+                if router.take_alive() {
+                    *shared.last_alive.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                    match router.heartbeat(cfg) {
+                        Ok(()) if !said_ready => {
+                            tracing::info!(%listen, splice, "HTTP/2 router listening; the kernel steers http2 ports here");
+                            said_ready = true;
+                        }
+                        Ok(()) => {}
+                        Err(e) => tracing::warn!(error = %e, "cannot write the heartbeat to CONFIG"),
+                    }
+                }
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
+        }
+    }
+    // Two-phase GOAWAY to every client, then let their streams finish.
+    // The heartbeat stops now: the listener closes at once, so new
+    // connections go to the next router (SO_REUSEPORT, which beats on), or
+    // to L4 within a second when there is none.
+    let handover = async {
+        // Our listener closes as the drain starts. If no other router
+        // answers on the address, tell the kernel at once (else new
+        // connections would be refused until the heartbeat is stale).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let other = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(listen),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if !other {
+            cfg.heartbeat_ns = 0;
+            let _ = router.write_config(cfg);
+            tracing::info!("no other router listens: http2 ports go back to L4 now");
+        }
+    };
+    let (open, ()) = tokio::join!(router.drain(drain_timeout), handover);
+    if open > 0 {
+        tracing::warn!(
+            open,
+            "drain timeout: closing client connections with streams in flight"
+        );
+    }
+    router_thread.stop();
+    stop.store(true, Ordering::Relaxed);
+    let _ = watcher.join();
+    admin_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    tracing::info!("router stopped");
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! Socket options shared by the listeners.
+
+use std::net::SocketAddr;
+
+/// A listening socket with SO_REUSEPORT, so that during an upgrade the new
+/// process listens on the same address before the old one stops
+/// accepting: no moment without a listener. Also asks the kernel to
+/// migrate connections queued on a closing listener to the others
+/// (net.ipv4.tcp_migrate_req, Linux 5.14+), best effort.
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
+        tracing::debug!(error = %e, "cannot enable tcp_migrate_req");
+    }
+    Ok(sock.into())
+}
