@@ -28,6 +28,7 @@ pub mod map_names {
     pub const SPLICE: &str = "SPLICE";
     pub const AFFINITY: &str = "AFFINITY";
     pub const GENERATION: &str = "GENERATION";
+    pub const ROUTER_LISTENERS: &str = "ROUTER_LISTENERS";
 }
 
 /// Map capacities. The agent refuses a desired state that does not fit
@@ -155,7 +156,13 @@ pub struct Config {
     /// 1: splice client and router sockets through the `SPLICE` sockhash
     /// (`run --splice`), see [`SpliceKey`].
     pub splice: u8,
-    pub _pad: [u8; 5],
+    /// 1: the router's listening sockets are seen by `sock_ops` (the
+    /// router runs in the attached cgroup, as in the DaemonSet), and
+    /// [`ROUTER_LISTENERS`](map_names::ROUTER_LISTENERS) counts them: http2
+    /// ports are steered only while one is open, so a router that dies
+    /// sends new connections to L4 at once, not a second later.
+    pub track_listeners: u8,
+    pub _pad: [u8; 4],
     /// CLOCK_MONOTONIC nanoseconds (the clock of `bpf_ktime_get_ns`) when
     /// the router process last checked in (every 250 ms while its event
     /// loop runs). Older than

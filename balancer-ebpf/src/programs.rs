@@ -8,7 +8,7 @@ use core::{
 use aya_ebpf::{
     bindings::{
         BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, sk_msg_md,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB, sk_msg_md,
     },
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage, SockHash},
     helpers::{
@@ -34,6 +34,7 @@ const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const ECONNREFUSED: i32 = 111;
 const TCP_CLOSE: u32 = 7;
+const TCP_LISTEN: u32 = 10;
 /// Return values of cgroup sock_addr programs.
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -63,6 +64,11 @@ static CONFIG: Array<Config, 1> = Array::new();
 /// even after; the router process re-reads the table when it changes.
 #[btf_map]
 static GENERATION: Array<u64, 1> = Array::new();
+/// The router's listening sockets open now (on CONFIG's address), counted
+/// by sock_ops from listen() to close: the kernel learns that a router
+/// died the moment its process does (see `Config::track_listeners`).
+#[btf_map]
+static ROUTER_LISTENERS: Array<u64, 1> = Array::new();
 /// Original destination of connections steered to the router, keyed by the
 /// client's address as the router sees it. Entries are deleted when the
 /// client socket closes; LRU only as a backstop.
@@ -325,6 +331,11 @@ fn router_for(key: &ServiceKey) -> Option<([u32; 4], u16)> {
         count(Counter::RouterDown);
         return None;
     }
+    // No router listening (it died, or drained with no successor): L4 now.
+    if cfg.track_listeners != 0 && ROUTER_LISTENERS.get(0).is_none_or(|n| *n == 0) {
+        count(Counter::RouterDown);
+        return None;
+    }
     let addr = if is_v4(&key.addr) {
         cfg.router4
     } else {
@@ -502,6 +513,10 @@ pub fn balancer_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(0) == TCP_LISTEN && ctx.arg(1) == TCP_CLOSE => {
+            on_listener_close();
+        }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
@@ -600,6 +615,48 @@ fn on_established(ctx: &SockOpsContext) {
 /// client's bytes simply stay on TCP: see `balancer_splice`. This needs the
 /// router in the attached cgroup (the node's root cgroup in Kubernetes);
 /// otherwise the router adds its sockets itself after accept.
+/// listen() on the router's address: count the listener, and ask for its
+/// state changes to see it close. Why here and not a heartbeat alone: a
+/// `kill -9`ed router's heartbeat stays fresh for up to a second, and
+/// every connect in that second would be refused (nobody listens) and
+/// fail the client's RPCs; its listener closes with the process.
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let Some(cfg) = CONFIG.get(0) else {
+        return;
+    };
+    if cfg.router_port == 0 {
+        return;
+    }
+    let key = local_key(ctx);
+    let router = if is_v4(&key.addr) {
+        cfg.router4
+    } else {
+        cfg.router6
+    };
+    if key.port != cfg.router_port || key.addr != router {
+        return;
+    }
+    let Some(n) = ROUTER_LISTENERS.get_ptr_mut(0) else {
+        return;
+    };
+    // Only a listener we counted asks for STATE_CB from TCP_LISTEN.
+    if ctx
+        .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+        .is_ok()
+    {
+        atomic_add(n, 1);
+    }
+}
+
+/// A counted router listener closed (the process exited or drains).
+#[inline(always)]
+fn on_listener_close() {
+    if let Some(n) = ROUTER_LISTENERS.get_ptr_mut(0) {
+        atomic_add(n, u64::MAX);
+    }
+}
+
 #[inline(always)]
 fn on_passive(ctx: &SockOpsContext) {
     let Some(cfg) = CONFIG.get(0) else {

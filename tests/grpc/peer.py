@@ -2,6 +2,7 @@
 
     peer.py serve NAME PORT          # generic service answering with its pod name
     peer.py client ADDR RPCS         # one channel: unary, server-, client-streaming, bidi
+    peer.py load ADDR SECONDS INFLIGHT  # one channel, INFLIGHT unary RPCs at all times
 
 No .proto needed: methods use raw bytes. The client prints one JSON line:
 per-pod counts per RPC kind, errors, and whether streamed data came back intact.
@@ -102,8 +103,58 @@ def client(addr, rpcs):
     print(json.dumps(out), flush=True)
 
 
+def load(addr, seconds, inflight):
+    """Unary RPCs on one channel, `inflight` at all times, for `seconds`.
+
+    Prints one JSON line: per 100 ms bucket, the RPCs each pod answered and
+    the failures; every failure with its time and code; the total.
+    """
+    import threading
+    import time
+
+    lock = threading.Lock()
+    buckets = {}
+    failures = []
+    start = time.monotonic()
+    # Started (so timed) only once the channel is ready.
+    with grpc.insecure_channel(addr) as ch:
+        grpc.channel_ready_future(ch).result(timeout=10)
+        unary = ch.unary_unary(f"/{SERVICE}/Unary")
+        start = time.monotonic()
+        print("started", flush=True)
+
+        def worker():
+            while True:
+                t = time.monotonic() - start
+                if t >= seconds:
+                    return
+                try:
+                    pod = unary(b"hi", timeout=10).decode()
+                    err = None
+                except grpc.RpcError as e:
+                    pod, err = None, str(e.code())
+                done = time.monotonic() - start
+                b = str(int(done * 10))
+                with lock:
+                    row = buckets.setdefault(b, {})
+                    key = pod if err is None else "failed"
+                    row[key] = row.get(key, 0) + 1
+                    if err is not None:
+                        failures.append([round(done * 1000), err])
+
+        threads = [threading.Thread(target=worker) for _ in range(inflight)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    ok = sum(n for row in buckets.values() for k, n in row.items() if k != "failed")
+    print(json.dumps({"buckets": buckets, "failures": failures, "ok": ok}), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "load":
+        load(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
     else:
         client(sys.argv[2], int(sys.argv[3]))

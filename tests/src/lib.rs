@@ -10,6 +10,7 @@
 
 pub mod bpfquery;
 pub mod fakeapi;
+pub mod grpc;
 pub mod h2wire;
 
 use std::{
@@ -163,6 +164,14 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
+        // Children first (a router's cgroup below the balanced one).
+        if let Ok(dir) = std::fs::read_dir(&self.path) {
+            for e in dir.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    drop(Cgroup { path: e.path() });
+                }
+            }
+        }
         for _ in 0..50 {
             if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
                 for pid in procs.split_whitespace() {
@@ -1041,6 +1050,9 @@ const ROUTER_ARGS: [(&str, bool); 7] = [
 /// directory of this agent's own, unless the test pins itself.
 pub struct Agent {
     child: Option<Child>,
+    /// The agent's arguments and environment, to start it again.
+    agent_cmd: Vec<std::ffi::OsString>,
+    agent_env: Vec<(String, PathBuf)>,
     pub admin_socket: PathBuf,
     pub endpoints_file: PathBuf,
     pub dir: PathBuf,
@@ -1053,6 +1065,10 @@ pub struct Agent {
     /// Where the processes run (netns, cgroup), to start them again.
     netns: Option<String>,
     agent_cgroup: Option<PathBuf>,
+    /// The router's cgroup when the agent's is not given: below the
+    /// balanced one, as in the DaemonSet (where the agent attaches to the
+    /// root), so sock_ops sees its listener.
+    router_cgroup: Option<Cgroup>,
     /// Declared last: removed after both processes stopped.
     _pins: Option<PinDir>,
 }
@@ -1221,30 +1237,32 @@ impl Agent {
         } else {
             None
         };
-        let mut cmd = wrapped(agent_cgroup, netns);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .arg("run")
-            .arg("--cgroup")
-            .arg(cgroup)
-            .arg("--admin-socket")
-            .arg(&admin_socket)
-            .arg("--router-socket")
-            .arg(&router_socket)
-            .args(&agent_args)
-            // LBT_AGENT_RUST_LOG=debug to see more of what an agent did.
-            .env(
-                "RUST_LOG",
-                std::env::var("LBT_AGENT_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr_log)?)
-            .spawn()
-            .context("spawning balancer-agent")?;
+        let mut run: Vec<std::ffi::OsString> = vec![
+            "run".into(),
+            "--cgroup".into(),
+            cgroup.into(),
+            "--admin-socket".into(),
+            admin_socket.clone().into(),
+            "--router-socket".into(),
+            router_socket.clone().into(),
+        ];
+        run.extend(agent_args);
+        let router_cgroup = match (&router_cmd, agent_cgroup) {
+            (Some(_), None) => {
+                let rel = cgroup
+                    .strip_prefix(cgroup2_root())
+                    .context("the balanced cgroup is below the cgroup v2 root")?;
+                Some(Cgroup::new(&rel.join("router").to_string_lossy())?)
+            }
+            _ => None,
+        };
         let mut agent = Self {
-            child: Some(child),
+            child: None,
+            agent_cmd: run,
+            agent_env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.to_path_buf()))
+                .collect(),
             admin_socket,
             endpoints_file,
             router_log: dir.join("router.log"),
@@ -1255,23 +1273,51 @@ impl Agent {
             router_socket,
             netns: netns.map(str::to_owned),
             agent_cgroup: agent_cgroup.map(Path::to_owned),
+            router_cgroup,
             _pins: pins,
         };
+        agent.start_agent()?;
+        if agent.router_cmd.is_some() {
+            agent.start_router()?;
+        }
+        Ok(agent)
+    }
+
+    /// Start the agent process (again: after `kill_agent`, it adopts the
+    /// pins), and wait until it answers.
+    pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_log)?;
+        let mut cmd = wrapped(self.agent_cgroup.as_deref(), self.netns.as_deref());
+        for (k, v) in &self.agent_env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .args(&self.agent_cmd)
+            // LBT_AGENT_RUST_LOG=debug to see more of what an agent did.
+            .env(
+                "RUST_LOG",
+                std::env::var("LBT_AGENT_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning balancer-agent")?;
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if agent.cli(&["status", "-o", "json"]).is_ok() {
-                if agent.router_cmd.is_some() {
-                    agent.start_router()?;
-                }
-                return Ok(agent);
+            if self.cli(&["status", "-o", "json"]).is_ok() {
+                return Ok(());
             }
-            if let Some(c) = agent.child.as_mut()
+            if let Some(c) = self.child.as_mut()
                 && let Some(status) = c.try_wait()?
             {
-                bail!("agent exited with {status}: {}", agent.log());
+                bail!("agent exited with {status}: {}", self.log());
             }
             if Instant::now() > deadline {
-                bail!("agent did not come up: {}", agent.log());
+                bail!("agent did not come up: {}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -1288,7 +1334,12 @@ impl Agent {
             .create(true)
             .append(true)
             .open(&self.router_log)?;
-        let child = wrapped(self.agent_cgroup.as_deref(), self.netns.as_deref())
+        let cg = self
+            .router_cgroup
+            .as_ref()
+            .map(|c| c.path.as_path())
+            .or(self.agent_cgroup.as_deref());
+        let child = wrapped(cg, self.netns.as_deref())
             .args(&args)
             .env(
                 "RUST_LOG",

@@ -386,10 +386,11 @@ impl Dataplane {
                 .map_err(map_err(map_names::GENERATION))?,
             _socks: socks,
         };
-        // The router process opens ORIG_DST (and AFFINITY is the kernel's
-        // alone) from the pins; only pinned here.
+        // The router process opens ORIG_DST and ROUTER_LISTENERS (and
+        // AFFINITY is the kernel's alone) from the pins; only pinned here.
         take(map_names::ORIG_DST)?;
         take(map_names::AFFINITY)?;
+        take(map_names::ROUTER_LISTENERS)?;
         if let Some(dir) = &pin_dir {
             pin::mark_complete(dir)?;
         }

@@ -73,6 +73,8 @@ pub struct Router {
     connections: std::sync::atomic::AtomicUsize,
     /// Set by the router's own thread every 100 ms: proof of life.
     alive: std::sync::atomic::AtomicBool,
+    /// sock_ops counts this router's listener.
+    tracked: std::sync::atomic::AtomicBool,
 }
 
 /// The pinned maps the router reads and writes besides its table.
@@ -81,6 +83,8 @@ pub struct Maps {
     pub orig_dst: BpfHashMap<MapData, SockKey, OrigDst>,
     /// Where the router listens, and its heartbeat.
     pub config: Array<MapData, Config>,
+    /// The router listeners sock_ops counts.
+    pub listeners: Array<MapData, u64>,
     /// With `--splice`: the SPLICE sockhash, where the router puts its
     /// client sockets that sock_ops did not.
     pub splice: Option<SockHash<MapData, SpliceKey>>,
@@ -115,12 +119,38 @@ impl Router {
             shutdown: watch::channel(false).0,
             connections: std::sync::atomic::AtomicUsize::new(0),
             alive: std::sync::atomic::AtomicBool::new(false),
+            tracked: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Take maps the agent pinned anew.
+    /// Take maps the agent pinned anew. The listener opened before them
+    /// is not counted in their ROUTER_LISTENERS: the heartbeat alone
+    /// tells the kernel the router is alive from now on.
     pub fn replace_maps(&self, maps: Maps) {
         *self.maps.lock().unwrap_or_else(|p| p.into_inner()) = maps;
+        self.tracked
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Router listeners open now, as sock_ops counted them.
+    pub fn listeners(&self) -> u64 {
+        self.maps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .listeners
+            .get(&0, 0)
+            .unwrap_or(0)
+    }
+
+    /// Whether sock_ops counts this router's listener (see
+    /// `Config::track_listeners`).
+    pub fn set_tracked(&self, tracked: bool) {
+        self.tracked
+            .store(tracked, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn tracked(&self) -> bool {
+        self.tracked.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Publish the http2 routes: build the new table, then swap it in.
@@ -200,7 +230,18 @@ impl Router {
     /// Write `cfg` (with the heartbeat of now) to CONFIG.
     pub fn heartbeat(&self, mut cfg: Config) -> Result<(), aya::maps::MapError> {
         cfg.heartbeat_ns = monotonic_ns();
+        cfg.track_listeners = u8::from(self.tracked());
         self.write_config(cfg)
+    }
+
+    /// What CONFIG holds now.
+    pub fn config(&self) -> Option<Config> {
+        self.maps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config
+            .get(&0, 0)
+            .ok()
     }
 
     pub fn write_config(&self, cfg: Config) -> Result<(), aya::maps::MapError> {

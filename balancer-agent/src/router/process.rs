@@ -104,12 +104,52 @@ fn open_maps(dir: &Path, splice: bool) -> Result<Maps, TableError> {
         orig_dst: HashMap::try_from(open(map_names::ORIG_DST)?)
             .map_err(err(map_names::ORIG_DST))?,
         config: Array::try_from(open(map_names::CONFIG)?).map_err(err(map_names::CONFIG))?,
+        listeners: Array::try_from(open(map_names::ROUTER_LISTENERS)?)
+            .map_err(err(map_names::ROUTER_LISTENERS))?,
         splice: if splice {
             Some(SockHash::try_from(open(map_names::SPLICE)?).map_err(err(map_names::SPLICE))?)
         } else {
             None
         },
     })
+}
+
+/// Listen on CONFIG's address, written first (without a heartbeat unless a
+/// router already beats there), so that sock_ops counts the listener; then
+/// see whether it did: it does only for a router in the attached cgroup.
+fn listen_counted(router: &Router, cfg: Config) -> std::io::Result<std::net::TcpListener> {
+    let current = router.config().unwrap_or_default();
+    let same = current.router_port == cfg.router_port
+        && current.router4 == cfg.router4
+        && current.router6 == cfg.router6;
+    if !same {
+        router
+            .write_config(cfg)
+            .map_err(|e| std::io::Error::other(format!("writing CONFIG: {e}")))?;
+    }
+    let before = router.listeners();
+    let listener = socket::bind_reuseport(cfg_addr(&cfg))?;
+    let tracked = router.listeners() > before;
+    router.set_tracked(tracked);
+    if tracked {
+        tracing::info!("sock_ops sees the router's listener: if the router dies, L4 at once");
+    } else {
+        tracing::warn!(
+            "sock_ops does not see the router's listener (the router is not in the cgroup the \
+             agent attached to): if the router dies, http2 ports go back to L4 only when its \
+             heartbeat is stale, after 1 s"
+        );
+    }
+    Ok(listener)
+}
+
+fn cfg_addr(cfg: &Config) -> SocketAddr {
+    let ip = if cfg.router4 != [0; 4] {
+        crate::dataplane::plan::words_addr(cfg.router4)
+    } else {
+        crate::dataplane::plan::words_addr(cfg.router6)
+    };
+    SocketAddr::new(ip, u16::from_be(cfg.router_port))
 }
 
 /// Wait until the agent has pinned a complete data path, then open it.
@@ -255,8 +295,6 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
         None => crate::app::cgroup2_root()?,
     };
     let dir = pin::dir_of(&bpffs, &cgroup)?;
-    let listener = socket::bind_reuseport(listen)
-        .map_err(|e| anyhow::anyhow!("cannot listen on --listen {listen}: {e}"))?;
     let admin_listener = admin::bind(&admin_socket, true)?;
     let _socket_guard = RemoveOnDrop(admin_socket.clone());
     let metrics_listener = match metrics_addr {
@@ -272,6 +310,19 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
     };
     let (table, maps) = wait_for_pins(&dir, splice).await;
     let router = Router::new(maps, limits);
+    let words = addr_words(listen.ip());
+    let mut cfg = Config {
+        router_port: listen.port().to_be(),
+        splice: u8::from(splice),
+        ..Config::default()
+    };
+    if listen.is_ipv4() {
+        cfg.router4 = words;
+    } else {
+        cfg.router6 = words;
+    }
+    let listener = listen_counted(&router, cfg)
+        .map_err(|e| anyhow::anyhow!("cannot listen on --listen {listen}: {e}"))?;
     let (generation, routes) = {
         // The first table before serving: a router that is steered to
         // knows every http2 port.
@@ -305,17 +356,6 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
     let metrics_task =
         metrics_listener.map(|l| tokio::spawn(metrics::serve(l, metrics_handler(shared.clone()))));
 
-    let words = addr_words(listen.ip());
-    let mut cfg = Config {
-        router_port: listen.port().to_be(),
-        splice: u8::from(splice),
-        ..Config::default()
-    };
-    if listen.is_ipv4() {
-        cfg.router4 = words;
-    } else {
-        cfg.router6 = words;
-    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut beat = tokio::time::interval(HEARTBEAT);
@@ -344,9 +384,14 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
     // connections go to the next router (SO_REUSEPORT, which beats on), or
     // to L4 within a second when there is none.
     let handover = async {
-        // Our listener closes as the drain starts. If no other router
-        // answers on the address, tell the kernel at once (else new
-        // connections would be refused until the heartbeat is stale).
+        // Our listener closes as the drain starts. When sock_ops counts
+        // listeners, the kernel knows at once whether another router
+        // listens. Otherwise: if no other router answers on the address,
+        // tell the kernel now (else new connections would be refused
+        // until the heartbeat is stale).
+        if router.tracked() {
+            return;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
         let other = tokio::time::timeout(
             Duration::from_millis(200),

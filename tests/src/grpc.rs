@@ -1,0 +1,160 @@
+//! Real gRPC peers (Python grpcio, `tests/grpc/peer.py`): servers in pod
+//! namespaces, and clients on one channel in the client namespace.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+};
+
+use anyhow::Context;
+use serde_json::Value;
+
+pub const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/grpc/peer.py");
+
+/// A process killed on drop.
+pub struct Killed(pub Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A grpcio server answering with its pod name on `port` in `ns`.
+pub fn server(ns: &str, name: &str, port: u16) -> anyhow::Result<Killed> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", PEER, "serve", name])
+        .arg(port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("python3 grpc server (cargo xtask setup installs grpcio)")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    anyhow::ensure!(line.trim() == "listening", "grpc server did not start");
+    Ok(Killed(child))
+}
+
+/// `peer.py load`: one channel from `ns` (in `cgroup`), `inflight` unary
+/// RPCs at all times for `seconds`.
+pub struct Load {
+    child: Killed,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Load {
+    /// Start it, and return once the channel is ready and the clock runs.
+    pub fn start(
+        ns: &str,
+        cgroup: &Path,
+        addr: &str,
+        seconds: f64,
+        inflight: usize,
+    ) -> anyhow::Result<Self> {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {ns} python3 {PEER} load {addr} {seconds} {inflight}",
+            cgroup.display()
+        );
+        let mut child = Command::new("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("grpc load client")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        anyhow::ensure!(
+            line.trim() == "started",
+            "grpc load did not start: {line:?}"
+        );
+        Ok(Self {
+            child: Killed(child),
+            stdout,
+        })
+    }
+
+    /// Its report, once it ends.
+    pub fn wait(mut self) -> anyhow::Result<LoadReport> {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        let status = self.child.0.wait()?;
+        anyhow::ensure!(status.success(), "grpc load client failed: {status}");
+        LoadReport::parse(&serde_json::from_str(&line)?)
+    }
+}
+
+/// What `peer.py load` saw: per 100 ms, the RPCs each pod answered.
+#[derive(Debug)]
+pub struct LoadReport {
+    /// (bucket start in ms, pod -> RPCs, failed RPCs)
+    pub buckets: Vec<(u64, std::collections::BTreeMap<String, u64>, u64)>,
+    /// (ms since start, status code) of every failed RPC.
+    pub failures: Vec<(u64, String)>,
+    pub ok: u64,
+    pub raw: Value,
+}
+
+impl LoadReport {
+    fn parse(v: &Value) -> anyhow::Result<Self> {
+        let mut buckets = Vec::new();
+        for (k, row) in v["buckets"].as_object().context("buckets")? {
+            let mut pods = std::collections::BTreeMap::new();
+            let mut failed = 0;
+            for (pod, n) in row.as_object().context("bucket")? {
+                let n = n.as_u64().unwrap_or(0);
+                if pod == "failed" {
+                    failed = n;
+                } else {
+                    pods.insert(pod.clone(), n);
+                }
+            }
+            buckets.push((k.parse::<u64>()? * 100, pods, failed));
+        }
+        buckets.sort_by_key(|b| b.0);
+        let failures = v["failures"]
+            .as_array()
+            .context("failures")?
+            .iter()
+            .map(|f| {
+                (
+                    f[0].as_u64().unwrap_or(0),
+                    f[1].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        Ok(Self {
+            buckets,
+            failures,
+            ok: v["ok"].as_u64().unwrap_or(0),
+            raw: v.clone(),
+        })
+    }
+
+    /// The pods that answered from `from_ms` on.
+    pub fn pods_after(&self, from_ms: u64) -> std::collections::BTreeSet<String> {
+        self.buckets
+            .iter()
+            .filter(|b| b.0 >= from_ms)
+            .flat_map(|b| b.1.keys().cloned())
+            .collect()
+    }
+
+    /// The first bucket from `from_ms` on in which an RPC succeeded.
+    pub fn first_ok_after(&self, from_ms: u64) -> Option<u64> {
+        self.buckets
+            .iter()
+            .find(|b| b.0 >= from_ms && !b.1.is_empty())
+            .map(|b| b.0)
+    }
+
+    /// The first bucket from `from_ms` on in which `pods` pods answered.
+    pub fn spread_after(&self, from_ms: u64, pods: usize) -> Option<u64> {
+        self.buckets
+            .iter()
+            .find(|b| b.0 >= from_ms && b.1.len() >= pods)
+            .map(|b| b.0)
+    }
+}

@@ -1,0 +1,113 @@
+//! HTTP/2 traffic outlives the control plane, and the control plane the
+//! router: `kill -9` of either under a real gRPC client (grpcio, one
+//! channel, 16 unary RPCs in flight at all times), counting every failed
+//! RPC.
+
+use std::time::Duration;
+
+use balancer_tests::{
+    Agent, ROUTER_ADDR, Topology,
+    grpc::{self, Killed, Load},
+    require_root,
+};
+
+const PORT: u16 = 50053;
+const VIP: &str = "198.19.0.71:80";
+const INFLIGHT: usize = 16;
+
+fn yaml(t: &Topology) -> String {
+    let mut y = format!(
+        "services:\n  - name: default/grpc\n    addresses: [198.19.0.71]\n    ports:\n      - name: grpc\n        port: 80\n        targetPort: {PORT}\n        protocol: http2\n    endpoints:\n"
+    );
+    for p in &t.pods {
+        y += &format!("      - address: {}\n", p.v4);
+    }
+    y
+}
+
+fn setup(tag: &str) -> (Topology, Vec<Killed>, Agent) {
+    require_root();
+    let t = Topology::new(tag, 4, &[]).expect("topology");
+    let servers = t
+        .pods
+        .iter()
+        .map(|p| grpc::server(&p.ns.name, &p.name, PORT).expect("grpc server"))
+        .collect();
+    let agent = Agent::start_with(
+        &t.prefix,
+        &t.cgroup.path,
+        &yaml(&t),
+        Some(&t.node.name),
+        &["--proxy-addr", ROUTER_ADDR],
+    )
+    .expect("agent");
+    (t, servers, agent)
+}
+
+#[test]
+fn kill_9_of_the_control_plane_under_grpc_load_fails_no_rpc() {
+    let (t, _servers, mut agent) = setup("cpkill");
+    let load = Load::start(&t.client.name, &t.cgroup.path, VIP, 5.0, INFLIGHT).expect("load");
+    std::thread::sleep(Duration::from_millis(1500));
+    agent.kill_agent().expect("kill -9 the agent");
+    std::thread::sleep(Duration::from_millis(500));
+    agent.start_agent().expect("the agent again");
+    assert!(
+        agent.log().contains("adopted the pinned data path"),
+        "{}",
+        agent.log()
+    );
+    let r = load.wait().expect("load report");
+    eprintln!(
+        "control plane kill -9 at 1.5 s, back at 2.0 s: {} RPCs, {} failed",
+        r.ok,
+        r.failures.len()
+    );
+    assert!(r.failures.is_empty(), "failed RPCs: {:?}", r.failures);
+    assert!(r.ok > 1000, "the load ran: {}", r.ok);
+    // The channel never noticed: still spread over every pod.
+    assert_eq!(r.pods_after(4000).len(), 4, "{:?}", r.raw);
+    // And the restarted agent sees the router serving its table.
+    assert!(agent.router_synced().expect("status"));
+}
+
+#[test]
+fn kill_9_of_the_router_under_grpc_load_fails_only_rpcs_in_flight() {
+    let (t, _servers, mut agent) = setup("rtkill");
+    let load = Load::start(&t.client.name, &t.cgroup.path, VIP, 6.0, INFLIGHT).expect("load");
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed_at = 1500;
+    agent.kill_router().expect("kill -9 the router");
+    // As kubelet restarts a container: a second later.
+    std::thread::sleep(Duration::from_millis(1000));
+    agent.start_router().expect("the router again");
+    let r = load.wait().expect("load report");
+    let served = r.first_ok_after(killed_at + 100);
+    let spread = r.spread_after(killed_at + 100, 4);
+    eprintln!(
+        "router kill -9 at {killed_at} ms, restarted about 1 s later: {} RPCs ok, {} failed \
+         ({:?}); served again from {served:?} ms; spread over 4 pods again from {spread:?} ms",
+        r.ok,
+        r.failures.len(),
+        r.failures.iter().take(20).collect::<Vec<_>>(),
+    );
+    // Only what was in flight when the router died: its streams, and the
+    // few RPCs grpcio handed to the dying transport in that instant (the
+    // kernel saw the listener close and sends new connections elsewhere
+    // at once; measured 13-23 of 16 in flight).
+    assert!(
+        r.failures.len() <= 2 * INFLIGHT,
+        "more than the RPCs in flight failed: {:?}",
+        r.failures
+    );
+    assert!(
+        r.failures.iter().all(|f| f.0 < killed_at + 100),
+        "RPCs failed after the moment of the kill: {:?}",
+        r.failures
+    );
+    let served = served.expect("served again");
+    assert!(
+        served <= killed_at + 1000,
+        "served again only at {served} ms"
+    );
+}
