@@ -60,7 +60,19 @@ pub enum Request {
     RouterStatus,
     /// The router process: streams and latency per endpoint.
     RouterEndpoints,
+    /// The router process: a duplicate of its listening socket, passed
+    /// with the answer (SCM_RIGHTS), for the agent to hold.
+    RouterListener,
+    /// The agent: the listener it holds for `listen`, if any, passed with
+    /// the answer; a router that starts adopts it (and so the connections
+    /// queued on it while no router ran).
+    HeldListener {
+        listen: std::net::SocketAddr,
+    },
 }
+
+/// An answer, and a descriptor to pass with it.
+pub type Answered = Result<(serde_json::Value, Option<std::os::fd::OwnedFd>), String>;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Response {
@@ -197,6 +209,9 @@ pub struct RouterStatusView {
     pub routes: usize,
     pub client_connections: u64,
     pub backend_connections: u64,
+    /// The inode of its listening socket (the agent holds a duplicate).
+    #[serde(default)]
+    pub listener_inode: u64,
     /// The last failure to read the table (it keeps serving the last one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table_error: Option<String>,
@@ -306,11 +321,8 @@ pub fn bind(path: &Path, take_over: bool) -> Result<UnixListener, AdminError> {
 }
 
 /// What answers requests on a socket.
-pub type Answer = Arc<
-    dyn Fn(Request) -> Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>>
-        + Send
-        + Sync,
->;
+pub type Answer =
+    Arc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = Answered> + Send>> + Send + Sync>;
 
 pub async fn serve(listener: UnixListener, answer: Answer) {
     loop {
@@ -327,10 +339,11 @@ pub async fn serve(listener: UnixListener, answer: Answer) {
 }
 
 async fn handle(stream: UnixStream, answer: Answer) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut reader = BufReader::new(read).take(64 * 1024);
+    let mut reader = BufReader::new(stream).take(64 * 1024);
     reader.read_line(&mut line).await?;
+    let stream = reader.into_inner().into_inner();
+    let mut fd = None;
     let response = match serde_json::from_str::<Request>(&line) {
         Err(e) => Response {
             ok: false,
@@ -340,11 +353,14 @@ async fn handle(stream: UnixStream, answer: Answer) -> std::io::Result<()> {
         Ok(req) => {
             let result = answer(req).await;
             match result {
-                Ok(data) => Response {
-                    ok: true,
-                    error: None,
-                    data,
-                },
+                Ok((data, passed)) => {
+                    fd = passed;
+                    Response {
+                        ok: true,
+                        error: None,
+                        data,
+                    }
+                }
                 Err(e) => Response {
                     ok: false,
                     error: Some(e),
@@ -355,8 +371,56 @@ async fn handle(stream: UnixStream, answer: Answer) -> std::io::Result<()> {
     };
     let mut body = serde_json::to_vec(&response).unwrap_or_default();
     body.push(b'\n');
-    write.write_all(&body).await?;
-    write.shutdown().await
+    // The answer (with its descriptor) on the socket in blocking mode: it
+    // is one small write.
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(std::time::Duration::from_secs(5)))?;
+    tokio::task::spawn_blocking(move || {
+        use std::os::fd::AsFd;
+        crate::fdpass::send(stream.as_fd(), &body, fd.as_ref().map(AsFd::as_fd))?;
+        stream.shutdown(std::net::Shutdown::Write)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Send one request and decode the answer with the descriptor passed with
+/// it, blocking (at most `timeout` per read or write).
+pub fn request_fd<T: for<'de> Deserialize<'de>>(
+    path: &Path,
+    req: &Request,
+    timeout: std::time::Duration,
+) -> Result<(T, Option<std::os::fd::OwnedFd>), AdminError> {
+    use std::io::Write as _;
+    use std::os::fd::AsFd;
+    let io = |source| AdminError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(path).map_err(|source| AdminError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut body = serde_json::to_vec(req).unwrap_or_default();
+    body.push(b'\n');
+    stream.write_all(&body).map_err(io)?;
+    let (buf, fd) = crate::fdpass::recv_all(stream.as_fd()).map_err(io)?;
+    let resp: Response = serde_json::from_slice(&buf).map_err(|source| AdminError::Decode {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !resp.ok {
+        return Err(AdminError::Remote(resp.error.unwrap_or_default()));
+    }
+    let v = serde_json::from_value(resp.data).map_err(|source| AdminError::Decode {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok((v, fd))
 }
 
 use tokio::io::AsyncReadExt as _;

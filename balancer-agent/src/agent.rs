@@ -97,7 +97,11 @@ impl Agent {
                 }
                 Ok(self.endpoints(Some(n)))
             }
-            Request::Status | Request::RouterStatus | Request::RouterEndpoints => Err(format!(
+            Request::Status
+            | Request::RouterStatus
+            | Request::RouterEndpoints
+            | Request::RouterListener
+            | Request::HeldListener { .. } => Err(format!(
                 "{req:?} is not an endpoints request (router requests go to the router's socket)"
             )),
         }

@@ -33,6 +33,8 @@ pub struct RunOptions {
     pub admin_socket: PathBuf,
     /// The router process's admin socket, asked for its streams.
     pub router_socket: PathBuf,
+    /// How long a dead router's listener is held for the next one.
+    pub router_grace: Duration,
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
@@ -69,14 +71,101 @@ pub async fn ask_router<T: for<'de> serde::Deserialize<'de>>(
     }
 }
 
+/// A duplicate of the router's listening socket, held so that it outlives
+/// the router: connections made while no router runs queue on it, for the
+/// next router to adopt.
+struct Held {
+    fd: std::os::fd::OwnedFd,
+    inode: u64,
+    listen: std::net::SocketAddr,
+    /// When the router last answered.
+    seen: std::time::Instant,
+}
+
+type HeldSlot = Arc<Mutex<Option<Held>>>;
+
+/// Keep a duplicate of the live router's listener; shut it when no router
+/// answered for `grace` (its queued connections reset, and the clients
+/// reconnect at L4 rather than wait for a router that does not come).
+async fn hold_router_listener(router_socket: PathBuf, held: HeldSlot, grace: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        match ask_router::<RouterStatusView>(&router_socket, &Request::RouterStatus).await {
+            Ok(st) => {
+                let mine = {
+                    let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(h) = h.as_mut() {
+                        h.seen = std::time::Instant::now();
+                    }
+                    h.as_ref().is_some_and(|h| h.inode == st.listener_inode)
+                };
+                if mine || st.listener_inode == 0 {
+                    continue;
+                }
+                let Ok(listen) = st.listen.parse() else {
+                    continue;
+                };
+                let path = router_socket.clone();
+                let got = tokio::task::spawn_blocking(move || {
+                    admin::request_fd::<serde_json::Value>(
+                        &path,
+                        &Request::RouterListener,
+                        Duration::from_millis(500),
+                    )
+                })
+                .await;
+                if let Ok(Ok((_, Some(fd)))) = got {
+                    let inode = nix::sys::stat::fstat(&fd).map(|s| s.st_ino).unwrap_or(0);
+                    tracing::info!(%listen, pid = st.pid, "holding the router's listener");
+                    *held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Held {
+                        fd,
+                        inode,
+                        listen,
+                        seen: std::time::Instant::now(),
+                    });
+                }
+            }
+            Err(_) => {
+                let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+                if h.as_ref().is_some_and(|h| h.seen.elapsed() > grace)
+                    && let Some(old) = h.take()
+                {
+                    let _ = nix::sys::socket::shutdown(
+                        std::os::fd::AsRawFd::as_raw_fd(&old.fd),
+                        nix::sys::socket::Shutdown::Both,
+                    );
+                    tracing::warn!(
+                        listen = %old.listen,
+                        ?grace,
+                        "no router came back: shut the listener it left (connections queued on it reset)"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The agent's answers: the view under the lock, then the router's part
 /// from its socket after releasing it.
-fn answer(agent: Arc<Mutex<Agent>>, router_socket: PathBuf) -> admin::Answer {
+fn answer(agent: Arc<Mutex<Agent>>, router_socket: PathBuf, held: HeldSlot) -> admin::Answer {
     Arc::new(move |req: Request| {
         let agent = agent.clone();
         let router_socket = router_socket.clone();
+        let held = held.clone();
         Box::pin(async move {
             match req {
+                Request::HeldListener { listen } => {
+                    let h = held.lock().unwrap_or_else(|p| p.into_inner());
+                    match h.as_ref().filter(|h| h.listen == listen) {
+                        Some(h) => {
+                            let fd = h.fd.try_clone().map_err(|e| e.to_string())?;
+                            tracing::info!(%listen, "passing the held listener to a new router");
+                            Ok((serde_json::json!({ "inode": h.inode }), Some(fd)))
+                        }
+                        None => Ok((serde_json::Value::Null, None)),
+                    }
+                }
                 Request::Status => {
                     let mut status = agent.lock().unwrap_or_else(|p| p.into_inner()).status();
                     if let Some(r) = status.router.as_mut() {
@@ -87,7 +176,9 @@ fn answer(agent: Arc<Mutex<Agent>>, router_socket: PathBuf) -> admin::Answer {
                             Err(e) => r.error = Some(e),
                         }
                     }
-                    serde_json::to_value(status).map_err(|e| e.to_string())
+                    serde_json::to_value(status)
+                        .map(|v| (v, None))
+                        .map_err(|e| e.to_string())
                 }
                 req => {
                     let mut view = agent
@@ -102,7 +193,9 @@ fn answer(agent: Arc<Mutex<Agent>>, router_socket: PathBuf) -> admin::Answer {
                     {
                         fill_router(&mut view, &r);
                     }
-                    serde_json::to_value(view).map_err(|e| e.to_string())
+                    serde_json::to_value(view)
+                        .map(|v| (v, None))
+                        .map_err(|e| e.to_string())
                 }
             }
         })
@@ -175,6 +268,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         cgroup,
         admin_socket,
         router_socket,
+        router_grace,
         metrics_addr,
     } = opts;
     if !nix::unistd::geteuid().is_root() {
@@ -252,9 +346,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let agent = Arc::new(Mutex::new(agent));
 
+    let held: HeldSlot = Arc::new(Mutex::new(None));
     let admin_task = tokio::spawn(admin::serve(
         listener,
-        answer(agent.clone(), router_socket.clone()),
+        answer(agent.clone(), router_socket.clone(), held.clone()),
+    ));
+    let hold_task = tokio::spawn(hold_router_listener(
+        router_socket.clone(),
+        held,
+        router_grace,
     ));
     let metrics_task = match metrics_listener {
         Some(l) => {
@@ -300,6 +400,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     }
     admin_task.abort();
+    hold_task.abort();
     watch_task.abort();
     if let Some(t) = metrics_task {
         t.abort();

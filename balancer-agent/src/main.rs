@@ -9,6 +9,7 @@ mod agent;
 mod app;
 mod cli;
 mod dataplane;
+mod fdpass;
 mod metrics;
 mod router;
 mod socket;
@@ -72,6 +73,13 @@ enum Command {
         /// endpoint (`endpoints`, `top`, metrics) and its status.
         #[arg(long, default_value = DEFAULT_ROUTER_SOCKET)]
         router_socket: PathBuf,
+        /// The agent holds a duplicate of the router's listening socket.
+        /// When the router dies, clients that reconnect queue on it, and
+        /// the next router adopts it and serves them, spread. A router not
+        /// back within this time: the listener is shut (its queue resets;
+        /// clients reconnect, balanced per connection).
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        router_grace: Duration,
         /// Prometheus metrics and /healthz, /readyz on this address.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
@@ -93,6 +101,10 @@ enum Command {
         bpffs: PathBuf,
         #[arg(long, default_value = DEFAULT_ROUTER_SOCKET)]
         admin_socket: PathBuf,
+        /// The agent's admin socket: a listener it held for a router that
+        /// died is adopted, with the connections queued on it.
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        agent_socket: PathBuf,
         /// Prometheus metrics and /healthz, /readyz on this address.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
@@ -193,6 +205,7 @@ fn main() -> ExitCode {
                 bpffs,
                 pin,
                 router_socket,
+                router_grace,
                 metrics_addr,
             } => {
                 app::run(app::RunOptions {
@@ -202,6 +215,7 @@ fn main() -> ExitCode {
                     cgroup,
                     admin_socket,
                     router_socket,
+                    router_grace,
                     metrics_addr,
                 })
                 .await
@@ -211,6 +225,7 @@ fn main() -> ExitCode {
                 cgroup,
                 bpffs,
                 admin_socket,
+                agent_socket,
                 metrics_addr,
                 splice,
                 drain_timeout,
@@ -223,6 +238,7 @@ fn main() -> ExitCode {
                     cgroup,
                     bpffs,
                     admin_socket,
+                    agent_socket,
                     metrics_addr,
                     splice,
                     drain_timeout,

@@ -1231,6 +1231,8 @@ impl Agent {
                 bpffs,
                 "--admin-socket".into(),
                 router_socket.clone().into(),
+                "--agent-socket".into(),
+                admin_socket.clone().into(),
             ];
             r.extend(router_args);
             Some(r)

@@ -26,6 +26,10 @@ fn yaml(t: &Topology) -> String {
 }
 
 fn setup(tag: &str) -> (Topology, Vec<Killed>, Agent) {
+    setup_with(tag, &[])
+}
+
+fn setup_with(tag: &str, extra: &[&str]) -> (Topology, Vec<Killed>, Agent) {
     require_root();
     let t = Topology::new(tag, 4, &[]).expect("topology");
     let servers = t
@@ -38,7 +42,7 @@ fn setup(tag: &str) -> (Topology, Vec<Killed>, Agent) {
         &t.cgroup.path,
         &yaml(&t),
         Some(&t.node.name),
-        &["--proxy-addr", ROUTER_ADDR],
+        &[&["--proxy-addr", ROUTER_ADDR][..], extra].concat(),
     )
     .expect("agent");
     (t, servers, agent)
@@ -109,5 +113,53 @@ fn kill_9_of_the_router_under_grpc_load_fails_only_rpcs_in_flight() {
     assert!(
         served <= killed_at + 1000,
         "served again only at {served} ms"
+    );
+    // The channel reconnected at once, onto the listener the agent held:
+    // the next router served it, spread over every pod again.
+    let spread = spread.expect("spread again");
+    assert!(
+        spread <= killed_at + 2000,
+        "spread again only at {spread} ms"
+    );
+    assert_eq!(r.pods_after(5000).len(), 4, "{:?}", r.raw);
+}
+
+#[test]
+fn a_router_that_does_not_come_back_leaves_clients_to_l4_after_the_grace() {
+    let (t, _servers, mut agent) = setup_with("rtgone", &["--router-grace", "2s"]);
+    let load = Load::start(&t.client.name, &t.cgroup.path, VIP, 7.0, INFLIGHT).expect("load");
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed_at = 1500;
+    agent.kill_router().expect("kill -9 the router");
+    let r = load.wait().expect("load report");
+    let served = r.first_ok_after(killed_at + 100);
+    eprintln!(
+        "router kill -9 at {killed_at} ms, never back (grace 2 s): {} RPCs ok, {} failed \
+         (at {:?} ms); served again from {served:?} ms",
+        r.ok,
+        r.failures.len(),
+        r.failures
+            .iter()
+            .map(|f| f.0)
+            .collect::<std::collections::BTreeSet<_>>(),
+    );
+    // The RPCs in flight at the kill, and those that waited on the held
+    // listener when the grace ran out: nothing else.
+    assert!(
+        r.failures.len() <= 3 * INFLIGHT,
+        "failed RPCs: {:?}",
+        r.failures
+    );
+    let served = served.expect("served again");
+    assert!(
+        served <= killed_at + 2000 + 1500,
+        "served again at L4 only at {served} ms"
+    );
+    // At L4 now: one connection, one pod.
+    assert_eq!(r.pods_after(6000).len(), 1, "{:?}", r.raw);
+    assert!(
+        agent.log().contains("no router came back"),
+        "{}",
+        agent.log()
     );
 }

@@ -10,8 +10,16 @@
 //! - The heartbeat (every 250 ms, while the router's event loop checks
 //!   in) is the kernel's proof of life: when this process dies, new
 //!   connections go back to L4 within `ROUTER_STALE_NS` (1 s).
-//! - It never talks to the agent: the agent can crash, restart or be
-//!   upgraded, and the router keeps serving the last table it read.
+//! - It needs nothing of the agent to serve: the agent can crash, restart
+//!   or be upgraded, and the router keeps serving the last table it read.
+//! - The agent holds a duplicate of its listening socket (`RouterListener`
+//!   on the router's socket, SCM_RIGHTS). When the router dies, the
+//!   listener stays open: clients that reconnect meanwhile queue on it
+//!   instead of being refused or pinned to one pod at L4, and the next
+//!   router adopts it (`HeldListener` on the agent's socket) and serves
+//!   them, spread. A router that is not back within the agent's
+//!   `--router-grace` has its listener shut (its queue resets, and clients
+//!   reconnect at L4).
 
 use std::{
     net::SocketAddr,
@@ -52,6 +60,8 @@ pub struct RouterOptions {
     pub cgroup: Option<PathBuf>,
     pub bpffs: PathBuf,
     pub admin_socket: PathBuf,
+    /// The agent's admin socket, asked for a listener it holds.
+    pub agent_socket: PathBuf,
     pub metrics_addr: Option<SocketAddr>,
     pub splice: bool,
     pub drain_timeout: Duration,
@@ -66,6 +76,10 @@ struct Shared {
     generation: AtomicU64,
     table_error: Mutex<Option<String>>,
     last_alive: Mutex<Option<Instant>>,
+    /// A duplicate of the listening socket: passed to the agent, and shut
+    /// at drain (which stops it listening for every holder).
+    listener: std::os::fd::OwnedFd,
+    listener_inode: u64,
 }
 
 impl Shared {
@@ -80,6 +94,7 @@ impl Shared {
             client_connections: balancer_router::stats::CLIENT_CONNECTIONS.load(Ordering::Relaxed),
             backend_connections: balancer_router::stats::BACKEND_CONNECTIONS
                 .load(Ordering::Relaxed),
+            listener_inode: self.listener_inode,
             table_error: self
                 .table_error
                 .lock()
@@ -112,6 +127,43 @@ fn open_maps(dir: &Path, splice: bool) -> Result<Maps, TableError> {
             None
         },
     })
+}
+
+/// The listener the agent holds for `listen` (a dead router's, with the
+/// connections queued on it), if it has one and it is what it claims.
+async fn adopt_held(agent_socket: &Path, listen: SocketAddr) -> Option<std::net::TcpListener> {
+    let path = agent_socket.to_owned();
+    let asked = tokio::task::spawn_blocking(move || {
+        admin::request_fd::<serde_json::Value>(
+            &path,
+            &Request::HeldListener { listen },
+            Duration::from_millis(500),
+        )
+    })
+    .await
+    .ok()?;
+    let fd = match asked {
+        Ok((_, Some(fd))) => fd,
+        Ok((_, None)) => return None,
+        Err(e) => {
+            tracing::debug!(error = %e, "no listener from the agent");
+            return None;
+        }
+    };
+    let listening =
+        nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn).unwrap_or(false);
+    let sock = socket2::Socket::from(fd);
+    let bound = sock.local_addr().ok().and_then(|a| a.as_socket());
+    if !listening || bound != Some(listen) {
+        tracing::warn!(
+            ?bound,
+            listening,
+            "the agent passed a socket that is not our listener; ignoring it"
+        );
+        return None;
+    }
+    tracing::info!(%listen, "adopted the listener the agent held: serving the connections queued while no router ran");
+    Some(sock.into())
 }
 
 /// Listen on CONFIG's address, written first (without a heartbeat unless a
@@ -235,8 +287,15 @@ fn answer(shared: Arc<Shared>) -> admin::Answer {
         let shared = shared.clone();
         Box::pin(async move {
             match req {
-                Request::RouterStatus => {
-                    serde_json::to_value(shared.status()).map_err(|e| e.to_string())
+                Request::RouterStatus => serde_json::to_value(shared.status())
+                    .map(|v| (v, None))
+                    .map_err(|e| e.to_string()),
+                Request::RouterListener => {
+                    let fd = shared.listener.try_clone().map_err(|e| e.to_string())?;
+                    Ok((
+                        serde_json::json!({ "inode": shared.listener_inode }),
+                        Some(fd),
+                    ))
                 }
                 Request::RouterEndpoints => {
                     let v: Vec<RouterEndpointView> = shared
@@ -245,7 +304,9 @@ fn answer(shared: Arc<Shared>) -> admin::Answer {
                         .into_iter()
                         .map(|(address, stats)| RouterEndpointView { address, stats })
                         .collect();
-                    serde_json::to_value(v).map_err(|e| e.to_string())
+                    serde_json::to_value(v)
+                        .map(|v| (v, None))
+                        .map_err(|e| e.to_string())
                 }
                 other => Err(format!(
                     "this is the router's socket; {other:?} goes to the agent's (--admin-socket of `run`)"
@@ -280,6 +341,7 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
         cgroup,
         bpffs,
         admin_socket,
+        agent_socket,
         metrics_addr,
         splice,
         drain_timeout,
@@ -321,8 +383,20 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
     } else {
         cfg.router6 = words;
     }
-    let listener = listen_counted(&router, cfg)
-        .map_err(|e| anyhow::anyhow!("cannot listen on --listen {listen}: {e}"))?;
+    let listener = match adopt_held(&agent_socket, listen).await {
+        Some(l) => {
+            // Counted by sock_ops when it was opened, if the router that
+            // opened it was: that router wrote it to CONFIG.
+            router.set_tracked(router.config().is_some_and(|c| c.track_listeners != 0));
+            l
+        }
+        None => listen_counted(&router, cfg)
+            .map_err(|e| anyhow::anyhow!("cannot listen on --listen {listen}: {e}"))?,
+    };
+    let listener_dup: std::os::fd::OwnedFd = listener.try_clone()?.into();
+    let listener_inode = nix::sys::stat::fstat(&listener_dup)
+        .map(|s| s.st_ino)
+        .unwrap_or(0);
     let (generation, routes) = {
         // The first table before serving: a router that is steered to
         // knows every http2 port.
@@ -343,6 +417,8 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
         generation: AtomicU64::new(generation),
         table_error: Mutex::new(None),
         last_alive: Mutex::new(None),
+        listener: listener_dup,
+        listener_inode,
     });
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
@@ -389,6 +465,13 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
         // listens. Otherwise: if no other router answers on the address,
         // tell the kernel now (else new connections would be refused
         // until the heartbeat is stale).
+        // Shut, not only closed: the agent's duplicate stops listening too
+        // (else connections would queue on it with nobody to accept them).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&shared.listener),
+            nix::sys::socket::Shutdown::Both,
+        );
         if router.tracked() {
             return;
         }
