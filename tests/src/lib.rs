@@ -1254,7 +1254,15 @@ impl Agent {
                 let rel = cgroup
                     .strip_prefix(cgroup2_root())
                     .context("the balanced cgroup is below the cgroup v2 root")?;
-                Some(Cgroup::new(&rel.join("router").to_string_lossy())?)
+                // Named after this agent: two agents (an upgrade) share the
+                // balanced cgroup.
+                let name = format!(
+                    "router-{}",
+                    dir.file_name()
+                        .map(|n| n.to_string_lossy())
+                        .unwrap_or_default()
+                );
+                Some(Cgroup::new(&rel.join(name).to_string_lossy())?)
             }
             _ => None,
         };
