@@ -1064,6 +1064,7 @@ pub struct Agent {
     pub router_log: PathBuf,
     /// Where the processes run (netns, cgroup), to start them again.
     netns: Option<String>,
+    router_netns: Option<String>,
     agent_cgroup: Option<PathBuf>,
     /// The router's cgroup when the agent's is not given: below the
     /// balanced one, as in the DaemonSet (where the agent attaches to the
@@ -1190,8 +1191,17 @@ impl Agent {
         // Split the router's arguments off.
         let mut agent_args: Vec<std::ffi::OsString> = Vec::new();
         let mut router_args: Vec<std::ffi::OsString> = Vec::new();
+        let mut router_netns = netns.map(str::to_owned);
         let mut it = args.iter();
         while let Some(a) = it.next() {
+            if a == "--router-netns" {
+                // The harness's own: where the router runs when the agent
+                // runs elsewhere (the kube source's agent is in the root
+                // namespace, to reach the fake apiserver on loopback).
+                let ns = it.next().context("--router-netns NS")?;
+                router_netns = Some(ns.to_string_lossy().into_owned());
+                continue;
+            }
             match ROUTER_ARGS.iter().find(|(n, _)| a == n) {
                 Some((name, takes_value)) => {
                     router_args.push(match *name {
@@ -1282,6 +1292,7 @@ impl Agent {
             router_cmd,
             router_socket,
             netns: netns.map(str::to_owned),
+            router_netns,
             agent_cgroup: agent_cgroup.map(Path::to_owned),
             router_cgroup,
             _pins: pins,
@@ -1349,7 +1360,7 @@ impl Agent {
             .as_ref()
             .map(|c| c.path.as_path())
             .or(self.agent_cgroup.as_deref());
-        let child = wrapped(cg, self.netns.as_deref())
+        let child = wrapped(cg, self.router_netns.as_deref())
             .args(&args)
             .env(
                 "RUST_LOG",
