@@ -140,6 +140,35 @@ fn daemonset_is_least_privilege_node_critical_and_probed() {
         let add: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
         assert_eq!(add, caps_want, "{}", c.name);
         assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+        // The default seccomp profile blocks bpf(2) for CAP_BPF: the one
+        // shipped, installed as a Localhost profile.
+        let seccomp = sc.seccomp_profile.as_ref().expect("seccompProfile");
+        assert_eq!(seccomp.type_, "Localhost", "{}", c.name);
+        let file = seccomp
+            .localhost_profile
+            .as_deref()
+            .expect("localhostProfile");
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../manifests/seccomp")
+            .join(file);
+        let profile: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&shipped).expect("profile"))
+                .expect("profile json");
+        for (call, cap) in [("bpf", "CAP_BPF"), ("perf_event_open", "CAP_PERFMON")] {
+            assert!(
+                profile["syscalls"]
+                    .as_array()
+                    .expect("syscalls")
+                    .iter()
+                    .any(|r| {
+                        r["action"] == "SCMP_ACT_ALLOW"
+                            && r["names"] == serde_json::json!([call])
+                            && r["includes"]["caps"] == serde_json::json!([cap])
+                    }),
+                "{call} for {cap} in {}",
+                shipped.display()
+            );
+        }
         let port = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port);
         assert_eq!(
             probe(&c.liveness_probe),

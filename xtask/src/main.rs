@@ -1,9 +1,10 @@
-//! `cargo xtask <command>`: setup, build, test, demo and bench, one module
-//! each.
+//! `cargo xtask <command>`: setup, build, test, demo, bench, image and
+//! seccomp, one module each (`image.rs` for the last two).
 
 mod bench;
 mod build;
 mod demo;
+mod image;
 mod setup;
 mod test;
 mod util;
@@ -37,6 +38,17 @@ enum Command {
         #[command(subcommand)]
         which: bench::Which,
     },
+    /// Build the agent image from the Dockerfile (debootstrap, buildah; no
+    /// Docker engine needed); with --check, run the agent and the router
+    /// from it as the DaemonSet does and balance a test namespace.
+    Image {
+        #[arg(long)]
+        check: bool,
+    },
+    /// Write manifests/seccomp/balancer-agent.json: the container runtime's
+    /// default profile with bpf and perf_event_open allowed for CAP_BPF and
+    /// CAP_PERFMON.
+    Seccomp,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +58,8 @@ fn main() -> anyhow::Result<()> {
         Command::Test { args } => test::run(&args),
         Command::Demo => demo::run(),
         Command::Bench { which } => bench::run(which),
+        Command::Image { check: false } => image::build(),
+        Command::Image { check: true } => image::check(),
+        Command::Seccomp => image::seccomp(),
     }
 }
