@@ -36,6 +36,82 @@ pub struct RunOptions {
     /// How long a dead router's listener is held for the next one.
     pub router_grace: Duration,
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `run --proxy-addr`: start the router process too.
+    pub router: Option<SpawnRouter>,
+}
+
+/// The router process `run --proxy-addr` starts.
+pub struct SpawnRouter {
+    pub listen: std::net::SocketAddr,
+    /// Its arguments besides the paths, which are the agent's.
+    pub args: Vec<String>,
+}
+
+/// A router this agent started or found; stopped with the agent.
+enum OwnedRouter {
+    Child(std::process::Child),
+    Found(u32),
+}
+
+/// Start the router process, unless one answers on `router_socket` for
+/// the same address (an agent that was killed started it).
+async fn ensure_router(
+    spawn: &SpawnRouter,
+    router_socket: &Path,
+    admin_socket: &Path,
+    cgroup: &Path,
+    bpffs: &Path,
+) -> anyhow::Result<OwnedRouter> {
+    if let Ok(st) = ask_router::<RouterStatusView>(router_socket, &Request::RouterStatus).await
+        && st.listen == spawn.listen.to_string()
+    {
+        tracing::info!(pid = st.pid, listen = %st.listen, "a router already runs; keeping it");
+        return Ok(OwnedRouter::Found(st.pid));
+    }
+    use std::os::unix::process::CommandExt as _;
+    let exe = std::env::current_exe()?;
+    let child = std::process::Command::new(exe)
+        .arg("router")
+        .arg("--cgroup")
+        .arg(cgroup)
+        .arg("--bpffs")
+        .arg(bpffs)
+        .arg("--admin-socket")
+        .arg(router_socket)
+        .arg("--agent-socket")
+        .arg(admin_socket)
+        .args(&spawn.args)
+        // Its own process group: a Ctrl-C to the agent's terminal, or a
+        // signal to the agent's group, does not reach it.
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start the router process: {e}"))?;
+    tracing::info!(pid = child.id(), listen = %spawn.listen, "started the router process");
+    Ok(OwnedRouter::Child(child))
+}
+
+/// SIGTERM to the router (it drains), and wait for it.
+async fn stop_router(router: OwnedRouter) {
+    use nix::{sys::signal, unistd::Pid};
+    let pid = match &router {
+        OwnedRouter::Child(c) => c.id(),
+        OwnedRouter::Found(p) => *p,
+    };
+    let pid = Pid::from_raw(pid as i32);
+    let _ = signal::kill(pid, signal::Signal::SIGTERM);
+    tracing::info!(%pid, "stopping the router (it drains its clients)");
+    match router {
+        OwnedRouter::Child(mut c) => {
+            let _ = tokio::task::spawn_blocking(move || c.wait()).await;
+        }
+        OwnedRouter::Found(_) => {
+            // Not our child: wait until it is gone.
+            while signal::kill(pid, None).is_ok() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// The cgroup v2 mount point, from /proc/self/mountinfo.
@@ -270,6 +346,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         router_socket,
         router_grace,
         metrics_addr,
+        router: spawn_router,
     } = opts;
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
@@ -345,6 +422,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     };
     let agent = Arc::new(Mutex::new(agent));
+    let owned_router = match (&spawn_router, &pinned) {
+        (Some(spawn), Some(_)) => Some(
+            ensure_router(
+                spawn,
+                &router_socket,
+                &admin_socket,
+                &cgroup,
+                pin_root
+                    .as_deref()
+                    .unwrap_or(Path::new("/sys/fs/bpf/balancer")),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
 
     let held: HeldSlot = Arc::new(Mutex::new(None));
     let admin_task = tokio::spawn(admin::serve(
@@ -398,6 +490,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = term.recv() => { tracing::info!("SIGTERM: detaching"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: detaching"); break; }
         }
+    }
+    if let Some(r) = owned_router {
+        stop_router(r).await;
     }
     admin_task.abort();
     hold_task.abort();

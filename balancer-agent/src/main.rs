@@ -83,6 +83,28 @@ enum Command {
         /// Prometheus metrics and /healthz, /readyz on this address.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Outside Kubernetes, one command for both: also start the router
+        /// process (`balancer-agent router --listen ADDR`), unless one
+        /// already answers on --router-socket. It runs in a process group
+        /// of its own and outlives this one (a restarted agent finds it);
+        /// SIGTERM stops it too. Needs --pin.
+        #[arg(long, requires = "pin")]
+        proxy_addr: Option<std::net::SocketAddr>,
+        /// With --proxy-addr: the router's --splice.
+        #[arg(long, requires = "proxy_addr")]
+        splice: bool,
+        /// With --proxy-addr: the router's --drain-timeout.
+        #[arg(long, requires = "proxy_addr", value_parser = keep(parse_duration))]
+        drain_timeout: Option<String>,
+        /// With --proxy-addr: the router's --stream-idle-timeout.
+        #[arg(long, requires = "proxy_addr", value_parser = keep(parse_duration))]
+        stream_idle_timeout: Option<String>,
+        /// With --proxy-addr: the router's --client-buffer.
+        #[arg(long, requires = "proxy_addr", value_parser = keep(parse_size))]
+        client_buffer: Option<String>,
+        /// With --proxy-addr: the router's --router-buffer-limit.
+        #[arg(long, requires = "proxy_addr", value_parser = keep(parse_size))]
+        router_buffer_limit: Option<String>,
     },
     /// The HTTP/2 router: balances every stream of `protocol: http2` ports
     /// over pooled pod connections. Reads its table from the maps `run
@@ -207,8 +229,32 @@ fn main() -> ExitCode {
                 router_socket,
                 router_grace,
                 metrics_addr,
+                proxy_addr,
+                splice,
+                drain_timeout,
+                stream_idle_timeout,
+                client_buffer,
+                router_buffer_limit,
             } => {
+                let router = proxy_addr.map(|addr| {
+                    let mut args = vec![format!("--listen={addr}")];
+                    if splice {
+                        args.push("--splice".into());
+                    }
+                    for (flag, v) in [
+                        ("--drain-timeout", drain_timeout),
+                        ("--stream-idle-timeout", stream_idle_timeout),
+                        ("--client-buffer", client_buffer),
+                        ("--router-buffer-limit", router_buffer_limit),
+                    ] {
+                        if let Some(v) = v {
+                            args.push(format!("{flag}={v}"));
+                        }
+                    }
+                    app::SpawnRouter { listen: addr, args }
+                });
                 app::run(app::RunOptions {
+                    router,
                     endpoints_file,
                     node_name,
                     pin_root: pin.then_some(bpffs),
@@ -297,6 +343,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A parser that checks a value with `check` and keeps it as written.
+fn keep<T: 'static>(
+    check: fn(&str) -> Result<T, String>,
+) -> impl Fn(&str) -> Result<String, String> + Clone + Send + Sync + 'static {
+    move |s| check(s).map(|_| s.to_owned())
 }
 
 /// "10s", "500ms", "2m" or plain seconds.

@@ -1202,6 +1202,12 @@ impl Agent {
                 router_netns = Some(ns.to_string_lossy().into_owned());
                 continue;
             }
+            if a == "--router-by-agent" {
+                // The agent's own --proxy-addr: it starts the router.
+                agent_args.push("--proxy-addr".into());
+                agent_args.push(it.next().context("--router-by-agent ADDR")?.clone());
+                continue;
+            }
             match ROUTER_ARGS.iter().find(|(n, _)| a == n) {
                 Some((name, takes_value)) => {
                     router_args.push(match *name {

@@ -163,3 +163,67 @@ fn a_router_that_does_not_come_back_leaves_clients_to_l4_after_the_grace() {
         agent.log()
     );
 }
+
+#[test]
+fn run_with_proxy_addr_starts_a_router_that_outlives_the_agent() {
+    require_root();
+    let t = Topology::new("runrouter", 4, &[]).expect("topology");
+    let _servers: Vec<Killed> = t
+        .pods
+        .iter()
+        .map(|p| grpc::server(&p.ns.name, &p.name, PORT).expect("grpc server"))
+        .collect();
+    let pins = balancer_tests::PinDir::new(&format!("lbt-runrouter-{}", std::process::id()));
+    let mut agent = Agent::start_with(
+        &t.prefix,
+        &t.cgroup.path,
+        &yaml(&t),
+        Some(&t.node.name),
+        &[
+            "--pin",
+            "--bpffs",
+            &pins.path,
+            "--router-by-agent",
+            ROUTER_ADDR,
+        ],
+    )
+    .expect("agent");
+    let mut pid = None;
+    Topology::wait_for(
+        "the router the agent started",
+        Duration::from_secs(20),
+        || {
+            let s = agent.status_json()?;
+            pid = s["router"]["process"]["pid"].as_u64();
+            Ok(s["router"]["alive"] == true
+                && s["router"]["process"]["generation"] == s["generation"])
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", agent.log()));
+    let load = Load::start(&t.client.name, &t.cgroup.path, VIP, 4.0, INFLIGHT).expect("load");
+    std::thread::sleep(Duration::from_millis(1000));
+    agent.kill_agent().expect("kill -9 the agent");
+    std::thread::sleep(Duration::from_millis(500));
+    agent.start_agent().expect("the agent again");
+    let r = load.wait().expect("load report");
+    assert!(r.failures.is_empty(), "failed RPCs: {:?}", r.failures);
+    assert_eq!(r.pods_after(3000).len(), 4, "{:?}", r.raw);
+    assert!(
+        agent.log().contains("a router already runs; keeping it"),
+        "{}",
+        agent.log()
+    );
+    let s = agent.status_json().expect("status");
+    assert_eq!(
+        s["router"]["process"]["pid"].as_u64(),
+        pid,
+        "the same router: {s}"
+    );
+    // SIGTERM to the agent stops the router it found, too.
+    assert!(agent.stop().expect("stop").success(), "{}", agent.log());
+    let pid = nix::unistd::Pid::from_raw(pid.expect("pid") as i32);
+    assert!(
+        nix::sys::signal::kill(pid, None).is_err(),
+        "the router outlived the agent's SIGTERM"
+    );
+}

@@ -52,18 +52,37 @@ fn install() -> anyhow::Result<()> {
     )
 }
 
+static ULIMITS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
 /// containers.conf for buildah and podman on this host: runc (crun 1.8
 /// refuses the hybrid cgroup layout), cgroupfs (no systemd), and ulimits
 /// within the host's hard limits.
 fn containers_conf() -> anyhow::Result<PathBuf> {
-    let hard = |what: &str| {
-        util::output(Command::new("sh").args(["-c", &format!("ulimit -H{what}")]))
-            .map(|s| s.trim().to_owned())
-            .filter(|s| s != "unlimited")
-            .unwrap_or_else(|| "65536".into())
+    // Hard limits from /proc/self/limits: "Max open files  20000  20000  files".
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let hard = |name: &str| {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| {
+                l[name.len()..]
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(4096)
     };
-    let (nofile, nproc) = (hard("n"), hard("u"));
+    let nofile = hard("Max open files").min(1 << 20);
+    // Measured: buildah's RUN steps are refused an nproc above 32768 (the
+    // limit buildah itself runs with), whatever the host allows.
+    let nproc = hard("Max processes").min(32_768);
     let path = std::env::temp_dir().join("balancer-containers.conf");
+    // buildah does not take ulimits from containers.conf: flags too.
+    *ULIMITS.lock().unwrap_or_else(|p| p.into_inner()) = vec![
+        format!("--ulimit=nofile={nofile}:{nofile}"),
+        format!("--ulimit=nproc={nproc}:{nproc}"),
+    ];
     std::fs::write(
         &path,
         format!(
@@ -123,6 +142,7 @@ pub fn build() -> anyhow::Result<()> {
     util::run(
         Command::new("buildah")
             .args(["bud", "--layers", "-t", IMAGE, "-f", "Dockerfile"])
+            .args(ULIMITS.lock().unwrap_or_else(|p| p.into_inner()).iter())
             .args(["--build-arg", "TOOLCHAIN=debian"])
             .args(["--build-arg", &format!("BUILD_BASE={BASE}")])
             .args(["--build-arg", &format!("RUNTIME_BASE={BASE}")])

@@ -146,6 +146,15 @@ impl Run<'_> {
             "run".into(),
             "-d".into(),
             format!("--name={name}"),
+            // Within this host's hard limits (podman's defaults exceed them).
+            format!(
+                "--ulimit=nofile={0}:{0}",
+                limit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            ),
+            format!(
+                "--ulimit=nproc={0}:{0}",
+                limit(nix::sys::resource::Resource::RLIMIT_NPROC)
+            ),
             // hostNetwork: the node's network namespace.
             format!("--network=ns:/run/netns/{}", self.node_ns),
             // The DaemonSet's volumes.
@@ -167,6 +176,11 @@ impl Run<'_> {
         podman(&refs)?;
         Ok(Podman { name: name.into() })
     }
+}
+
+/// The hard limit of `r`.
+fn limit(r: nix::sys::resource::Resource) -> u64 {
+    nix::sys::resource::getrlimit(r).map_or(4096, |(_, hard)| hard.min(1 << 20))
 }
 
 fn cli(socket: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
