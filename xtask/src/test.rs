@@ -1,8 +1,10 @@
 //! `cargo xtask test`: setup when needed, build the binaries the
-//! integration tests drive, run every test of the workspace, then fuzz the
-//! HTTP/2 frame tracker for a bounded time.
+//! integration tests drive, run every test of the workspace, fuzz the
+//! HTTP/2 router's core for a bounded time, then build the image and run
+//! it as the DaemonSet does (`cargo xtask image --check`, about 10 minutes
+//! the first time on 2 cores; later builds reuse buildah's layers).
 
-use crate::{setup, util};
+use crate::{image, setup, util};
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let env = setup::run_setup()?;
@@ -20,8 +22,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     );
     // Only on a full run, not when a test filter was given.
     let fuzz = if args.is_empty() { fuzz(&env) } else { Ok(()) };
+    let image = if args.is_empty() {
+        println!("test: the image, run as the DaemonSet runs it");
+        image::check()
+    } else {
+        Ok(())
+    };
     tests?;
-    fuzz
+    fuzz?;
+    image
 }
 
 fn fuzz(env: &setup::Env) -> anyhow::Result<()> {

@@ -151,9 +151,10 @@ impl Run<'_> {
                 "--ulimit=nofile={0}:{0}",
                 limit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             ),
+            // Measured: runc is refused an nproc above 32768 here.
             format!(
                 "--ulimit=nproc={0}:{0}",
-                limit(nix::sys::resource::Resource::RLIMIT_NPROC)
+                limit(nix::sys::resource::Resource::RLIMIT_NPROC).min(32_768)
             ),
             // hostNetwork: the node's network namespace.
             format!("--network=ns:/run/netns/{}", self.node_ns),
@@ -283,12 +284,13 @@ fn main() -> anyhow::Result<()> {
         "not every program attached: {status}"
     );
     println!(
-        "   {} programs attached (kernel ids {:?}); router {} alive, table generation {}",
+        "   {} programs attached (kernel ids: {}); router {} alive, table generation {}",
         programs.len(),
         programs
             .iter()
-            .map(|p| p["ids"].clone())
-            .collect::<Vec<_>>(),
+            .map(|p| format!("{}={}", p["name"].as_str().unwrap_or(""), p["ids"]))
+            .collect::<Vec<_>>()
+            .join(" "),
         status["router"]["address"],
         status["generation"]
     );
