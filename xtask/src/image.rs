@@ -20,37 +20,9 @@ const BASE: &str = "localhost/balancer-bookworm-base:latest";
 /// The runtime's default profile, from Debian's containers-common.
 const RUNTIME_DEFAULT: &str = "/usr/share/containers/seccomp.json";
 pub const PROFILE: &str = "manifests/seccomp/balancer-agent.json";
-const PACKAGES: [&str; 5] = [
-    "debootstrap",
-    "buildah",
-    "podman",
-    "runc",
-    "golang-github-containers-common",
-];
 /// Syscalls the runtime's default allows only with CAP_SYS_ADMIN, which
 /// the agent needs with the capability the kernel checks since 5.8.
 const CALLS: [(&str, &str); 2] = [("bpf", "CAP_BPF"), ("perf_event_open", "CAP_PERFMON")];
-
-fn install() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            !util::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
-                .is_some_and(|s| s.contains("install ok installed"))
-        })
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!("image: installing {}", missing.join(" "));
-    util::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-}
 
 static ULIMITS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
@@ -134,7 +106,8 @@ pub fn build() -> anyhow::Result<()> {
         util::is_root(),
         "cargo xtask image needs root (buildah, podman)"
     );
-    install()?;
+    // Installs debootstrap, buildah, podman and runc with the rest.
+    crate::setup::run_setup()?;
     let env = podman_env()?;
     base(&env)?;
     let ca = "/etc/ssl/certs/ca-certificates.crt";
@@ -181,7 +154,7 @@ pub fn check() -> anyhow::Result<()> {
 /// default allows them only with CAP_SYS_ADMIN, which the agent does not
 /// have).
 pub fn seccomp() -> anyhow::Result<()> {
-    install()?;
+    crate::setup::run_setup()?;
     let text = std::fs::read_to_string(RUNTIME_DEFAULT)
         .with_context(|| format!("reading the runtime's default profile {RUNTIME_DEFAULT}"))?;
     let mut profile: serde_json::Value = serde_json::from_str(&text)?;

@@ -8,8 +8,9 @@ use anyhow::{Context, bail};
 
 use crate::util::{self, is_root, ok, output};
 
-/// Debian packages: libLLVM 22 for bpf-linker, and the real peers the tests
-/// and the demo drive.
+/// Debian packages: libLLVM 22 for bpf-linker, the real peers the tests
+/// and the demo drive, and what builds and runs the image without a Docker
+/// engine (DESIGN.md 8).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iptables",
@@ -21,6 +22,11 @@ const PACKAGES: &[&str] = &[
     "nghttp2-proxy",
     "haproxy",
     "curl",
+    "debootstrap",
+    "buildah",
+    "podman",
+    "runc",
+    "golang-github-containers-common",
 ];
 
 /// The nightly that DESIGN.md 4 pins: its LLVM (22) is the one bpf-linker
