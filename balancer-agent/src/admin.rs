@@ -209,6 +209,9 @@ pub struct RouterStatusView {
     pub routes: usize,
     pub client_connections: u64,
     pub backend_connections: u64,
+    /// Endpoints its failure accrual has ejected now.
+    #[serde(default)]
+    pub ejected: usize,
     /// The inode of its listening socket (the agent holds a duplicate).
     #[serde(default)]
     pub listener_inode: u64,
@@ -254,6 +257,18 @@ pub struct EndpointView {
     /// The router's PeakEWMA latency estimate, microseconds.
     #[serde(default)]
     pub ewma_us: u64,
+    /// Streams through the router that the pod failed.
+    #[serde(default)]
+    pub failures: u64,
+    #[serde(default)]
+    pub ejections: u64,
+    /// Ejected by the router's failure accrual now: why (`connect`,
+    /// `reset`, `5xx`, `grpc`, `connection-lost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ejected: Option<String>,
+    /// How long until its probe, milliseconds.
+    #[serde(default)]
+    pub ejected_for_ms: u64,
     /// Where its counts are read: the data path's backend id, and the
     /// address the router knows it by.
     #[serde(skip)]

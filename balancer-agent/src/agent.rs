@@ -214,6 +214,10 @@ impl Agent {
                         active_streams: 0,
                         streams_total: 0,
                         ewma_us: 0,
+                        failures: 0,
+                        ejections: 0,
+                        ejected: None,
+                        ejected_for_ms: 0,
                         backend_id: self.dataplane.backend_id(&addr),
                         socket: Some(addr),
                     });
@@ -275,7 +279,7 @@ pub fn fill_kernel(view: &mut EndpointsView, stats: impl Fn(u32) -> balancer_com
 /// Add the router's per-endpoint streams and latency (http2 ports).
 pub fn fill_router(view: &mut EndpointsView, router: &[RouterEndpointView]) {
     let by_addr: std::collections::HashMap<_, _> =
-        router.iter().map(|r| (r.address, r.stats)).collect();
+        router.iter().map(|r| (r.address, &r.stats)).collect();
     for s in &mut view.services {
         for e in &mut s.endpoints {
             let Some(r) = e.socket.and_then(|a| by_addr.get(&a)) else {
@@ -284,6 +288,10 @@ pub fn fill_router(view: &mut EndpointsView, router: &[RouterEndpointView]) {
             e.active_streams = r.active_streams;
             e.streams_total += r.streams_total;
             e.ewma_us = r.ewma_us;
+            e.failures = r.failures;
+            e.ejections = r.ejections;
+            e.ejected.clone_from(&r.ejected);
+            e.ejected_for_ms = r.ejected_for_ms;
         }
     }
 }

@@ -245,6 +245,12 @@ pub fn print_endpoints(v: &EndpointsView, as_json: bool) -> anyhow::Result<()> {
                 e.zone.clone().unwrap_or_else(|| "-".into()),
                 e.active_connections.to_string(),
                 e.connections_total.to_string(),
+                match &e.ejected {
+                    Some(why) => {
+                        format!("{why}, probe in {:.1}s", e.ejected_for_ms as f64 / 1000.0)
+                    }
+                    None => "-".into(),
+                },
             ]);
         }
     }
@@ -257,11 +263,12 @@ pub fn print_endpoints(v: &EndpointsView, as_json: bool) -> anyhow::Result<()> {
             "-".into(),
             d.active_connections.to_string(),
             d.connections_total.to_string(),
+            "-".into(),
         ]);
     }
     emit(&table(
         &[
-            "SERVICE", "ENDPOINT", "STATE", "USABLE", "ZONE", "ACTIVE", "TOTAL",
+            "SERVICE", "ENDPOINT", "STATE", "USABLE", "ZONE", "ACTIVE", "TOTAL", "EJECTED",
         ],
         &rows,
     ))
@@ -324,10 +331,10 @@ pub fn top_frame(prev: Option<&EndpointsView>, now: &EndpointsView, dt: f64) -> 
                 e.active_streams.to_string(),
                 format!("{:.0}", per[i].0),
                 format!("{share:.1}%"),
-                if e.ewma_us > 0 {
-                    format!("{}us", e.ewma_us)
-                } else {
-                    "-".into()
+                match (&e.ejected, e.ewma_us) {
+                    (Some(why), _) => format!("EJECTED ({why})"),
+                    (None, 0) => "-".into(),
+                    (None, us) => format!("{us}us"),
                 },
             ]);
         }
@@ -415,6 +422,10 @@ mod tests {
             active_streams: 0,
             streams_total: streams,
             ewma_us: 0,
+            failures: 0,
+            ejections: 0,
+            ejected: None,
+            ejected_for_ms: 0,
             backend_id: None,
             socket: None,
         }

@@ -153,6 +153,25 @@ enum Command {
         /// router hold; past it pods get a minimal window per stream.
         #[arg(long, default_value = "256MiB", value_parser = parse_size)]
         router_buffer_limit: usize,
+        /// Failures in a row that eject an endpoint: connects, resets by
+        /// the pod, 5xx, gRPC Trailers-Only UNAVAILABLE / INTERNAL /
+        /// UNKNOWN / DEADLINE_EXCEEDED. 0 turns failure accrual off.
+        /// (linkerd2-proxy: 7; Envoy's consecutive_5xx: 5.)
+        #[arg(long, default_value_t = 5)]
+        failure_accrual: u32,
+        /// First ejection; then one probe stream, and twice as long again
+        /// if it fails. (linkerd2-proxy: 1s; Envoy's base_ejection_time:
+        /// 30s.)
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        ejection_backoff: Duration,
+        /// Longest ejection. (linkerd2-proxy: 60s; Envoy's
+        /// max_ejection_time: 300s.)
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        ejection_backoff_max: Duration,
+        /// Most of a service's endpoints ejected at once, percent; never
+        /// the last one. (Envoy's max_ejection_percent: 10.)
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+        max_ejected_percent: u32,
     },
     /// Remove every pin (and so detach every pinned program) under --bpffs.
     Cleanup {
@@ -278,8 +297,18 @@ fn main() -> ExitCode {
                 stream_idle_timeout,
                 client_buffer,
                 router_buffer_limit,
+                failure_accrual,
+                ejection_backoff,
+                ejection_backoff_max,
+                max_ejected_percent,
             } => {
                 router::process::run(router::process::RouterOptions {
+                    accrual: balancer_router::accrual::Policy {
+                        consecutive: failure_accrual,
+                        min_backoff: ejection_backoff,
+                        max_backoff: ejection_backoff_max.max(ejection_backoff),
+                        max_ejected_percent,
+                    },
                     listen,
                     cgroup,
                     bpffs,

@@ -93,6 +93,38 @@ pub fn render(view: &EndpointsView, status: &StatusView) -> String {
         }
     }
     f.head(
+        "balancer_endpoint_failures_total",
+        "counter",
+        "Streams through the router the pod failed (connect, reset, 5xx, gRPC failure).",
+    );
+    for s in &view.services {
+        for e in &s.endpoints {
+            let ep = format!("{}:{}", e.address, e.port);
+            f.sample(
+                "balancer_endpoint_failures_total",
+                &[("service", &s.name), ("endpoint", &ep)],
+                e.failures,
+            );
+        }
+    }
+    f.head(
+        "balancer_endpoint_ejected",
+        "gauge",
+        "1 while the router's failure accrual has ejected the endpoint, by reason.",
+    );
+    for s in &view.services {
+        for e in &s.endpoints {
+            if let Some(why) = &e.ejected {
+                let ep = format!("{}:{}", e.address, e.port);
+                f.sample(
+                    "balancer_endpoint_ejected",
+                    &[("service", &s.name), ("endpoint", &ep), ("reason", why)],
+                    1,
+                );
+            }
+        }
+    }
+    f.head(
         "balancer_endpoint_latency_ewma_seconds",
         "gauge",
         "The router's latency estimate per endpoint.",
@@ -234,6 +266,22 @@ pub fn render_router(status: &RouterStatusView) -> String {
         "http2 service ports in the router's table.",
     );
     f.sample("balancer_router_routes", &[], status.routes);
+    f.head(
+        "balancer_router_ejected_endpoints",
+        "gauge",
+        "Endpoints the router's failure accrual has ejected now.",
+    );
+    f.sample("balancer_router_ejected_endpoints", &[], status.ejected);
+    f.head(
+        "balancer_router_ejections_total",
+        "counter",
+        "Ejections by failure accrual (consecutive failed streams, and failed probes).",
+    );
+    f.sample(
+        "balancer_router_ejections_total",
+        &[],
+        balancer_router::accrual::EJECTIONS.load(Ordering::Relaxed),
+    );
     f.head(
         "balancer_router_table_generation",
         "gauge",

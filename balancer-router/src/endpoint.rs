@@ -52,9 +52,12 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub outstanding: AtomicU64,
     pub streams_total: AtomicU64,
+    /// Streams that failed (see [`crate::accrual::Failure`]).
     pub failures: AtomicU64,
     /// Set when the endpoint left every service: no new streams.
     pub draining: AtomicBool,
+    /// Failure accrual: ejected after consecutive failures.
+    pub accrual: crate::accrual::Accrual,
     ewma: Mutex<Ewma>,
 }
 
@@ -66,6 +69,7 @@ impl Endpoint {
             streams_total: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            accrual: crate::accrual::Accrual::default(),
             ewma: Mutex::new(Ewma {
                 estimate: DEFAULT_RTT.as_nanos() as f64,
                 at: Instant::now(),
@@ -113,6 +117,15 @@ impl Endpoint {
         InFlight {
             ep: self.clone(),
             started: Mutex::new(Instant::now()),
+            judged: AtomicBool::new(false),
+        }
+    }
+
+    /// A failure of the endpoint itself (not of one stream): a connect.
+    pub fn failed(&self, why: crate::accrual::Failure, now: Instant) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if self.accrual.failure(why, now) {
+            tracing::warn!(endpoint = %self.addr, reason = why.as_str(), "endpoint ejected");
         }
     }
 }
@@ -122,6 +135,8 @@ impl Endpoint {
 pub struct InFlight {
     pub ep: Arc<Endpoint>,
     started: Mutex<Instant>,
+    /// Its outcome was recorded (success or failure).
+    judged: AtomicBool,
 }
 
 impl InFlight {
@@ -131,6 +146,21 @@ impl InFlight {
     /// endpoint.
     pub fn sent(&self) {
         *self.started.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// The pod answered this stream well (its response headers): the
+    /// endpoint is healthy.
+    pub fn succeeded(&self) {
+        if !self.judged.swap(true, Ordering::Relaxed) {
+            self.ep.accrual.success();
+        }
+    }
+
+    /// The pod failed this stream.
+    pub fn failed(&self, why: crate::accrual::Failure, now: Instant) {
+        if !self.judged.swap(true, Ordering::Relaxed) {
+            self.ep.failed(why, now);
+        }
     }
 
     /// Response headers arrived: feed the latency estimate.
@@ -145,6 +175,12 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.ep.outstanding.fetch_sub(1, Ordering::Relaxed);
+        if !self.judged.load(Ordering::Relaxed)
+            && self.ep.accrual.standing(Instant::now()) == crate::accrual::Standing::Probing
+        {
+            // Maybe the probe, cancelled unanswered: let another go.
+            self.ep.accrual.release_probe();
+        }
     }
 }
 
@@ -192,20 +228,70 @@ impl Pool {
         }
     }
 
-    /// Choose an endpoint, skipping those in `exclude` (already tried for
-    /// this stream) when others remain.
+    /// The endpoints that may take a stream now: the healthy ones, and
+    /// ejected ones beyond the cap (those whose ejection ends first), so
+    /// that at most [`max_ejected`](crate::accrual::max_ejected) are out;
+    /// or, as the first choice, an ejected one whose backoff is over (its
+    /// probe).
+    fn serving(&self, now: Instant) -> Result<Vec<&Arc<Endpoint>>, Arc<Endpoint>> {
+        use crate::accrual::Standing;
+        let mut healthy = Vec::with_capacity(self.endpoints.len());
+        let mut out: Vec<(u64, &Arc<Endpoint>)> = Vec::new();
+        for e in &self.endpoints {
+            match e.accrual.standing(now) {
+                Standing::Healthy => healthy.push(e),
+                Standing::ProbeDue if e.accrual.claim_probe() => return Err(e.clone()),
+                Standing::Ejected(until) => out.push((until, e)),
+                Standing::ProbeDue | Standing::Probing => out.push((0, e)),
+            }
+        }
+        let cap = crate::accrual::max_ejected(&crate::accrual::policy(), self.endpoints.len());
+        if out.len() > cap {
+            out.sort_by_key(|(until, _)| *until);
+            let back = out.len() - cap;
+            healthy.extend(out.into_iter().take(back).map(|(_, e)| e));
+        }
+        Ok(healthy)
+    }
+
+    /// The endpoints ejected in this pool now, after the cap: those that
+    /// get no stream but a probe.
+    pub fn ejected(&self, now: Instant) -> Vec<SocketAddr> {
+        let mut out: Vec<(u64, SocketAddr)> = self
+            .endpoints
+            .iter()
+            .filter_map(|e| match e.accrual.standing(now) {
+                crate::accrual::Standing::Healthy => None,
+                crate::accrual::Standing::Ejected(until) => Some((until, e.addr)),
+                _ => Some((0, e.addr)),
+            })
+            .collect();
+        let cap = crate::accrual::max_ejected(&crate::accrual::policy(), self.endpoints.len());
+        out.sort_by_key(|(until, _)| *until);
+        // The cap lets in those whose ejection ends first.
+        let back = out.len().saturating_sub(cap);
+        out.into_iter().skip(back).map(|(_, a)| a).collect()
+    }
+
+    /// Choose an endpoint, skipping ejected ones (see [`Pool::serving`])
+    /// and those in `exclude` (already tried for this stream) when others
+    /// remain.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<Endpoint>> {
+        let serving = match self.serving(Instant::now()) {
+            Ok(s) => s,
+            Err(probe) if !exclude.contains(&probe.addr) => return Some(probe),
+            Err(probe) => {
+                probe.accrual.release_probe();
+                self.endpoints.iter().collect()
+            }
+        };
         let candidates: Vec<&Arc<Endpoint>> = {
-            let fresh: Vec<_> = self
-                .endpoints
+            let fresh: Vec<_> = serving
                 .iter()
+                .copied()
                 .filter(|e| !exclude.contains(&e.addr))
                 .collect();
-            if fresh.is_empty() {
-                self.endpoints.iter().collect()
-            } else {
-                fresh
-            }
+            if fresh.is_empty() { serving } else { fresh }
         };
         let n = candidates.len();
         if n == 0 {

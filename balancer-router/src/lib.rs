@@ -1,6 +1,6 @@
 //! The HTTP/2 frame router's logic, without I/O.
 //!
-//! The agent's router thread (`balancer-agent/src/proxy/`) owns the
+//! The router process (`balancer-agent/src/router/`) owns the
 //! sockets; everything it does with the bytes is here, so that it can be
 //! tested frame by frame and fuzzed (`fuzz/fuzz_targets/h2router.rs`):
 //! - [`core`]: client and backend connections, streams across the two
@@ -13,9 +13,11 @@
 //!   of blocks sent before a client ACKed our settings;
 //! - [`error`]: connection and stream errors;
 //! - [`endpoint`]: per-stream endpoint choice (least-request and others);
+//! - [`accrual`]: failure accrual, the ejection of failing endpoints;
 //! - [`stats`]: the router's counters, read by the agent's metrics.
 #![forbid(unsafe_code)]
 
+pub mod accrual;
 pub mod core;
 pub mod endpoint;
 pub mod error;

@@ -1,6 +1,9 @@
 """A real gRPC peer (grpcio, not ours) for the router's interop test.
 
-    peer.py serve NAME PORT          # generic service answering with its pod name
+    peer.py serve NAME PORT [MODE]   # generic service answering with its pod name
+        MODE: broken (every unary call fails at once with UNAVAILABLE, as a pod
+        with a dead database), broken-for=SECONDS (broken, then well),
+        slow=MS (every unary call takes MS milliseconds more)
     peer.py client ADDR RPCS         # one channel: unary, server-, client-streaming, bidi
     peer.py load ADDR SECONDS INFLIGHT  # one channel, INFLIGHT unary RPCs at all times
 
@@ -16,8 +19,27 @@ import grpc
 SERVICE = "lbt.Echo"
 
 
-def serve(name, port):
+def serve(name, port, mode=""):
+    import time
+
+    # broken-for counts from the first call, not from the start.
+    started = []
+    broken_for = None
+    slow = 0.0
+    if mode == "broken":
+        broken_for = float("inf")
+    elif mode.startswith("broken-for="):
+        broken_for = float(mode.split("=", 1)[1])
+    elif mode.startswith("slow="):
+        slow = float(mode.split("=", 1)[1]) / 1000.0
+
     def unary(req, ctx):
+        if not started:
+            started.append(time.monotonic())
+        if broken_for is not None and time.monotonic() - started[0] < broken_for:
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, f"{name} is broken")
+        if slow:
+            time.sleep(slow)
         ctx.set_trailing_metadata((("x-pod", name),))
         return name.encode()
 
@@ -153,7 +175,7 @@ def load(addr, seconds, inflight):
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(sys.argv[2], sys.argv[3])
+        serve(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "")
     elif sys.argv[1] == "load":
         load(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
     else:

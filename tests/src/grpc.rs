@@ -23,9 +23,16 @@ impl Drop for Killed {
 
 /// A grpcio server answering with its pod name on `port` in `ns`.
 pub fn server(ns: &str, name: &str, port: u16) -> anyhow::Result<Killed> {
+    server_mode(ns, name, port, "")
+}
+
+/// The same in a `mode` of `peer.py serve` (`broken`, `broken-for=S`,
+/// `slow=MS`).
+pub fn server_mode(ns: &str, name: &str, port: u16, mode: &str) -> anyhow::Result<Killed> {
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns, "python3", PEER, "serve", name])
         .arg(port.to_string())
+        .arg(mode)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

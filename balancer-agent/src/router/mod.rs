@@ -49,11 +49,26 @@ const SILENT_CLIENT: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Per-endpoint router statistics, for the admin API.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct EndpointStats {
     pub active_streams: u64,
     pub streams_total: u64,
     pub ewma_us: u64,
+    /// Streams the pod failed (connects, resets, 5xx, gRPC failures).
+    #[serde(default)]
+    pub failures: u64,
+    /// Failures in a row now.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// Times it was ejected.
+    #[serde(default)]
+    pub ejections: u64,
+    /// Ejected now (or probing): why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ejected: Option<String>,
+    /// Until its probe, milliseconds (0 once the probe is due).
+    #[serde(default)]
+    pub ejected_for_ms: u64,
 }
 
 pub struct Router {
@@ -204,16 +219,32 @@ impl Router {
     /// Every endpoint the router knows (routed to, or draining with
     /// streams in flight), with its counters.
     pub fn endpoint_stats(&self) -> Vec<(SocketAddr, EndpointStats)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::Instant::now();
+        // Ejected where it counts: out of a service's pool after the cap.
+        let out: std::collections::HashSet<SocketAddr> = self
+            .table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flat_map(|pool| pool.ejected(now))
+            .collect();
         let reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<_> = reg
             .iter()
             .map(|(addr, e)| {
+                let ejected = e.accrual.view(now).filter(|_| out.contains(addr));
                 (
                     *addr,
                     EndpointStats {
-                        active_streams: e.outstanding.load(std::sync::atomic::Ordering::Relaxed),
-                        streams_total: e.streams_total.load(std::sync::atomic::Ordering::Relaxed),
+                        active_streams: e.outstanding.load(Relaxed),
+                        streams_total: e.streams_total.load(Relaxed),
                         ewma_us: e.ewma().as_micros() as u64,
+                        failures: e.failures.load(Relaxed),
+                        consecutive_failures: e.accrual.consecutive(),
+                        ejections: e.accrual.ejections.load(Relaxed),
+                        ejected: ejected.map(|(why, _)| why.as_str().to_owned()),
+                        ejected_for_ms: ejected.map_or(0, |(_, ms)| ms),
                     },
                 )
             })

@@ -66,6 +66,7 @@ pub struct RouterOptions {
     pub splice: bool,
     pub drain_timeout: Duration,
     pub limits: core::Limits,
+    pub accrual: balancer_router::accrual::Policy,
 }
 
 /// What the router's admin socket and metrics report.
@@ -95,6 +96,12 @@ impl Shared {
             backend_connections: balancer_router::stats::BACKEND_CONNECTIONS
                 .load(Ordering::Relaxed),
             listener_inode: self.listener_inode,
+            ejected: self
+                .router
+                .endpoint_stats()
+                .iter()
+                .filter(|(_, s)| s.ejected.is_some())
+                .count(),
             table_error: self
                 .table_error
                 .lock()
@@ -346,7 +353,9 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
         splice,
         drain_timeout,
         limits,
+        accrual,
     } = opts;
+    balancer_router::accrual::set_policy(accrual);
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
             "balancer-agent router must run as root: it opens the agent's pinned maps (CAP_BPF)"

@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::{BStream, Chunk, ConnId, Core, MAX_RESPONSE_HEADER_LIST, Up, state::State, unpool};
 use crate::{
+    accrual::Failure,
     error::Error,
     frame::{self, Block, FrameHeader, Reason},
     hpack::{self, Role},
@@ -42,7 +43,7 @@ impl Core {
             return;
         };
         tracing::debug!(endpoint = %be.ep.addr, "backend connection failed");
-        be.ep.failures.fetch_add(1, Ordering::Relaxed);
+        be.ep.failed(Failure::Connect, self.now);
         self.backend_gone(b);
     }
 
@@ -80,6 +81,9 @@ impl Core {
                 self.pump_down(bs.client, bs.sid);
             } else {
                 stats::BACKEND_CONN_RESETS.fetch_add(1, Ordering::Relaxed);
+                if let Some(i) = cs.inflight.take() {
+                    i.failed(Failure::ConnectionLost, self.now);
+                }
                 self.reset_client_stream(bs.client, bs.sid, Reason::INTERNAL_ERROR);
             }
         }
@@ -163,7 +167,7 @@ impl Core {
             if let Some(cs) = self.cstream(bs.client, bs.sid) {
                 cs.up = Up::Done;
                 if let Some(i) = cs.inflight.take() {
-                    i.ep.failures.fetch_add(1, Ordering::Relaxed);
+                    i.failed(Failure::Reset, self.now);
                 }
             }
             self.reset_client_stream(bs.client, bs.sid, Reason::INTERNAL_ERROR);
@@ -287,8 +291,10 @@ impl Core {
                     self.pump_up(c, sid);
                     self.pump_down(c, sid);
                 } else {
-                    if let Some(i) = cs.inflight.take() {
-                        i.ep.failures.fetch_add(1, Ordering::Relaxed);
+                    if let Some(i) = cs.inflight.take()
+                        && !cs.responded
+                    {
+                        i.failed(Failure::Reset, self.now);
                     }
                     self.reset_client_stream(c, sid, reason);
                 }
@@ -486,6 +492,14 @@ impl Core {
                 cs.responded = true;
                 if let Some(i) = &cs.inflight {
                     i.responded();
+                }
+            }
+            // Judged by its first answer (once): a 5xx, or a gRPC
+            // Trailers-Only failure, counts against the pod.
+            if !informational && let Some(i) = &cs.inflight {
+                match Failure::of_response(info.status, info.grpc_status, block.end_stream) {
+                    Some(why) => i.failed(why, now),
+                    None => i.succeeded(),
                 }
             }
             cs.to_down.push_back(Chunk::Headers {

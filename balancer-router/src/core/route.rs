@@ -4,10 +4,7 @@
 //! process (RFC 9113 8.7: REFUSED_STREAM, above a GOAWAY's last id, or a
 //! connection that never came up), replayed elsewhere.
 
-use std::{
-    collections::VecDeque,
-    sync::{Arc, atomic::Ordering},
-};
+use std::{collections::VecDeque, sync::Arc};
 
 use bytes::BytesMut;
 
@@ -228,9 +225,9 @@ impl Core {
         let Some(cs) = self.cstream(c, sid) else {
             return;
         };
-        if let Some(i) = cs.inflight.take() {
-            i.ep.failures.fetch_add(1, Ordering::Relaxed);
-        }
+        // Not a failure of the pod (REFUSED_STREAM, beyond its GOAWAY, or
+        // no connection, which is counted once per connection).
+        cs.inflight = None;
         let replay = if cs.responded || cs.tried.len() >= MAX_ATTEMPTS {
             None
         } else {

@@ -1,0 +1,161 @@
+//! Failure accrual in the router, with real gRPC pods (grpcio): a pod that
+//! fails every call is ejected and gets almost nothing, comes back within
+//! a backoff once it recovers, never more than half of a service is
+//! ejected, and a slow pod that answers well is not ejected.
+
+use std::time::Duration;
+
+use balancer_tests::{
+    Agent, ROUTER_ADDR, Topology,
+    grpc::{self, Killed, Load},
+    require_root,
+};
+use serde_json::Value;
+
+const PORT: u16 = 50055;
+const VIP: &str = "198.19.0.72:80";
+const INFLIGHT: usize = 16;
+
+fn yaml(t: &Topology) -> String {
+    let mut y = format!(
+        "services:\n  - name: default/grpc\n    addresses: [198.19.0.72]\n    ports:\n      - name: grpc\n        port: 80\n        targetPort: {PORT}\n        protocol: http2\n    endpoints:\n"
+    );
+    for p in &t.pods {
+        y += &format!("      - address: {}\n", p.v4);
+    }
+    y
+}
+
+/// Four grpcio pods, pod `i` in `modes[i]` (`peer.py serve` modes).
+fn setup(tag: &str, modes: [&str; 4]) -> (Topology, Vec<Killed>, Agent) {
+    require_root();
+    let t = Topology::new(tag, 4, &[]).expect("topology");
+    let servers = t
+        .pods
+        .iter()
+        .zip(modes)
+        .map(|(p, m)| grpc::server_mode(&p.ns.name, &p.name, PORT, m).expect("grpc server"))
+        .collect();
+    let agent = Agent::start_with(
+        &t.prefix,
+        &t.cgroup.path,
+        &yaml(&t),
+        Some(&t.node.name),
+        &["--proxy-addr", ROUTER_ADDR],
+    )
+    .expect("agent");
+    (t, servers, agent)
+}
+
+/// The endpoints of the service, from `endpoints -o json`.
+fn endpoints(agent: &Agent) -> Vec<Value> {
+    agent.endpoints_json().expect("endpoints")["services"][0]["endpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_pod_that_fails_every_rpc_is_ejected_and_gets_almost_nothing() {
+    let (t, _s, agent) = setup("acbroken", ["broken", "", "", ""]);
+    let load = Load::start(&t.client.name, &t.cgroup.path, VIP, 4.0, INFLIGHT).expect("load");
+    std::thread::sleep(Duration::from_millis(2000));
+    let eps = endpoints(&agent);
+    let r = load.wait().expect("report");
+    let failed = r.failures.len() as f64;
+    let all = r.ok as f64 + failed;
+    let late: f64 = r.failures.iter().filter(|f| f.0 >= 1000).count() as f64;
+    let late_all: f64 = r
+        .buckets
+        .iter()
+        .filter(|b| b.0 >= 1000)
+        .map(|b| b.1.values().sum::<u64>() + b.2)
+        .sum::<u64>() as f64;
+    eprintln!(
+        "one pod of 4 failing every RPC: {failed} of {all} RPCs failed ({:.2}%); after the first \
+         second {late} of {late_all} ({:.2}%); per pod {:?}",
+        100.0 * failed / all,
+        100.0 * late / late_all,
+        r.pods_after(0)
+    );
+    assert!(failed / all < 0.02, "client failures {failed} of {all}");
+    assert!(
+        late / late_all < 0.02,
+        "the broken pod's share after 1 s: {late} of {late_all}"
+    );
+    assert_eq!(r.pods_after(0).len(), 3, "the three good pods served");
+    let broken = eps
+        .iter()
+        .find(|e| e["address"] == t.pods[0].v4.to_string())
+        .expect("pod0");
+    assert_eq!(broken["ejected"], "grpc", "{broken}");
+    assert!(broken["failures"].as_u64() >= Some(5), "{broken}");
+}
+
+#[test]
+fn a_pod_that_recovers_is_back_within_one_backoff() {
+    // Broken for its first 2 s of calls: ejected at once (backoff 1 s),
+    // its probe at about 1 s fails (backoff 2 s), the next at about 3 s
+    // finds it well.
+    let (t, _s, _agent) = setup("acheal", ["broken-for=2", "", "", ""]);
+    let load = Load::start(&t.client.name, &t.cgroup.path, VIP, 6.0, INFLIGHT).expect("load");
+    let r = load.wait().expect("report");
+    let back = r
+        .buckets
+        .iter()
+        .find(|b| b.0 >= 2000 && b.1.contains_key(&t.pods[0].name))
+        .map(|b| b.0);
+    eprintln!(
+        "a pod broken for 2 s: {} RPCs failed, back from {back:?} ms",
+        r.failures.len()
+    );
+    let back = back.expect("the pod came back");
+    // Recovered at 2 s; its backoff then is at most 2 s.
+    assert!(back <= 4500, "back only at {back} ms");
+    assert!(
+        r.failures.len() < 40,
+        "failures: {} (5 to eject, a probe per backoff)",
+        r.failures.len()
+    );
+    assert_eq!(r.pods_after(5000).len(), 4, "{:?}", r.raw);
+}
+
+#[test]
+fn with_three_of_four_pods_broken_at_most_half_are_ejected() {
+    let (t, _s, agent) = setup("accap", ["broken", "broken", "broken", ""]);
+    let load = Load::start(&t.client.name, &t.cgroup.path, VIP, 4.0, INFLIGHT).expect("load");
+    let mut most = 0;
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(500));
+        let ejected = endpoints(&agent)
+            .iter()
+            .filter(|e| e["ejected"].is_string())
+            .count();
+        most = most.max(ejected);
+    }
+    let r = load.wait().expect("report");
+    let all = r.ok + r.failures.len() as u64;
+    eprintln!(
+        "3 of 4 pods broken: at most {most} ejected at once; {} of {all} RPCs ok, all on {:?}",
+        r.ok,
+        r.pods_after(0)
+    );
+    assert!(most >= 1, "failure accrual ejected nothing");
+    assert!(most <= 2, "{most} of 4 ejected: the cap is half");
+    // The rest of the load still reaches the good pod, and the broken pod
+    // the cap keeps in (one of two candidates).
+    assert_eq!(r.pods_after(0).len(), 1);
+    assert!(r.ok as f64 > all as f64 * 0.25, "{} of {all}", r.ok);
+}
+
+#[test]
+fn a_slow_pod_that_answers_well_is_not_ejected() {
+    let (t, _s, agent) = setup("acslow", ["slow=20", "", "", ""]);
+    let load = Load::start(&t.client.name, &t.cgroup.path, VIP, 3.0, INFLIGHT).expect("load");
+    let r = load.wait().expect("report");
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    assert_eq!(r.pods_after(0).len(), 4, "the slow pod still serves");
+    for e in endpoints(&agent) {
+        assert_eq!(e["ejections"], 0, "{e}");
+    }
+}
