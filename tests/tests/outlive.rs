@@ -148,16 +148,34 @@ fn a_router_that_does_not_come_back_leaves_clients_to_l4_after_the_grace() {
             .map(|f| f.0)
             .collect::<std::collections::BTreeSet<_>>(),
     );
-    // The RPCs in flight at the kill, and those that waited on the held
-    // listener when the grace ran out: nothing else.
+    // Failures at two moments only: the RPCs in flight at the kill, and,
+    // when the grace ran out, those that waited on the held listener (with
+    // those grpcio fails fast while its channel reconnects: 17 here on an
+    // idle machine, over a hundred on a busy one, all within milliseconds).
+    let at_kill = |f: &&(u64, String)| f.0 < killed_at + 100;
     assert!(
-        r.failures.len() <= 3 * INFLIGHT,
-        "failed RPCs: {:?}",
+        r.failures.iter().filter(at_kill).count() <= 2 * INFLIGHT,
+        "{:?}",
         r.failures
+    );
+    let later: Vec<u64> = r
+        .failures
+        .iter()
+        .filter(|f| !at_kill(f))
+        .map(|f| f.0)
+        .collect();
+    let grace_end = *later.first().expect("the queued RPCs fail at the grace");
+    assert!(
+        grace_end <= killed_at + 2000 + 750,
+        "the grace ended only at {grace_end} ms"
+    );
+    assert!(
+        later.iter().all(|t| *t < grace_end + 300),
+        "failures long after the grace: {later:?}"
     );
     let served = served.expect("served again");
     assert!(
-        served <= killed_at + 2000 + 1500,
+        served <= grace_end + 500,
         "served again at L4 only at {served} ms"
     );
     // At L4 now: one connection, one pod.
