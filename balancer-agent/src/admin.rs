@@ -172,6 +172,11 @@ pub struct StatusView {
     /// The routing table's generation in the maps (even when complete).
     #[serde(default)]
     pub generation: u64,
+    /// `tcp` backends failure accrual has taken out now (failed connects).
+    #[serde(default)]
+    pub l4_ejected: usize,
+    #[serde(default)]
+    pub l4_ejections: u64,
     /// The HTTP/2 router, as the kernel sees it (CONFIG) and as it
     /// answers on its socket.
     #[serde(default)]

@@ -17,6 +17,12 @@ use crate::{
 
 pub struct Agent {
     pub dataplane: Dataplane,
+    /// Failure accrual of `tcp` ports (failed connects).
+    pub l4: crate::eject::L4Accrual,
+    /// The backends of `tcp` ports, whose connects `l4` follows.
+    l4_backends: Vec<std::net::SocketAddr>,
+    /// `connect_failed` when `l4` last looked.
+    connect_failed_seen: u64,
     pub state: DesiredState,
     pub source_kind: &'static str,
     /// The file, or the cluster's default namespace.
@@ -37,6 +43,9 @@ impl Agent {
     pub fn new(dataplane: Dataplane, source_kind: &'static str, source_location: String) -> Self {
         Self {
             dataplane,
+            l4: crate::eject::L4Accrual::default(),
+            l4_backends: Vec::new(),
+            connect_failed_seen: 0,
             state: DesiredState::default(),
             source_kind,
             source_location,
@@ -51,8 +60,7 @@ impl Agent {
         self.reload.at_unix_ms = now_ms();
         // Convert everything first, then publish to the kernel (and so to
         // the router process, which reads the same maps).
-        let frontends = state.frontends();
-        match self.dataplane.apply(&frontends) {
+        match self.program(&state) {
             Ok(summary) => {
                 tracing::info!(
                     services = state.services.len(),
@@ -75,6 +83,55 @@ impl Agent {
                 Err(msg)
             }
         }
+    }
+
+    /// The frontends of `state` into the maps, without the backends that
+    /// failure accrual took out of `tcp` ports.
+    fn program(
+        &mut self,
+        state: &DesiredState,
+    ) -> Result<crate::dataplane::ApplySummary, crate::dataplane::DataplaneError> {
+        let mut frontends = state.frontends();
+        let mut tcp: Vec<std::net::SocketAddr> = frontends
+            .iter()
+            .filter(|f| f.mode == balancer_common::Mode::Tcp)
+            .flat_map(|f| f.backends.iter().copied())
+            .collect();
+        tcp.sort();
+        tcp.dedup();
+        self.l4.retain(&tcp.iter().copied().collect());
+        self.l4_backends = tcp;
+        self.l4.filter(&mut frontends);
+        self.dataplane.apply(&frontends)
+    }
+
+    /// Program the current state again (after an ejection or a return).
+    pub fn reprogram(&mut self) {
+        let state = std::mem::take(&mut self.state);
+        if let Err(e) = self.program(&state) {
+            tracing::error!(error = %e, "cannot apply an ejection; keeping the last good state");
+        }
+        self.state = state;
+    }
+
+    /// Look at the failed connects of `tcp` backends, when the kernel
+    /// counted any since the last look; true if one was ejected.
+    pub fn accrual_tick(&mut self, now: std::time::Instant) -> bool {
+        let seen = self
+            .dataplane
+            .counter(balancer_common::Counter::ConnectFailed);
+        if seen == self.connect_failed_seen {
+            return false;
+        }
+        self.connect_failed_seen = seen;
+        let mut ejected = false;
+        for addr in self.l4_backends.clone() {
+            if let Some(id) = self.dataplane.backend_id(&addr) {
+                let st = self.dataplane.stats(id);
+                ejected |= self.l4.observe(addr, &st, now);
+            }
+        }
+        ejected
     }
 
     /// Record an update the source could not produce (a bad file); the
@@ -134,6 +191,8 @@ impl Agent {
                 .map(|p| p.display().to_string()),
             adopted: self.dataplane.adopted,
             generation: self.dataplane.generation(),
+            l4_ejected: self.l4.ejected(),
+            l4_ejections: self.l4.ejections,
             router: self.dataplane.router_config().map(|c| {
                 let now = crate::router::monotonic_ns();
                 let age = now.saturating_sub(c.heartbeat_ns);
@@ -175,6 +234,7 @@ impl Agent {
     /// reads: no syscall, so a scrape can take it under the agent's lock
     /// and read the counts after releasing it.
     pub fn endpoints_shape(&self, only: Option<&str>) -> EndpointsView {
+        let now = std::time::Instant::now();
         let mut services = Vec::new();
         for s in &self.state.services {
             if only.is_some_and(|n| n != s.name) {
@@ -201,6 +261,7 @@ impl Agent {
                 target_ports.dedup();
                 for port in target_ports {
                     let addr = std::net::SocketAddr::new(e.address, port);
+                    let l4 = self.l4.view(&addr, now);
                     endpoints.push(EndpointView {
                         address: e.address.to_string(),
                         port,
@@ -216,8 +277,8 @@ impl Agent {
                         ewma_us: 0,
                         failures: 0,
                         ejections: 0,
-                        ejected: None,
-                        ejected_for_ms: 0,
+                        ejected: l4.map(|_| "connect".to_owned()),
+                        ejected_for_ms: l4.unwrap_or(0),
                         backend_id: self.dataplane.backend_id(&addr),
                         socket: Some(addr),
                     });
@@ -264,6 +325,7 @@ pub fn fill_kernel(view: &mut EndpointsView, stats: impl Fn(u32) -> balancer_com
             let st = e.backend_id.map(&stats).unwrap_or_default();
             e.active_connections = st.active;
             e.connections_total = st.total;
+            e.failures = st.connect_failures;
             // Streams sk_msg saw on L4-balanced connections; the router's
             // are added by `fill_router`.
             e.streams_total = st.streams;
@@ -288,10 +350,12 @@ pub fn fill_router(view: &mut EndpointsView, router: &[RouterEndpointView]) {
             e.active_streams = r.active_streams;
             e.streams_total += r.streams_total;
             e.ewma_us = r.ewma_us;
-            e.failures = r.failures;
+            e.failures += r.failures;
             e.ejections = r.ejections;
-            e.ejected.clone_from(&r.ejected);
-            e.ejected_for_ms = r.ejected_for_ms;
+            if r.ejected.is_some() {
+                e.ejected.clone_from(&r.ejected);
+                e.ejected_for_ms = r.ejected_for_ms;
+            }
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct RunOptions {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// `run --proxy-addr`: start the router process too.
     pub router: Option<SpawnRouter>,
+    /// Failure accrual of tcp ports.
+    pub accrual: balancer_router::accrual::Policy,
 }
 
 /// The router process `run --proxy-addr` starts.
@@ -347,6 +349,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         router_grace,
         metrics_addr,
         router: spawn_router,
+        accrual,
     } = opts;
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
@@ -407,6 +410,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Source::Kube(c) => ("kubernetes", c.default_namespace().to_owned()),
     };
     let mut agent = Agent::new(dataplane, kind, where_);
+    agent.l4 = crate::eject::L4Accrual::new(accrual);
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let watch_task = match source {
         Source::File(path, bytes, initial) => {
@@ -465,8 +469,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    // Drained-backend collection.
+    // Drained-backend collection, and failure accrual of tcp ports.
     let mut gc = tokio::time::interval(Duration::from_millis(250));
+    let (probe_tx, mut probe_rx) = tokio::sync::mpsc::channel::<(std::net::SocketAddr, bool)>(64);
     tracing::info!(admin_socket = %admin_socket.display(), "agent ready");
     loop {
         tokio::select! {
@@ -485,7 +490,35 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 }
             }
             _ = gc.tick() => {
-                agent.lock().unwrap_or_else(|p| p.into_inner()).dataplane.collect_drained();
+                let now = std::time::Instant::now();
+                let probes = {
+                    let mut a = agent.lock().unwrap_or_else(|p| p.into_inner());
+                    a.dataplane.collect_drained();
+                    if a.accrual_tick(now) {
+                        a.reprogram();
+                    }
+                    a.l4.due_probes(now)
+                };
+                for addr in probes {
+                    // A real connect, from the node: the backend is back
+                    // when it accepts one.
+                    let tx = probe_tx.clone();
+                    tokio::spawn(async move {
+                        let ok = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            tokio::net::TcpStream::connect(addr),
+                        )
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                        let _ = tx.send((addr, ok)).await;
+                    });
+                }
+            }
+            Some((addr, ok)) = probe_rx.recv() => {
+                let mut a = agent.lock().unwrap_or_else(|p| p.into_inner());
+                if a.l4.probe_result(addr, ok, std::time::Instant::now()) {
+                    a.reprogram();
+                }
             }
             _ = term.recv() => { tracing::info!("SIGTERM: detaching"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: detaching"); break; }

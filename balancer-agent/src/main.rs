@@ -9,6 +9,7 @@ mod agent;
 mod app;
 mod cli;
 mod dataplane;
+mod eject;
 mod fdpass;
 mod metrics;
 mod router;
@@ -80,6 +81,22 @@ enum Command {
         /// clients reconnect, balanced per connection).
         #[arg(long, default_value = "3s", value_parser = parse_duration)]
         router_grace: Duration,
+        /// tcp ports: failed connects in a row (refused, unreachable, timed
+        /// out; counted in the kernel) that take a backend out of its
+        /// services until a probe connect succeeds. 0 turns it off.
+        /// (http2 ports: the router's flag of the same name.)
+        #[arg(long, default_value_t = 5)]
+        failure_accrual: u32,
+        /// tcp ports: the first ejection; doubles per failed probe.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        ejection_backoff: Duration,
+        /// tcp ports: the longest ejection.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        ejection_backoff_max: Duration,
+        /// tcp ports: most of a service's backends out at once, percent;
+        /// never the last one.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+        max_ejected_percent: u32,
         /// Prometheus metrics and /healthz, /readyz on this address.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
@@ -247,6 +264,10 @@ fn main() -> ExitCode {
                 pin,
                 router_socket,
                 router_grace,
+                failure_accrual,
+                ejection_backoff,
+                ejection_backoff_max,
+                max_ejected_percent,
                 metrics_addr,
                 proxy_addr,
                 splice,
@@ -273,6 +294,12 @@ fn main() -> ExitCode {
                     app::SpawnRouter { listen: addr, args }
                 });
                 app::run(app::RunOptions {
+                    accrual: balancer_router::accrual::Policy {
+                        consecutive: failure_accrual,
+                        min_backoff: ejection_backoff,
+                        max_backoff: ejection_backoff_max.max(ejection_backoff),
+                        max_ejected_percent,
+                    },
                     router,
                     endpoints_file,
                     node_name,

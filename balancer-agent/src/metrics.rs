@@ -221,6 +221,18 @@ pub fn render(view: &EndpointsView, status: &StatusView) -> String {
         f.sample("balancer_apiserver_errors_total", &[], a.errors);
     }
     f.head(
+        "balancer_l4_ejected_backends",
+        "gauge",
+        "Backends of tcp ports taken out of their services because their connects fail.",
+    );
+    f.sample("balancer_l4_ejected_backends", &[], status.l4_ejected);
+    f.head(
+        "balancer_l4_ejections_total",
+        "counter",
+        "Ejections of tcp backends by failure accrual (failed connects).",
+    );
+    f.sample("balancer_l4_ejections_total", &[], status.l4_ejections);
+    f.head(
         "balancer_map_entries",
         "gauge",
         "Entries in each kernel map.",

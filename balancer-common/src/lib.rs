@@ -250,8 +250,11 @@ pub struct BackendStats {
     /// HTTP/2 streams clients opened on L4-balanced connections to this
     /// backend (counted by sk_msg).
     pub streams: u64,
+    /// Balanced connects that never established (refused, unreachable,
+    /// timed out): SYN_SENT to CLOSE, seen by sock_ops.
+    pub connect_failures: u64,
 }
-const _: () = assert!(core::mem::size_of::<BackendStats>() == 24);
+const _: () = assert!(core::mem::size_of::<BackendStats>() == 32);
 
 /// Value of the `SERVICE_STATE` array, indexed by service id: mutable
 /// per-service state the kernel owns (the round-robin cursor).
@@ -357,9 +360,11 @@ pub enum Counter {
     SpliceOff = 18,
     /// A socket could not be added to `SPLICE`.
     SpliceFull = 19,
+    /// A balanced connect failed (see [`BackendStats::connect_failures`]).
+    ConnectFailed = 20,
 }
 
-pub const COUNTER_NAMES: [&str; 20] = [
+pub const COUNTER_NAMES: [&str; 21] = [
     "balanced",
     "no_backend",
     "lookup_miss",
@@ -380,6 +385,7 @@ pub const COUNTER_NAMES: [&str; 20] = [
     "splice_on",
     "splice_off",
     "splice_full",
+    "connect_failed",
 ];
 pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
 

@@ -8,7 +8,8 @@ use core::{
 use aya_ebpf::{
     bindings::{
         BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB, sk_msg_md,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, sk_msg_md,
     },
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage, SockHash},
     helpers::{
@@ -33,6 +34,7 @@ use balancer_common::{
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const ECONNREFUSED: i32 = 111;
+const TCP_SYN_SENT: u32 = 2;
 const TCP_CLOSE: u32 = 7;
 const TCP_LISTEN: u32 = 10;
 /// Return values of cgroup sock_addr programs.
@@ -514,8 +516,12 @@ pub fn balancer_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive(&ctx),
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(0) == TCP_LISTEN && ctx.arg(1) == TCP_CLOSE => {
             on_listener_close();
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(0) == TCP_SYN_SENT && ctx.arg(1) == TCP_CLOSE => {
+            on_connect_failed(&ctx);
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => on_close(&ctx),
         _ => {}
@@ -647,6 +653,33 @@ fn on_listen(ctx: &SockOpsContext) {
     {
         atomic_add(n, 1);
     }
+}
+
+/// The SYN of a balanced (not steered) connect is sent: ask for its state
+/// changes, to see it fail (SYN_SENT to CLOSE) as well as establish.
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    let st = sock_state(ctx);
+    if st.is_null() || unsafe { (*st).flags } & SOCK_STEERED != 0 {
+        return;
+    }
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// A balanced connect that never established: refused (RST to the SYN),
+/// unreachable or timed out. Counted per backend, for the agent's
+/// failure accrual on L4 ports: kube-proxy never sees this.
+#[inline(always)]
+fn on_connect_failed(ctx: &SockOpsContext) {
+    let st = sock_state(ctx);
+    if st.is_null() || unsafe { (*st).flags } & SOCK_STEERED != 0 {
+        return;
+    }
+    let backend_id = unsafe { (*st).backend_id };
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        atomic_add(unsafe { ptr::addr_of_mut!((*stats).connect_failures) }, 1);
+    }
+    count(Counter::ConnectFailed);
 }
 
 /// A counted router listener closed (the process exited or drains).

@@ -159,3 +159,68 @@ fn a_slow_pod_that_answers_well_is_not_ejected() {
         assert_eq!(e["ejections"], 0, "{e}");
     }
 }
+
+#[test]
+fn a_pod_that_refuses_connections_stops_getting_l4_connections() {
+    require_root();
+    let mut t = Topology::new("acrefuse", 4, &[8080]).expect("topology");
+    let eps: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+    let agent = Agent::start(
+        &t.prefix,
+        &t.cgroup.path,
+        &balancer_tests::endpoints_yaml(
+            "default/web",
+            &["198.19.0.73"],
+            80,
+            8080,
+            "least-conn",
+            &eps,
+        ),
+    )
+    .expect("agent");
+    let vip = "198.19.0.73:80";
+    let cg = Some(t.cgroup.path.as_path());
+    // pod0's server stops; its address stays listed (as a pod whose
+    // process died before its readiness probe noticed).
+    drop(t.pods[0].server.take());
+    let first = balancer_tests::short_connections(&t.client.name, cg, vip, 40).expect("client");
+    let refused: u64 = first.errors.values().sum();
+    balancer_tests::Topology::wait_for("pod0 ejected", Duration::from_secs(5), || {
+        Ok(endpoints(&agent)
+            .iter()
+            .any(|e| e["address"] == eps[0] && e["ejected"] == "connect"))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", agent.log()));
+    let after = balancer_tests::short_connections(&t.client.name, cg, vip, 60).expect("client");
+    eprintln!(
+        "a pod refusing connections: {refused} of the first 40 connects failed; then {:?} \
+         failed of 60, spread {:?}",
+        after.errors, after.pods
+    );
+    assert!((5..=15).contains(&refused), "{first:?}");
+    assert!(after.errors.is_empty(), "{after:?}");
+    assert_eq!(after.count("pod0"), 0, "{after:?}");
+    for p in 1..4 {
+        assert_eq!(after.count(&format!("pod{p}")), 20, "{after:?}");
+    }
+    let status = agent.status_json().expect("status");
+    assert_eq!(status["l4_ejected"], 1, "{status}");
+    assert!(
+        status["counters"]["connect_failed"].as_u64() >= Some(5),
+        "{status}"
+    );
+    // Its server comes back: a probe finds it, and it takes connections.
+    t.pods[0].server = Some(
+        balancer_tests::Server::start(&t.pods[0].ns.name, &t.pods[0].name, &[8080])
+            .expect("server"),
+    );
+    balancer_tests::Topology::wait_for("pod0 back", Duration::from_secs(20), || {
+        Ok(endpoints(&agent)
+            .iter()
+            .any(|e| e["address"] == eps[0] && e["ejected"].is_null()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", agent.log()));
+    let back = balancer_tests::short_connections(&t.client.name, cg, vip, 40).expect("client");
+    assert!(back.errors.is_empty(), "{back:?}");
+    assert_eq!(back.count("pod0"), 10, "{back:?}");
+}

@@ -674,6 +674,15 @@ impl Dataplane {
         ]
     }
 
+    /// One decision counter, summed over CPUs.
+    pub fn counter(&self, c: balancer_common::Counter) -> u64 {
+        self.maps
+            .counters
+            .get(&(c as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
     /// The data path's decision counters, summed over CPUs.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         (0..COUNTER_COUNT)

@@ -2,11 +2,12 @@
 //! (including after `kill -9`) or an upgrade adopts a data path that never
 //! stopped.
 //!
-//! Layout: `<bpffs root>/v3/cg-<cgroup inode>/{maps,links}/<name>` and a
-//! `complete` marker written last; `v3` is the map layout version (a
+//! Layout: `<bpffs root>/v4/cg-<cgroup inode>/{maps,links}/<name>` and a
+//! `complete` marker written last; `v4` is the map layout version (a
 //! layout change gets a new directory, never a misread map; v2 added
 //! `SPLICE` and three counters, v3 `GENERATION` and `AFFINITY` pinned, for
-//! the router process, which reads the data path from these pins).
+//! the router process, which reads the data path from these pins; v4
+//! `BackendStats::connect_failures` and a counter).
 
 use std::{
     os::unix::fs::MetadataExt,
@@ -18,7 +19,7 @@ use aya::{
     programs::links::{FdLink, PinnedLink},
 };
 
-pub const LAYOUT: &str = "v3";
+pub const LAYOUT: &str = "v4";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
