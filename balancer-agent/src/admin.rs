@@ -1,24 +1,23 @@
-//! The admin API: one JSON request and one JSON response per connection on a
-//! root-only Unix socket. The CLI (`status`, `services`, `endpoints`) is its
+//! The admin API's transport: one JSON request and one JSON response per
+//! connection on a root-only Unix socket (the schema is `api.rs`). The CLI (`status`, `services`, `endpoints`) is its
 //! client. The agent and the router process each serve one (the agent asks
 //! the router's for its per-endpoint streams); each answers its own
 //! requests.
 
 use std::{
-    collections::BTreeMap,
     future::Future,
     path::{Path, PathBuf},
     pin::Pin,
     sync::Arc,
 };
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
 };
 
-use crate::dataplane::{Attached, MapFill};
+use crate::api::{Request, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -48,265 +47,8 @@ pub enum AdminError {
     Remote(String),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "command", rename_all = "kebab-case")]
-pub enum Request {
-    Status,
-    Services,
-    Endpoints {
-        name: Option<String>,
-    },
-    /// The router process: its listener, table and connections.
-    RouterStatus,
-    /// The router process: streams and latency per endpoint.
-    RouterEndpoints,
-    /// The router process: a duplicate of its listening socket, passed
-    /// with the answer (SCM_RIGHTS), for the agent to hold.
-    RouterListener,
-    /// The agent: the listener it holds for `listen`, if any, passed with
-    /// the answer; a router that starts adopts it (and so the connections
-    /// queued on it while no router ran).
-    HeldListener {
-        listen: std::net::SocketAddr,
-    },
-}
-
 /// An answer, and a descriptor to pass with it.
 pub type Answered = Result<(serde_json::Value, Option<std::os::fd::OwnedFd>), String>;
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Response {
-    ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-    #[serde(default)]
-    data: serde_json::Value,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProgramView {
-    pub name: String,
-    pub attach_type: String,
-    /// What the kernel reports (BPF_PROG_QUERY), not what the agent did.
-    pub attached: bool,
-    /// Kernel ids of the programs attached there.
-    #[serde(default)]
-    pub ids: Vec<u32>,
-    /// Why the kernel could not be asked.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl From<&Attached> for ProgramView {
-    fn from(p: &Attached) -> Self {
-        let (ids, error) = match &p.ids {
-            Ok(ids) => (ids.clone(), None),
-            Err(e) => (Vec::new(), Some(e.clone())),
-        };
-        Self {
-            name: p.name.into(),
-            attach_type: p.attach_type.into(),
-            attached: !ids.is_empty(),
-            ids,
-            error,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MapView {
-    pub name: String,
-    pub entries: usize,
-    pub max_entries: u32,
-}
-
-impl From<MapFill> for MapView {
-    fn from(m: MapFill) -> Self {
-        Self {
-            name: m.name.into(),
-            entries: m.entries,
-            max_entries: m.max_entries,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ReloadView {
-    /// Loads attempted, the first included.
-    pub attempts: u64,
-    /// Loads that were applied.
-    pub applied: u64,
-    pub ok: bool,
-    /// Unix time, milliseconds.
-    pub at_unix_ms: u64,
-    #[serde(default)]
-    pub error: Option<String>,
-    pub services: usize,
-    pub frontends: usize,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SourceView {
-    pub kind: String,
-    pub path: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StatusView {
-    pub version: String,
-    pub cgroup: String,
-    pub programs: Vec<ProgramView>,
-    pub maps: Vec<MapView>,
-    pub source: SourceView,
-    pub last_reload: ReloadView,
-    pub counters: BTreeMap<String, u64>,
-    /// The kubernetes source's view of the apiserver.
-    #[serde(default)]
-    pub apiserver: Option<crate::source::kube::ApiserverState>,
-    /// Pin directory, when the data path is pinned.
-    #[serde(default)]
-    pub pins: Option<String>,
-    /// This agent adopted an earlier agent's pinned data path.
-    #[serde(default)]
-    pub adopted: bool,
-    /// The routing table's generation in the maps (even when complete).
-    #[serde(default)]
-    pub generation: u64,
-    /// `tcp` backends failure accrual has taken out now (failed connects).
-    #[serde(default)]
-    pub l4_ejected: usize,
-    #[serde(default)]
-    pub l4_ejections: u64,
-    /// The HTTP/2 router, as the kernel sees it (CONFIG) and as it
-    /// answers on its socket.
-    #[serde(default)]
-    pub router: Option<RouterView>,
-}
-
-/// The router as the agent sees it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RouterView {
-    /// Where it listens (from CONFIG).
-    pub address: String,
-    pub splice: bool,
-    /// Since its last heartbeat in CONFIG.
-    pub heartbeat_age_ms: u64,
-    /// Heartbeat fresh: the kernel steers http2 ports to it (else they
-    /// are balanced per connection).
-    pub alive: bool,
-    /// What it answered on its socket; `None` when it did not.
-    #[serde(default)]
-    pub process: Option<RouterStatusView>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// The router process's own status (`router-status`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RouterStatusView {
-    pub version: String,
-    pub pid: u32,
-    pub listen: String,
-    pub splice: bool,
-    /// The generation of the table it serves.
-    pub generation: u64,
-    /// http2 service ports in its table.
-    pub routes: usize,
-    pub client_connections: u64,
-    pub backend_connections: u64,
-    /// Endpoints its failure accrual has ejected now.
-    #[serde(default)]
-    pub ejected: usize,
-    /// The inode of its listening socket (the agent holds a duplicate).
-    #[serde(default)]
-    pub listener_inode: u64,
-    /// The last failure to read the table (it keeps serving the last one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub table_error: Option<String>,
-}
-
-/// One endpoint's streams through the router (`router-endpoints`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RouterEndpointView {
-    pub address: std::net::SocketAddr,
-    #[serde(flatten)]
-    pub stats: crate::router::EndpointStats,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PortView {
-    pub name: Option<String>,
-    pub port: u16,
-    pub target_port: u16,
-    pub protocol: String,
-    pub algorithm: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EndpointView {
-    pub address: String,
-    pub port: u16,
-    pub zone: Option<String>,
-    pub ready: bool,
-    pub serving: bool,
-    pub terminating: bool,
-    /// Takes new connections (ready, or the serving-terminating fallback).
-    pub usable: bool,
-    pub active_connections: u64,
-    pub connections_total: u64,
-    /// Streams in flight through the HTTP/2 router (http2 ports).
-    #[serde(default)]
-    pub active_streams: u64,
-    #[serde(default)]
-    pub streams_total: u64,
-    /// The router's PeakEWMA latency estimate, microseconds.
-    #[serde(default)]
-    pub ewma_us: u64,
-    /// Streams through the router that the pod failed.
-    #[serde(default)]
-    pub failures: u64,
-    #[serde(default)]
-    pub ejections: u64,
-    /// Ejected by the router's failure accrual now: why (`connect`,
-    /// `reset`, `5xx`, `grpc`, `connection-lost`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ejected: Option<String>,
-    /// How long until its probe, milliseconds.
-    #[serde(default)]
-    pub ejected_for_ms: u64,
-    /// Where its counts are read: the data path's backend id, and the
-    /// address the router knows it by.
-    #[serde(skip)]
-    pub backend_id: Option<u32>,
-    #[serde(skip)]
-    pub socket: Option<std::net::SocketAddr>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServiceView {
-    pub name: String,
-    pub addresses: Vec<String>,
-    pub ports: Vec<PortView>,
-    pub endpoints: Vec<EndpointView>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DrainingView {
-    pub address: String,
-    pub port: u16,
-    pub active_connections: u64,
-    pub connections_total: u64,
-    #[serde(skip)]
-    pub backend_id: u32,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EndpointsView {
-    pub services: Vec<ServiceView>,
-    /// Backends no longer in any service whose connections are still open.
-    #[serde(default)]
-    pub draining: Vec<DrainingView>,
-}
 
 /// Bind the socket with mode 0600 (set through the umask, so there is no
 /// window in which another user could connect). A socket another process

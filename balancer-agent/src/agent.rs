@@ -7,7 +7,7 @@ use std::{
 };
 
 use crate::{
-    admin::{
+    api::{
         DrainingView, EndpointView, EndpointsView, MapView, PortView, ProgramView, ReloadView,
         Request, RouterEndpointView, RouterView, ServiceView, SourceView, StatusView,
     },

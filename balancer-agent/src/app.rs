@@ -13,8 +13,9 @@ use std::{
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    admin::{self, Request, RouterEndpointView, RouterStatusView},
+    admin,
     agent::{Agent, fill_kernel, fill_router},
+    api::{Request, RouterEndpointView, RouterStatusView},
     dataplane::Dataplane,
     metrics, socket,
     source::{self, file},

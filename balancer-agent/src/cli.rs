@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::admin::{EndpointsView, StatusView};
+use crate::api::{EndpointsView, StatusView};
 
 /// Write to stdout; a closed pipe (`| head`) ends the output quietly.
 fn emit(text: &str) -> anyhow::Result<()> {
@@ -167,7 +167,7 @@ pub fn print_services(v: &EndpointsView, as_json: bool) -> anyhow::Result<()> {
         struct Svc<'a> {
             name: &'a str,
             addresses: &'a [String],
-            ports: &'a [crate::admin::PortView],
+            ports: &'a [crate::api::PortView],
             endpoints_usable: usize,
             endpoints_total: usize,
         }
@@ -280,7 +280,7 @@ pub fn top_frame(prev: Option<&EndpointsView>, now: &EndpointsView, dt: f64) -> 
     let mut summary = Vec::new();
     for s in &now.services {
         let before = prev.and_then(|p| p.services.iter().find(|x| x.name == s.name));
-        let rate = |e: &crate::admin::EndpointView, f: fn(&crate::admin::EndpointView) -> u64| {
+        let rate = |e: &crate::api::EndpointView, f: fn(&crate::api::EndpointView) -> u64| {
             let old = before
                 .and_then(|b| {
                     b.endpoints
@@ -384,7 +384,7 @@ pub async fn top(
     let mut n = 0u64;
     loop {
         let now: EndpointsView =
-            crate::admin::request(socket, &crate::admin::Request::Endpoints { name: None }).await?;
+            crate::admin::request(socket, &crate::api::Request::Endpoints { name: None }).await?;
         let dt = last.elapsed().as_secs_f64();
         last = std::time::Instant::now();
         let frame = top_frame(prev.as_ref(), &now, dt);
@@ -406,7 +406,7 @@ pub async fn top(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::{EndpointView, ServiceView};
+    use crate::api::{EndpointView, ServiceView};
 
     fn ep(addr: &str, conns: u64, streams: u64) -> EndpointView {
         EndpointView {

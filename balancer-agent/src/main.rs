@@ -6,6 +6,7 @@
 
 mod admin;
 mod agent;
+mod api;
 mod app;
 mod cli;
 mod dataplane;
@@ -21,7 +22,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::admin::Request;
+use crate::api::Request;
 
 const DEFAULT_ADMIN_SOCKET: &str = "/run/balancer/admin.sock";
 const DEFAULT_ROUTER_SOCKET: &str = "/run/balancer/router.sock";

@@ -18,7 +18,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::admin::{EndpointsView, RouterStatusView, StatusView};
+use crate::api::{EndpointsView, RouterStatusView, StatusView};
 
 pub use balancer_router::stats::{LATENCY as ROUTER_LATENCY, SELECTIONS as ROUTER_SELECTIONS};
 use balancer_router::{core::calm, stats as router_stats};
@@ -56,7 +56,7 @@ pub fn render(view: &EndpointsView, status: &StatusView) -> String {
     let mut out = String::new();
     let mut f = Family { out: &mut out };
 
-    type Get = fn(&crate::admin::EndpointView) -> u64;
+    type Get = fn(&crate::api::EndpointView) -> u64;
     let per_endpoint: [(&str, &str, &str, Get); 4] = [
         (
             "balancer_endpoint_connections_active",

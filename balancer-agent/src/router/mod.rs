@@ -19,7 +19,7 @@ mod io;
 pub mod process;
 pub mod table;
 
-pub use balancer_router::{core, endpoint as balance};
+pub use balancer_router::{core, endpoint};
 
 use std::{
     collections::HashMap,
@@ -37,7 +37,7 @@ use tokio::{
 };
 
 use crate::dataplane::plan::addr_words;
-use balance::{Endpoint, Pool};
+use endpoint::{Endpoint, Pool};
 use table::Route;
 
 use balancer_common::h2frame::PREFACE;
@@ -495,7 +495,7 @@ impl Router {
         let pool = self
             .pool(vip)
             .ok_or_else(|| anyhow::anyhow!("no service at {vip}"))?;
-        let l4 = Pool::new(balance::Algorithm::LeastRequest, pool.endpoints.clone());
+        let l4 = Pool::new(endpoint::Algorithm::LeastRequest, pool.endpoints.clone());
         let ep = l4
             .pick(&[])
             .ok_or_else(|| anyhow::anyhow!("no endpoint for {vip}"))?;

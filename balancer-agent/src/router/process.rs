@@ -40,7 +40,8 @@ use super::{
     table::{PinnedTable, TableError},
 };
 use crate::{
-    admin::{self, Request, RouterEndpointView, RouterStatusView},
+    admin,
+    api::{Request, RouterEndpointView, RouterStatusView},
     app::RemoveOnDrop,
     dataplane::{pin, plan::addr_words},
     metrics, socket,

@@ -17,7 +17,7 @@ use std::{
 use aya::maps::{Array, HashMap, MapData, MapError, MapInfo};
 use balancer_common::{Backend, Mode, ServiceKey, ServiceValue, SlotKey, map_names};
 
-use super::balance::Algorithm;
+use super::endpoint::Algorithm;
 use crate::dataplane::{pin, plan::words_addr};
 
 #[derive(Debug, thiserror::Error)]
