@@ -24,8 +24,7 @@ pub const CONTINUATION: u8 = 0x9;
 pub const FLAG_ACK: u8 = 0x1;
 pub const FLAG_END_STREAM: u8 = 0x1;
 
-/// Error codes (RFC 9113 7).
-pub const PROTOCOL_ERROR: u32 = 0x1;
+/// Error code (RFC 9113 7).
 pub const FRAME_SIZE_ERROR: u32 = 0x6;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

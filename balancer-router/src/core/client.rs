@@ -86,7 +86,9 @@ impl Core {
         self.clients.get(&id).is_some_and(|c| !c.closing && !c.eof)
     }
 
-    /// Streams open on a client connection (for tests and stats).
+    /// Streams open on a client connection (the tests' and the fuzz
+    /// target's view).
+    #[cfg(test)]
     pub fn client_streams(&self, id: ConnId) -> usize {
         self.clients.get(&id).map_or(0, |c| c.streams.len())
     }
