@@ -27,15 +27,33 @@ pub enum Algorithm {
     LeastRequest,
 }
 
-impl Algorithm {
-    pub fn to_kernel(self) -> balancer_common::Algorithm {
-        match self {
-            Self::Random => balancer_common::Algorithm::Random,
-            Self::RoundRobin => balancer_common::Algorithm::RoundRobin,
-            Self::LeastConn => balancer_common::Algorithm::LeastConn,
-            Self::LeastRequest => balancer_common::Algorithm::LeastRequest,
+/// The three `Algorithm`s (this one of the desired state, the kernel's in
+/// `balancer_common`, the router's per stream in `balancer_router`)
+/// convert here and in `balancer_router::endpoint`, side by side.
+impl From<Algorithm> for balancer_common::Algorithm {
+    fn from(a: Algorithm) -> Self {
+        match a {
+            Algorithm::Random => Self::Random,
+            Algorithm::RoundRobin => Self::RoundRobin,
+            Algorithm::LeastConn => Self::LeastConn,
+            Algorithm::LeastRequest => Self::LeastRequest,
         }
     }
+}
+
+/// Read back from the maps: what was written.
+impl From<balancer_common::Algorithm> for Algorithm {
+    fn from(a: balancer_common::Algorithm) -> Self {
+        match a {
+            balancer_common::Algorithm::Random => Self::Random,
+            balancer_common::Algorithm::RoundRobin => Self::RoundRobin,
+            balancer_common::Algorithm::LeastConn => Self::LeastConn,
+            balancer_common::Algorithm::LeastRequest => Self::LeastRequest,
+        }
+    }
+}
+
+impl Algorithm {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Random => "random",

@@ -211,6 +211,21 @@ pub enum Algorithm {
     LeastRequest,
 }
 
+/// A port's algorithm in the maps, as the router applies it per stream:
+/// least-conn (the kernel's default, for L4) means least outstanding
+/// streams here.
+impl From<balancer_common::Algorithm> for Algorithm {
+    fn from(a: balancer_common::Algorithm) -> Self {
+        match a {
+            balancer_common::Algorithm::Random => Self::Random,
+            balancer_common::Algorithm::RoundRobin => Self::RoundRobin,
+            balancer_common::Algorithm::LeastConn | balancer_common::Algorithm::LeastRequest => {
+                Self::LeastRequest
+            }
+        }
+    }
+}
+
 /// The endpoints of one http2 frontend.
 #[derive(Debug)]
 pub struct Pool {

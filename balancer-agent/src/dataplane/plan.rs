@@ -174,12 +174,8 @@ impl Programmer {
                         .copied()
                 })
                 .collect();
-            let algorithm = match balancer_common::Algorithm::from_u8(v.algorithm) {
-                Some(balancer_common::Algorithm::Random) => Algorithm::Random,
-                Some(balancer_common::Algorithm::RoundRobin) => Algorithm::RoundRobin,
-                Some(balancer_common::Algorithm::LeastRequest) => Algorithm::LeastRequest,
-                Some(balancer_common::Algorithm::LeastConn) | None => Algorithm::LeastConn,
-            };
+            let algorithm = balancer_common::Algorithm::from_u8(v.algorithm)
+                .map_or(Algorithm::LeastConn, Algorithm::from);
             let mode = if v.mode == balancer_common::Mode::Http2 as u8 {
                 balancer_common::Mode::Http2
             } else {
@@ -308,7 +304,7 @@ impl Programmer {
                     ServiceValue {
                         id,
                         backend_count: new.backends.len() as u32,
-                        algorithm: f.algorithm.to_kernel() as u8,
+                        algorithm: balancer_common::Algorithm::from(f.algorithm) as u8,
                         mode: f.mode as u8,
                         _pad: [0; 2],
                         affinity_timeout_s: f.affinity_timeout_s,

@@ -146,21 +146,12 @@ impl PinnedTable {
             }
             routes.push(Route {
                 vip: SocketAddr::new(words_addr(key.addr), u16::from_be(key.port)),
-                algorithm: algorithm_of(value.algorithm),
+                algorithm: balancer_common::Algorithm::from_u8(value.algorithm)
+                    .map_or(Algorithm::LeastRequest, Algorithm::from),
                 backends,
             });
         }
         routes.sort_by_key(|r| r.vip);
         Ok(routes)
-    }
-}
-
-/// The router's per-stream choice for a port's algorithm: least-conn (the
-/// kernel's default, for L4) means least outstanding streams here.
-pub fn algorithm_of(v: u8) -> Algorithm {
-    match balancer_common::Algorithm::from_u8(v) {
-        Some(balancer_common::Algorithm::Random) => Algorithm::Random,
-        Some(balancer_common::Algorithm::RoundRobin) => Algorithm::RoundRobin,
-        _ => Algorithm::LeastRequest,
     }
 }
