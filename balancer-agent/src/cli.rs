@@ -79,7 +79,7 @@ pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
         let _ = writeln!(
             o,
             "apiserver: {} ({} services, {} endpointslices, zone {}, {} errors{})",
-            a.state,
+            a.state.as_str(),
             a.services,
             a.endpoint_slices,
             a.node_zone.as_deref().unwrap_or("-"),

@@ -212,7 +212,11 @@ pub fn render(view: &EndpointsView, status: &StatusView) -> String {
             "gauge",
             "1 while the Kubernetes watches are synced, 0 while the apiserver is unreachable or not yet synced.",
         );
-        f.sample("balancer_apiserver_up", &[], u8::from(a.state == "synced"));
+        f.sample(
+            "balancer_apiserver_up",
+            &[],
+            u8::from(a.state == crate::source::kube::Apiserver::Synced),
+        );
         f.head(
             "balancer_apiserver_errors_total",
             "counter",

@@ -389,6 +389,47 @@ pub const COUNTER_NAMES: [&str; 21] = [
 ];
 pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
 
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Self; COUNTER_NAMES.len()] = [
+        Self::Balanced,
+        Self::NoBackend,
+        Self::LookupMiss,
+        Self::StorageFull,
+        Self::FamilyMismatch,
+        Self::Established,
+        Self::Closed,
+        Self::PeerRewritten,
+        Self::Steered,
+        Self::OrigDstFull,
+        Self::SockmapFull,
+        Self::H2Streams,
+        Self::SelectRandom,
+        Self::SelectRoundRobin,
+        Self::SelectLeastConn,
+        Self::RouterDown,
+        Self::AffinityHit,
+        Self::SpliceOn,
+        Self::SpliceOff,
+        Self::SpliceFull,
+        Self::ConnectFailed,
+    ];
+
+    /// Its name in `status` and metrics.
+    pub const fn name(self) -> &'static str {
+        COUNTER_NAMES[self as usize]
+    }
+}
+
+// The enum and the names agree: one name per variant, in index order.
+const _: () = {
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        assert!(Counter::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;

@@ -18,8 +18,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps},
 };
 use balancer_common::{
-    Backend, BackendStats, COUNTER_COUNT, COUNTER_NAMES, Config, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SLOTS, ServiceKey, ServiceState, ServiceValue, SlotKey, SpliceKey, map_names,
+    Backend, BackendStats, Config, Counter, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, ServiceKey,
+    ServiceState, ServiceValue, SlotKey, SpliceKey, map_names,
 };
 use serde::Serialize;
 
@@ -685,15 +685,17 @@ impl Dataplane {
 
     /// The data path's decision counters, summed over CPUs.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
-        (0..COUNTER_COUNT)
-            .map(|i| {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let i = c as u32;
                 let total = self
                     .maps
                     .counters
                     .get(&i, 0)
                     .map(|v| v.iter().sum())
                     .unwrap_or(0);
-                (COUNTER_NAMES[i as usize], total)
+                (c.name(), total)
             })
             .collect()
     }

@@ -57,10 +57,29 @@ pub struct NodeInfo {
 }
 
 /// The apiserver as the agent sees it, for `status` and metrics.
+/// Where the watches stand with the apiserver.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Apiserver {
+    #[default]
+    Connecting,
+    Synced,
+    Unreachable,
+}
+
+impl Apiserver {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Synced => "synced",
+            Self::Unreachable => "unreachable",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct ApiserverState {
-    /// "connecting", "synced" or "unreachable".
-    pub state: String,
+    pub state: Apiserver,
     pub last_error: Option<String>,
     pub errors: u64,
     pub services: usize,
@@ -524,7 +543,7 @@ pub async fn run(
         let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut h);
     };
-    set(&|h| h.state = "connecting".into());
+    set(&|h| h.state = Apiserver::Connecting);
     let mut node = NodeInfo {
         name: node_name.clone(),
         zone: None,
@@ -599,7 +618,7 @@ pub async fn run(
                 }
                 let (ns, ne) = (svcs.len(), eps.len());
                 set(&|h| {
-                    h.state = "synced".into();
+                    h.state = Apiserver::Synced;
                     h.services = ns;
                     h.endpoint_slices = ne;
                 });
@@ -653,7 +672,7 @@ impl NodeZone {
 fn note_error(health: &Arc<Mutex<ApiserverState>>, e: &watcher::Error) {
     tracing::warn!(error = %e, "apiserver watch failed; retrying with backoff, serving the last state");
     let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
-    h.state = "unreachable".into();
+    h.state = Apiserver::Unreachable;
     h.last_error = Some(e.to_string());
     h.errors += 1;
 }
