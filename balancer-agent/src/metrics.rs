@@ -266,14 +266,11 @@ pub fn render_router(status: &RouterStatusView) -> String {
         "counter",
         "Backend choices of the router, per stream, by algorithm.",
     );
-    for (i, alg) in ["random", "round-robin", "least-request"]
-        .iter()
-        .enumerate()
-    {
+    for alg in balancer_router::endpoint::Algorithm::ALL {
         f.sample(
             "balancer_router_selections_total",
-            &[("algorithm", alg)],
-            ROUTER_SELECTIONS[i].load(Ordering::Relaxed),
+            &[("algorithm", alg.as_str())],
+            ROUTER_SELECTIONS[alg as usize].load(Ordering::Relaxed),
         );
     }
     f.head(

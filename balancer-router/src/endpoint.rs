@@ -205,11 +205,33 @@ fn costs(a: &Endpoint, b: &Endpoint) -> (f64, f64) {
 /// How a pool chooses an endpoint for a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
-    Random,
-    RoundRobin,
+    Random = 0,
+    RoundRobin = 1,
     /// P2C over outstanding streams and latency (see the module docs).
-    LeastRequest,
+    LeastRequest = 2,
 }
+
+impl Algorithm {
+    /// Every algorithm, in the order of [`crate::stats::SELECTIONS`].
+    pub const ALL: [Self; 3] = [Self::Random, Self::RoundRobin, Self::LeastRequest];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Random => "random",
+            Self::RoundRobin => "round-robin",
+            Self::LeastRequest => "least-request",
+        }
+    }
+}
+
+const _: () = {
+    let mut i = 0;
+    while i < Algorithm::ALL.len() {
+        assert!(Algorithm::ALL[i] as usize == i);
+        i += 1;
+    }
+    assert!(Algorithm::ALL.len() == crate::stats::SELECTIONS.len());
+};
 
 /// A port's algorithm in the maps, as the router applies it per stream:
 /// least-conn (the kernel's default, for L4) means least outstanding
@@ -312,12 +334,7 @@ impl Pool {
         if n == 0 {
             return None;
         }
-        let slot = match self.algorithm {
-            Algorithm::Random => 0,
-            Algorithm::RoundRobin => 1,
-            Algorithm::LeastRequest => 2,
-        };
-        crate::stats::SELECTIONS[slot].fetch_add(1, Ordering::Relaxed);
+        crate::stats::SELECTIONS[self.algorithm as usize].fetch_add(1, Ordering::Relaxed);
         let i = match self.algorithm {
             Algorithm::Random => fastrand::usize(..n),
             Algorithm::RoundRobin => {

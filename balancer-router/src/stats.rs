@@ -56,7 +56,7 @@ impl Histogram {
 
 /// Time from a stream's request to its response headers, per backend hop.
 pub static LATENCY: Histogram = Histogram::new();
-/// Router backend choices by algorithm: random, round-robin, least-request.
+/// Router backend choices, indexed by [`crate::endpoint::Algorithm`].
 pub static SELECTIONS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
 
 /// Response bytes the router holds or has granted pods for its clients
