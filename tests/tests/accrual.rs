@@ -200,9 +200,16 @@ fn a_pod_that_refuses_connections_stops_getting_l4_connections() {
     assert!((5..=15).contains(&refused), "{first:?}");
     assert!(after.errors.is_empty(), "{after:?}");
     assert_eq!(after.count("pod0"), 0, "{after:?}");
+    // Short connections close while others open, so least-conn is even
+    // here only to a connection or two (exactness is l4.rs's, with held
+    // connections): the three others share all 60.
     for p in 1..4 {
-        assert_eq!(after.count(&format!("pod{p}")), 20, "{after:?}");
+        assert!(after.count(&format!("pod{p}")) >= 15, "{after:?}");
     }
+    assert_eq!(
+        (1..4).map(|p| after.count(&format!("pod{p}"))).sum::<u64>(),
+        60
+    );
     let status = agent.status_json().expect("status");
     assert_eq!(status["l4_ejected"], 1, "{status}");
     assert!(
@@ -222,5 +229,8 @@ fn a_pod_that_refuses_connections_stops_getting_l4_connections() {
     .unwrap_or_else(|e| panic!("{e}: {}", agent.log()));
     let back = balancer_tests::short_connections(&t.client.name, cg, vip, 40).expect("client");
     assert!(back.errors.is_empty(), "{back:?}");
-    assert_eq!(back.count("pod0"), 10, "{back:?}");
+    assert!(
+        back.count("pod0") >= 7,
+        "it takes its share again: {back:?}"
+    );
 }
