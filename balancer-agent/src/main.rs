@@ -123,6 +123,9 @@ enum Command {
         /// With --proxy-addr: the router's --router-buffer-limit.
         #[arg(long, requires = "proxy_addr", value_parser = keep(parse_size))]
         router_buffer_limit: Option<String>,
+        /// With --proxy-addr: the router's --router-threads.
+        #[arg(long, requires = "proxy_addr", value_parser = clap::value_parser!(u32).range(1..=router::MAX_THREADS as i64))]
+        router_threads: Option<u32>,
     },
     /// The HTTP/2 router: balances every stream of `protocol: http2` ports
     /// over pooled pod connections. Reads its table from the maps `run
@@ -171,6 +174,12 @@ enum Command {
         /// router hold; past it pods get a minimal window per stream.
         #[arg(long, default_value = "256MiB", value_parser = parse_size)]
         router_buffer_limit: usize,
+        /// Worker threads, each a single-threaded event loop with its own
+        /// backend connections; client connections go to the one with the
+        /// fewest. Default: the CPUs this process may use (affinity, CPU
+        /// quota), at most 4. One connection's streams stay on one worker.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=router::MAX_THREADS as i64))]
+        router_threads: Option<u32>,
         /// Failures in a row that eject an endpoint: connects, resets by
         /// the pod, 5xx, gRPC Trailers-Only UNAVAILABLE / INTERNAL /
         /// UNKNOWN / DEADLINE_EXCEEDED. 0 turns failure accrual off.
@@ -276,6 +285,7 @@ fn main() -> ExitCode {
                 stream_idle_timeout,
                 client_buffer,
                 router_buffer_limit,
+                router_threads,
             } => {
                 let router = proxy_addr.map(|addr| {
                     let mut args = vec![format!("--listen={addr}")];
@@ -287,6 +297,7 @@ fn main() -> ExitCode {
                         ("--stream-idle-timeout", stream_idle_timeout),
                         ("--client-buffer", client_buffer),
                         ("--router-buffer-limit", router_buffer_limit),
+                        ("--router-threads", router_threads.map(|n| n.to_string())),
                     ] {
                         if let Some(v) = v {
                             args.push(format!("{flag}={v}"));
@@ -325,12 +336,14 @@ fn main() -> ExitCode {
                 stream_idle_timeout,
                 client_buffer,
                 router_buffer_limit,
+                router_threads,
                 failure_accrual,
                 ejection_backoff,
                 ejection_backoff_max,
                 max_ejected_percent,
             } => {
                 router::process::run(router::process::RouterOptions {
+                    threads: router_threads.map_or_else(router::default_threads, |n| n as usize),
                     accrual: balancer_router::accrual::Policy {
                         consecutive: failure_accrual,
                         min_backoff: ejection_backoff,

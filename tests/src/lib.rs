@@ -1033,7 +1033,7 @@ impl Drop for PinDir {
 /// Arguments of the router process among a test's agent arguments: each
 /// with whether it takes a value. `--proxy-addr` is the router's
 /// `--listen`, `--router-metrics-addr` its `--metrics-addr`.
-const ROUTER_ARGS: [(&str, bool); 7] = [
+const ROUTER_ARGS: [(&str, bool); 8] = [
     ("--proxy-addr", true),
     ("--splice", false),
     ("--drain-timeout", true),
@@ -1041,6 +1041,7 @@ const ROUTER_ARGS: [(&str, bool); 7] = [
     ("--client-buffer", true),
     ("--router-buffer-limit", true),
     ("--router-metrics-addr", true),
+    ("--router-threads", true),
 ];
 
 /// The agent as a real process, stopped with SIGTERM on drop; with

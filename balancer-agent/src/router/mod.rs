@@ -86,8 +86,10 @@ pub struct Router {
     limits: core::Limits,
     /// Client connections open now.
     connections: std::sync::atomic::AtomicUsize,
-    /// Set by the router's own thread every 100 ms: proof of life.
-    alive: std::sync::atomic::AtomicBool,
+    /// Bits set by the router's threads every 100 ms: proof of life.
+    alive: std::sync::atomic::AtomicU64,
+    /// The bits of every thread that runs.
+    alive_expected: std::sync::atomic::AtomicU64,
     /// sock_ops counts this router's listener.
     tracked: std::sync::atomic::AtomicBool,
 }
@@ -113,13 +115,17 @@ pub fn monotonic_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Counts a client connection while it lives.
-struct ConnGuard(Arc<Router>);
+/// Counts a client connection, in the router and on its worker, while it
+/// lives.
+struct ConnGuard {
+    router: Arc<Router>,
+    worker: Arc<std::sync::atomic::AtomicUsize>,
+}
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.0
-            .connections
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        use std::sync::atomic::Ordering::SeqCst;
+        self.router.connections.fetch_sub(1, SeqCst);
+        self.worker.fetch_sub(1, SeqCst);
     }
 }
 
@@ -133,7 +139,8 @@ impl Router {
             maps: Mutex::new(maps),
             shutdown: watch::channel(false).0,
             connections: std::sync::atomic::AtomicUsize::new(0),
-            alive: std::sync::atomic::AtomicBool::new(false),
+            alive: std::sync::atomic::AtomicU64::new(0),
+            alive_expected: std::sync::atomic::AtomicU64::new(u64::MAX),
             tracked: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -283,10 +290,13 @@ impl Router {
             .set(0, cfg, 0)
     }
 
-    /// True if the router's thread checked in since the last call: it is
-    /// running and its runtime is not stuck.
+    /// True if every router thread checked in since the last call: they
+    /// run and none of their runtimes is stuck.
     pub fn take_alive(&self) -> bool {
-        self.alive.swap(false, std::sync::atomic::Ordering::Relaxed)
+        use std::sync::atomic::Ordering::Relaxed;
+        let seen = self.alive.swap(0, Relaxed);
+        let expected = self.alive_expected.load(Relaxed);
+        seen & expected == expected
     }
 
     /// The VIP a steered client connected to.
@@ -317,79 +327,183 @@ impl Router {
         }
     }
 
-    /// Run the router on its own thread with a single-threaded runtime.
+    /// Run the router on `threads` threads, each a single-threaded
+    /// runtime with its own [`core::Core`], and one accept thread that
+    /// hands every connection to the worker with the fewest.
     ///
-    /// Why: every stream hops between three tasks (client connection,
-    /// stream, backend connection). On the multi-threaded runtime those
-    /// hops were cross-thread wake-ups, and the profile of the HTTP/2
-    /// benchmark was dominated by them (`_raw_spin_unlock_irqrestore` and
-    /// `finish_task_switch` above 20%, h2 itself a few percent).
-    pub fn spawn_thread(
+    /// Why single-threaded workers: every stream hops between three tasks
+    /// (client connection, stream, backend connection). On the
+    /// multi-threaded runtime those hops were cross-thread wake-ups, and
+    /// the profile of the HTTP/2 benchmark was dominated by them
+    /// (`_raw_spin_unlock_irqrestore` and `finish_task_switch` above 20%,
+    /// h2 itself a few percent). A worker shares nothing hot with another:
+    /// a client connection and its streams' backend connections live on
+    /// one worker, which keeps its own pool of backend connections.
+    ///
+    /// Why one acceptor, not a listener per worker behind SO_REUSEPORT:
+    /// the kernel picks a reuseport socket by a hash of the 4-tuple, so
+    /// two long-lived connections land on one worker half the time and
+    /// leave the other core idle for their whole life. The acceptor
+    /// assigns by count instead (gRPC clients hold few connections). The
+    /// listener itself stays SO_REUSEPORT, for upgrades.
+    ///
+    /// Each worker's core gets `--router-buffer-limit` / `threads`.
+    pub fn spawn_threads(
         self: &Arc<Self>,
         listener: std::net::TcpListener,
-    ) -> std::io::Result<RouterThread> {
+        threads: usize,
+    ) -> std::io::Result<RouterThreads> {
+        let threads = threads.clamp(1, MAX_THREADS);
         listener.set_nonblocking(true)?;
+        // Bit i: worker i checked in; the top bit: the acceptor.
+        let expected = ((1u64 << threads) - 1) | ACCEPTOR_BIT;
+        self.alive_expected
+            .store(expected, std::sync::atomic::Ordering::Relaxed);
+        let mut limits = self.limits.clone();
+        limits.buffer_limit = (limits.buffer_limit / threads).max(1);
+        let mut handles = Vec::new();
+        let mut stops = Vec::new();
+        let mut workers = Vec::new();
+        for i in 0..threads {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let router = self.clone();
+            let limits = limits.clone();
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("router-{i}"))
+                    .spawn(move || router.worker(i, limits, rx, stopped))?,
+            );
+            stops.push(stop);
+            workers.push(Worker {
+                tx,
+                connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            });
+        }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let router = self.clone();
-        let handle = std::thread::Builder::new()
-            .name("router".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start the router runtime");
-                        return;
-                    }
-                };
-                // The core is single-threaded (`Rc`): every task of the
-                // router runs on this thread's LocalSet.
-                let local = tokio::task::LocalSet::new();
-                local.block_on(&rt, async move {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "router listener");
-                            return;
-                        }
-                    };
-                    let picker = router.clone();
-                    let shared = io::Shared::new(core::Core::with_limits(
-                        Box::new(move |vip, tried| picker.pick(vip, tried)),
-                        router.limits.clone(),
-                    ));
-                    let beat = async {
-                        let mut n = 0u64;
-                        loop {
-                            router
-                                .alive
-                                .store(true, std::sync::atomic::Ordering::Relaxed);
-                            n += 1;
-                            if n.is_multiple_of(5) {
-                                shared.tick();
-                            }
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    };
-                    // Serving stops when draining starts; the connections'
-                    // tasks go on until they finish or the thread stops.
-                    tokio::task::spawn_local(router.clone().serve(listener, shared.clone()));
-                    tokio::select! {
-                        () = beat => {}
-                        _ = stopped => {}
-                    }
-                });
-            })?;
-        Ok(RouterThread {
-            stop: Some(stop),
-            handle: Some(handle),
-        })
+        handles.push(
+            std::thread::Builder::new()
+                .name("router-accept".into())
+                .spawn(move || router.acceptor(listener, workers, stopped))?,
+        );
+        stops.push(stop);
+        Ok(RouterThreads { stops, handles })
     }
 
-    async fn serve(self: Arc<Self>, listener: TcpListener, shared: Rc<io::Shared>) {
+    /// A single-threaded runtime on this thread, until `stopped`.
+    fn block_on_thread(name: &str, fut: impl std::future::Future<Output = ()>) {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            // The core is single-threaded (`Rc`): every task of a worker
+            // runs on its thread's LocalSet.
+            Ok(rt) => tokio::task::LocalSet::new().block_on(&rt, fut),
+            Err(e) => tracing::error!(error = %e, thread = name, "cannot start a router runtime"),
+        }
+    }
+
+    /// Check in: `bit` of the router's proof of life (see [`take_alive`]).
+    ///
+    /// [`take_alive`]: Router::take_alive
+    fn check_in(&self, bit: u64) {
+        self.alive
+            .fetch_or(bit, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn acceptor(
+        self: Arc<Self>,
+        listener: std::net::TcpListener,
+        workers: Vec<Worker>,
+        stopped: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        Self::block_on_thread("router-accept", async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "router listener");
+                    return;
+                }
+            };
+            let beat = async {
+                loop {
+                    self.check_in(ACCEPTOR_BIT);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            let serving = async {
+                self.clone().serve(listener, workers).await;
+                // Draining: the workers finish their connections.
+                std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                () = beat => {}
+                () = serving => {}
+                _ = stopped => {}
+            }
+        });
+    }
+
+    /// One worker: its core, and the connections the acceptor gives it.
+    fn worker(
+        self: Arc<Self>,
+        index: usize,
+        limits: core::Limits,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+        stopped: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        Self::block_on_thread(&format!("router-{index}"), async move {
+            let picker = self.clone();
+            let shared = io::Shared::new(core::Core::with_limits(
+                Box::new(move |vip, tried| picker.pick(vip, tried)),
+                limits,
+            ));
+            let beat = async {
+                let mut n = 0u64;
+                loop {
+                    self.check_in(1 << index);
+                    n += 1;
+                    if n.is_multiple_of(5) {
+                        shared.tick();
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            let take = async {
+                while let Some(a) = rx.recv().await {
+                    let sock = match TcpStream::from_std(a.sock) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "router worker cannot take a connection");
+                            continue;
+                        }
+                    };
+                    let (router, shared) = (self.clone(), shared.clone());
+                    tokio::task::spawn_local(async move {
+                        let _guard = a.guard;
+                        if let Err(e) = router.handle(sock, a.peer, shared).await {
+                            tracing::debug!(peer = %a.peer, error = %e, "router connection ended");
+                        }
+                    });
+                }
+                // The acceptor is gone: serve what is open until stopped.
+                std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                () = beat => {}
+                () = take => {}
+                _ = stopped => {}
+            }
+        });
+    }
+
+    /// Accept until draining starts; each connection goes to the worker
+    /// with the fewest open.
+    async fn serve(self: Arc<Self>, listener: TcpListener, workers: Vec<Worker>) {
+        use std::sync::atomic::Ordering::SeqCst;
         let mut shutdown = self.shutdown.subscribe();
+        let mut next = 0usize;
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
@@ -409,18 +523,29 @@ impl Router {
                     continue;
                 }
             };
-            let router = self.clone();
-            router
-                .connections
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let guard = ConnGuard(router.clone());
-            let shared = shared.clone();
-            tokio::task::spawn_local(async move {
-                let _guard = guard;
-                if let Err(e) = router.handle(sock, peer, shared).await {
-                    tracing::debug!(%peer, error = %e, "router connection ended");
+            let sock = match sock.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "router accept: cannot hand the connection over");
+                    continue;
                 }
-            });
+            };
+            // Fewest connections; ties go round, so equal workers alternate.
+            let n = workers.len();
+            let w = (0..n)
+                .map(|k| (next + k) % n)
+                .min_by_key(|&i| workers[i].connections.load(SeqCst))
+                .unwrap_or(0);
+            next = (w + 1) % n;
+            self.connections.fetch_add(1, SeqCst);
+            workers[w].connections.fetch_add(1, SeqCst);
+            let guard = ConnGuard {
+                router: self.clone(),
+                worker: workers[w].connections.clone(),
+            };
+            if workers[w].tx.send(Accepted { sock, peer, guard }).is_err() {
+                tracing::warn!(worker = w, "router worker gone; connection dropped");
+            }
         }
     }
 
@@ -507,19 +632,47 @@ impl Router {
     }
 }
 
-/// The router's thread; [`RouterThread::stop`] ends it and every
-/// connection on it.
-pub struct RouterThread {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: Option<std::thread::JoinHandle<()>>,
+/// `--router-threads` by default: the CPUs this process may use (its
+/// affinity and its cgroup's CPU quota, as `available_parallelism` reads
+/// them), at most 4.
+/// Streams on one connection stay on one worker, so past the number of
+/// busy client connections more workers only idle.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
-impl RouterThread {
-    pub fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
+/// At most this many workers (`--router-threads`).
+pub const MAX_THREADS: usize = 63;
+/// The acceptor's bit in [`Router::take_alive`]'s mask.
+const ACCEPTOR_BIT: u64 = 1 << 63;
+
+/// A worker as the acceptor sees it.
+struct Worker {
+    tx: tokio::sync::mpsc::UnboundedSender<Accepted>,
+    /// Client connections open on it.
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A connection on its way from the acceptor to a worker.
+struct Accepted {
+    sock: std::net::TcpStream,
+    peer: SocketAddr,
+    guard: ConnGuard,
+}
+
+/// The router's threads; [`RouterThreads::stop`] ends them and every
+/// connection on them.
+pub struct RouterThreads {
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RouterThreads {
+    pub fn stop(self) {
+        for s in self.stops {
             let _ = s.send(());
         }
-        if let Some(h) = self.handle.take() {
+        for h in self.handles {
             let _ = h.join();
         }
     }

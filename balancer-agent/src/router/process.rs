@@ -68,6 +68,8 @@ pub struct RouterOptions {
     pub drain_timeout: Duration,
     pub limits: core::Limits,
     pub accrual: balancer_router::accrual::Policy,
+    /// Worker threads (`--router-threads`).
+    pub threads: usize,
 }
 
 /// What the router's admin socket and metrics report.
@@ -355,6 +357,7 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
         drain_timeout,
         limits,
         accrual,
+        threads,
     } = opts;
     balancer_router::accrual::set_policy(accrual);
     if !nix::unistd::geteuid().is_root() {
@@ -437,7 +440,7 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
             .name("table".into())
             .spawn(move || watch_table(shared, table, dir, stop))?
     };
-    let router_thread = router.spawn_thread(listener)?;
+    let router_threads = router.spawn_threads(listener, threads)?;
     let admin_task = tokio::spawn(admin::serve(admin_listener, answer(shared.clone())));
     let metrics_task =
         metrics_listener.map(|l| tokio::spawn(metrics::serve(l, metrics_handler(shared.clone()))));
@@ -505,7 +508,7 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
             "drain timeout: closing client connections with streams in flight"
         );
     }
-    router_thread.stop();
+    router_threads.stop();
     stop.store(true, Ordering::Relaxed);
     let _ = watcher.join();
     admin_task.abort();
