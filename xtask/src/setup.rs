@@ -9,8 +9,9 @@ use anyhow::{Context, bail};
 use crate::util::{self, is_root, ok, output};
 
 /// Debian packages: libLLVM 22 for bpf-linker, the real peers the tests
-/// and the demo drive, and what builds and runs the image without a Docker
-/// engine (DESIGN.md 8).
+/// and the demo drive, perf (the HTTP/2 benchmark counts syscalls and
+/// context switches with it), and what builds and runs the image without a
+/// Docker engine (DESIGN.md 8).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iptables",
@@ -21,6 +22,7 @@ const PACKAGES: &[&str] = &[
     "nghttp2-server",
     "nghttp2-proxy",
     "haproxy",
+    "linux-perf",
     "curl",
     "debootstrap",
     "buildah",

@@ -9,14 +9,15 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, bail};
 use balancer_tests::{
-    Agent, SINK_PORT, Topology, endpoints_yaml, hold_connections, install_kube_proxy,
-    kube_proxy_services, rate_connections, sh,
+    Agent, Cgroup, Netns, SINK_PORT, Topology, endpoints_yaml, hold_connections,
+    install_kube_proxy, kube_proxy_services, rate_connections, sh,
 };
 use serde_json::json;
 
@@ -43,6 +44,14 @@ fn summary(mut v: Vec<f64>) -> serde_json::Value {
     })
 }
 
+/// Environment variable `name` parsed, or `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -54,18 +63,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn l4(out: PathBuf) -> anyhow::Result<()> {
-    let trials: usize = std::env::var("LBT_TRIALS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
-    let conns: usize = std::env::var("LBT_CONNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64);
-    let rate_n: usize = std::env::var("LBT_RATE_N")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5000);
+    let trials: usize = env_or("LBT_TRIALS", 30);
+    let conns: usize = env_or("LBT_CONNS", 64);
+    let rate_n: usize = env_or("LBT_RATE_N", 5000);
     let rounds = 3;
 
     let t = Topology::new("bench", PODS, &[8080])?;
@@ -209,12 +209,20 @@ impl Drop for Proc {
     }
 }
 
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+/// `cmd` in namespace `ns`: `ip netns exec` execs in place, so the
+/// child's pid is `cmd`'s.
 fn spawn_in(ns: &str, cmd: &str, args: &[&str]) -> anyhow::Result<Proc> {
-    let child = std::process::Command::new("ip")
+    let child = Command::new("ip")
         .args(["netns", "exec", ns, cmd])
         .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {cmd} (cargo xtask setup installs it)"))?;
     Ok(Proc(child))
@@ -226,13 +234,118 @@ fn tx_bytes(ns: &str) -> anyhow::Result<u64> {
     v[0]["stats64"]["tx"]["bytes"].as_u64().context("tx bytes")
 }
 
-fn agent_cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the ")": state is 3rd; utime 14th and stime 15th overall.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    get(11) + get(12)
+fn pod_tx_bytes(t: &Topology) -> anyhow::Result<Vec<u64>> {
+    t.pods.iter().map(|p| tx_bytes(&p.ns.name)).collect()
+}
+
+/// Clock ticks per second of /proc/PID/stat (USER_HZ).
+const USER_HZ: f64 = 100.0;
+
+/// (pid, parent pid, utime + stime in ticks) of every process.
+fn all_procs() -> Vec<(u32, u32, u64)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After the ")" ending the command: state (3rd field overall),
+            // ppid (4th), ...; utime is the 14th and stime the 15th.
+            let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let num = |i: usize| f.get(i)?.parse::<u64>().ok();
+            Some((pid, u32::try_from(num(1)?).ok()?, num(11)? + num(12)?))
+        })
+        .collect()
+}
+
+/// `root` and all its descendants (nghttpx forks its worker).
+fn tree_of(procs: &[(u32, u32, u64)], root: u32) -> Vec<u32> {
+    let mut tree = vec![root];
+    let mut i = 0;
+    while let Some(&p) = tree.get(i) {
+        tree.extend(procs.iter().filter(|x| x.1 == p).map(|x| x.0));
+        i += 1;
+    }
+    tree
+}
+
+/// CPU seconds (user + system) so far of each of `roots` with all its
+/// descendants.
+fn tree_cpu_s(roots: &[u32]) -> Vec<f64> {
+    let procs = all_procs();
+    roots
+        .iter()
+        .map(|&root| {
+            let tree = tree_of(&procs, root);
+            let ticks: u64 = procs
+                .iter()
+                .filter(|x| tree.contains(&x.0))
+                .map(|x| x.2)
+                .sum();
+            ticks as f64 / USER_HZ
+        })
+        .collect()
+}
+
+/// `perf stat` counting the proxy's syscalls and context switches while
+/// it runs; None where perf cannot (not installed, no tracepoints).
+struct PerfCount {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+/// What [`PerfCount`] counted.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counted {
+    syscalls: f64,
+    context_switches: f64,
+}
+
+impl PerfCount {
+    /// Count every thread of `root`'s process tree.
+    fn start(root: u32, out: &Path) -> Option<Self> {
+        let pids: Vec<String> = tree_of(&all_procs(), root)
+            .iter()
+            .map(u32::to_string)
+            .collect();
+        let child = Command::new("perf")
+            .args([
+                "stat",
+                "-x,",
+                "-e",
+                "raw_syscalls:sys_enter,context-switches",
+                "-o",
+            ])
+            .arg(out)
+            .args(["-p", &pids.join(",")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(Self {
+            child,
+            out: out.to_owned(),
+        })
+    }
+
+    /// Stop (perf prints its counts on SIGINT) and read them.
+    fn stop(mut self) -> Option<Counted> {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(&self.out).ok()?;
+        let count = |event: &str| {
+            text.lines()
+                .find(|l| l.split(',').nth(2) == Some(event))
+                .and_then(|l| l.split(',').next()?.parse::<f64>().ok())
+        };
+        Some(Counted {
+            syscalls: count("raw_syscalls:sys_enter")?,
+            context_switches: count("context-switches")?,
+        })
+    }
 }
 
 fn agent_mem_kib(pid: u32, key: &str) -> u64 {
@@ -246,23 +359,10 @@ fn agent_mem_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
-struct H2Run {
-    rps: f64,
-    p50_us: f64,
-    p99_us: f64,
-    succeeded: u64,
-    failed: u64,
-    /// Share of response bytes per pod (sums to 1).
-    pod_share: Vec<f64>,
-    /// Busiest pod / mean.
-    spread: f64,
-}
-
 /// A client namespace outside the agent's cgroup whose service traffic
 /// (198.19.0.0/16) goes out to the node, where kube-proxy-shaped rules are
 /// installed.
-fn kube_proxy_client(t: &Topology) -> anyhow::Result<balancer_tests::Netns> {
+fn kube_proxy_client(t: &Topology) -> anyhow::Result<Netns> {
     let kp = t.extra_client("kp", "198.18.201.1", "fd00:18::c9:1")?;
     sh(
         "ip",
@@ -286,95 +386,439 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// One h2load run from namespace `ns` (joining `cgroup` first if given).
-fn h2load(
-    t: &Topology,
-    ns: &str,
-    cgroup: Option<&std::path::Path>,
-    url: &str,
-    n: usize,
-    log: &std::path::Path,
-) -> anyhow::Result<H2Run> {
-    let before: Vec<u64> = t
-        .pods
-        .iter()
-        .map(|p| tx_bytes(&p.ns.name))
-        .collect::<Result<_, _>>()?;
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 0.5)
+}
+
+/// The HTTP/2 service's address, balanced by the agents.
+const H2_VIP: &str = "198.19.0.60";
+/// h2load's warm-up (`--warm-up-time`), after which the CPU is sampled.
+const H2_WARM_UP: Duration = Duration::from_millis(500);
+
+/// One configuration of the HTTP/2 benchmark: where h2load runs, what it
+/// loads, and which processes proxy for it.
+struct Config<'a> {
+    name: &'static str,
+    ns: &'a str,
+    /// The cgroup h2load joins first (a balanced one), if any.
+    cgroup: Option<&'a Path>,
+    url: String,
+    /// h2load's connections, one thread each.
+    conns: usize,
+    /// Roots of the process trees doing the proxying, the proxy (router)
+    /// first; empty without a proxy.
+    pids: Vec<u32>,
+}
+
+impl Config<'_> {
+    /// The configurations its ratios are to: direct (only at one
+    /// connection, the way it is measured) and the TCP relay at its load.
+    fn baselines(&self) -> (Option<&'static str>, &'static str) {
+        match self.conns {
+            1 => (Some("direct"), "tcp_relay"),
+            _ => (None, "tcp_relay_c2"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct H2Run {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    succeeded: u64,
+    failed: u64,
+    /// Response bytes per pod.
+    pod_bytes: Vec<u64>,
+    /// CPU seconds of each of the configuration's process trees, over
+    /// `cpu_wall_s` of the measured part of the run.
+    cpu_s: Vec<f64>,
+    cpu_wall_s: f64,
+    /// The proxy's (the router's) syscalls and context switches over the
+    /// same time, when perf could count them.
+    counted: Option<Counted>,
+}
+
+impl H2Run {
+    /// Syscalls and context switches of the proxy per request.
+    fn per_request(&self, f: fn(&Counted) -> f64) -> Option<f64> {
+        self.counted
+            .as_ref()
+            .map(|c| f(c) / self.cpu_wall_s / self.rps)
+    }
+
+    fn cpu_us_per_request(&self) -> Option<f64> {
+        (!self.cpu_s.is_empty())
+            .then(|| self.cpu_s.iter().sum::<f64>() / self.cpu_wall_s / self.rps * 1e6)
+    }
+
+    /// Cores the proxy (the router, without the agent) used.
+    fn proxy_cores(&self) -> Option<f64> {
+        self.cpu_s.first().map(|s| s / self.cpu_wall_s)
+    }
+}
+
+/// `finished in 2.50s, 115392.00 req/s, ...`: the req/s.
+fn h2load_rps(out: &str) -> Option<f64> {
+    out.lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|x| x.trim_end_matches(" req/s").parse().ok())
+}
+
+/// A count of h2load's `requests:` line (`... 9 succeeded, 0 failed, ...`).
+fn h2load_requests(out: &str, name: &str) -> u64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix("requests:"))
+        .and_then(|l| {
+            l.split(", ")
+                .find_map(|p| p.trim().strip_suffix(name))
+                .and_then(|n| n.split_whitespace().last()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// One h2load run of `c` for `secs` seconds after its warm-up, with the
+/// CPU of `c`'s processes over the measured part.
+fn h2load(t: &Topology, c: &Config, secs: u64, log: &Path) -> anyhow::Result<H2Run> {
+    let before = pod_tx_bytes(t)?;
     let h2 = format!(
-        "exec ip netns exec {ns} h2load -n {n} -c 1 -m 32 --log-file={} {url}",
-        log.display()
+        "exec ip netns exec {} h2load -D {secs} --warm-up-time {}ms -c {n} -t {n} -m 32 --log-file={} {}",
+        c.ns,
+        H2_WARM_UP.as_millis(),
+        log.display(),
+        c.url,
+        n = c.conns,
     );
-    let script = match cgroup {
+    let script = match c.cgroup {
         Some(cg) => format!("echo $$ > {}/cgroup.procs && {h2}", cg.display()),
         None => h2,
     };
-    let out = sh("sh", &["-c", &script])?;
-    let after: Vec<u64> = t
-        .pods
+    let child = Command::new("sh")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting h2load")?;
+    std::thread::sleep(H2_WARM_UP);
+    let perf = c
+        .pids
+        .first()
+        .and_then(|&p| PerfCount::start(p, &log.with_extension("perf")));
+    let (cpu0, start) = (tree_cpu_s(&c.pids), Instant::now());
+    let out = child.wait_with_output()?;
+    let cpu_wall_s = start.elapsed().as_secs_f64();
+    let counted = perf.and_then(PerfCount::stop);
+    let cpu_s = tree_cpu_s(&c.pids)
         .iter()
-        .map(|p| tx_bytes(&p.ns.name))
-        .collect::<Result<_, _>>()?;
-    let rps = out
-        .lines()
-        .find_map(|l| l.strip_prefix("finished in "))
-        .and_then(|l| l.split(", ").nth(1))
-        .and_then(|x| x.trim_end_matches(" req/s").parse::<f64>().ok())
-        .with_context(|| format!("h2load output: {out}"))?;
-    let reqs = out
-        .lines()
-        .find(|l| l.starts_with("requests:"))
-        .unwrap_or("");
-    let field = |name: &str| -> u64 {
-        reqs.split(", ")
-            .find_map(|p| {
-                p.trim()
-                    .strip_suffix(name)
-                    .map(|n| n.trim().trim_start_matches("requests: "))
-            })
-            .and_then(|n| n.split_whitespace().last()?.parse().ok())
-            .unwrap_or(0)
-    };
+        .zip(&cpu0)
+        .map(|(a, b)| a - b)
+        .collect();
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "h2load ({}) failed: {text}{}",
+        c.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pod_bytes = pod_tx_bytes(t)?
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .collect();
     let mut lat: Vec<f64> = std::fs::read_to_string(log)?
         .lines()
         .filter_map(|l| l.split('\t').nth(2)?.trim().parse::<f64>().ok())
         .collect();
     lat.sort_by(f64::total_cmp);
-    let deltas: Vec<f64> = before
-        .iter()
-        .zip(&after)
-        .map(|(b, a)| a.saturating_sub(*b) as f64)
-        .collect();
-    let total: f64 = deltas.iter().sum();
-    let pod_share: Vec<f64> = deltas
-        .iter()
-        .map(|d| if total > 0.0 { d / total } else { 0.0 })
-        .collect();
-    let max = pod_share.iter().copied().fold(0.0, f64::max);
     Ok(H2Run {
-        rps,
+        rps: h2load_rps(&text).with_context(|| format!("h2load output: {text}"))?,
         p50_us: percentile(&lat, 0.5),
         p99_us: percentile(&lat, 0.99),
-        succeeded: field("succeeded"),
-        failed: field("failed") + field("errored"),
-        spread: max * pod_share.len() as f64,
-        pod_share,
+        succeeded: h2load_requests(&text, "succeeded"),
+        failed: h2load_requests(&text, "failed") + h2load_requests(&text, "errored"),
+        pod_bytes,
+        cpu_s,
+        cpu_wall_s,
+        counted,
     })
 }
 
-fn median_run(mut runs: Vec<H2Run>) -> H2Run {
-    runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-    runs[runs.len() / 2].clone()
+/// A configuration over its rounds: medians of each figure.
+#[derive(Debug, serde::Serialize)]
+struct H2Summary {
+    rps: f64,
+    /// The slowest and fastest round's req/s, % of the median.
+    rps_min_pct: f64,
+    rps_max_pct: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// CPU of the proxy's processes (router and agent for the balancer).
+    cpu_us_per_request: Option<f64>,
+    /// Cores the proxy itself (the router) used: CPU seconds per second.
+    proxy_cores: Option<f64>,
+    /// The proxy's syscalls and context switches per request (perf).
+    syscalls_per_request: Option<f64>,
+    context_switches_per_request: Option<f64>,
+    /// Share of response bytes per pod, over all rounds (sums to 1).
+    pod_share: Vec<f64>,
+    /// Busiest pod / mean.
+    spread: f64,
+    /// Over all rounds.
+    succeeded: u64,
+    failed: u64,
+    all_rounds_rps: Vec<f64>,
+}
+
+fn summarize(runs: &[H2Run]) -> H2Summary {
+    let med = |f: fn(&H2Run) -> f64| median(runs.iter().map(f).collect());
+    let med_opt = |f: fn(&H2Run) -> Option<f64>| {
+        let v: Vec<f64> = runs.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(v))
+    };
+    let rps = med(|r| r.rps);
+    let all_rounds_rps: Vec<f64> = runs.iter().map(|r| r.rps).collect();
+    let pct = |x: f64| x / rps * 100.0;
+    let mut bytes = [0u64; PODS];
+    for r in runs {
+        for (b, x) in bytes.iter_mut().zip(&r.pod_bytes) {
+            *b += x;
+        }
+    }
+    let total: u64 = bytes.iter().sum();
+    let pod_share: Vec<f64> = bytes
+        .iter()
+        .map(|&b| {
+            if total > 0 {
+                b as f64 / total as f64
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    H2Summary {
+        rps,
+        rps_min_pct: pct(all_rounds_rps.iter().copied().fold(f64::MAX, f64::min)),
+        rps_max_pct: pct(all_rounds_rps.iter().copied().fold(0.0, f64::max)),
+        p50_us: med(|r| r.p50_us),
+        p99_us: med(|r| r.p99_us),
+        cpu_us_per_request: med_opt(H2Run::cpu_us_per_request),
+        proxy_cores: med_opt(H2Run::proxy_cores),
+        syscalls_per_request: med_opt(|r| r.per_request(|c| c.syscalls)),
+        context_switches_per_request: med_opt(|r| r.per_request(|c| c.context_switches)),
+        spread: pod_share.iter().copied().fold(0.0, f64::max) * PODS as f64,
+        pod_share,
+        succeeded: runs.iter().map(|r| r.succeeded).sum(),
+        failed: runs.iter().map(|r| r.failed).sum(),
+        all_rounds_rps,
+    }
+}
+
+/// A configuration's figures as ratios to its baselines (see
+/// [`Config::baselines`]).
+#[derive(Debug, serde::Serialize)]
+struct H2Ratios {
+    rps_vs_direct: Option<f64>,
+    p99_vs_direct: Option<f64>,
+    rps_vs_relay: f64,
+    cpu_vs_relay: Option<f64>,
+}
+
+fn ratios(s: &BTreeMap<&str, H2Summary>, c: &Config) -> H2Ratios {
+    let (direct, relay) = c.baselines();
+    let (me, relay) = (&s[c.name], &s[relay]);
+    let direct = direct.map(|d| &s[d]);
+    H2Ratios {
+        rps_vs_direct: direct.map(|d| me.rps / d.rps),
+        p99_vs_direct: direct.map(|d| me.p99_us / d.p99_us),
+        rps_vs_relay: me.rps / relay.rps,
+        cpu_vs_relay: me
+            .cpu_us_per_request
+            .zip(relay.cpu_us_per_request)
+            .map(|(a, b)| a / b),
+    }
+}
+
+/// `v` with `prec` decimals, `-` without a value.
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.prec$}"))
+}
+
+fn table_row(name: &str, s: &H2Summary, r: &H2Ratios) -> String {
+    format!(
+        "{name:<16} {:>8.0} {:>8} {:>6} {:>7.2} {:>7.0} {:>7.0} {:>6} {:>8} {:>6} {:>5} {:>5} {:>6.2} {:>6}  {}\n",
+        s.rps,
+        format!("{:.0}-{:.0}", s.rps_min_pct, s.rps_max_pct),
+        opt(r.rps_vs_direct, 2),
+        r.rps_vs_relay,
+        s.p50_us,
+        s.p99_us,
+        opt(r.p99_vs_direct, 2),
+        opt(s.cpu_us_per_request, 2),
+        opt(r.cpu_vs_relay, 2),
+        opt(s.syscalls_per_request, 2),
+        opt(s.context_switches_per_request, 2),
+        s.spread,
+        s.failed,
+        s.pod_share
+            .iter()
+            .map(|x| format!("{:.0}%", x * 100.0))
+            .collect::<Vec<_>>()
+            .join("/")
+    )
+}
+
+/// The default balancer's targets: (what, bound, value, met).
+fn targets(s: &H2Summary, r: &H2Ratios) -> Vec<(&'static str, &'static str, String, bool)> {
+    let cpu = r.cpu_vs_relay.unwrap_or(f64::NAN);
+    let p99 = r.p99_vs_direct.unwrap_or(f64::NAN);
+    vec![
+        (
+            "req/s vs tcp_relay",
+            ">= 0.90x",
+            format!("{:.2}x", r.rps_vs_relay),
+            r.rps_vs_relay >= 0.9,
+        ),
+        (
+            "CPU/request vs tcp_relay",
+            "<= 1.50x",
+            format!("{cpu:.2}x"),
+            cpu <= 1.5,
+        ),
+        (
+            "p99 vs direct",
+            "<= 1.50x",
+            format!("{p99:.2}x"),
+            p99 <= 1.5,
+        ),
+        (
+            "pod spread (busiest/mean)",
+            "<= 1.05",
+            format!("{:.2}", s.spread),
+            s.spread <= 1.05,
+        ),
+        (
+            "failed requests",
+            "== 0",
+            s.failed.to_string(),
+            s.failed == 0,
+        ),
+    ]
+}
+
+/// An agent with its router beside the default one, for the
+/// configurations that need their own: its own balanced cgroup with the
+/// agent in a child of it (as on a node where the agent attaches to the
+/// root cgroup, so sock_ops sees the router's sockets), its own client
+/// namespace. Fields drop in order: the agent first.
+struct Balancer {
+    agent: Agent,
+    _agent_cg: Cgroup,
+    cg: Cgroup,
+    client: Netns,
+}
+
+impl Balancer {
+    /// Client namespace `tag` at `v4`/`v6`; `args` with the router's
+    /// `--proxy-addr`.
+    fn start(
+        t: &Topology,
+        tag: &str,
+        (v4, v6): (&str, &str),
+        yaml: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let prefix = format!("{}-{tag}", t.prefix);
+        let cg = Cgroup::new(&prefix)?;
+        let agent_cg = Cgroup::new(&format!("{prefix}/agent"))?;
+        let client = t.extra_client(tag, v4, v6)?;
+        let agent = Agent::start_in_cgroup(
+            &prefix,
+            &cg.path,
+            yaml,
+            Some(&t.node.name),
+            args,
+            &agent_cg.path,
+        )?;
+        Ok(Self {
+            agent,
+            _agent_cg: agent_cg,
+            cg,
+            client,
+        })
+    }
+
+    fn config(&self, name: &'static str, conns: usize) -> anyhow::Result<Config<'_>> {
+        Ok(Config {
+            name,
+            ns: &self.client.name,
+            cgroup: Some(&self.cg.path),
+            url: format!("http://{H2_VIP}:80/index"),
+            conns,
+            pids: balancer_pids(&self.agent)?,
+        })
+    }
+}
+
+/// The router's pid, then the agent's.
+fn balancer_pids(agent: &Agent) -> anyhow::Result<Vec<u32>> {
+    Ok(vec![
+        agent.router_pid().context("router pid")?,
+        agent.pid().context("agent pid")?,
+    ])
+}
+
+/// haproxy's configuration: the frontend's `bind`, and the backend's
+/// `server` lines.
+fn haproxy_cfg(mode: &str, bind: &str, servers: &[String]) -> String {
+    let mut cfg = format!(
+        "global\n  maxconn 4000\ndefaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fe\n  bind {bind}\n  default_backend be\nbackend be\n  balance roundrobin\n"
+    );
+    for s in servers {
+        cfg += &format!("  server {s}\n");
+    }
+    cfg
+}
+
+/// haproxy on the node with configuration `cfg`, written to `path`.
+fn start_haproxy(t: &Topology, path: &Path, cfg: &str) -> anyhow::Result<Proc> {
+    std::fs::write(path, cfg)?;
+    spawn_in(
+        &t.node.name,
+        "haproxy",
+        &["-f", &path.to_string_lossy(), "-db"],
+    )
+}
+
+/// One warm-up run of every configuration, then `rounds` rounds each
+/// running every configuration once, the first one rotating.
+fn run_rounds(
+    t: &Topology,
+    configs: &[Config],
+    rounds: usize,
+    secs: u64,
+    log: &Path,
+) -> anyhow::Result<Vec<Vec<H2Run>>> {
+    for c in configs {
+        h2load(t, c, 1, log)?;
+    }
+    let mut runs = vec![Vec::new(); configs.len()];
+    for round in 0..rounds {
+        eprintln!("http2: round {}/{rounds}", round + 1);
+        for i in 0..configs.len() {
+            let k = (round + i) % configs.len();
+            runs[k].push(h2load(t, &configs[k], secs, log)?);
+        }
+    }
+    Ok(runs)
 }
 
 fn http2(out: PathBuf) -> anyhow::Result<()> {
-    let n: usize = std::env::var("LBT_H2_REQUESTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40_000);
-    let rounds: usize = std::env::var("LBT_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    let secs: u64 = env_or("LBT_H2_SECS", 3);
+    anyhow::ensure!(secs >= 2, "LBT_H2_SECS must be at least 2");
+    let rounds: usize = env_or("LBT_ROUNDS", 3);
+    anyhow::ensure!(rounds >= 1, "LBT_ROUNDS must be at least 1");
     let t = Topology::new("h2bench", PODS, &[])?;
     let dir = std::env::temp_dir().join(format!("{}-files", t.prefix));
     std::fs::create_dir_all(&dir)?;
@@ -389,8 +833,8 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         )?);
     }
     let eps: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
-    let mut yaml = String::from(
-        "services:\n  - name: bench/h2\n    addresses: [198.19.0.60]\n    ports:\n      - port: 80\n        targetPort: 8080\n        protocol: http2\n    endpoints:\n",
+    let mut yaml = format!(
+        "services:\n  - name: bench/h2\n    addresses: [{H2_VIP}]\n    ports:\n      - port: 80\n        targetPort: 8080\n        protocol: http2\n    endpoints:\n",
     );
     for e in &eps {
         yaml += &format!("      - address: {e}\n");
@@ -402,183 +846,196 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         Some(&t.node.name),
         &["--proxy-addr", balancer_tests::ROUTER_ADDR],
     )?;
-    // The router process does the HTTP/2 work: its CPU and memory.
-    let agent_pid = agent.router_pid().context("router pid")?;
-    // The splice experiment (`run --splice`): a second agent, on its own
-    // cgroup and client namespace, with its router on another port and
-    // itself in a child of that cgroup, as on a node where the agent
-    // attaches to the root cgroup (so sock_ops sees the router's sockets).
-    let splice_cg = balancer_tests::Cgroup::new(&format!("{}-splice", t.prefix))?;
-    let splice_agent_cg = balancer_tests::Cgroup::new(&format!("{}-splice/agent", t.prefix))?;
-    let splice_client = t.extra_client("splice", "198.18.203.1", "fd00:18::cb:1")?;
-    let splice_agent = Agent::start_in_cgroup(
-        &format!("{}-splice", t.prefix),
-        &splice_cg.path,
+    // The splice experiment (`run --splice`) and the router's threads,
+    // each with an agent and router of its own.
+    let splice = Balancer::start(
+        &t,
+        "splice",
+        ("198.18.203.1", "fd00:18::cb:1"),
         &yaml,
-        Some(&t.node.name),
         &["--proxy-addr", "198.18.0.1:15002", "--splice"],
-        &splice_agent_cg.path,
     )?;
-    let splice_pid = splice_agent.router_pid().context("splice router pid")?;
+    let t1 = Balancer::start(
+        &t,
+        "t1",
+        ("198.18.204.1", "fd00:18::cc:1"),
+        &yaml,
+        &["--proxy-addr", "198.18.0.1:15003", "--router-threads", "1"],
+    )?;
+    let t2 = Balancer::start(
+        &t,
+        "t2",
+        ("198.18.205.1", "fd00:18::cd:1"),
+        &yaml,
+        &["--proxy-addr", "198.18.0.1:15004", "--router-threads", "2"],
+    )?;
     let plain = t.extra_client("plain", "198.18.202.1", "fd00:18::ca:1")?;
     let kp = kube_proxy_client(&t)?;
     let backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), 8080)).collect();
-    install_kube_proxy(&kp, &kube_proxy_services(&[("198.19.0.60", 80, &backends)]))?;
+    install_kube_proxy(&kp, &kube_proxy_services(&[(H2_VIP, 80, &backends)]))?;
 
-    let haproxy_cfg = dir.join("haproxy.cfg");
-    let mut cfg = String::from(
-        "global\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fe\n  bind 198.18.0.1:18080 proto h2\n  default_backend be\nbackend be\n  balance roundrobin\n",
-    );
-    for (i, e) in eps.iter().enumerate() {
-        cfg += &format!("  server p{i} {e}:8080 proto h2\n");
-    }
-    std::fs::write(&haproxy_cfg, cfg)?;
-    procs.push(spawn_in(
-        &t.node.name,
-        "haproxy",
-        &["-f", &haproxy_cfg.display().to_string(), "-db"],
-    )?);
+    let h2_servers: Vec<String> = eps
+        .iter()
+        .enumerate()
+        .map(|(i, e)| format!("p{i} {e}:8080 proto h2"))
+        .collect();
+    let haproxy = start_haproxy(
+        &t,
+        &dir.join("haproxy.cfg"),
+        &haproxy_cfg("http", "198.18.0.1:18080 proto h2", &h2_servers),
+    )?;
+    let relay = start_haproxy(
+        &t,
+        &dir.join("relay.cfg"),
+        &haproxy_cfg("tcp", "198.18.0.1:18082", &[format!("p0 {}:8080", eps[0])]),
+    )?;
     let mut nghttpx_args = vec!["--frontend=198.18.0.1,18081;no-tls".to_owned()];
     for e in &eps {
         nghttpx_args.push(format!("--backend={e},8080;;proto=h2"));
     }
     nghttpx_args.push("--log-level=WARN".into());
     let nghttpx_refs: Vec<&str> = nghttpx_args.iter().map(String::as_str).collect();
-    procs.push(spawn_in(&t.node.name, "nghttpx", &nghttpx_refs)?);
+    let nghttpx = spawn_in(&t.node.name, "nghttpx", &nghttpx_refs)?;
     std::thread::sleep(Duration::from_millis(800));
 
-    let log = dir.join("h2load.log");
-    let cg = t.cgroup.path.clone();
-    let configs: [(&str, &str, Option<&std::path::Path>, String); 6] = [
-        (
-            "direct",
-            plain.name.as_str(),
-            None,
-            format!("http://{}:8080/index", eps[0]),
-        ),
-        (
-            "kube_proxy",
-            kp.name.as_str(),
-            None,
-            "http://198.19.0.60:80/index".into(),
-        ),
-        (
+    let plain_config = |name, url: String, conns, pids: Vec<u32>| Config {
+        name,
+        ns: &plain.name,
+        cgroup: None,
+        url,
+        conns,
+        pids,
+    };
+    let relay_url = "http://198.18.0.1:18082/index".to_owned();
+    let configs = vec![
+        plain_config("direct", format!("http://{}:8080/index", eps[0]), 1, vec![]),
+        Config {
+            name: "kube_proxy",
+            ns: &kp.name,
+            cgroup: None,
+            url: format!("http://{H2_VIP}:80/index"),
+            conns: 1,
+            pids: vec![],
+        },
+        plain_config("tcp_relay", relay_url.clone(), 1, vec![relay.pid()]),
+        plain_config(
             "haproxy",
-            plain.name.as_str(),
-            None,
             "http://198.18.0.1:18080/index".into(),
+            1,
+            vec![haproxy.pid()],
         ),
-        (
+        plain_config(
             "nghttpx",
-            plain.name.as_str(),
-            None,
             "http://198.18.0.1:18081/index".into(),
+            1,
+            vec![nghttpx.pid()],
         ),
-        (
-            "balancer",
-            t.client.name.as_str(),
-            Some(cg.as_path()),
-            "http://198.19.0.60:80/index".into(),
-        ),
-        (
-            "balancer_splice",
-            splice_client.name.as_str(),
-            Some(splice_cg.path.as_path()),
-            "http://198.19.0.60:80/index".into(),
-        ),
+        Config {
+            name: "balancer",
+            ns: &t.client.name,
+            cgroup: Some(&t.cgroup.path),
+            url: format!("http://{H2_VIP}:80/index"),
+            conns: 1,
+            pids: balancer_pids(&agent)?,
+        },
+        splice.config("balancer_splice", 1)?,
+        plain_config("tcp_relay_c2", relay_url, 2, vec![relay.pid()]),
+        t1.config("balancer_c2_t1", 2)?,
+        t2.config("balancer_c2_t2", 2)?,
     ];
-    // Warm-up: one short run each.
-    for (_, ns, cgroup, url) in &configs {
-        h2load(&t, ns, *cgroup, url, 2000, &log)?;
-    }
-    let mut runs: BTreeMap<&str, Vec<H2Run>> = BTreeMap::new();
-    let mut cpu_ticks = 0u64;
-    let mut balancer_secs = 0.0;
-    let mut splice_ticks = 0u64;
-    let mut splice_secs = 0.0;
-    eprintln!("http2: {rounds} rounds x 6 configurations x {n} requests (h2load -c 1 -m 32)");
-    for _ in 0..rounds {
-        for (name, ns, cgroup, url) in &configs {
-            let t0 = agent_cpu_ticks(agent_pid);
-            let s0 = agent_cpu_ticks(splice_pid);
-            let start = std::time::Instant::now();
-            let r = h2load(&t, ns, *cgroup, url, n, &log)?;
-            if *name == "balancer" {
-                cpu_ticks += agent_cpu_ticks(agent_pid) - t0;
-                balancer_secs += start.elapsed().as_secs_f64();
-            }
-            if *name == "balancer_splice" {
-                splice_ticks += agent_cpu_ticks(splice_pid) - s0;
-                splice_secs += start.elapsed().as_secs_f64();
-            }
-            runs.entry(name).or_default().push(r);
-        }
-    }
-    let med: BTreeMap<&str, H2Run> = runs
-        .clone()
-        .into_iter()
-        .map(|(k, v)| (k, median_run(v)))
+    eprintln!(
+        "http2: {rounds} rounds x {} configurations x {secs} s (h2load -D {secs} -m 32)",
+        configs.len()
+    );
+    let runs = run_rounds(&t, &configs, rounds, secs, &dir.join("h2load.log"))?;
+    let summaries: BTreeMap<&str, H2Summary> = configs
+        .iter()
+        .zip(&runs)
+        .map(|(c, r)| (c.name, summarize(r)))
         .collect();
-    let direct = med["direct"].clone();
-    let clk = 100.0; // USER_HZ
-    let agent_cpu = cpu_ticks as f64 / clk / balancer_secs;
-    let splice_cpu = splice_ticks as f64 / clk / splice_secs.max(1e-9);
-    let splice_status = splice_agent.status_json()?;
-    let rss = agent_mem_kib(agent_pid, "VmRSS:");
-    let hwm = agent_mem_kib(agent_pid, "VmHWM:");
+    let router_pid = agent.router_pid().context("router pid")?;
+    let (rss, hwm) = (
+        agent_mem_kib(router_pid, "VmRSS:"),
+        agent_mem_kib(router_pid, "VmHWM:"),
+    );
+    let splice_counters = splice.agent.status_json()?["counters"].clone();
+
     let mut rows = serde_json::Map::new();
     let mut table = format!(
-        "HTTP/2 benchmark: h2load -n {n} -c 1 -m 32 over {PODS} nghttpd pods, median of {rounds} rounds\n\n{:<12} {:>9} {:>7} {:>8} {:>8} {:>7} {:>7} {:>7}  per-pod share\n",
-        "config", "req/s", "xdirect", "p50 us", "p99 us", "p50 x", "p99 x", "spread"
+        "HTTP/2 benchmark: h2load -D {secs} --warm-up-time {}ms -m 32 over {PODS} nghttpd pods, median of {rounds} interleaved rounds\n\
+         -c 1 -t 1, ratios to direct and tcp_relay; _c2 rows -c 2 -t 2, ratios to tcp_relay_c2.\n\
+         rounds: slowest-fastest round, % of the median req/s. cpu: the proxy's processes (router + agent for the balancer), us per request.\n\
+         sys, cs: the proxy's (router's) syscalls and context switches per request (perf stat).\n\n\
+         {:<16} {:>8} {:>8} {:>6} {:>7} {:>7} {:>7} {:>6} {:>8} {:>6} {:>5} {:>5} {:>6} {:>6}  per-pod share\n",
+        H2_WARM_UP.as_millis(),
+        "config",
+        "req/s",
+        "rounds%",
+        "xdir",
+        "xrelay",
+        "p50 us",
+        "p99 us",
+        "p99 x",
+        "cpu us",
+        "cpu x",
+        "sys",
+        "cs",
+        "spread",
+        "failed",
     );
-    for (name, r) in &med {
-        let row = serde_json::json!({
-            "rps": r.rps, "rps_vs_direct": r.rps / direct.rps,
-            "p50_us": r.p50_us, "p50_vs_direct": r.p50_us / direct.p50_us,
-            "p99_us": r.p99_us, "p99_vs_direct": r.p99_us / direct.p99_us,
-            "spread_max_over_mean": r.spread, "pod_share": r.pod_share,
-            "succeeded": r.succeeded, "failed": r.failed,
-            "all_rounds_rps": runs[name].iter().map(|x| x.rps).collect::<Vec<_>>(),
-        });
-        table += &format!(
-            "{:<16} {:>9.0} {:>7.2} {:>8.0} {:>8.0} {:>7.2} {:>7.2} {:>7.2}  {}\n",
-            name,
-            r.rps,
-            r.rps / direct.rps,
-            r.p50_us,
-            r.p99_us,
-            r.p50_us / direct.p50_us,
-            r.p99_us / direct.p99_us,
-            r.spread,
-            r.pod_share
-                .iter()
-                .map(|s| format!("{:.0}%", s * 100.0))
-                .collect::<Vec<_>>()
-                .join("/")
+    for c in &configs {
+        let (s, r) = (&summaries[c.name], ratios(&summaries, c));
+        table += &table_row(c.name, s, &r);
+        let mut row = serde_json::to_value(s)?;
+        row.as_object_mut().context("row")?.extend(
+            serde_json::to_value(&r)?
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
         );
-        rows.insert((*name).to_owned(), row);
+        row["h2load_connections"] = json!(c.conns);
+        row["relay_baseline"] = json!(c.baselines().1);
+        rows.insert(c.name.to_owned(), row);
     }
+
+    let default = configs
+        .iter()
+        .find(|c| c.name == "balancer")
+        .context("balancer config")?;
+    let checks = targets(&summaries["balancer"], &ratios(&summaries, default));
+    table += "\ntargets for balancer (default threads, -c 1):\n";
+    for (what, bound, value, met) in &checks {
+        table += &format!(
+            "  {what:<26} {bound:<9} {value:>8}  {}\n",
+            if *met { "MET" } else { "MISSED" }
+        );
+    }
+    let (c2_t1, c2_t2) = (&summaries["balancer_c2_t1"], &summaries["balancer_c2_t2"]);
+    let cores = |s: &H2Summary| s.proxy_cores.unwrap_or(f64::NAN);
     table += &format!(
-        "\nagent during the balancer runs: {:.0}% of one CPU, RSS {} KiB (peak {} KiB)\n",
-        agent_cpu * 100.0,
-        rss,
-        hwm
+        "\nrouter threads at -c 2 -t 2: req/s t2/t1 {:.2}x; router cores used: t1 {:.2}, t2 {:.2}\n",
+        c2_t2.rps / c2_t1.rps,
+        cores(c2_t1),
+        cores(c2_t2),
     );
     table += &format!(
-        "agent during the balancer_splice runs: {:.0}% of one CPU; client directions spliced: {}, left on TCP: {}\n",
-        splice_cpu * 100.0,
-        splice_status["counters"]["splice_on"],
-        splice_status["counters"]["splice_off"],
+        "router of balancer after the runs: RSS {rss} KiB (peak {hwm} KiB)\n\
+         balancer_splice: client directions spliced: {}, left on TCP: {}\n",
+        splice_counters["splice_on"], splice_counters["splice_off"],
     );
-    let result = serde_json::json!({
+    let result = json!({
         "benchmark": "http2",
         "unix_time": SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
-        "h2load": format!("-n {n} -c 1 -m 32"), "pods": PODS, "rounds": rounds,
+        "h2load": format!("-D {secs} --warm-up-time {}ms -c N -t N -m 32", H2_WARM_UP.as_millis()),
+        "pods": PODS, "rounds": rounds, "seconds_per_run": secs,
         "configs": rows,
-        "agent": {"cpu_fraction_of_one_core": agent_cpu, "rss_kib": rss, "peak_rss_kib": hwm},
-        "splice_agent": {"cpu_fraction_of_one_core": splice_cpu,
-            "splice_on": splice_status["counters"]["splice_on"],
-            "splice_off": splice_status["counters"]["splice_off"]},
+        "targets": {"balancer": checks.iter().map(|(what, bound, value, met)| json!({
+            "target": what, "bound": bound, "value": value, "met": met})).collect::<Vec<_>>()},
+        "router_threads": {"rps_t2_over_t1": c2_t2.rps / c2_t1.rps,
+            "router_cores_t1": c2_t1.proxy_cores, "router_cores_t2": c2_t2.proxy_cores},
+        "router": {"rss_kib": rss, "peak_rss_kib": hwm},
+        "splice": {"splice_on": splice_counters["splice_on"],
+            "splice_off": splice_counters["splice_off"]},
     });
     std::fs::create_dir_all(&out)?;
     std::fs::write(
@@ -587,10 +1044,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
     )?;
     std::fs::write(out.join("http2.txt"), &table)?;
     print!("{table}");
-    drop(procs);
-    drop(splice_agent);
-    drop(splice_agent_cg);
-    drop(splice_cg);
+    drop((procs, haproxy, relay, nghttpx));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -599,16 +1053,10 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
 /// agent's start to all of them programmed, and the agent's memory.
 fn kube(out: PathBuf) -> anyhow::Result<()> {
     use balancer_tests::fakeapi::{FakeApi, Kind};
-    let services: usize = std::env::var("LBT_SERVICES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000);
-    let per: usize = std::env::var("LBT_ENDPOINTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+    let services: usize = env_or("LBT_SERVICES", 10_000);
+    let per: usize = env_or("LBT_ENDPOINTS", 10);
     let prefix = balancer_tests::unique_prefix("kubebench");
-    let cg = balancer_tests::Cgroup::new(&prefix)?;
+    let cg = Cgroup::new(&prefix)?;
     let dir = std::env::temp_dir().join(format!("{prefix}-api"));
     let api = FakeApi::start(&dir)?;
     eprintln!("kube: creating {services} services x {per} endpoints in the fake apiserver");
