@@ -155,6 +155,12 @@ pub struct Accrual {
 pub static EJECTIONS: AtomicU64 = AtomicU64::new(0);
 
 impl Accrual {
+    /// Not ejected (nor probing): the check a pick makes first, without
+    /// reading the clock.
+    pub fn is_healthy(&self) -> bool {
+        self.until_ms.load(Ordering::Relaxed) == 0
+    }
+
     pub fn standing(&self, now: Instant) -> Standing {
         let until = self.until_ms.load(Ordering::Relaxed);
         if until == 0 {

@@ -59,6 +59,8 @@ pub struct Endpoint {
     /// Failure accrual: ejected after consecutive failures.
     pub accrual: crate::accrual::Accrual,
     ewma: Mutex<Ewma>,
+    /// The estimate's f64 bits, for picks that read it without the lock.
+    estimate_bits: AtomicU64,
 }
 
 impl Endpoint {
@@ -75,6 +77,7 @@ impl Endpoint {
                 at: Instant::now(),
                 samples: 0,
             }),
+            estimate_bits: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
         }
     }
 
@@ -104,10 +107,12 @@ impl Endpoint {
         let w = (-elapsed / tau.as_secs_f64()).exp();
         e.estimate = e.estimate * w + sample * (1.0 - w);
         e.at = now;
+        self.estimate_bits
+            .store(e.estimate.to_bits(), Ordering::Relaxed);
     }
 
     fn estimate_ns(&self) -> f64 {
-        self.ewma.lock().unwrap_or_else(|p| p.into_inner()).estimate
+        f64::from_bits(self.estimate_bits.load(Ordering::Relaxed))
     }
 
     /// Start a stream on this endpoint; the guard ends it.
@@ -314,6 +319,12 @@ impl Pool {
     /// and those in `exclude` (already tried for this stream) when others
     /// remain.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<Endpoint>> {
+        // The common case, once per stream: nothing ejected, nothing tried
+        // yet. Choose over the pool as it is, without collecting it.
+        if exclude.is_empty() && self.endpoints.iter().all(|e| e.accrual.is_healthy()) {
+            let i = self.choose(&self.endpoints)?;
+            return Some(self.endpoints[i].clone());
+        }
         let serving = match self.serving(Instant::now()) {
             Ok(s) => s,
             Err(probe) if !exclude.contains(&probe.addr) => return Some(probe),
@@ -330,33 +341,88 @@ impl Pool {
                 .collect();
             if fresh.is_empty() { serving } else { fresh }
         };
+        let i = self.choose(&candidates)?;
+        Some(candidates[i].clone())
+    }
+
+    /// The algorithm's choice among `candidates` (an index), None if there
+    /// are none.
+    fn choose<E: AsRef<Endpoint>>(&self, candidates: &[E]) -> Option<usize> {
         let n = candidates.len();
         if n == 0 {
             return None;
         }
         crate::stats::SELECTIONS[self.algorithm as usize].fetch_add(1, Ordering::Relaxed);
-        let i = match self.algorithm {
+        let rotate = || (self.cursor.fetch_add(1, Ordering::Relaxed) % n as u64) as usize;
+        Some(match self.algorithm {
+            _ if n == 1 => 0,
             Algorithm::Random => fastrand::usize(..n),
-            Algorithm::RoundRobin => {
-                (self.cursor.fetch_add(1, Ordering::Relaxed) % n as u64) as usize
-            }
+            Algorithm::RoundRobin => rotate(),
+            Algorithm::LeastRequest if n <= FULL_SCAN => least_cost(candidates, rotate()),
             Algorithm::LeastRequest => {
-                if n == 1 {
-                    0
-                } else {
-                    // The first choice rotates, the second is random; the
-                    // second wins only when clearly cheaper. Equal pods so
-                    // get a round-robin spread instead of P2C's random one,
-                    // and a busy or slow pod is still avoided.
-                    let a = (self.cursor.fetch_add(1, Ordering::Relaxed) % n as u64) as usize;
-                    let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-                    let (ca, cb) = costs(candidates[a], candidates[b]);
-                    if cb * CLEARLY_CHEAPER < ca { b } else { a }
-                }
+                // The first choice rotates, the second is random; the
+                // second wins only when clearly cheaper. Equal pods so
+                // get a round-robin spread instead of P2C's random one,
+                // and a busy or slow pod is still avoided.
+                let a = rotate();
+                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+                let (ca, cb) = costs(candidates[a].as_ref(), candidates[b].as_ref());
+                if cb * CLEARLY_CHEAPER < ca { b } else { a }
             }
-        };
-        Some(candidates[i].clone())
+        })
     }
+}
+
+/// Pools up to this size are scanned whole by `least-request`; larger ones
+/// use P2C (a pick costs two lookups, not n).
+pub const FULL_SCAN: usize = 16;
+
+/// The cheapest of `candidates` by [`costs`]' measure against the fastest
+/// of them; among equals the `turn`-th (mod their number), so equal pods
+/// take turns.
+///
+/// Why a scan and not P2C for small pools: streams arrive in bursts (every
+/// read of a client connection carries the requests its answers released).
+/// Rotating P2C spread a burst of k over min(k, n) pods, so each burst cost
+/// up to n writes to pods and n reads back; the scan sends the burst to
+/// the pods that just answered (they have the fewest in flight), which
+/// keeps bursts whole.
+fn least_cost<E: AsRef<Endpoint>>(candidates: &[E], turn: usize) -> usize {
+    let fastest = candidates
+        .iter()
+        .map(|e| e.as_ref().estimate_ns())
+        .fold(f64::MAX, f64::min)
+        .max(1.0);
+    let cost = |e: &E| {
+        let e = e.as_ref();
+        let est = e.estimate_ns();
+        let factor = if est > SLOWER * fastest {
+            est / fastest
+        } else {
+            1.0
+        };
+        (e.outstanding.load(Ordering::Relaxed) as f64 + 1.0) * factor
+    };
+    let (mut min, mut ties, mut first) = (f64::MAX, 0usize, 0usize);
+    for (i, e) in candidates.iter().enumerate() {
+        let c = cost(e);
+        if c < min {
+            (min, ties, first) = (c, 1, i);
+        } else if c == min {
+            ties += 1;
+        }
+    }
+    let mut k = turn % ties.max(1);
+    for (i, e) in candidates.iter().enumerate() {
+        if cost(e) == min {
+            if k == 0 {
+                return i;
+            }
+            k -= 1;
+        }
+    }
+    // Another thread's stream moved a count between the two passes.
+    first
 }
 
 #[cfg(test)]
@@ -432,8 +498,8 @@ mod tests {
             let p = pool.pick(&[]).expect("pick");
             hits[e.iter().position(|x| x.addr == p.addr).expect("known")] += 1;
         }
-        // With two choices, the pair {busy, slow} still yields the less bad
-        // of the two (one pick in six); everything else avoids both.
+        // The scan avoids both (P2C, for pools above FULL_SCAN, still
+        // yields the less bad of the pair {busy, slow}: one pick in six).
         assert!(hits[0] + hits[1] < 400 && hits[1] < 100, "{hits:?}");
         assert!(hits[2] > 800 && hits[3] > 800, "{hits:?}");
     }
