@@ -504,3 +504,72 @@ fn spliced_client_and_router_sockets_keep_every_byte_in_order() {
     assert!(off >= 1, "the plain client stayed on TCP: {status}");
     assert_eq!(status["counters"]["splice_full"], 0, "{status}");
 }
+
+/// CPU ticks (user + system) of each of the router's worker threads
+/// (`router-0`, `router-1`, ...), by name.
+fn worker_ticks(pid: u32) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("router tasks")
+        .flatten()
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1.to_owned();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            (name.starts_with("router-") && name != "router-accept").then_some((name, ticks))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn two_client_connections_on_two_router_threads_use_both() {
+    let s = common::setup_with("h2threads", 4, &["--router-threads", "2"]);
+    let pid = s.agent.router_pid().expect("router pid");
+    let before = worker_ticks(pid);
+    assert_eq!(before.len(), 2, "two workers: {before:?}");
+    // Two connections at once, each with many streams.
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            h2_client_spawn(
+                &s.t.client.name,
+                Some(&s.t.cgroup.path),
+                VIP,
+                &[
+                    "--path",
+                    "/unary",
+                    "--requests",
+                    "6000",
+                    "--concurrency",
+                    "16",
+                ],
+            )
+            .expect("client")
+        })
+        .collect();
+    for c in clients {
+        let v = h2_client_wait(c).expect("client result");
+        no_errors(&v);
+        assert_eq!(v["statuses"]["0"], 6000, "{v}");
+        let pods = pods_of(&v);
+        assert_eq!(pods.len(), 4, "each connection spread over all pods: {v}");
+    }
+    let after = worker_ticks(pid);
+    let used: Vec<u64> = after
+        .iter()
+        .zip(&before)
+        .map(|((_, a), (_, b))| a - b)
+        .collect();
+    let total: u64 = used.iter().sum();
+    assert!(total > 0, "{after:?}");
+    // One connection per worker (the acceptor gives each to the one with
+    // fewer), so each did about half the work.
+    for u in &used {
+        assert!(
+            *u * 10 >= total * 3,
+            "each worker did at least 30% of the work: {used:?} ticks"
+        );
+    }
+}

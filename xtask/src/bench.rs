@@ -8,8 +8,10 @@ pub enum Which {
     /// Connection spread (kube-proxy rules vs least-conn) and connect() rate
     /// (connect4 vs iptables DNAT vs direct).
     L4,
-    /// h2load over 4 nghttpd pods: direct, kube-proxy rules, haproxy,
-    /// nghttpx and the balancer, in one run.
+    /// h2load over 4 nghttpd pods: direct, kube-proxy rules, a TCP relay
+    /// (the floor), haproxy, nghttpx and the balancer (plain, --splice, 1
+    /// and 2 router threads), interleaved rounds, CPU and syscalls per
+    /// request.
     Http2,
     /// Sync of 10,000 Services x 10 endpoints from a fake apiserver: time
     /// and agent memory.
