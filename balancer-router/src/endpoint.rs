@@ -358,7 +358,6 @@ impl Pool {
             _ if n == 1 => 0,
             Algorithm::Random => fastrand::usize(..n),
             Algorithm::RoundRobin => rotate(),
-            Algorithm::LeastRequest if n <= FULL_SCAN => least_cost(candidates, rotate()),
             Algorithm::LeastRequest => {
                 // The first choice rotates, the second is random; the
                 // second wins only when clearly cheaper. Equal pods so
@@ -371,58 +370,6 @@ impl Pool {
             }
         })
     }
-}
-
-/// Pools up to this size are scanned whole by `least-request`; larger ones
-/// use P2C (a pick costs two lookups, not n).
-pub const FULL_SCAN: usize = 16;
-
-/// The cheapest of `candidates` by [`costs`]' measure against the fastest
-/// of them; among equals the `turn`-th (mod their number), so equal pods
-/// take turns.
-///
-/// Why a scan and not P2C for small pools: streams arrive in bursts (every
-/// read of a client connection carries the requests its answers released).
-/// Rotating P2C spread a burst of k over min(k, n) pods, so each burst cost
-/// up to n writes to pods and n reads back; the scan sends the burst to
-/// the pods that just answered (they have the fewest in flight), which
-/// keeps bursts whole.
-fn least_cost<E: AsRef<Endpoint>>(candidates: &[E], turn: usize) -> usize {
-    let fastest = candidates
-        .iter()
-        .map(|e| e.as_ref().estimate_ns())
-        .fold(f64::MAX, f64::min)
-        .max(1.0);
-    let cost = |e: &E| {
-        let e = e.as_ref();
-        let est = e.estimate_ns();
-        let factor = if est > SLOWER * fastest {
-            est / fastest
-        } else {
-            1.0
-        };
-        (e.outstanding.load(Ordering::Relaxed) as f64 + 1.0) * factor
-    };
-    let (mut min, mut ties, mut first) = (f64::MAX, 0usize, 0usize);
-    for (i, e) in candidates.iter().enumerate() {
-        let c = cost(e);
-        if c < min {
-            (min, ties, first) = (c, 1, i);
-        } else if c == min {
-            ties += 1;
-        }
-    }
-    let mut k = turn % ties.max(1);
-    for (i, e) in candidates.iter().enumerate() {
-        if cost(e) == min {
-            if k == 0 {
-                return i;
-            }
-            k -= 1;
-        }
-    }
-    // Another thread's stream moved a count between the two passes.
-    first
 }
 
 #[cfg(test)]
@@ -498,8 +445,8 @@ mod tests {
             let p = pool.pick(&[]).expect("pick");
             hits[e.iter().position(|x| x.addr == p.addr).expect("known")] += 1;
         }
-        // The scan avoids both (P2C, for pools above FULL_SCAN, still
-        // yields the less bad of the pair {busy, slow}: one pick in six).
+        // With two choices, the pair {busy, slow} still yields the less bad
+        // of the two (one pick in six); everything else avoids both.
         assert!(hits[0] + hits[1] < 400 && hits[1] < 100, "{hits:?}");
         assert!(hits[2] > 800 && hits[3] > 800, "{hits:?}");
     }
