@@ -196,13 +196,8 @@ impl Agent {
             router: self.dataplane.router_config().map(|c| {
                 let now = crate::router::monotonic_ns();
                 let age = now.saturating_sub(c.heartbeat_ns);
-                let ip = if c.router4 != [0; 4] {
-                    crate::dataplane::plan::words_addr(c.router4)
-                } else {
-                    crate::dataplane::plan::words_addr(c.router6)
-                };
                 RouterView {
-                    address: std::net::SocketAddr::new(ip, u16::from_be(c.router_port)).to_string(),
+                    address: crate::dataplane::plan::config_router_addr(&c).to_string(),
                     splice: c.splice != 0,
                     heartbeat_age_ms: age / 1_000_000,
                     alive: age <= balancer_common::ROUTER_STALE_NS,

@@ -381,18 +381,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let listener = admin::bind(&admin_socket, false)?;
     let _socket_guard = RemoveOnDrop(admin_socket.clone());
-    let metrics_listener = match metrics_addr {
-        Some(addr) => Some(
-            // SO_REUSEPORT: during an upgrade both agents listen.
-            socket::bind_reuseport(addr)
-                .and_then(|l| {
-                    l.set_nonblocking(true)?;
-                    tokio::net::TcpListener::from_std(l)
-                })
-                .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = socket::bind_metrics(metrics_addr)?;
     let dataplane = Dataplane::attach(&cgroup, pin_root.as_deref())?;
     if dataplane.adopted {
         tracing::info!(cgroup = %cgroup.display(), "adopted the pinned data path; it never stopped");

@@ -42,6 +42,42 @@ enum Output {
     Json,
 }
 
+/// Failure accrual, for the agent's tcp ports and the router's streams.
+#[derive(clap::Args)]
+struct AccrualArgs {
+    /// Failures in a row that eject an endpoint; 0 turns failure accrual
+    /// off. `run` (tcp ports): failed connects, counted in the kernel.
+    /// `router` (http2 ports): connects, resets by the pod, 5xx, gRPC
+    /// Trailers-Only UNAVAILABLE / INTERNAL / UNKNOWN / DEADLINE_EXCEEDED.
+    /// (linkerd2-proxy: 7; Envoy's consecutive_5xx: 5.)
+    #[arg(long, default_value_t = 5)]
+    failure_accrual: u32,
+    /// First ejection; then one probe (stream or connect), and twice as
+    /// long again if it fails. (linkerd2-proxy: 1s; Envoy's
+    /// base_ejection_time: 30s.)
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    ejection_backoff: Duration,
+    /// Longest ejection. (linkerd2-proxy: 60s; Envoy's max_ejection_time:
+    /// 300s.)
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    ejection_backoff_max: Duration,
+    /// Most of a service's endpoints ejected at once, percent; never the
+    /// last one. (Envoy's max_ejection_percent: 10.)
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+    max_ejected_percent: u32,
+}
+
+impl AccrualArgs {
+    fn policy(&self) -> balancer_router::accrual::Policy {
+        balancer_router::accrual::Policy {
+            consecutive: self.failure_accrual,
+            min_backoff: self.ejection_backoff,
+            max_backoff: self.ejection_backoff_max.max(self.ejection_backoff),
+            max_ejected_percent: self.max_ejected_percent,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// The control plane: load the eBPF programs, attach them to a cgroup
@@ -82,22 +118,9 @@ enum Command {
         /// clients reconnect, balanced per connection).
         #[arg(long, default_value = "3s", value_parser = parse_duration)]
         router_grace: Duration,
-        /// tcp ports: failed connects in a row (refused, unreachable, timed
-        /// out; counted in the kernel) that take a backend out of its
-        /// services until a probe connect succeeds. 0 turns it off.
-        /// (http2 ports: the router's flag of the same name.)
-        #[arg(long, default_value_t = 5)]
-        failure_accrual: u32,
-        /// tcp ports: the first ejection; doubles per failed probe.
-        #[arg(long, default_value = "1s", value_parser = parse_duration)]
-        ejection_backoff: Duration,
-        /// tcp ports: the longest ejection.
-        #[arg(long, default_value = "60s", value_parser = parse_duration)]
-        ejection_backoff_max: Duration,
-        /// tcp ports: most of a service's backends out at once, percent;
-        /// never the last one.
-        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
-        max_ejected_percent: u32,
+        // tcp ports; http2 ports have the router's flags of the same names.
+        #[command(flatten)]
+        accrual: AccrualArgs,
         /// Prometheus metrics and /healthz, /readyz on this address.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
@@ -180,25 +203,8 @@ enum Command {
         /// quota), at most 4. One connection's streams stay on one worker.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=router::MAX_THREADS as i64))]
         router_threads: Option<u32>,
-        /// Failures in a row that eject an endpoint: connects, resets by
-        /// the pod, 5xx, gRPC Trailers-Only UNAVAILABLE / INTERNAL /
-        /// UNKNOWN / DEADLINE_EXCEEDED. 0 turns failure accrual off.
-        /// (linkerd2-proxy: 7; Envoy's consecutive_5xx: 5.)
-        #[arg(long, default_value_t = 5)]
-        failure_accrual: u32,
-        /// First ejection; then one probe stream, and twice as long again
-        /// if it fails. (linkerd2-proxy: 1s; Envoy's base_ejection_time:
-        /// 30s.)
-        #[arg(long, default_value = "1s", value_parser = parse_duration)]
-        ejection_backoff: Duration,
-        /// Longest ejection. (linkerd2-proxy: 60s; Envoy's
-        /// max_ejection_time: 300s.)
-        #[arg(long, default_value = "60s", value_parser = parse_duration)]
-        ejection_backoff_max: Duration,
-        /// Most of a service's endpoints ejected at once, percent; never
-        /// the last one. (Envoy's max_ejection_percent: 10.)
-        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
-        max_ejected_percent: u32,
+        #[command(flatten)]
+        accrual: AccrualArgs,
     },
     /// Remove every pin (and so detach every pinned program) under --bpffs.
     Cleanup {
@@ -274,10 +280,7 @@ fn main() -> ExitCode {
                 pin,
                 router_socket,
                 router_grace,
-                failure_accrual,
-                ejection_backoff,
-                ejection_backoff_max,
-                max_ejected_percent,
+                accrual,
                 metrics_addr,
                 proxy_addr,
                 splice,
@@ -306,12 +309,7 @@ fn main() -> ExitCode {
                     app::SpawnRouter { listen: addr, args }
                 });
                 app::run(app::RunOptions {
-                    accrual: balancer_router::accrual::Policy {
-                        consecutive: failure_accrual,
-                        min_backoff: ejection_backoff,
-                        max_backoff: ejection_backoff_max.max(ejection_backoff),
-                        max_ejected_percent,
-                    },
+                    accrual: accrual.policy(),
                     router,
                     endpoints_file,
                     node_name,
@@ -337,19 +335,11 @@ fn main() -> ExitCode {
                 client_buffer,
                 router_buffer_limit,
                 router_threads,
-                failure_accrual,
-                ejection_backoff,
-                ejection_backoff_max,
-                max_ejected_percent,
+                accrual,
             } => {
                 router::process::run(router::process::RouterOptions {
                     threads: router_threads.map_or_else(router::default_threads, |n| n as usize),
-                    accrual: balancer_router::accrual::Policy {
-                        consecutive: failure_accrual,
-                        min_backoff: ejection_backoff,
-                        max_backoff: ejection_backoff_max.max(ejection_backoff),
-                        max_ejected_percent,
-                    },
+                    accrual: accrual.policy(),
                     listen,
                     cgroup,
                     bpffs,

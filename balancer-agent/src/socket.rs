@@ -19,3 +19,16 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     }
     Ok(sock.into())
 }
+
+/// The metrics listener at `--metrics-addr`, if given (SO_REUSEPORT: during
+/// an upgrade both processes listen).
+pub fn bind_metrics(addr: Option<SocketAddr>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    bind_reuseport(addr)
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)
+        })
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))
+}

@@ -88,6 +88,28 @@ pub fn words_addr(w: [u32; 4]) -> IpAddr {
     IpAddr::V6(std::net::Ipv6Addr::from(o))
 }
 
+/// The router's address as CONFIG holds it (`router4` or `router6`, and
+/// the port in network order).
+pub fn config_router_addr(cfg: &balancer_common::Config) -> SocketAddr {
+    let words = if cfg.router4 != [0; 4] {
+        cfg.router4
+    } else {
+        cfg.router6
+    };
+    SocketAddr::new(words_addr(words), u16::from_be(cfg.router_port))
+}
+
+/// Write `addr` into CONFIG's router address (the inverse of
+/// [`config_router_addr`]).
+pub fn set_config_router_addr(cfg: &mut balancer_common::Config, addr: SocketAddr) {
+    cfg.router_port = addr.port().to_be();
+    if addr.is_ipv4() {
+        cfg.router4 = addr_words(addr.ip());
+    } else {
+        cfg.router6 = addr_words(addr.ip());
+    }
+}
+
 pub fn service_key(vip: SocketAddr) -> ServiceKey {
     ServiceKey {
         addr: addr_words(vip.ip()),

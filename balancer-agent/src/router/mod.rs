@@ -107,6 +107,15 @@ pub struct Maps {
     pub splice: Option<SockHash<MapData, SpliceKey>>,
 }
 
+/// A socket's address as the kernel's maps key it.
+fn sock_key(addr: SocketAddr) -> SockKey {
+    SockKey {
+        addr: addr_words(addr.ip()),
+        port: addr.port().to_be(),
+        _pad: [0; 2],
+    }
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which
 /// the programs compare the heartbeat against.
 pub fn monotonic_ns() -> u64 {
@@ -301,11 +310,7 @@ impl Router {
 
     /// The VIP a steered client connected to.
     fn orig_dst(&self, peer: SocketAddr) -> Option<SocketAddr> {
-        let key = SockKey {
-            addr: addr_words(peer.ip()),
-            port: peer.port().to_be(),
-            _pad: [0; 2],
-        };
+        let key = sock_key(peer);
         let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let v = maps.orig_dst.get(&key, 0).ok()?;
         let ip = crate::dataplane::plan::words_addr(v.addr);
@@ -588,16 +593,8 @@ impl Router {
         }
         let local = sock.local_addr().ok()?;
         let key = SpliceKey {
-            local: SockKey {
-                addr: addr_words(local.ip()),
-                port: local.port().to_be(),
-                _pad: [0; 2],
-            },
-            remote: SockKey {
-                addr: addr_words(peer.ip()),
-                port: peer.port().to_be(),
-                _pad: [0; 2],
-            },
+            local: sock_key(local),
+            remote: sock_key(peer),
         };
         let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let m = maps.splice.as_mut()?;

@@ -43,7 +43,7 @@ use crate::{
     admin,
     api::{Request, RouterEndpointView, RouterStatusView},
     app::RemoveOnDrop,
-    dataplane::{pin, plan::addr_words},
+    dataplane::{pin, plan},
     metrics, socket,
 };
 
@@ -190,7 +190,7 @@ fn listen_counted(router: &Router, cfg: Config) -> std::io::Result<std::net::Tcp
             .map_err(|e| std::io::Error::other(format!("writing CONFIG: {e}")))?;
     }
     let before = router.listeners();
-    let listener = socket::bind_reuseport(cfg_addr(&cfg))?;
+    let listener = socket::bind_reuseport(plan::config_router_addr(&cfg))?;
     let tracked = router.listeners() > before;
     router.set_tracked(tracked);
     if tracked {
@@ -203,15 +203,6 @@ fn listen_counted(router: &Router, cfg: Config) -> std::io::Result<std::net::Tcp
         );
     }
     Ok(listener)
-}
-
-fn cfg_addr(cfg: &Config) -> SocketAddr {
-    let ip = if cfg.router4 != [0; 4] {
-        crate::dataplane::plan::words_addr(cfg.router4)
-    } else {
-        crate::dataplane::plan::words_addr(cfg.router6)
-    };
-    SocketAddr::new(ip, u16::from_be(cfg.router_port))
 }
 
 /// Wait until the agent has pinned a complete data path, then open it.
@@ -372,30 +363,14 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
     let dir = pin::dir_of(&bpffs, &cgroup)?;
     let admin_listener = admin::bind(&admin_socket, true)?;
     let _socket_guard = RemoveOnDrop(admin_socket.clone());
-    let metrics_listener = match metrics_addr {
-        Some(addr) => Some(
-            socket::bind_reuseport(addr)
-                .and_then(|l| {
-                    l.set_nonblocking(true)?;
-                    tokio::net::TcpListener::from_std(l)
-                })
-                .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = socket::bind_metrics(metrics_addr)?;
     let (table, maps) = wait_for_pins(&dir, splice).await;
     let router = Router::new(maps, limits);
-    let words = addr_words(listen.ip());
     let mut cfg = Config {
-        router_port: listen.port().to_be(),
         splice: u8::from(splice),
         ..Config::default()
     };
-    if listen.is_ipv4() {
-        cfg.router4 = words;
-    } else {
-        cfg.router6 = words;
-    }
+    plan::set_config_router_addr(&mut cfg, listen);
     let listener = match adopt_held(&agent_socket, listen).await {
         Some(l) => {
             // Counted by sock_ops when it was opened, if the router that
