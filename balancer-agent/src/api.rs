@@ -183,12 +183,36 @@ pub struct RouterStatusView {
     pub table_error: Option<String>,
 }
 
+/// One endpoint's counters in the router (the body of
+/// [`RouterEndpointView`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EndpointStats {
+    pub active_streams: u64,
+    pub streams_total: u64,
+    pub ewma_us: u64,
+    /// Streams the pod failed (connects, resets, 5xx, gRPC failures).
+    #[serde(default)]
+    pub failures: u64,
+    /// Failures in a row now.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// Times it was ejected.
+    #[serde(default)]
+    pub ejections: u64,
+    /// Ejected now (or probing): why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ejected: Option<String>,
+    /// Until its probe, milliseconds (0 once the probe is due).
+    #[serde(default)]
+    pub ejected_for_ms: u64,
+}
+
 /// One endpoint's streams through the router (`router-endpoints`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RouterEndpointView {
     pub address: std::net::SocketAddr,
     #[serde(flatten)]
-    pub stats: crate::router::EndpointStats,
+    pub stats: EndpointStats,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -44,6 +44,60 @@ pub fn server_mode(ns: &str, name: &str, port: u16, mode: &str) -> anyhow::Resul
     Ok(Killed(child))
 }
 
+/// The endpoints file of one http2 service, `default/grpc` at `vip_ip`:80,
+/// over every pod of `t` on `port`.
+pub fn service_yaml(t: &crate::Topology, vip_ip: &str, port: u16) -> String {
+    let mut y = format!(
+        "services:\n  - name: default/grpc\n    addresses: [{vip_ip}]\n    ports:\n      - name: grpc\n        port: 80\n        targetPort: {port}\n        protocol: http2\n    endpoints:\n"
+    );
+    for p in &t.pods {
+        y += &format!("      - address: {}\n", p.v4);
+    }
+    y
+}
+
+/// A grpcio server in every pod of `t` on `port`, pod `i` in `modes[i]`
+/// (`peer.py serve` modes; missing ones serve plainly).
+pub fn servers(t: &crate::Topology, port: u16, modes: &[&str]) -> Vec<Killed> {
+    t.pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            server_mode(
+                &p.ns.name,
+                &p.name,
+                port,
+                modes.get(i).copied().unwrap_or(""),
+            )
+            .expect("grpc server")
+        })
+        .collect()
+}
+
+/// Four grpcio pods (see [`servers`]) behind the http2 service at
+/// `vip_ip`:80 ([`service_yaml`]), and the agent with its router at
+/// [`crate::ROUTER_ADDR`] and `extra` arguments.
+pub fn setup(
+    tag: &str,
+    vip_ip: &str,
+    port: u16,
+    modes: &[&str],
+    extra: &[&str],
+) -> (crate::Topology, Vec<Killed>, crate::Agent) {
+    crate::require_root();
+    let t = crate::Topology::new(tag, 4, &[]).expect("topology");
+    let servers = servers(&t, port, modes);
+    let agent = crate::Agent::start_with(
+        &t.prefix,
+        &t.cgroup.path,
+        &service_yaml(&t, vip_ip, port),
+        Some(&t.node.name),
+        &[&["--proxy-addr", crate::ROUTER_ADDR][..], extra].concat(),
+    )
+    .expect("agent");
+    (t, servers, agent)
+}
+
 /// `peer.py load`: one channel from `ns` (in `cgroup`), `inflight` unary
 /// RPCs at all times for `seconds`.
 pub struct Load {

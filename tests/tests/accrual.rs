@@ -6,45 +6,20 @@
 use std::time::Duration;
 
 use balancer_tests::{
-    Agent, ROUTER_ADDR, Topology,
+    Agent, Topology,
     grpc::{self, Killed, Load},
     require_root,
 };
 use serde_json::Value;
 
 const PORT: u16 = 50055;
+const VIP_IP: &str = "198.19.0.72";
 const VIP: &str = "198.19.0.72:80";
 const INFLIGHT: usize = 16;
 
-fn yaml(t: &Topology) -> String {
-    let mut y = format!(
-        "services:\n  - name: default/grpc\n    addresses: [198.19.0.72]\n    ports:\n      - name: grpc\n        port: 80\n        targetPort: {PORT}\n        protocol: http2\n    endpoints:\n"
-    );
-    for p in &t.pods {
-        y += &format!("      - address: {}\n", p.v4);
-    }
-    y
-}
-
 /// Four grpcio pods, pod `i` in `modes[i]` (`peer.py serve` modes).
 fn setup(tag: &str, modes: [&str; 4]) -> (Topology, Vec<Killed>, Agent) {
-    require_root();
-    let t = Topology::new(tag, 4, &[]).expect("topology");
-    let servers = t
-        .pods
-        .iter()
-        .zip(modes)
-        .map(|(p, m)| grpc::server_mode(&p.ns.name, &p.name, PORT, m).expect("grpc server"))
-        .collect();
-    let agent = Agent::start_with(
-        &t.prefix,
-        &t.cgroup.path,
-        &yaml(&t),
-        Some(&t.node.name),
-        &["--proxy-addr", ROUTER_ADDR],
-    )
-    .expect("agent");
-    (t, servers, agent)
+    grpc::setup(tag, VIP_IP, PORT, &modes, &[])
 }
 
 /// The endpoints of the service, from `endpoints -o json`.

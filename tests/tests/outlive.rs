@@ -12,40 +12,16 @@ use balancer_tests::{
 };
 
 const PORT: u16 = 50053;
+const VIP_IP: &str = "198.19.0.71";
 const VIP: &str = "198.19.0.71:80";
 const INFLIGHT: usize = 16;
-
-fn yaml(t: &Topology) -> String {
-    let mut y = format!(
-        "services:\n  - name: default/grpc\n    addresses: [198.19.0.71]\n    ports:\n      - name: grpc\n        port: 80\n        targetPort: {PORT}\n        protocol: http2\n    endpoints:\n"
-    );
-    for p in &t.pods {
-        y += &format!("      - address: {}\n", p.v4);
-    }
-    y
-}
 
 fn setup(tag: &str) -> (Topology, Vec<Killed>, Agent) {
     setup_with(tag, &[])
 }
 
 fn setup_with(tag: &str, extra: &[&str]) -> (Topology, Vec<Killed>, Agent) {
-    require_root();
-    let t = Topology::new(tag, 4, &[]).expect("topology");
-    let servers = t
-        .pods
-        .iter()
-        .map(|p| grpc::server(&p.ns.name, &p.name, PORT).expect("grpc server"))
-        .collect();
-    let agent = Agent::start_with(
-        &t.prefix,
-        &t.cgroup.path,
-        &yaml(&t),
-        Some(&t.node.name),
-        &[&["--proxy-addr", ROUTER_ADDR][..], extra].concat(),
-    )
-    .expect("agent");
-    (t, servers, agent)
+    grpc::setup(tag, VIP_IP, PORT, &[], extra)
 }
 
 #[test]
@@ -191,16 +167,12 @@ fn a_router_that_does_not_come_back_leaves_clients_to_l4_after_the_grace() {
 fn run_with_proxy_addr_starts_a_router_that_outlives_the_agent() {
     require_root();
     let t = Topology::new("runrouter", 4, &[]).expect("topology");
-    let _servers: Vec<Killed> = t
-        .pods
-        .iter()
-        .map(|p| grpc::server(&p.ns.name, &p.name, PORT).expect("grpc server"))
-        .collect();
+    let _servers = grpc::servers(&t, PORT, &[]);
     let pins = balancer_tests::PinDir::new(&format!("lbt-runrouter-{}", std::process::id()));
     let mut agent = Agent::start_with(
         &t.prefix,
         &t.cgroup.path,
-        &yaml(&t),
+        &grpc::service_yaml(&t, VIP_IP, PORT),
         Some(&t.node.name),
         &[
             "--pin",

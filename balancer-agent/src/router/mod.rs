@@ -36,7 +36,7 @@ use tokio::{
     sync::watch,
 };
 
-use crate::dataplane::plan::addr_words;
+use crate::{api::EndpointStats, dataplane::plan::addr_words};
 use endpoint::{Endpoint, Pool};
 use table::Route;
 
@@ -47,29 +47,6 @@ pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
 /// server-speaks-first protocol and passed through at L4.
 const SILENT_CLIENT: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Per-endpoint router statistics, for the admin API.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct EndpointStats {
-    pub active_streams: u64,
-    pub streams_total: u64,
-    pub ewma_us: u64,
-    /// Streams the pod failed (connects, resets, 5xx, gRPC failures).
-    #[serde(default)]
-    pub failures: u64,
-    /// Failures in a row now.
-    #[serde(default)]
-    pub consecutive_failures: u32,
-    /// Times it was ejected.
-    #[serde(default)]
-    pub ejections: u64,
-    /// Ejected now (or probing): why.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ejected: Option<String>,
-    /// Until its probe, milliseconds (0 once the probe is due).
-    #[serde(default)]
-    pub ejected_for_ms: u64,
-}
 
 pub struct Router {
     /// VIP:port -> endpoints of that http2 frontend. Replaced whole.
