@@ -225,7 +225,7 @@ impl Agent {
         v
     }
 
-    /// The endpoints view without the live counts, which [`fill_counts`]
+    /// The endpoints view without the live counts, which [`fill_kernel`]
     /// reads: no syscall, so a scrape can take it under the agent's lock
     /// and read the counts after releasing it.
     pub fn endpoints_shape(&self, only: Option<&str>) -> EndpointsView {

@@ -10,8 +10,11 @@ use serde::{Deserialize, Serialize};
 pub enum Protocol {
     #[default]
     Tcp,
-    /// Stream-level balancing by the frame router (a later issue); until it
-    /// exists such ports are balanced per connection, like `tcp`.
+    /// Stream-level balancing: connections go to the node's HTTP/2 router
+    /// (`balancer-agent router`), which sends each stream to its own
+    /// endpoint. While no router is alive (none configured, or its
+    /// heartbeat is stale) they are balanced per connection in the kernel,
+    /// like `tcp`.
     Http2,
 }
 

@@ -15,7 +15,7 @@
 //! 2,282 to 2,654 with this estimate and plain P2C, because scheduling noise
 //! on a 2-core node makes equal pods briefly unequal. So the first candidate
 //! rotates (round-robin) and the random second one wins only when it is
-//! clearly cheaper ([`CLEARLY_CHEAPER`]).
+//! clearly cheaper (`CLEARLY_CHEAPER`, a cost 1.5x lower).
 
 use std::{
     net::SocketAddr,
@@ -30,11 +30,11 @@ use std::{
 pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// Time constant of the estimate's decay towards faster samples.
 pub const DECAY: Duration = Duration::from_secs(10);
+/// Time constant of its rise towards slower samples.
+pub const RISE: Duration = Duration::from_secs(1);
 /// The random candidate must cost less than the rotating one by this
 /// factor to be taken (hysteresis against noise).
 const CLEARLY_CHEAPER: f64 = 1.5;
-/// Time constant of its rise towards slower samples.
-pub const RISE: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Ewma {
@@ -81,7 +81,8 @@ impl Endpoint {
         }
     }
 
-    /// The latency estimate now, decayed since the last sample.
+    /// The latency estimate as of its last sample (it moves only when a
+    /// sample comes; no decay is applied between samples).
     pub fn ewma(&self) -> Duration {
         let e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
         Duration::from_nanos(e.estimate as u64)
@@ -315,7 +316,7 @@ impl Pool {
         out.into_iter().skip(back).map(|(_, a)| a).collect()
     }
 
-    /// Choose an endpoint, skipping ejected ones (see [`Pool::serving`])
+    /// Choose an endpoint, skipping ejected ones (see `Pool::serving`)
     /// and those in `exclude` (already tried for this stream) when others
     /// remain.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<Endpoint>> {

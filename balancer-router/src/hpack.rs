@@ -868,7 +868,7 @@ impl PreAck {
     /// that representation (6.2.3: intermediaries must). The result is
     /// still to be checked with [`check_block`] (RFC 9113's rules, sizes).
     ///
-    /// The block is walked first ([`check_pre_ack`]) because loona-hpack
+    /// The block is walked first (`check_pre_ack`) because loona-hpack
     /// is lax where a backend may not be: it takes a table size update
     /// anywhere in a block (RFC 7541 4.2: only at its start) and any
     /// number of them, and integers of 5 bytes. Its Huffman decoder is

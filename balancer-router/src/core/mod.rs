@@ -9,13 +9,13 @@
 //! the router never builds header maps.
 //!
 //! Files by concern, as in the `h2` crate:
-//! - [`client`]: the client hop (frames from clients, their errors);
-//! - [`backend`]: the backend hop (pooled connections, frames from pods);
-//! - [`route`]: choosing an endpoint, stream ids per backend connection,
+//! - `client`: the client hop (frames from clients, their errors);
+//! - `backend`: the backend hop (pooled connections, frames from pods);
+//! - `route`: choosing an endpoint, stream ids per backend connection,
 //!   retries of unprocessed streams;
-//! - [`pump`]: moving a stream's chunks to the other hop within its
+//! - `pump`: moving a stream's chunks to the other hop within its
 //!   windows, in either direction, and the memory budget of responses;
-//! - [`state`]: the stream lifecycle; [`calm`]: flood detection.
+//! - `state`: the stream lifecycle; [`calm`]: flood detection.
 //!
 //! Per hop, by RFC 9113: connection and stream flow control are the
 //! router's own on each side ([`crate::flow`]); stream ids on a backend
