@@ -26,7 +26,8 @@ use balancer_common::{
     AffinityKey, AffinityValue, Algorithm, Backend, BackendStats, COUNTER_COUNT, Config, Counter,
     H2_ACTIVE, H2_NOT, H2_UNKNOWN, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, Mode, OrigDst, PROTO_TCP,
     ROUTER_STALE_NS, SOCK_STEERED, SPLICE_OFF, SPLICE_ON, ServiceKey, ServiceState, ServiceValue,
-    SlotKey, SockKey, SockState, SpliceKey, V4_MAPPED_WORD,
+    SlotKey, SockKey, SockState, SpliceKey,
+    addr::{is_v4_mapped, v4_mapped, v4_word},
     h2frame::{HEADERS, PREFACE},
     select::{pick_least_conn, pick_random, pick_round_robin},
 };
@@ -314,11 +315,6 @@ fn record(ctx: &SockAddrContext, key: &ServiceKey, flags: u8, backend_id: u32, h
     true
 }
 
-#[inline(always)]
-fn is_v4(addr: &[u32; 4]) -> bool {
-    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
-}
-
 /// The router for a VIP's family, if one is configured.
 #[inline(always)]
 fn router_for(key: &ServiceKey) -> Option<([u32; 4], u16)> {
@@ -338,7 +334,7 @@ fn router_for(key: &ServiceKey) -> Option<([u32; 4], u16)> {
         count(Counter::RouterDown);
         return None;
     }
-    let addr = if is_v4(&key.addr) {
+    let addr = if is_v4_mapped(&key.addr) {
         cfg.router4
     } else {
         cfg.router6
@@ -371,7 +367,7 @@ pub fn balancer_connect4(ctx: SockAddrContext) -> i32 {
     }
     let key = unsafe {
         ServiceKey {
-            addr: [0, 0, V4_MAPPED_WORD, (*sa).user_ip4],
+            addr: v4_mapped((*sa).user_ip4),
             port: (*sa).user_port as u16,
             proto: PROTO_TCP,
             _pad: 0,
@@ -388,12 +384,12 @@ pub fn balancer_connect4(ctx: SockAddrContext) -> i32 {
             ALLOW
         }
         Verdict::Rewrite(backend) => {
-            if !backend.is_v4() {
+            let Some(v4) = v4_word(&backend.addr) else {
                 count(Counter::FamilyMismatch);
                 return refuse();
-            }
+            };
             unsafe {
-                (*sa).user_ip4 = backend.addr[3];
+                (*sa).user_ip4 = v4;
                 (*sa).user_port = u32::from(backend.port);
             }
             ALLOW
@@ -438,8 +434,7 @@ pub fn balancer_connect6(ctx: SockAddrContext) -> i32 {
             ALLOW
         }
         Verdict::Rewrite(backend) => {
-            let vip_is_v4 = key.addr[0] == 0 && key.addr[1] == 0 && key.addr[2] == V4_MAPPED_WORD;
-            if vip_is_v4 != backend.is_v4() {
+            if is_v4_mapped(&key.addr) != backend.is_v4() {
                 count(Counter::FamilyMismatch);
                 return refuse();
             }
@@ -548,11 +543,7 @@ fn local_key(ctx: &SockOpsContext) -> SockKey {
             ],
         )
     };
-    let addr = if family == AF_INET {
-        [0, 0, V4_MAPPED_WORD, v4]
-    } else {
-        v6
-    };
+    let addr = if family == AF_INET { v4_mapped(v4) } else { v6 };
     SockKey {
         addr,
         // local_port is in host order.
@@ -635,7 +626,7 @@ fn on_listen(ctx: &SockOpsContext) {
         return;
     }
     let key = local_key(ctx);
-    let router = if is_v4(&key.addr) {
+    let router = if is_v4_mapped(&key.addr) {
         cfg.router4
     } else {
         cfg.router6
@@ -699,10 +690,7 @@ fn on_passive(ctx: &SockOpsContext) {
         return;
     }
     let key = splice_key(ctx);
-    let router = if key.local.addr[0] == 0
-        && key.local.addr[1] == 0
-        && key.local.addr[2] == V4_MAPPED_WORD
-    {
+    let router = if is_v4_mapped(&key.local.addr) {
         cfg.router4
     } else {
         cfg.router6
@@ -750,11 +738,7 @@ fn splice_key(ctx: &SockOpsContext) -> SpliceKey {
     SpliceKey {
         local: local_key(ctx),
         remote: SockKey {
-            addr: if family == AF_INET {
-                [0, 0, V4_MAPPED_WORD, v4]
-            } else {
-                v6
-            },
+            addr: if family == AF_INET { v4_mapped(v4) } else { v6 },
             port: net_port(port),
             _pad: [0; 2],
         },
@@ -790,12 +774,12 @@ fn peer_key(msg: *const sk_msg_md) -> SpliceKey {
     let v4 = family == AF_INET;
     SpliceKey {
         local: SockKey {
-            addr: if v4 { [0, 0, V4_MAPPED_WORD, r4] } else { r6 },
+            addr: if v4 { v4_mapped(r4) } else { r6 },
             port: net_port(rport),
             _pad: [0; 2],
         },
         remote: SockKey {
-            addr: if v4 { [0, 0, V4_MAPPED_WORD, l4] } else { l6 },
+            addr: if v4 { v4_mapped(l4) } else { l6 },
             // local_port is in host order.
             port: (lport as u16).to_be(),
             _pad: [0; 2],
