@@ -7,9 +7,10 @@
 //! network byte order, exactly as the kernel hands them to `cgroup/connect6`;
 //! IPv4 addresses use the IPv4-mapped IPv6 form `::ffff:a.b.c.d`, so one
 //! service map serves both families and IPv4-mapped connects on IPv6 sockets
-//! hit the IPv4 service naturally.
+//! hit the IPv4 service naturally (the codec is [`addr`]).
 #![no_std]
 
+pub mod addr;
 pub mod h2frame;
 pub mod select;
 
@@ -41,10 +42,6 @@ pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
 
 /// Protocol numbers used in [`ServiceKey::proto`].
 pub const PROTO_TCP: u8 = 6;
-
-/// Word 2 of an IPv4-mapped IPv6 address (`::ffff:0:0/96`) as a raw
-/// network-order word.
-pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Key of the `SERVICES` map: a VIP and port.
 #[repr(C)]
@@ -234,7 +231,7 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 impl Backend {
     /// True when the address is IPv4 (stored IPv4-mapped).
     pub const fn is_v4(&self) -> bool {
-        self.addr[0] == 0 && self.addr[1] == 0 && self.addr[2] == V4_MAPPED_WORD
+        addr::is_v4_mapped(&self.addr)
     }
 }
 

@@ -19,12 +19,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
 };
 
 use balancer_common::{
     Backend, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, MAX_SLOTS, PROTO_TCP,
-    ServiceKey, ServiceValue, SlotKey, V4_MAPPED_WORD,
+    ServiceKey, ServiceValue, SlotKey,
 };
 
 use crate::state::{Algorithm, Frontend};
@@ -64,29 +64,7 @@ pub enum PlanError {
     },
 }
 
-/// Address as four raw network-order words, IPv4 mapped into IPv6.
-pub fn addr_words(ip: IpAddr) -> [u32; 4] {
-    match ip {
-        IpAddr::V4(v4) => [0, 0, V4_MAPPED_WORD, u32::from_ne_bytes(v4.octets())],
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            [w(0), w(4), w(8), w(12)]
-        }
-    }
-}
-
-/// The inverse of [`addr_words`].
-pub fn words_addr(w: [u32; 4]) -> IpAddr {
-    if w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_WORD {
-        return IpAddr::V4(std::net::Ipv4Addr::from(w[3].to_ne_bytes()));
-    }
-    let mut o = [0u8; 16];
-    for (i, word) in w.iter().enumerate() {
-        o[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-    }
-    IpAddr::V6(std::net::Ipv6Addr::from(o))
-}
+pub use balancer_common::addr::{addr_words, words_addr};
 
 /// The router's address as CONFIG holds it (`router4` or `router6`, and
 /// the port in network order).
@@ -734,20 +712,6 @@ mod tests {
             .expect_err("family");
         assert!(e.to_string().contains("address family"), "{e}");
         assert!(p.services.is_empty());
-    }
-
-    #[test]
-    fn address_words_round_trip() {
-        for a in ["198.18.1.10", "fd00:18::1:10", "::ffff:1.2.3.4", "::1"] {
-            let ip: IpAddr = a.parse().expect("ip");
-            let back = words_addr(addr_words(ip));
-            // IPv4-mapped IPv6 comes back as the IPv4 address it maps.
-            let want = match ip {
-                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-                v4 => v4,
-            };
-            assert_eq!(back, want);
-        }
     }
 
     #[test]
