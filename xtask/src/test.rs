@@ -1,5 +1,7 @@
 //! `cargo xtask test`: setup when needed, build the binaries the
-//! integration tests drive, run every test of the workspace, fuzz the
+//! integration tests drive, build the docs with warnings denied (so a
+//! broken or private intra-doc link fails here, not in a reader's
+//! browser), run every test of the workspace, fuzz the
 //! HTTP/2 router's core for a bounded time, then build the image and run
 //! it as the DaemonSet does (`cargo xtask image --check`, about 10 minutes
 //! the first time on 2 cores; later builds reuse buildah's layers).
@@ -15,6 +17,17 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         );
     }
     util::run(util::cargo(&env).args(["build", "--workspace", "--bins"]))?;
+    // Only on a full run: a filtered run is someone iterating on a test.
+    let docs = if args.is_empty() {
+        println!("test: cargo doc, warnings denied");
+        util::run(
+            util::cargo(&env)
+                .args(["doc", "--workspace", "--no-deps"])
+                .env("RUSTDOCFLAGS", "-D warnings"),
+        )
+    } else {
+        Ok(())
+    };
     let tests = util::run(
         util::cargo(&env)
             .args(["test", "--workspace", "--no-fail-fast"])
@@ -29,6 +42,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         Ok(())
     };
     tests?;
+    docs?;
     fuzz?;
     image
 }
