@@ -28,7 +28,7 @@ pub struct Agent {
     /// The file, or the cluster's default namespace.
     pub source_location: String,
     /// The apiserver's state, for the kubernetes source.
-    pub apiserver: Option<std::sync::Arc<std::sync::Mutex<crate::source::kube::ApiserverState>>>,
+    pub apiserver: Option<std::sync::Arc<std::sync::Mutex<crate::api::ApiserverState>>>,
     pub reload: ReloadView,
 }
 

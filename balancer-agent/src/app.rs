@@ -410,7 +410,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             tokio::spawn(file::watch(path, bytes, tx))
         }
         Source::Kube(client) => {
-            let health = Arc::new(Mutex::new(source::kube::ApiserverState::default()));
+            let health = Arc::new(Mutex::new(crate::api::ApiserverState::default()));
             agent.apiserver = Some(health.clone());
             tokio::spawn(source::kube::run(client, node_name, tx, health))
         }
