@@ -160,20 +160,20 @@ async fn adopt_held(agent_socket: &Path, listen: SocketAddr) -> Option<std::net:
             return None;
         }
     };
-    let listening =
-        nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn).unwrap_or(false);
-    let sock = socket2::Socket::from(fd);
-    let bound = sock.local_addr().ok().and_then(|a| a.as_socket());
-    if !listening || bound != Some(listen) {
-        tracing::warn!(
-            ?bound,
-            listening,
-            "the agent passed a socket that is not our listener; ignoring it"
-        );
-        return None;
+    match socket::listener_on(fd, listen) {
+        Ok(l) => {
+            tracing::info!(%listen, "adopted the listener the agent held: serving the connections queued while no router ran");
+            Some(l)
+        }
+        Err(socket::NotListener { listening, bound }) => {
+            tracing::warn!(
+                ?bound,
+                listening,
+                "the agent passed a socket that is not our listener; ignoring it"
+            );
+            None
+        }
     }
-    tracing::info!(%listen, "adopted the listener the agent held: serving the connections queued while no router ran");
-    Some(sock.into())
 }
 
 /// Listen on CONFIG's address, written first (without a heartbeat unless a
