@@ -18,8 +18,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps},
 };
 use balancer_common::{
-    Backend, BackendStats, Config, Counter, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, ServiceKey,
-    ServiceState, ServiceValue, SlotKey, SpliceKey, map_names,
+    AffinityKey, AffinityValue, Backend, BackendStats, Config, Counter, MAX_BACKENDS, MAX_SERVICES,
+    MAX_SLOTS, ServiceKey, ServiceState, ServiceValue, SlotKey, SpliceKey, map_names,
 };
 use serde::Serialize;
 
@@ -100,13 +100,9 @@ const PROGRAMS: [Program; 7] = [
     },
 ];
 
-/// Maps only pinned by the agent: the router process opens ORIG_DST and
-/// ROUTER_LISTENERS from the pins, and AFFINITY is the kernel's alone.
-const PIN_ONLY_MAPS: [&str; 3] = [
-    map_names::ORIG_DST,
-    map_names::AFFINITY,
-    map_names::ROUTER_LISTENERS,
-];
+/// Maps only pinned by the agent: the router process opens them from the
+/// pins.
+const PIN_ONLY_MAPS: [&str; 2] = [map_names::ORIG_DST, map_names::ROUTER_LISTENERS];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -175,6 +171,8 @@ struct Maps {
     /// kernel is asked about those programs through them.
     socks: SockHash<MapData, u64>,
     splice: SockHash<MapData, SpliceKey>,
+    /// The kernel's alone (sessionAffinity); open to count its entries.
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
 impl Maps {
@@ -200,6 +198,7 @@ impl Maps {
             generation: open(&mut get, map_names::GENERATION)?,
             socks: open(&mut get, map_names::SOCKS)?,
             splice: open(&mut get, map_names::SPLICE)?,
+            affinity: open(&mut get, map_names::AFFINITY)?,
         })
     }
 
@@ -309,6 +308,47 @@ impl StatsReader {
     pub fn get(&self, id: u32) -> BackendStats {
         self.0.get(&id, 0).unwrap_or_default()
     }
+}
+
+/// Counts AFFINITY's entries through a handle of its own (see
+/// [`Dataplane::affinity_reader`]). The kernel alone writes that map, so
+/// the agent has no record of its fill: each count walks its keys, a
+/// syscall each, which must not hold the agent's lock.
+pub struct AffinityReader(HashMap<MapData, AffinityKey, AffinityValue>);
+
+impl AffinityReader {
+    /// How full AFFINITY is now. The kernel changes it during the walk, so
+    /// the count is approximate; the walk stops at its capacity.
+    pub fn fill(&self) -> MapFill {
+        let max_entries = self.0.map().info().map_or(0, |info| info.max_entries());
+        MapFill {
+            name: map_names::AFFINITY,
+            entries: self
+                .0
+                .keys()
+                .take(max_entries as usize)
+                .take_while(Result::is_ok)
+                .count(),
+            max_entries,
+        }
+    }
+}
+
+/// A handle of its own on the hash map `map` (the same kernel map), made
+/// into a `Map` by `kind`.
+fn dup_hash<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+    kind: fn(MapData) -> aya::maps::Map,
+) -> Result<HashMap<MapData, K, V>, DataplaneError> {
+    let fd = map
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DataplaneError::Dup { map: name, source })?;
+    let data = MapData::from_fd(fd).map_err(map_err(name))?;
+    HashMap::try_from(kind(data)).map_err(map_err(name))
 }
 
 /// What the kernel says of one of the agent's programs.
@@ -607,26 +647,29 @@ impl Dataplane {
     /// counts can be read without the agent: a scrape of 100k backends is
     /// 100k syscalls, which must not hold up updates.
     pub fn stats_reader(&self) -> Result<StatsReader, DataplaneError> {
-        let fd = self
-            .maps
-            .stats
-            .map()
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| DataplaneError::Dup {
-                map: map_names::BACKEND_STATS,
-                source,
-            })?;
-        let data = MapData::from_fd(fd).map_err(map_err(map_names::BACKEND_STATS))?;
-        let map = HashMap::try_from(aya::maps::Map::HashMap(data))
-            .map_err(map_err(map_names::BACKEND_STATS))?;
-        Ok(StatsReader(map))
+        dup_hash(
+            &self.maps.stats,
+            map_names::BACKEND_STATS,
+            aya::maps::Map::HashMap,
+        )
+        .map(StatsReader)
+    }
+
+    /// A handle of its own on AFFINITY, to count its entries without the
+    /// agent.
+    pub fn affinity_reader(&self) -> Result<AffinityReader, DataplaneError> {
+        dup_hash(
+            &self.maps.affinity,
+            map_names::AFFINITY,
+            aya::maps::Map::LruHashMap,
+        )
+        .map(AffinityReader)
     }
 
     /// How full the maps are, from the agent's record of what it wrote
     /// (walking 100k+ keys with a syscall each on every scrape blocked
-    /// updates).
+    /// updates). AFFINITY, which only the kernel writes, is counted by an
+    /// [`AffinityReader`] outside the agent's lock.
     pub fn map_fill(&self) -> Vec<MapFill> {
         let f = self.programmer.fill();
         vec![
