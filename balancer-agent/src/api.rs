@@ -41,6 +41,14 @@ pub struct Response {
     pub data: serde_json::Value,
 }
 
+/// The answer to `router-listener` and `held-listener` (when held): the
+/// listening socket's inode; the socket itself is passed with the answer
+/// (SCM_RIGHTS).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ListenerView {
+    pub inode: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProgramView {
     pub name: String,

@@ -15,7 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     admin,
     agent::{Agent, fill_kernel, fill_router},
-    api::{Request, RouterEndpointView, RouterStatusView},
+    api::{ListenerView, Request, RouterEndpointView, RouterStatusView},
     dataplane::{AffinityReader, Dataplane},
     metrics, socket,
     source::{self, file},
@@ -187,7 +187,7 @@ async fn hold_router_listener(router_socket: PathBuf, held: HeldSlot, grace: Dur
                 };
                 let path = router_socket.clone();
                 let got = tokio::task::spawn_blocking(move || {
-                    admin::request_fd::<serde_json::Value>(
+                    admin::request_fd::<ListenerView>(
                         &path,
                         &Request::RouterListener,
                         Duration::from_millis(500),
@@ -246,7 +246,9 @@ fn answer(
                         Some(h) => {
                             let fd = h.fd.try_clone().map_err(|e| e.to_string())?;
                             tracing::info!(%listen, "passing the held listener to a new router");
-                            Ok((serde_json::json!({ "inode": h.inode }), Some(fd)))
+                            let view = ListenerView { inode: h.inode };
+                            let v = serde_json::to_value(view).map_err(|e| e.to_string())?;
+                            Ok((v, Some(fd)))
                         }
                         None => Ok((serde_json::Value::Null, None)),
                     }

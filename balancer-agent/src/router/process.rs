@@ -41,7 +41,7 @@ use super::{
 };
 use crate::{
     admin,
-    api::{Request, RouterEndpointView, RouterStatusView},
+    api::{ListenerView, Request, RouterEndpointView, RouterStatusView},
     app::RemoveOnDrop,
     dataplane::{pin, plan},
     metrics, socket,
@@ -144,7 +144,7 @@ fn open_maps(dir: &Path, splice: bool) -> Result<Maps, TableError> {
 async fn adopt_held(agent_socket: &Path, listen: SocketAddr) -> Option<std::net::TcpListener> {
     let path = agent_socket.to_owned();
     let asked = tokio::task::spawn_blocking(move || {
-        admin::request_fd::<serde_json::Value>(
+        admin::request_fd::<Option<ListenerView>>(
             &path,
             &Request::HeldListener { listen },
             Duration::from_millis(500),
@@ -293,10 +293,11 @@ fn answer(shared: Arc<Shared>) -> admin::Answer {
                     .map_err(|e| e.to_string()),
                 Request::RouterListener => {
                     let fd = shared.listener.try_clone().map_err(|e| e.to_string())?;
-                    Ok((
-                        serde_json::json!({ "inode": shared.listener_inode }),
-                        Some(fd),
-                    ))
+                    let view = ListenerView {
+                        inode: shared.listener_inode,
+                    };
+                    let v = serde_json::to_value(view).map_err(|e| e.to_string())?;
+                    Ok((v, Some(fd)))
                 }
                 Request::RouterEndpoints => {
                     let v: Vec<RouterEndpointView> = shared
