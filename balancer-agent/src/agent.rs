@@ -225,8 +225,8 @@ impl Agent {
         v
     }
 
-    /// The endpoints view without the live counts, which [`fill_counts`]
-    /// reads: no syscall, so a scrape can take it under the agent's lock
+    /// The endpoints view without the live counts, which [`fill_kernel`]
+    /// and [`fill_router`] add: no syscall, so a scrape can take it under the agent's lock
     /// and read the counts after releasing it.
     pub fn endpoints_shape(&self, only: Option<&str>) -> EndpointsView {
         let now = std::time::Instant::now();
