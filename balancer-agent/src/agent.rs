@@ -28,7 +28,7 @@ pub struct Agent {
     /// The file, or the cluster's default namespace.
     pub source_location: String,
     /// The apiserver's state, for the kubernetes source.
-    pub apiserver: Option<std::sync::Arc<std::sync::Mutex<crate::source::kube::ApiserverState>>>,
+    pub apiserver: Option<std::sync::Arc<std::sync::Mutex<crate::api::ApiserverState>>>,
     pub reload: ReloadView,
 }
 
@@ -226,8 +226,8 @@ impl Agent {
     }
 
     /// The endpoints view without the live counts, which [`fill_kernel`]
-    /// reads: no syscall, so a scrape can take it under the agent's lock
-    /// and read the counts after releasing it.
+    /// and [`fill_router`] add: no syscall, so a scrape can take it under
+    /// the agent's lock and read the counts after releasing it.
     pub fn endpoints_shape(&self, only: Option<&str>) -> EndpointsView {
         let now = std::time::Instant::now();
         let mut services = Vec::new();

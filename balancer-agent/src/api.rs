@@ -41,6 +41,14 @@ pub struct Response {
     pub data: serde_json::Value,
 }
 
+/// The answer to `router-listener` and `held-listener` (when held): the
+/// listening socket's inode; the socket itself is passed with the answer
+/// (SCM_RIGHTS).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ListenerView {
+    pub inode: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProgramView {
     pub name: String,
@@ -120,7 +128,7 @@ pub struct StatusView {
     pub counters: BTreeMap<String, u64>,
     /// The kubernetes source's view of the apiserver.
     #[serde(default)]
-    pub apiserver: Option<crate::source::kube::ApiserverState>,
+    pub apiserver: Option<ApiserverState>,
     /// Pin directory, when the data path is pinned.
     #[serde(default)]
     pub pins: Option<String>,
@@ -139,6 +147,38 @@ pub struct StatusView {
     /// answers on its socket.
     #[serde(default)]
     pub router: Option<RouterView>,
+}
+
+/// Where the watches stand with the apiserver.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Apiserver {
+    #[default]
+    Connecting,
+    Synced,
+    Unreachable,
+}
+
+impl Apiserver {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Synced => "synced",
+            Self::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// The apiserver as the agent sees it, for `status` and metrics (the
+/// kubernetes source keeps it up to date).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ApiserverState {
+    pub state: Apiserver,
+    pub last_error: Option<String>,
+    pub errors: u64,
+    pub services: usize,
+    pub endpoint_slices: usize,
+    pub node_zone: Option<String>,
 }
 
 /// The router as the agent sees it.

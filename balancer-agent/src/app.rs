@@ -15,8 +15,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     admin,
     agent::{Agent, fill_kernel, fill_router},
-    api::{Request, RouterEndpointView, RouterStatusView},
-    dataplane::Dataplane,
+    api::{ListenerView, Request, RouterEndpointView, RouterStatusView},
+    dataplane::{AffinityReader, Dataplane},
     metrics, socket,
     source::{self, file},
     state,
@@ -187,7 +187,7 @@ async fn hold_router_listener(router_socket: PathBuf, held: HeldSlot, grace: Dur
                 };
                 let path = router_socket.clone();
                 let got = tokio::task::spawn_blocking(move || {
-                    admin::request_fd::<serde_json::Value>(
+                    admin::request_fd::<ListenerView>(
                         &path,
                         &Request::RouterListener,
                         Duration::from_millis(500),
@@ -225,11 +225,17 @@ async fn hold_router_listener(router_socket: PathBuf, held: HeldSlot, grace: Dur
     }
 }
 
-/// The agent's answers: the view under the lock, then the router's part
-/// from its socket after releasing it.
-fn answer(agent: Arc<Mutex<Agent>>, router_socket: PathBuf, held: HeldSlot) -> admin::Answer {
+/// The agent's answers: the view under the lock, then AFFINITY's fill and
+/// the router's part from its socket after releasing it.
+fn answer(
+    agent: Arc<Mutex<Agent>>,
+    affinity: Arc<AffinityReader>,
+    router_socket: PathBuf,
+    held: HeldSlot,
+) -> admin::Answer {
     Arc::new(move |req: Request| {
         let agent = agent.clone();
+        let affinity = affinity.clone();
         let router_socket = router_socket.clone();
         let held = held.clone();
         Box::pin(async move {
@@ -240,13 +246,18 @@ fn answer(agent: Arc<Mutex<Agent>>, router_socket: PathBuf, held: HeldSlot) -> a
                         Some(h) => {
                             let fd = h.fd.try_clone().map_err(|e| e.to_string())?;
                             tracing::info!(%listen, "passing the held listener to a new router");
-                            Ok((serde_json::json!({ "inode": h.inode }), Some(fd)))
+                            let view = ListenerView { inode: h.inode };
+                            let v = serde_json::to_value(view).map_err(|e| e.to_string())?;
+                            Ok((v, Some(fd)))
                         }
                         None => Ok((serde_json::Value::Null, None)),
                     }
                 }
                 Request::Status => {
                     let mut status = agent.lock().unwrap_or_else(|p| p.into_inner()).status();
+                    if let Ok(fill) = tokio::task::spawn_blocking(move || affinity.fill()).await {
+                        status.maps.push(fill.into());
+                    }
                     if let Some(r) = status.router.as_mut() {
                         match ask_router::<RouterStatusView>(&router_socket, &Request::RouterStatus)
                             .await
@@ -284,21 +295,24 @@ fn answer(agent: Arc<Mutex<Agent>>, router_socket: PathBuf, held: HeldSlot) -> a
 /// The agent's metrics listener: each scrape takes the agent's lock only
 /// for what costs no syscall per backend (the endpoints' shape, the
 /// status), and reads the per-backend counts through its own handle on
-/// the map after releasing it: a scrape never holds up an update.
+/// the map after releasing it (and AFFINITY's fill likewise): a scrape
+/// never holds up an update.
 fn metrics_handler(
     agent: Arc<Mutex<Agent>>,
     stats: crate::dataplane::StatsReader,
+    affinity: Arc<AffinityReader>,
     router_socket: PathBuf,
 ) -> metrics::Handler {
     let stats = Arc::new(stats);
     Arc::new(move |path: String| {
         let agent = agent.clone();
         let stats = stats.clone();
+        let affinity = affinity.clone();
         let router_socket = router_socket.clone();
         Box::pin(async move {
             match path.as_str() {
                 "/metrics" => {
-                    let (mut view, status) = {
+                    let (mut view, mut status) = {
                         let a = agent.lock().unwrap_or_else(|p| p.into_inner());
                         (a.endpoints_shape(None), a.status())
                     };
@@ -311,6 +325,7 @@ fn metrics_handler(
                     let body = tokio::task::spawn_blocking(move || {
                         fill_kernel(&mut view, |id| stats.get(id));
                         fill_router(&mut view, &router);
+                        status.maps.push(affinity.fill().into());
                         metrics::render(&view, &status)
                     })
                     .await
@@ -410,11 +425,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             tokio::spawn(file::watch(path, bytes, tx))
         }
         Source::Kube(client) => {
-            let health = Arc::new(Mutex::new(source::kube::ApiserverState::default()));
+            let health = Arc::new(Mutex::new(crate::api::ApiserverState::default()));
             agent.apiserver = Some(health.clone());
             tokio::spawn(source::kube::run(client, node_name, tx, health))
         }
     };
+    let affinity = Arc::new(agent.dataplane.affinity_reader()?);
     let agent = Arc::new(Mutex::new(agent));
     let owned_router = match (&spawn_router, &pinned) {
         (Some(spawn), Some(_)) => Some(
@@ -435,7 +451,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let held: HeldSlot = Arc::new(Mutex::new(None));
     let admin_task = tokio::spawn(admin::serve(
         listener,
-        answer(agent.clone(), router_socket.clone(), held.clone()),
+        answer(
+            agent.clone(),
+            affinity.clone(),
+            router_socket.clone(),
+            held.clone(),
+        ),
     ));
     let hold_task = tokio::spawn(hold_router_listener(
         router_socket.clone(),
@@ -451,7 +472,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 .stats_reader()?;
             Some(tokio::spawn(metrics::serve(
                 l,
-                metrics_handler(agent.clone(), stats, router_socket),
+                metrics_handler(agent.clone(), stats, affinity, router_socket),
             )))
         }
         None => None,

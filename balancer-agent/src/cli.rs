@@ -42,6 +42,20 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// What `cleanup` removed under `bpffs`.
+pub fn print_cleanup(
+    bpffs: &std::path::Path,
+    removed: &[std::path::PathBuf],
+) -> anyhow::Result<()> {
+    if removed.is_empty() {
+        println!("nothing pinned under {}", bpffs.display());
+    }
+    for r in removed {
+        println!("removed {}", r.display());
+    }
+    Ok(())
+}
+
 pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
     if as_json {
         return json(v);

@@ -17,12 +17,16 @@ mod router;
 mod socket;
 mod source;
 mod state;
+mod units;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::api::Request;
+use crate::{
+    api::Request,
+    units::{keep, parse_duration, parse_size},
+};
 
 const DEFAULT_ADMIN_SOCKET: &str = "/run/balancer/admin.sock";
 const DEFAULT_ROUTER_SOCKET: &str = "/run/balancer/router.sock";
@@ -78,6 +82,62 @@ impl AccrualArgs {
     }
 }
 
+/// `run --proxy-addr` and the router flags it passes on.
+#[derive(clap::Args)]
+struct SpawnArgs {
+    /// Outside Kubernetes, one command for both: also start the router
+    /// process (`balancer-agent router --listen ADDR`), unless one
+    /// already answers on --router-socket. It runs in a process group
+    /// of its own and outlives this one (a restarted agent finds it);
+    /// SIGTERM stops it too. Needs --pin.
+    #[arg(long, requires = "pin")]
+    proxy_addr: Option<std::net::SocketAddr>,
+    /// With --proxy-addr: the router's --splice.
+    #[arg(long, requires = "proxy_addr")]
+    splice: bool,
+    /// With --proxy-addr: the router's --drain-timeout.
+    #[arg(long, requires = "proxy_addr", value_parser = keep(parse_duration))]
+    drain_timeout: Option<String>,
+    /// With --proxy-addr: the router's --stream-idle-timeout.
+    #[arg(long, requires = "proxy_addr", value_parser = keep(parse_duration))]
+    stream_idle_timeout: Option<String>,
+    /// With --proxy-addr: the router's --client-buffer.
+    #[arg(long, requires = "proxy_addr", value_parser = keep(parse_size))]
+    client_buffer: Option<String>,
+    /// With --proxy-addr: the router's --router-buffer-limit.
+    #[arg(long, requires = "proxy_addr", value_parser = keep(parse_size))]
+    router_buffer_limit: Option<String>,
+    /// With --proxy-addr: the router's --router-threads.
+    #[arg(long, requires = "proxy_addr", value_parser = clap::value_parser!(u32).range(1..=router::MAX_THREADS as i64))]
+    router_threads: Option<u32>,
+}
+
+impl SpawnArgs {
+    /// The router process to start, with its flags as given.
+    fn router(self) -> Option<app::SpawnRouter> {
+        let addr = self.proxy_addr?;
+        let mut args = vec![format!("--listen={addr}")];
+        if self.splice {
+            args.push("--splice".into());
+        }
+        for (flag, v) in [
+            ("--drain-timeout", self.drain_timeout),
+            ("--stream-idle-timeout", self.stream_idle_timeout),
+            ("--client-buffer", self.client_buffer),
+            ("--router-buffer-limit", self.router_buffer_limit),
+            (
+                "--router-threads",
+                self.router_threads.map(|n| n.to_string()),
+            ),
+        ] {
+            if let Some(v) = v {
+                args.push(format!("{flag}={v}"));
+            }
+        }
+        Some(app::SpawnRouter { listen: addr, args })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// The control plane: load the eBPF programs, attach them to a cgroup
@@ -124,31 +184,8 @@ enum Command {
         /// Prometheus metrics and /healthz, /readyz on this address.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
-        /// Outside Kubernetes, one command for both: also start the router
-        /// process (`balancer-agent router --listen ADDR`), unless one
-        /// already answers on --router-socket. It runs in a process group
-        /// of its own and outlives this one (a restarted agent finds it);
-        /// SIGTERM stops it too. Needs --pin.
-        #[arg(long, requires = "pin")]
-        proxy_addr: Option<std::net::SocketAddr>,
-        /// With --proxy-addr: the router's --splice.
-        #[arg(long, requires = "proxy_addr")]
-        splice: bool,
-        /// With --proxy-addr: the router's --drain-timeout.
-        #[arg(long, requires = "proxy_addr", value_parser = keep(parse_duration))]
-        drain_timeout: Option<String>,
-        /// With --proxy-addr: the router's --stream-idle-timeout.
-        #[arg(long, requires = "proxy_addr", value_parser = keep(parse_duration))]
-        stream_idle_timeout: Option<String>,
-        /// With --proxy-addr: the router's --client-buffer.
-        #[arg(long, requires = "proxy_addr", value_parser = keep(parse_size))]
-        client_buffer: Option<String>,
-        /// With --proxy-addr: the router's --router-buffer-limit.
-        #[arg(long, requires = "proxy_addr", value_parser = keep(parse_size))]
-        router_buffer_limit: Option<String>,
-        /// With --proxy-addr: the router's --router-threads.
-        #[arg(long, requires = "proxy_addr", value_parser = clap::value_parser!(u32).range(1..=router::MAX_THREADS as i64))]
-        router_threads: Option<u32>,
+        #[command(flatten)]
+        spawn: SpawnArgs,
     },
     /// The HTTP/2 router: balances every stream of `protocol: http2` ports
     /// over pooled pod connections. Reads its table from the maps `run
@@ -282,35 +319,11 @@ fn main() -> ExitCode {
                 router_grace,
                 accrual,
                 metrics_addr,
-                proxy_addr,
-                splice,
-                drain_timeout,
-                stream_idle_timeout,
-                client_buffer,
-                router_buffer_limit,
-                router_threads,
+                spawn,
             } => {
-                let router = proxy_addr.map(|addr| {
-                    let mut args = vec![format!("--listen={addr}")];
-                    if splice {
-                        args.push("--splice".into());
-                    }
-                    for (flag, v) in [
-                        ("--drain-timeout", drain_timeout),
-                        ("--stream-idle-timeout", stream_idle_timeout),
-                        ("--client-buffer", client_buffer),
-                        ("--router-buffer-limit", router_buffer_limit),
-                        ("--router-threads", router_threads.map(|n| n.to_string())),
-                    ] {
-                        if let Some(v) = v {
-                            args.push(format!("{flag}={v}"));
-                        }
-                    }
-                    app::SpawnRouter { listen: addr, args }
-                });
                 app::run(app::RunOptions {
                     accrual: accrual.policy(),
-                    router,
+                    router: spawn.router(),
                     endpoints_file,
                     node_name,
                     pin_root: pin.then_some(bpffs),
@@ -358,14 +371,7 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Cleanup { bpffs } => {
-                let removed = dataplane::pin::cleanup(&bpffs)?;
-                if removed.is_empty() {
-                    println!("nothing pinned under {}", bpffs.display());
-                }
-                for r in removed {
-                    println!("removed {}", r.display());
-                }
-                Ok(())
+                cli::print_cleanup(&bpffs, &dataplane::pin::cleanup(&bpffs)?)
             }
             Command::Status {
                 admin_socket,
@@ -403,48 +409,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// A parser that checks a value with `check` and keeps it as written.
-fn keep<T: 'static>(
-    check: fn(&str) -> Result<T, String>,
-) -> impl Fn(&str) -> Result<String, String> + Clone + Send + Sync + 'static {
-    move |s| check(s).map(|_| s.to_owned())
-}
-
-/// "10s", "500ms", "2m" or plain seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration (like 10s, 500ms, 2m)");
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(bad()),
-    }
-}
-
-fn parse_size(s: &str) -> Result<usize, String> {
-    let bad = || format!("{s:?} is not a size (like 4MiB, 512KiB, 1GiB, 65536)");
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, ""), |i| (&s[..i], &s[i..]));
-    let n: usize = num.parse().map_err(|_| bad())?;
-    let mult: usize = match unit {
-        "" | "B" => 1,
-        "KiB" | "K" | "k" => 1 << 10,
-        "MiB" | "M" => 1 << 20,
-        "GiB" | "G" => 1 << 30,
-        _ => return Err(bad()),
-    };
-    let v = n.checked_mul(mult).ok_or_else(bad)?;
-    if v < 64 * 1024 {
-        return Err(format!(
-            "{s:?} is below the 64KiB minimum (one HTTP/2 window)"
-        ));
-    }
-    Ok(v)
 }

@@ -215,7 +215,7 @@ pub fn render(view: &EndpointsView, status: &StatusView) -> String {
         f.sample(
             "balancer_apiserver_up",
             &[],
-            u8::from(a.state == crate::source::kube::Apiserver::Synced),
+            u8::from(a.state == crate::api::Apiserver::Synced),
         );
         f.head(
             "balancer_apiserver_errors_total",

@@ -1,4 +1,5 @@
-//! Socket options shared by the listeners.
+//! The listeners' sockets: the options they share, and the check of a
+//! listener another process passed.
 
 use std::net::SocketAddr;
 
@@ -31,4 +32,27 @@ pub fn bind_metrics(addr: Option<SocketAddr>) -> anyhow::Result<Option<tokio::ne
         })
         .map(Some)
         .map_err(|e| anyhow::anyhow!("cannot listen on --metrics-addr {addr}: {e}"))
+}
+
+/// What a passed socket was instead of a listener on the expected address.
+#[derive(Debug)]
+pub struct NotListener {
+    /// SO_ACCEPTCONN.
+    pub listening: bool,
+    pub bound: Option<SocketAddr>,
+}
+
+/// `fd` as a listener, if it is one (SO_ACCEPTCONN) bound to `addr`.
+pub fn listener_on(
+    fd: std::os::fd::OwnedFd,
+    addr: SocketAddr,
+) -> Result<std::net::TcpListener, NotListener> {
+    let listening =
+        nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn).unwrap_or(false);
+    let sock = socket2::Socket::from(fd);
+    let bound = sock.local_addr().ok().and_then(|a| a.as_socket());
+    if !listening || bound != Some(addr) {
+        return Err(NotListener { listening, bound });
+    }
+    Ok(sock.into())
 }

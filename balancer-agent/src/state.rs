@@ -32,7 +32,8 @@ pub enum Algorithm {
 
 /// The three `Algorithm`s (this one of the desired state, the kernel's in
 /// `balancer_common`, the router's per stream in `balancer_router`)
-/// convert here and in `balancer_router::endpoint`, side by side.
+/// convert with `From` only: desired state <-> kernel here, kernel ->
+/// router in `balancer_router::endpoint` (only that crate may implement it).
 impl From<Algorithm> for balancer_common::Algorithm {
     fn from(a: Algorithm) -> Self {
         match a {

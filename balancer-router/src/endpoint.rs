@@ -241,7 +241,9 @@ const _: () = {
 
 /// A port's algorithm in the maps, as the router applies it per stream:
 /// least-conn (the kernel's default, for L4) means least outstanding
-/// streams here.
+/// streams here. The agent's desired-state `Algorithm` converts to and
+/// from the maps' beside its definition (balancer-agent's `state.rs`); this
+/// one lives here because only this crate may implement it.
 impl From<balancer_common::Algorithm> for Algorithm {
     fn from(a: balancer_common::Algorithm) -> Self {
         match a {

@@ -240,6 +240,7 @@ fn admin_socket_is_root_only_and_cli_tables_show_live_counts() {
         "sock_ops",
         "SERVICES",
         "BACKEND_STATS",
+        "AFFINITY",
         "reload:    ok",
         "endpoints.yaml",
     ] {
@@ -272,6 +273,16 @@ fn admin_socket_is_root_only_and_cli_tables_show_live_counts() {
         assert_eq!(p["attached"], true, "{p}");
         assert_eq!(p["ids"].as_array().map(Vec::len), Some(1), "{p}");
     }
+    // AFFINITY, which only the kernel writes, is counted by a walk.
+    assert!(
+        json["maps"]
+            .as_array()
+            .expect("maps")
+            .iter()
+            .any(|m| m["name"] == "AFFINITY" && m["max_entries"].as_u64() > Some(0)),
+        "{}",
+        json["maps"]
+    );
     assert_eq!(json["counters"]["balanced"], 6);
     held.close().expect("close");
 }

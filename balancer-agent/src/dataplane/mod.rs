@@ -18,8 +18,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps},
 };
 use balancer_common::{
-    Backend, BackendStats, Config, Counter, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, ServiceKey,
-    ServiceState, ServiceValue, SlotKey, SpliceKey, map_names,
+    AffinityKey, AffinityValue, Backend, BackendStats, Config, Counter, MAX_BACKENDS, MAX_SERVICES,
+    MAX_SLOTS, ServiceKey, ServiceState, ServiceValue, SlotKey, SpliceKey, map_names,
 };
 use serde::Serialize;
 
@@ -29,17 +29,80 @@ use plan::{Op, PlanError, Programmer};
 /// The eBPF object, built by aya-build from `balancer-ebpf` (see build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer"));
 
-/// Programs and where they attach. The names are the functions in
-/// `balancer-ebpf/src/programs.rs`.
-const SOCK_ADDR_PROGRAMS: [&str; 4] = [
-    "balancer_connect4",
-    "balancer_connect6",
-    "balancer_getpeername4",
-    "balancer_getpeername6",
+/// Where a program attaches, and so where the kernel is asked whether it
+/// is attached.
+#[derive(Debug, Clone, Copy)]
+enum Hook {
+    /// A cgroup sock_addr program, at this `bpf_attach_type`.
+    SockAddr(u32),
+    /// The cgroup's sock_ops program.
+    SockOps,
+    /// An sk_msg program, on this sockhash.
+    SkMsg(Sockhash),
+}
+
+/// The sockhashes sk_msg programs attach to.
+#[derive(Debug, Clone, Copy)]
+enum Sockhash {
+    /// Filled by sock_ops.
+    Socks,
+    /// Filled by sock_ops and the router, only with --splice.
+    Splice,
+}
+
+/// One program of the eBPF object and its attach point.
+#[derive(Debug)]
+struct Program {
+    /// The function in `balancer-ebpf`; a cgroup program's link is pinned
+    /// under this name.
+    name: &'static str,
+    /// As `status` shows it.
+    attach_type: &'static str,
+    hook: Hook,
+}
+
+/// Every program and where it attaches, in the order they are loaded.
+const PROGRAMS: [Program; 7] = [
+    Program {
+        name: "balancer_connect4",
+        attach_type: "connect4",
+        hook: Hook::SockAddr(query::CGROUP_INET4_CONNECT),
+    },
+    Program {
+        name: "balancer_connect6",
+        attach_type: "connect6",
+        hook: Hook::SockAddr(query::CGROUP_INET6_CONNECT),
+    },
+    Program {
+        name: "balancer_getpeername4",
+        attach_type: "getpeername4",
+        hook: Hook::SockAddr(query::CGROUP_INET4_GETPEERNAME),
+    },
+    Program {
+        name: "balancer_getpeername6",
+        attach_type: "getpeername6",
+        hook: Hook::SockAddr(query::CGROUP_INET6_GETPEERNAME),
+    },
+    Program {
+        name: "balancer_sock_ops",
+        attach_type: "sock_ops",
+        hook: Hook::SockOps,
+    },
+    Program {
+        name: "balancer_h2_streams",
+        attach_type: "sk_msg",
+        hook: Hook::SkMsg(Sockhash::Socks),
+    },
+    Program {
+        name: "balancer_splice",
+        attach_type: "sk_msg",
+        hook: Hook::SkMsg(Sockhash::Splice),
+    },
 ];
-const SOCK_OPS_PROGRAM: &str = "balancer_sock_ops";
-const SK_MSG_PROGRAM: &str = "balancer_h2_streams";
-const SPLICE_PROGRAM: &str = "balancer_splice";
+
+/// Maps only pinned by the agent: the router process opens them from the
+/// pins.
+const PIN_ONLY_MAPS: [&str; 2] = [map_names::ORIG_DST, map_names::ROUTER_LISTENERS];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -104,53 +167,137 @@ struct Maps {
     config: Array<MapData, Config>,
     /// The routing table's seqlock (odd while a plan is being written).
     generation: Array<MapData, u64>,
-    /// Kept open: the sk_msg program is attached to it.
-    _socks: SockHash<MapData, u64>,
+    /// Kept open: the sk_msg programs are attached to them, and the
+    /// kernel is asked about those programs through them.
+    socks: SockHash<MapData, u64>,
+    splice: SockHash<MapData, SpliceKey>,
+    /// The kernel's alone (sessionAffinity); open to count its entries.
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
-/// Attach an sk_msg program to the sockhash whose sockets it handles.
-fn attach_sk_msg(
-    ebpf: &mut Ebpf,
-    program: &'static str,
-    map: &aya::maps::sock::SockMapFd,
-    cgroup: &Path,
-) -> Result<(), DataplaneError> {
-    let sk_msg: &mut SkMsg = ebpf
-        .program_mut(program)
+impl Maps {
+    /// The maps the agent keeps open, each from `get`: taken from the
+    /// loaded object (and pinned), or opened from an earlier agent's pins.
+    fn build(
+        mut get: impl FnMut(&'static str) -> Result<aya::maps::Map, DataplaneError>,
+    ) -> Result<Self, DataplaneError> {
+        fn open<T: TryFrom<aya::maps::Map, Error = MapError>>(
+            get: &mut dyn FnMut(&'static str) -> Result<aya::maps::Map, DataplaneError>,
+            name: &'static str,
+        ) -> Result<T, DataplaneError> {
+            T::try_from(get(name)?).map_err(map_err(name))
+        }
+        Ok(Self {
+            services: open(&mut get, map_names::SERVICES)?,
+            slots: open(&mut get, map_names::SLOTS)?,
+            backends: open(&mut get, map_names::BACKENDS)?,
+            stats: open(&mut get, map_names::BACKEND_STATS)?,
+            service_state: open(&mut get, map_names::SERVICE_STATE)?,
+            counters: open(&mut get, map_names::COUNTERS)?,
+            config: open(&mut get, map_names::CONFIG)?,
+            generation: open(&mut get, map_names::GENERATION)?,
+            socks: open(&mut get, map_names::SOCKS)?,
+            splice: open(&mut get, map_names::SPLICE)?,
+            affinity: open(&mut get, map_names::AFFINITY)?,
+        })
+    }
+
+    fn sockhash(&self, s: Sockhash) -> &aya::maps::sock::SockMapFd {
+        match s {
+            Sockhash::Socks => self.socks.fd(),
+            Sockhash::Splice => self.splice.fd(),
+        }
+    }
+}
+
+/// The program `name` of the object, as its program type `P`.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DataplaneError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
         .ok_or(DataplaneError::Load {
-            program,
+            program: name,
             source: ProgramError::UnexpectedProgramType,
         })?
         .try_into()
-        .map_err(|source| DataplaneError::Load { program, source })?;
-    sk_msg
-        .load()
-        .map_err(|source| DataplaneError::Load { program, source })?;
+        .map_err(|source| DataplaneError::Load {
+            program: name,
+            source,
+        })
+}
+
+/// The cgroup the programs attach to, and where their links are pinned.
+struct CgroupTarget<'a> {
+    path: &'a Path,
+    fd: &'a File,
+    pin_dir: Option<&'a Path>,
+}
+
+/// Load a cgroup program, attach it to the cgroup, and pin its link when
+/// pinning. One implementation per program type: aya gives each its own
+/// `load`, `attach` and `take_link`, with no trait over them.
+trait CgroupProgram {
+    fn load_attach_pin(
+        &mut self,
+        name: &'static str,
+        cgroup: &CgroupTarget<'_>,
+    ) -> Result<Option<aya::programs::links::PinnedLink>, DataplaneError>;
+}
+
+macro_rules! cgroup_program {
+    ($ty:ty) => {
+        impl CgroupProgram for $ty {
+            fn load_attach_pin(
+                &mut self,
+                name: &'static str,
+                cgroup: &CgroupTarget<'_>,
+            ) -> Result<Option<aya::programs::links::PinnedLink>, DataplaneError> {
+                let attach_err = |source| DataplaneError::Attach {
+                    program: name,
+                    cgroup: cgroup.path.to_owned(),
+                    source,
+                };
+                self.load().map_err(|source| DataplaneError::Load {
+                    program: name,
+                    source,
+                })?;
+                let link = self
+                    .attach(cgroup.fd.as_fd(), CgroupAttachMode::Single)
+                    .map_err(attach_err)?;
+                let Some(dir) = cgroup.pin_dir else {
+                    return Ok(None);
+                };
+                let link = self.take_link(link).map_err(attach_err)?;
+                Ok(Some(pin::pin_link(dir, name, link)?))
+            }
+        }
+    };
+}
+cgroup_program!(CgroupSockAddr);
+cgroup_program!(SockOps);
+
+/// Load an sk_msg program and attach it to the sockhash whose sockets it
+/// handles (the map's pin keeps it attached).
+fn attach_sk_msg(
+    ebpf: &mut Ebpf,
+    program_name: &'static str,
+    map: &aya::maps::sock::SockMapFd,
+    cgroup: &Path,
+) -> Result<(), DataplaneError> {
+    let sk_msg: &mut SkMsg = program(ebpf, program_name)?;
+    sk_msg.load().map_err(|source| DataplaneError::Load {
+        program: program_name,
+        source,
+    })?;
     sk_msg
         .attach(map)
         .map_err(|source| DataplaneError::Attach {
-            program,
+            program: program_name,
             cgroup: cgroup.to_owned(),
             source,
         })?;
     Ok(())
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ProgramStatus {
-    pub name: &'static str,
-    pub attach_type: &'static str,
-    /// Where the kernel is asked whether it is attached.
-    #[serde(skip)]
-    target: Target,
-}
-
-/// Where a program attaches: the cgroup at an attach type, or a sockhash.
-#[derive(Debug, Clone, Copy)]
-enum Target {
-    Cgroup(u32),
-    Socks,
-    Splice,
 }
 
 /// Reads BACKEND_STATS through a handle of its own (see
@@ -163,6 +310,47 @@ impl StatsReader {
     }
 }
 
+/// Counts AFFINITY's entries through a handle of its own (see
+/// [`Dataplane::affinity_reader`]). The kernel alone writes that map, so
+/// the agent has no record of its fill: each count walks its keys, a
+/// syscall each, which must not hold the agent's lock.
+pub struct AffinityReader(HashMap<MapData, AffinityKey, AffinityValue>);
+
+impl AffinityReader {
+    /// How full AFFINITY is now. The kernel changes it during the walk, so
+    /// the count is approximate; the walk stops at its capacity.
+    pub fn fill(&self) -> MapFill {
+        let max_entries = self.0.map().info().map_or(0, |info| info.max_entries());
+        MapFill {
+            name: map_names::AFFINITY,
+            entries: self
+                .0
+                .keys()
+                .take(max_entries as usize)
+                .take_while(Result::is_ok)
+                .count(),
+            max_entries,
+        }
+    }
+}
+
+/// A handle of its own on the hash map `map` (the same kernel map), made
+/// into a `Map` by `kind`.
+fn dup_hash<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+    kind: fn(MapData) -> aya::maps::Map,
+) -> Result<HashMap<MapData, K, V>, DataplaneError> {
+    let fd = map
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DataplaneError::Dup { map: name, source })?;
+    let data = MapData::from_fd(fd).map_err(map_err(name))?;
+    HashMap::try_from(kind(data)).map_err(map_err(name))
+}
+
 /// What the kernel says of one of the agent's programs.
 #[derive(Debug, Clone)]
 pub struct Attached {
@@ -171,15 +359,6 @@ pub struct Attached {
     /// The ids of the programs attached there (the agent attaches one);
     /// the error if the kernel could not be asked.
     pub ids: Result<Vec<u32>, String>,
-}
-
-fn sock_addr_target(name: &str) -> Target {
-    Target::Cgroup(match name.trim_start_matches("balancer_") {
-        "connect4" => query::CGROUP_INET4_CONNECT,
-        "connect6" => query::CGROUP_INET6_CONNECT,
-        "getpeername4" => query::CGROUP_INET4_GETPEERNAME,
-        _ => query::CGROUP_INET6_GETPEERNAME,
-    })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -207,10 +386,7 @@ pub struct Dataplane {
     pub adopted: bool,
     maps: Maps,
     cgroup: PathBuf,
-    programs: Vec<ProgramStatus>,
     programmer: Programmer,
-    /// The SPLICE map's fd, kept to ask the kernel about its program.
-    splice_fd: Option<std::os::fd::OwnedFd>,
 }
 
 /// Checks that `path` is a cgroup v2 directory.
@@ -249,116 +425,24 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .load(EBPF_OBJECT)
             .map_err(DataplaneError::Object)?;
-        let mut programs = Vec::new();
-        for name in SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::Load {
-                    program: name,
-                    source: ProgramError::UnexpectedProgramType,
-                })?
-                .try_into()
-                .map_err(|source| DataplaneError::Load {
-                    program: name,
-                    source,
-                })?;
-            prog.load().map_err(|source| DataplaneError::Load {
-                program: name,
-                source,
-            })?;
-            let link = prog
-                .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
-                .map_err(|source| DataplaneError::Attach {
-                    program: name,
-                    cgroup: cgroup.to_owned(),
-                    source,
-                })?;
-            if let Some(dir) = &pin_dir {
-                let link = prog
-                    .take_link(link)
-                    .map_err(|source| DataplaneError::Attach {
-                        program: name,
-                        cgroup: cgroup.to_owned(),
-                        source,
-                    })?;
-                pinned.push(pin::pin_link(dir, name, link)?);
-            }
-            programs.push(ProgramStatus {
-                name,
-                attach_type: name.trim_start_matches("balancer_"),
-                target: sock_addr_target(name),
-            });
+        // The cgroup programs first; the sk_msg ones once their sockhashes
+        // are taken from the object.
+        let target = CgroupTarget {
+            path: cgroup,
+            fd: &cgroup_fd,
+            pin_dir: pin_dir.as_deref(),
+        };
+        for p in &PROGRAMS {
+            let link = match p.hook {
+                Hook::SockAddr(_) => program::<CgroupSockAddr>(&mut ebpf, p.name)?
+                    .load_attach_pin(p.name, &target)?,
+                Hook::SockOps => {
+                    program::<SockOps>(&mut ebpf, p.name)?.load_attach_pin(p.name, &target)?
+                }
+                Hook::SkMsg(_) => continue,
+            };
+            pinned.extend(link);
         }
-        let sock_ops: &mut SockOps = ebpf
-            .program_mut(SOCK_OPS_PROGRAM)
-            .ok_or(DataplaneError::Load {
-                program: SOCK_OPS_PROGRAM,
-                source: ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(|source| DataplaneError::Load {
-                program: SOCK_OPS_PROGRAM,
-                source,
-            })?;
-        sock_ops.load().map_err(|source| DataplaneError::Load {
-            program: SOCK_OPS_PROGRAM,
-            source,
-        })?;
-        let link = sock_ops
-            .attach(cgroup_fd.as_fd(), CgroupAttachMode::Single)
-            .map_err(|source| DataplaneError::Attach {
-                program: SOCK_OPS_PROGRAM,
-                cgroup: cgroup.to_owned(),
-                source,
-            })?;
-        if let Some(dir) = &pin_dir {
-            let link = sock_ops
-                .take_link(link)
-                .map_err(|source| DataplaneError::Attach {
-                    program: SOCK_OPS_PROGRAM,
-                    cgroup: cgroup.to_owned(),
-                    source,
-                })?;
-            pinned.push(pin::pin_link(dir, SOCK_OPS_PROGRAM, link)?);
-        }
-        programs.push(ProgramStatus {
-            name: SOCK_OPS_PROGRAM,
-            attach_type: "sock_ops",
-            target: Target::Cgroup(query::CGROUP_SOCK_OPS),
-        });
-
-        // sk_msg on the SOCKS sockhash (sock_ops fills it).
-        let socks_map = ebpf
-            .take_map(map_names::SOCKS)
-            .ok_or(DataplaneError::MissingMap(map_names::SOCKS))?;
-        if let Some(dir) = &pin_dir {
-            pin::pin_map(dir, map_names::SOCKS, &socks_map)?;
-        }
-        let socks: SockHash<MapData, u64> =
-            SockHash::try_from(socks_map).map_err(map_err(map_names::SOCKS))?;
-        attach_sk_msg(&mut ebpf, SK_MSG_PROGRAM, socks.fd(), cgroup)?;
-        programs.push(ProgramStatus {
-            name: SK_MSG_PROGRAM,
-            attach_type: "sk_msg",
-            target: Target::Socks,
-        });
-        // sk_msg on the SPLICE sockhash (sock_ops and the router fill it,
-        // only with --splice).
-        let splice_map = ebpf
-            .take_map(map_names::SPLICE)
-            .ok_or(DataplaneError::MissingMap(map_names::SPLICE))?;
-        if let Some(dir) = &pin_dir {
-            pin::pin_map(dir, map_names::SPLICE, &splice_map)?;
-        }
-        let splice: SockHash<MapData, SpliceKey> =
-            SockHash::try_from(splice_map).map_err(map_err(map_names::SPLICE))?;
-        attach_sk_msg(&mut ebpf, SPLICE_PROGRAM, splice.fd(), cgroup)?;
-        programs.push(ProgramStatus {
-            name: SPLICE_PROGRAM,
-            attach_type: "sk_msg",
-            target: Target::Splice,
-        });
-
         let mut take = |name: &'static str| -> Result<aya::maps::Map, DataplaneError> {
             let m = ebpf
                 .take_map(name)
@@ -368,41 +452,25 @@ impl Dataplane {
             }
             Ok(m)
         };
-        let maps = Maps {
-            services: HashMap::try_from(take(map_names::SERVICES)?)
-                .map_err(map_err(map_names::SERVICES))?,
-            slots: HashMap::try_from(take(map_names::SLOTS)?).map_err(map_err(map_names::SLOTS))?,
-            backends: HashMap::try_from(take(map_names::BACKENDS)?)
-                .map_err(map_err(map_names::BACKENDS))?,
-            stats: HashMap::try_from(take(map_names::BACKEND_STATS)?)
-                .map_err(map_err(map_names::BACKEND_STATS))?,
-            service_state: Array::try_from(take(map_names::SERVICE_STATE)?)
-                .map_err(map_err(map_names::SERVICE_STATE))?,
-            counters: PerCpuArray::try_from(take(map_names::COUNTERS)?)
-                .map_err(map_err(map_names::COUNTERS))?,
-            config: Array::try_from(take(map_names::CONFIG)?)
-                .map_err(map_err(map_names::CONFIG))?,
-            generation: Array::try_from(take(map_names::GENERATION)?)
-                .map_err(map_err(map_names::GENERATION))?,
-            _socks: socks,
-        };
-        // The router process opens ORIG_DST and ROUTER_LISTENERS (and
-        // AFFINITY is the kernel's alone) from the pins; only pinned here.
-        take(map_names::ORIG_DST)?;
-        take(map_names::AFFINITY)?;
-        take(map_names::ROUTER_LISTENERS)?;
+        let maps = Maps::build(&mut take)?;
+        for name in PIN_ONLY_MAPS {
+            take(name)?;
+        }
+        for p in &PROGRAMS {
+            if let Hook::SkMsg(s) = p.hook {
+                attach_sk_msg(&mut ebpf, p.name, maps.sockhash(s), cgroup)?;
+            }
+        }
         if let Some(dir) = &pin_dir {
             pin::mark_complete(dir)?;
         }
         Ok(Self {
-            splice_fd: splice.fd().as_fd().try_clone_to_owned().ok(),
             _ebpf: Some(ebpf),
             _pinned: pinned,
             pin_dir,
             adopted: false,
             maps,
             cgroup: cgroup.to_owned(),
-            programs,
             programmer: Programmer::default(),
         })
     }
@@ -411,67 +479,20 @@ impl Dataplane {
     /// stopped; open its maps and rebuild the record of what they hold, so
     /// the first update is a diff, not a rewrite.
     fn adopt(cgroup: &Path, dir: &Path) -> Result<Self, DataplaneError> {
-        let open = |name: &'static str| pin::open_map(dir, name);
-        let maps = Maps {
-            services: HashMap::try_from(open(map_names::SERVICES)?)
-                .map_err(map_err(map_names::SERVICES))?,
-            slots: HashMap::try_from(open(map_names::SLOTS)?).map_err(map_err(map_names::SLOTS))?,
-            backends: HashMap::try_from(open(map_names::BACKENDS)?)
-                .map_err(map_err(map_names::BACKENDS))?,
-            stats: HashMap::try_from(open(map_names::BACKEND_STATS)?)
-                .map_err(map_err(map_names::BACKEND_STATS))?,
-            service_state: Array::try_from(open(map_names::SERVICE_STATE)?)
-                .map_err(map_err(map_names::SERVICE_STATE))?,
-            counters: PerCpuArray::try_from(open(map_names::COUNTERS)?)
-                .map_err(map_err(map_names::COUNTERS))?,
-            config: Array::try_from(open(map_names::CONFIG)?)
-                .map_err(map_err(map_names::CONFIG))?,
-            generation: Array::try_from(open(map_names::GENERATION)?)
-                .map_err(map_err(map_names::GENERATION))?,
-            _socks: SockHash::try_from(open(map_names::SOCKS)?)
-                .map_err(map_err(map_names::SOCKS))?,
-        };
+        let maps = Maps::build(|name| Ok(pin::open_map(dir, name)?))?;
         let services: Vec<(ServiceKey, ServiceValue)> =
             maps.services.iter().filter_map(Result::ok).collect();
         let slots: Vec<(SlotKey, u32)> = maps.slots.iter().filter_map(Result::ok).collect();
         let backends: Vec<(u32, Backend)> = maps.backends.iter().filter_map(Result::ok).collect();
         let stats: Vec<u32> = maps.stats.keys().filter_map(Result::ok).collect();
         let programmer = Programmer::from_maps(&services, &slots, &backends, &stats);
-        let mut programs: Vec<ProgramStatus> = SOCK_ADDR_PROGRAMS
-            .iter()
-            .map(|name| ProgramStatus {
-                name,
-                attach_type: name.trim_start_matches("balancer_"),
-                target: sock_addr_target(name),
-            })
-            .collect();
-        programs.push(ProgramStatus {
-            name: SOCK_OPS_PROGRAM,
-            attach_type: "sock_ops",
-            target: Target::Cgroup(query::CGROUP_SOCK_OPS),
-        });
-        programs.push(ProgramStatus {
-            name: SK_MSG_PROGRAM,
-            attach_type: "sk_msg",
-            target: Target::Socks,
-        });
-        programs.push(ProgramStatus {
-            name: SPLICE_PROGRAM,
-            attach_type: "sk_msg",
-            target: Target::Splice,
-        });
-        let splice: SockHash<MapData, SpliceKey> =
-            SockHash::try_from(open(map_names::SPLICE)?).map_err(map_err(map_names::SPLICE))?;
-        let splice_fd = splice.fd().as_fd().try_clone_to_owned().ok();
         Ok(Self {
-            splice_fd,
             _ebpf: None,
             _pinned: Vec::new(),
             pin_dir: Some(dir.to_owned()),
             adopted: true,
             maps,
             cgroup: cgroup.to_owned(),
-            programs,
             programmer,
         })
     }
@@ -494,21 +515,19 @@ impl Dataplane {
     /// where it belongs (BPF_PROG_QUERY; the cgroup and the sockhashes).
     pub fn attached(&self) -> Vec<Attached> {
         let cgroup = File::open(&self.cgroup);
-        self.programs
+        PROGRAMS
             .iter()
             .map(|p| {
-                let ids = match p.target {
-                    Target::Cgroup(t) => match &cgroup {
-                        Ok(f) => query::attached(f.as_fd(), t),
-                        Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-                    },
-                    Target::Socks => {
-                        query::attached(self.maps._socks.fd().as_fd(), query::SK_MSG_VERDICT)
+                let on_cgroup = |attach_type| match &cgroup {
+                    Ok(f) => query::attached(f.as_fd(), attach_type),
+                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                };
+                let ids = match p.hook {
+                    Hook::SockAddr(t) => on_cgroup(t),
+                    Hook::SockOps => on_cgroup(query::CGROUP_SOCK_OPS),
+                    Hook::SkMsg(s) => {
+                        query::attached(self.maps.sockhash(s).as_fd(), query::SK_MSG_VERDICT)
                     }
-                    Target::Splice => match &self.splice_fd {
-                        Some(fd) => query::attached(fd.as_fd(), query::SK_MSG_VERDICT),
-                        None => Err(std::io::Error::other("the SPLICE map is not open")),
-                    },
                 };
                 Attached {
                     name: p.name,
@@ -628,26 +647,29 @@ impl Dataplane {
     /// counts can be read without the agent: a scrape of 100k backends is
     /// 100k syscalls, which must not hold up updates.
     pub fn stats_reader(&self) -> Result<StatsReader, DataplaneError> {
-        let fd = self
-            .maps
-            .stats
-            .map()
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| DataplaneError::Dup {
-                map: map_names::BACKEND_STATS,
-                source,
-            })?;
-        let data = MapData::from_fd(fd).map_err(map_err(map_names::BACKEND_STATS))?;
-        let map = HashMap::try_from(aya::maps::Map::HashMap(data))
-            .map_err(map_err(map_names::BACKEND_STATS))?;
-        Ok(StatsReader(map))
+        dup_hash(
+            &self.maps.stats,
+            map_names::BACKEND_STATS,
+            aya::maps::Map::HashMap,
+        )
+        .map(StatsReader)
+    }
+
+    /// A handle of its own on AFFINITY, to count its entries without the
+    /// agent.
+    pub fn affinity_reader(&self) -> Result<AffinityReader, DataplaneError> {
+        dup_hash(
+            &self.maps.affinity,
+            map_names::AFFINITY,
+            aya::maps::Map::LruHashMap,
+        )
+        .map(AffinityReader)
     }
 
     /// How full the maps are, from the agent's record of what it wrote
     /// (walking 100k+ keys with a syscall each on every scrape blocked
-    /// updates).
+    /// updates). AFFINITY, which only the kernel writes, is counted by an
+    /// [`AffinityReader`] outside the agent's lock.
     pub fn map_fill(&self) -> Vec<MapFill> {
         let f = self.programmer.fill();
         vec![

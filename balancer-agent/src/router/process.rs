@@ -41,7 +41,7 @@ use super::{
 };
 use crate::{
     admin,
-    api::{Request, RouterEndpointView, RouterStatusView},
+    api::{ListenerView, Request, RouterEndpointView, RouterStatusView},
     app::RemoveOnDrop,
     dataplane::{pin, plan},
     metrics, socket,
@@ -144,7 +144,7 @@ fn open_maps(dir: &Path, splice: bool) -> Result<Maps, TableError> {
 async fn adopt_held(agent_socket: &Path, listen: SocketAddr) -> Option<std::net::TcpListener> {
     let path = agent_socket.to_owned();
     let asked = tokio::task::spawn_blocking(move || {
-        admin::request_fd::<serde_json::Value>(
+        admin::request_fd::<Option<ListenerView>>(
             &path,
             &Request::HeldListener { listen },
             Duration::from_millis(500),
@@ -160,20 +160,20 @@ async fn adopt_held(agent_socket: &Path, listen: SocketAddr) -> Option<std::net:
             return None;
         }
     };
-    let listening =
-        nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn).unwrap_or(false);
-    let sock = socket2::Socket::from(fd);
-    let bound = sock.local_addr().ok().and_then(|a| a.as_socket());
-    if !listening || bound != Some(listen) {
-        tracing::warn!(
-            ?bound,
-            listening,
-            "the agent passed a socket that is not our listener; ignoring it"
-        );
-        return None;
+    match socket::listener_on(fd, listen) {
+        Ok(l) => {
+            tracing::info!(%listen, "adopted the listener the agent held: serving the connections queued while no router ran");
+            Some(l)
+        }
+        Err(socket::NotListener { listening, bound }) => {
+            tracing::warn!(
+                ?bound,
+                listening,
+                "the agent passed a socket that is not our listener; ignoring it"
+            );
+            None
+        }
     }
-    tracing::info!(%listen, "adopted the listener the agent held: serving the connections queued while no router ran");
-    Some(sock.into())
 }
 
 /// Listen on CONFIG's address, written first (without a heartbeat unless a
@@ -293,10 +293,11 @@ fn answer(shared: Arc<Shared>) -> admin::Answer {
                     .map_err(|e| e.to_string()),
                 Request::RouterListener => {
                     let fd = shared.listener.try_clone().map_err(|e| e.to_string())?;
-                    Ok((
-                        serde_json::json!({ "inode": shared.listener_inode }),
-                        Some(fd),
-                    ))
+                    let view = ListenerView {
+                        inode: shared.listener_inode,
+                    };
+                    let v = serde_json::to_value(view).map_err(|e| e.to_string())?;
+                    Ok((v, Some(fd)))
                 }
                 Request::RouterEndpoints => {
                     let v: Vec<RouterEndpointView> = shared

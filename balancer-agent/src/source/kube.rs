@@ -31,10 +31,12 @@ use kube::{
     Api, Client, ResourceExt,
     runtime::{WatchStreamExt as _, watcher},
 };
-use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::state::{Algorithm, DesiredState, EndpointSpec, PortSpec, Protocol, ServiceSpec};
+use crate::{
+    api::{Apiserver, ApiserverState},
+    state::{Algorithm, DesiredState, EndpointSpec, PortSpec, Protocol, ServiceSpec},
+};
 
 /// Annotations of this project, on a Service.
 const ANNOTATION_PREFIX: &str = "balancer.dev/";
@@ -54,37 +56,6 @@ type Candidate = (EndpointSpec, Option<String>, Option<Vec<String>>);
 pub struct NodeInfo {
     pub name: Option<String>,
     pub zone: Option<String>,
-}
-
-/// The apiserver as the agent sees it, for `status` and metrics.
-/// Where the watches stand with the apiserver.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Apiserver {
-    #[default]
-    Connecting,
-    Synced,
-    Unreachable,
-}
-
-impl Apiserver {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Connecting => "connecting",
-            Self::Synced => "synced",
-            Self::Unreachable => "unreachable",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
-pub struct ApiserverState {
-    pub state: Apiserver,
-    pub last_error: Option<String>,
-    pub errors: u64,
-    pub services: usize,
-    pub endpoint_slices: usize,
-    pub node_zone: Option<String>,
 }
 
 /// What the conversion reads of an EndpointSlice. The store keeps this
