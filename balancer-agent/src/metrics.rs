@@ -270,7 +270,7 @@ pub fn render_router(status: &RouterStatusView) -> String {
         f.sample(
             "balancer_router_selections_total",
             &[("algorithm", alg.as_str())],
-            ROUTER_SELECTIONS[alg as usize].load(Ordering::Relaxed),
+            ROUTER_SELECTIONS.get(alg),
         );
     }
     f.head(

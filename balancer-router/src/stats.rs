@@ -6,6 +6,8 @@ use std::{
     time::Duration,
 };
 
+use crate::endpoint::Algorithm;
+
 /// Upper bounds of the router latency histogram, seconds.
 const BUCKETS: [f64; 14] = [
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -54,10 +56,27 @@ impl Histogram {
     }
 }
 
+/// Router backend choices, one counter per [`Algorithm`].
+pub struct Selections([AtomicU64; Algorithm::ALL.len()]);
+
+impl Selections {
+    const fn new() -> Self {
+        Self([const { AtomicU64::new(0) }; Algorithm::ALL.len()])
+    }
+
+    pub fn count(&self, a: Algorithm) {
+        self.0[a as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, a: Algorithm) -> u64 {
+        self.0[a as usize].load(Ordering::Relaxed)
+    }
+}
+
 /// Time from a stream's request to its response headers, per backend hop.
 pub static LATENCY: Histogram = Histogram::new();
-/// Router backend choices, indexed by [`crate::endpoint::Algorithm`].
-pub static SELECTIONS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+/// Router backend choices by algorithm.
+pub static SELECTIONS: Selections = Selections::new();
 
 /// Response bytes the router holds or has granted pods for its clients
 /// (see `core::Limits`), as of the last tick.
@@ -99,5 +118,15 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"5\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_count 3\n"), "{out}");
+    }
+
+    #[test]
+    fn selections_count_by_algorithm() {
+        let s = Selections::new();
+        s.count(Algorithm::RoundRobin);
+        s.count(Algorithm::RoundRobin);
+        s.count(Algorithm::LeastRequest);
+        let got = Algorithm::ALL.map(|a| s.get(a));
+        assert_eq!(got, [0, 2, 1]);
     }
 }

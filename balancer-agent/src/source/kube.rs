@@ -56,7 +56,6 @@ pub struct NodeInfo {
     pub zone: Option<String>,
 }
 
-/// The apiserver as the agent sees it, for `status` and metrics.
 /// Where the watches stand with the apiserver.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -77,6 +76,7 @@ impl Apiserver {
     }
 }
 
+/// The apiserver as the agent sees it, for `status` and metrics.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct ApiserverState {
     pub state: Apiserver,
