@@ -361,34 +361,12 @@ pub enum Counter {
     ConnectFailed = 20,
 }
 
-pub const COUNTER_NAMES: [&str; 21] = [
-    "balanced",
-    "no_backend",
-    "lookup_miss",
-    "storage_full",
-    "family_mismatch",
-    "established",
-    "closed",
-    "peer_rewritten",
-    "steered",
-    "orig_dst_full",
-    "sockmap_full",
-    "h2_streams",
-    "select_random",
-    "select_round_robin",
-    "select_least_conn",
-    "router_down",
-    "affinity_hit",
-    "splice_on",
-    "splice_off",
-    "splice_full",
-    "connect_failed",
-];
-pub const COUNTER_COUNT: u32 = COUNTER_NAMES.len() as u32;
+/// Entries of the `COUNTERS` array: one per [`Counter`].
+pub const COUNTER_COUNT: u32 = 21;
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; COUNTER_NAMES.len()] = [
+    pub const ALL: [Self; COUNTER_COUNT as usize] = [
         Self::Balanced,
         Self::NoBackend,
         Self::LookupMiss,
@@ -412,20 +390,65 @@ impl Counter {
         Self::ConnectFailed,
     ];
 
-    /// Its name in `status` and metrics.
+    /// Its name in `status` and metrics (the `decision` label). A match,
+    /// not a table: a new variant does not compile without its name.
     pub const fn name(self) -> &'static str {
-        COUNTER_NAMES[self as usize]
+        match self {
+            Self::Balanced => "balanced",
+            Self::NoBackend => "no_backend",
+            Self::LookupMiss => "lookup_miss",
+            Self::StorageFull => "storage_full",
+            Self::FamilyMismatch => "family_mismatch",
+            Self::Established => "established",
+            Self::Closed => "closed",
+            Self::PeerRewritten => "peer_rewritten",
+            Self::Steered => "steered",
+            Self::OrigDstFull => "orig_dst_full",
+            Self::SockmapFull => "sockmap_full",
+            Self::H2Streams => "h2_streams",
+            Self::SelectRandom => "select_random",
+            Self::SelectRoundRobin => "select_round_robin",
+            Self::SelectLeastConn => "select_least_conn",
+            Self::RouterDown => "router_down",
+            Self::AffinityHit => "affinity_hit",
+            Self::SpliceOn => "splice_on",
+            Self::SpliceOff => "splice_off",
+            Self::SpliceFull => "splice_full",
+            Self::ConnectFailed => "connect_failed",
+        }
     }
 }
 
-// The enum and the names agree: one name per variant, in index order.
-const _: () = {
+/// The enum, [`Counter::ALL`] and the kernel array agree: `ALL` has
+/// `COUNTER_COUNT` entries and entry `i` is the variant with index `i`, so
+/// the indexes are exactly `0..COUNTER_COUNT` and each is listed once.
+const fn counters_agree() -> bool {
     let mut i = 0;
     while i < Counter::ALL.len() {
-        assert!(Counter::ALL[i] as usize == i);
+        if Counter::ALL[i] as usize != i {
+            return false;
+        }
         i += 1;
     }
-};
+    Counter::ALL.len() == COUNTER_COUNT as usize
+}
+const _: () = assert!(counters_agree(), "Counter::ALL out of index order");
+
+#[cfg(test)]
+mod counter_tests {
+    use super::Counter;
+
+    #[test]
+    fn counter_names_are_distinct_label_values() {
+        let mut names = Counter::ALL.map(Counter::name);
+        assert!(names.iter().all(|n| {
+            n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        }));
+        names.sort_unstable();
+        assert!(names.windows(2).all(|w| w[0] != w[1]), "{names:?}");
+    }
+}
 
 #[cfg(feature = "user")]
 mod pod {

@@ -218,7 +218,8 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    /// Every algorithm, in the order of [`crate::stats::SELECTIONS`].
+    /// Every algorithm, in index order (the order of
+    /// [`crate::stats::Selections`]).
     pub const ALL: [Self; 3] = [Self::Random, Self::RoundRobin, Self::LeastRequest];
 
     pub const fn as_str(self) -> &'static str {
@@ -236,7 +237,6 @@ const _: () = {
         assert!(Algorithm::ALL[i] as usize == i);
         i += 1;
     }
-    assert!(Algorithm::ALL.len() == crate::stats::SELECTIONS.len());
 };
 
 /// A port's algorithm in the maps, as the router applies it per stream:
@@ -355,7 +355,7 @@ impl Pool {
         if n == 0 {
             return None;
         }
-        crate::stats::SELECTIONS[self.algorithm as usize].fetch_add(1, Ordering::Relaxed);
+        crate::stats::SELECTIONS.count(self.algorithm);
         let rotate = || (self.cursor.fetch_add(1, Ordering::Relaxed) % n as u64) as usize;
         Some(match self.algorithm {
             _ if n == 1 => 0,

@@ -1,13 +1,15 @@
-//! The router's counters, read by the agent's metrics endpoint.
+//! The router's counters, read by the agent's metrics endpoint (which
+//! encodes them with prometheus-client; this crate only counts).
 
 use std::{
-    fmt::Write as _,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
+use crate::endpoint::Algorithm;
+
 /// Upper bounds of the router latency histogram, seconds.
-const BUCKETS: [f64; 14] = [
+pub const BUCKETS: [f64; 14] = [
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
@@ -38,26 +40,54 @@ impl Histogram {
         );
     }
 
-    pub fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        let mut cum = 0;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            cum += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+    /// The counts now: per bucket (not cumulative), as `(upper bound in
+    /// seconds, count)`, the last bound `+Inf`.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut buckets = [(f64::INFINITY, 0); BUCKETS.len() + 1];
+        for (i, (bound, count)) in buckets.iter_mut().enumerate() {
+            if let Some(b) = BUCKETS.get(i) {
+                *bound = *b;
+            }
+            *count = self.counts[i].load(Ordering::Relaxed);
         }
-        cum += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
-        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {cum}");
+        HistogramSnapshot {
+            sum_seconds: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            count: buckets.iter().map(|(_, n)| n).sum(),
+            buckets,
+        }
+    }
+}
+
+/// A [`Histogram`] read at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HistogramSnapshot {
+    pub sum_seconds: f64,
+    pub count: u64,
+    /// `(upper bound, observations in this bucket only)`, ascending.
+    pub buckets: [(f64, u64); BUCKETS.len() + 1],
+}
+
+/// Router backend choices, one counter per [`Algorithm`].
+pub struct Selections([AtomicU64; Algorithm::ALL.len()]);
+
+impl Selections {
+    const fn new() -> Self {
+        Self([const { AtomicU64::new(0) }; Algorithm::ALL.len()])
+    }
+
+    pub fn count(&self, a: Algorithm) {
+        self.0[a as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, a: Algorithm) -> u64 {
+        self.0[a as usize].load(Ordering::Relaxed)
     }
 }
 
 /// Time from a stream's request to its response headers, per backend hop.
 pub static LATENCY: Histogram = Histogram::new();
-/// Router backend choices, indexed by [`crate::endpoint::Algorithm`].
-pub static SELECTIONS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+/// Router backend choices by algorithm.
+pub static SELECTIONS: Selections = Selections::new();
 
 /// Response bytes the router holds or has granted pods for its clients
 /// (see `core::Limits`), as of the last tick.
@@ -87,17 +117,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
+    fn histogram_counts_each_observation_in_its_bucket() {
         let h = Histogram::new();
         h.observe(Duration::from_micros(50));
         h.observe(Duration::from_millis(3));
         h.observe(Duration::from_secs(10));
-        let mut out = String::new();
-        h.render(&mut out, "x", "help");
-        assert!(out.contains("x_bucket{le=\"0.0001\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"0.005\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"5\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
-        assert!(out.contains("x_count 3\n"), "{out}");
+        let s = h.snapshot();
+        let count = |bound: f64| s.buckets.iter().find(|(b, _)| *b == bound).map(|(_, n)| *n);
+        assert_eq!(count(0.000_1), Some(1));
+        assert_eq!(count(0.005), Some(1));
+        assert_eq!(count(5.0), Some(0));
+        assert_eq!(count(f64::INFINITY), Some(1));
+        assert_eq!(s.count, 3);
+        assert!((s.sum_seconds - 10.003_05).abs() < 1e-9, "{s:?}");
+    }
+
+    #[test]
+    fn selections_count_by_algorithm() {
+        let s = Selections::new();
+        s.count(Algorithm::RoundRobin);
+        s.count(Algorithm::RoundRobin);
+        s.count(Algorithm::LeastRequest);
+        let got = Algorithm::ALL.map(|a| s.get(a));
+        assert_eq!(got, [0, 2, 1]);
     }
 }

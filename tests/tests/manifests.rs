@@ -25,7 +25,7 @@ const FILES: [&str; 6] = [
 
 fn load<T: serde::de::DeserializeOwned>(file: &str) -> T {
     let text = std::fs::read_to_string(dir().join(file)).expect("read manifest");
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"))
+    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
 fn validate(paths: &[PathBuf]) -> std::process::Output {

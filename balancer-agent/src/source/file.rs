@@ -20,8 +20,9 @@ pub enum FileError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// YAML syntax and type errors; serde_yaml's message names the field path
-    /// and the line and column.
+    /// YAML syntax and type errors: the field path (from
+    /// serde_path_to_error) and serde-saphyr's message with the line and
+    /// column, on one line.
     #[error("endpoints file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     /// Semantic errors found after parsing, with the path of the field.
@@ -34,14 +35,14 @@ pub enum FileError {
 }
 
 /// A TCP/UDP port number, 1..=65535. Deserialized by hand so that 0 and
-/// out-of-range values get a clear message with serde_yaml's line number.
+/// out-of-range values get a clear message with the parser's line number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Port(u16);
 
 impl<'de> Deserialize<'de> for Port {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // A visitor, so the error is raised while serde_yaml still knows the
-        // field: its message then names `...ports[0].port` and the line.
+        // A visitor, so the error is raised while the parser still knows the
+        // field: the message then names `...ports[0].port` and the line.
         struct V;
         impl serde::de::Visitor<'_> for V {
             type Value = Port;
@@ -114,12 +115,35 @@ pub fn parse(path: &Path, text: &str) -> Result<DesiredState, FileError> {
     let doc: FileDoc = if text.trim().is_empty() {
         FileDoc { services: vec![] }
     } else {
-        serde_yaml::from_str(text).map_err(|e| FileError::Parse {
+        from_yaml(text).map_err(|message| FileError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message,
         })?
     };
     validate(path, doc)
+}
+
+/// Deserialize YAML (JSON is YAML), an error as one line: the path of the
+/// field, then the parser's message with its line and column
+/// (`services[0].ports[0].port: port 0 is out of range: ... at line 5,
+/// column 15`).
+fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    let mut field = None;
+    serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            field = Some(e.path().to_string());
+            e.into_inner()
+        })
+    })
+    .map_err(|e| {
+        // Without the snippet: the source lines it quotes would make the
+        // error several lines long.
+        let message = e.without_snippet().to_string();
+        match field.filter(|f| f != ".") {
+            Some(f) => format!("{f}: {message}"),
+            None => message,
+        }
+    })
 }
 
 fn validate(path: &Path, doc: FileDoc) -> Result<DesiredState, FileError> {
@@ -391,6 +415,7 @@ services:
     fn invalid_yaml_names_the_line() {
         let e = err_of("services:\n  - name: a/b\n    addresses: [1.2.3.4\n");
         assert!(e.contains("line"), "{e}");
+        assert!(!e.contains('\n'), "one line for logs and status: {e}");
     }
 
     #[test]

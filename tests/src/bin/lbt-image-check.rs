@@ -28,7 +28,7 @@ const H2_VIP: &str = "198.19.0.20";
 
 fn daemonset() -> anyhow::Result<Vec<Container>> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/daemonset.yaml");
-    let ds: DaemonSet = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
+    let ds: DaemonSet = serde_saphyr::from_str(&std::fs::read_to_string(path)?)?;
     Ok(ds
         .spec
         .context("spec")?
