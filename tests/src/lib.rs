@@ -12,6 +12,9 @@ pub mod bpfquery;
 pub mod fakeapi;
 pub mod grpc;
 pub mod h2wire;
+pub mod process;
+
+pub use process::*;
 
 use std::{
     collections::BTreeMap,
@@ -29,58 +32,12 @@ use std::{
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-/// Fails (never skips) when not root.
-pub fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test needs root: it creates network namespaces, cgroups and loads eBPF programs. \
-         Run it with `cargo xtask test` as root."
-    );
-}
-
-/// Path of a binary of this workspace (built by `cargo xtask test`).
-pub fn workspace_bin(name: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(format!("LBT_BIN_{}", name.to_uppercase().replace('-', "_")))
-    {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/test-binary -> target/<profile>/<name>
-    let mut dir = exe.parent().expect("deps dir").to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (`cargo build --bins`, which `cargo xtask test` does)",
-        p.display()
-    );
-    p
-}
-
 pub fn peer_bin() -> PathBuf {
     workspace_bin("lbt-peer")
 }
 
 pub fn agent_bin() -> PathBuf {
     workspace_bin("balancer-agent")
-}
-
-/// Run a command, failing with its stderr.
-pub fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -353,6 +310,7 @@ impl Drop for H2Server {
 
 /// Port of the `lbt-h2` servers.
 pub const H2_PORT: u16 = 50051;
+
 /// Where the agent's router listens in tests: the node's bridge address.
 pub const ROUTER_ADDR: &str = "198.18.0.1:15001";
 
@@ -483,15 +441,6 @@ impl H2Hold {
     pub fn close(self) -> anyhow::Result<()> {
         self.holder.close()
     }
-}
-
-/// Raise this process's open-file limit to its hard limit (children, such
-/// as the agent and the helpers, inherit it). Returns the new soft limit.
-pub fn raise_nofile_limit() -> anyhow::Result<u64> {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
-    Ok(hard)
 }
 
 /// Bytes sent by `dev` in namespace `ns` (from the kernel's link stats).
@@ -1584,17 +1533,6 @@ fn wait_exit(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// A process's resident set size (VmRSS), in bytes.
-pub fn rss_of(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")?;
-    Ok(kib * 1024)
 }
 
 impl Drop for Agent {
