@@ -15,10 +15,12 @@ pub mod grpc;
 pub mod h2wire;
 pub mod netns;
 pub mod process;
+pub mod yaml;
 
 pub use cgroup::*;
 pub use netns::*;
 pub use process::*;
+pub use yaml::*;
 
 use std::{
     collections::BTreeMap,
@@ -1492,29 +1494,4 @@ pub fn install_kube_proxy(ns: &Netns, rules: &str) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
-}
-
-/// Endpoints YAML for one service over some pods.
-pub fn endpoints_yaml(
-    name: &str,
-    vips: &[&str],
-    port: u16,
-    target_port: u16,
-    algorithm: &str,
-    endpoints: &[String],
-) -> String {
-    let mut y = format!(
-        "services:\n  - name: {name}\n    addresses: [{}]\n    ports:\n      - port: {port}\n        targetPort: {target_port}\n        algorithm: {algorithm}\n    endpoints:\n",
-        vips.iter()
-            .map(|v| format!("'{v}'"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    if endpoints.is_empty() {
-        y = y.replace("    endpoints:\n", "    endpoints: []\n");
-    }
-    for e in endpoints {
-        y += &format!("      - address: '{e}'\n");
-    }
-    y
 }
