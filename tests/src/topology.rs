@@ -159,6 +159,25 @@ impl Topology {
         Ok(ns)
     }
 
+    /// The kube-proxy baseline's client: an extra client namespace outside
+    /// the agent's cgroup, with a route for service traffic (198.19.0.0/16)
+    /// out of its eth0, so a connect to a VIP reaches the kube-proxy-shaped
+    /// rules installed in it ([`crate::kube_proxy::install_kube_proxy`])
+    /// instead of failing with ENETUNREACH.
+    pub fn kube_proxy_client(&self) -> anyhow::Result<Netns> {
+        let kp = self.extra_client("kp", "198.18.201.1", "fd00:18::c9:1")?;
+        ip(&[
+            "-n",
+            &kp.name,
+            "route",
+            "add",
+            "198.19.0.0/16",
+            "dev",
+            "eth0",
+        ])?;
+        Ok(kp)
+    }
+
     /// Start nghttpd on `port` in every pod; it serves `/index`.
     pub fn start_nghttpd(&self, port: u16) -> anyhow::Result<Nghttpd> {
         let docroot = std::env::temp_dir().join(format!("{}-docroot", self.prefix));

@@ -80,7 +80,7 @@ fn l4(out: PathBuf) -> anyhow::Result<()> {
                 .trim_start_matches("services:\n")
         ),
     )?;
-    let kp = kube_proxy_client(&t)?;
+    let kp = t.kube_proxy_client()?;
     let backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), 8080)).collect();
     let sink_backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), SINK_PORT)).collect();
     install_kube_proxy(
@@ -363,26 +363,6 @@ fn agent_mem_kib(pid: u32, key: &str) -> u64 {
                 .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
         })
         .unwrap_or(0)
-}
-
-/// A client namespace outside the agent's cgroup whose service traffic
-/// (198.19.0.0/16) goes out to the node, where kube-proxy-shaped rules are
-/// installed.
-fn kube_proxy_client(t: &Topology) -> anyhow::Result<Netns> {
-    let kp = t.extra_client("kp", "198.18.201.1", "fd00:18::c9:1")?;
-    sh(
-        "ip",
-        &[
-            "-n",
-            &kp.name,
-            "route",
-            "add",
-            "198.19.0.0/16",
-            "dev",
-            "eth0",
-        ],
-    )?;
-    Ok(kp)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -876,7 +856,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         &["--proxy-addr", "198.18.0.1:15004", "--router-threads", "2"],
     )?;
     let plain = t.extra_client("plain", "198.18.202.1", "fd00:18::ca:1")?;
-    let kp = kube_proxy_client(&t)?;
+    let kp = t.kube_proxy_client()?;
     let backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), 8080)).collect();
     install_kube_proxy(&kp, &kube_proxy_services(&[(H2_VIP, 80, &backends)]))?;
 
