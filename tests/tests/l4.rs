@@ -5,8 +5,13 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use balancer_tests::{
-    Agent, Topology, bpfquery, endpoints_yaml, hold_connections, install_kube_proxy,
-    kube_proxy_rules, require_root, short_connections,
+    agent::Agent,
+    bpfquery,
+    kube_proxy::{install_kube_proxy, kube_proxy_rules},
+    peers::{hold_connections, short_connections},
+    process::require_root,
+    topology::Topology,
+    yaml::endpoints_yaml,
 };
 
 const SVC: &str = "default/echo";

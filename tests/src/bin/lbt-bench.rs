@@ -16,8 +16,14 @@ use std::{
 
 use anyhow::{Context, bail};
 use balancer_tests::{
-    Agent, Cgroup, Netns, SINK_PORT, Topology, endpoints_yaml, hold_connections,
-    install_kube_proxy, kube_proxy_services, rate_connections, sh,
+    agent::Agent,
+    cgroup::Cgroup,
+    kube_proxy::{install_kube_proxy, kube_proxy_services},
+    netns::Netns,
+    peers::{SINK_PORT, hold_connections, rate_connections},
+    process::sh,
+    topology::Topology,
+    yaml::endpoints_yaml,
 };
 use serde_json::json;
 
@@ -830,7 +836,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         &t.cgroup.path,
         &yaml,
         Some(&t.node.name),
-        &["--proxy-addr", balancer_tests::ROUTER_ADDR],
+        &["--proxy-addr", balancer_tests::topology::ROUTER_ADDR],
     )?;
     // The splice experiment (`run --splice`) and the router's threads,
     // each with an agent and router of its own.
@@ -1060,7 +1066,7 @@ fn kube(out: PathBuf) -> anyhow::Result<()> {
     use balancer_tests::fakeapi::{FakeApi, Kind};
     let services: usize = env_or("LBT_SERVICES", 10_000);
     let per: usize = env_or("LBT_ENDPOINTS", 10);
-    let prefix = balancer_tests::unique_prefix("kubebench");
+    let prefix = balancer_tests::netns::unique_prefix("kubebench");
     let cg = Cgroup::new(&prefix)?;
     let dir = std::env::temp_dir().join(format!("{prefix}-api"));
     let api = FakeApi::start(&dir)?;

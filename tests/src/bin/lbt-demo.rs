@@ -13,8 +13,10 @@ use std::{
 };
 
 use balancer_tests::{
-    Agent, H2_PORT, ROUTER_ADDR, Topology, h2_client, hold_connections, install_kube_proxy,
-    kube_proxy_services,
+    agent::Agent,
+    kube_proxy::{install_kube_proxy, kube_proxy_services},
+    peers::{H2_PORT, h2_client, hold_connections},
+    topology::{ROUTER_ADDR, Topology},
 };
 
 const ENDPOINTS: &str = include_str!("../../demo/endpoints.yaml");
