@@ -46,7 +46,7 @@ pub fn server_mode(ns: &str, name: &str, port: u16, mode: &str) -> anyhow::Resul
 
 /// The endpoints file of one http2 service, `default/grpc` at `vip_ip`:80,
 /// over every pod of `t` on `port`.
-pub fn service_yaml(t: &crate::Topology, vip_ip: &str, port: u16) -> String {
+pub fn service_yaml(t: &crate::topology::Topology, vip_ip: &str, port: u16) -> String {
     let mut y = format!(
         "services:\n  - name: default/grpc\n    addresses: [{vip_ip}]\n    ports:\n      - name: grpc\n        port: 80\n        targetPort: {port}\n        protocol: http2\n    endpoints:\n"
     );
@@ -58,7 +58,7 @@ pub fn service_yaml(t: &crate::Topology, vip_ip: &str, port: u16) -> String {
 
 /// A grpcio server in every pod of `t` on `port`, pod `i` in `modes[i]`
 /// (`peer.py serve` modes; missing ones serve plainly).
-pub fn servers(t: &crate::Topology, port: u16, modes: &[&str]) -> Vec<Killed> {
+pub fn servers(t: &crate::topology::Topology, port: u16, modes: &[&str]) -> Vec<Killed> {
     t.pods
         .iter()
         .enumerate()
@@ -76,23 +76,23 @@ pub fn servers(t: &crate::Topology, port: u16, modes: &[&str]) -> Vec<Killed> {
 
 /// Four grpcio pods (see [`servers`]) behind the http2 service at
 /// `vip_ip`:80 ([`service_yaml`]), and the agent with its router at
-/// [`crate::ROUTER_ADDR`] and `extra` arguments.
+/// [`crate::topology::ROUTER_ADDR`] and `extra` arguments.
 pub fn setup(
     tag: &str,
     vip_ip: &str,
     port: u16,
     modes: &[&str],
     extra: &[&str],
-) -> (crate::Topology, Vec<Killed>, crate::Agent) {
-    crate::require_root();
-    let t = crate::Topology::new(tag, 4, &[]).expect("topology");
+) -> (crate::topology::Topology, Vec<Killed>, crate::agent::Agent) {
+    crate::process::require_root();
+    let t = crate::topology::Topology::new(tag, 4, &[]).expect("topology");
     let servers = servers(&t, port, modes);
-    let agent = crate::Agent::start_with(
+    let agent = crate::agent::Agent::start_with(
         &t.prefix,
         &t.cgroup.path,
         &service_yaml(&t, vip_ip, port),
         Some(&t.node.name),
-        &[&["--proxy-addr", crate::ROUTER_ADDR][..], extra].concat(),
+        &[&["--proxy-addr", crate::topology::ROUTER_ADDR][..], extra].concat(),
     )
     .expect("agent");
     (t, servers, agent)

@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use balancer_tests::{
-    Agent, Topology,
+    agent::Agent,
     grpc::{self, Killed, Load},
-    require_root,
+    process::require_root,
+    topology::Topology,
 };
 use serde_json::Value;
 
@@ -143,7 +144,7 @@ fn a_pod_that_refuses_connections_stops_getting_l4_connections() {
     let agent = Agent::start(
         &t.prefix,
         &t.cgroup.path,
-        &balancer_tests::endpoints_yaml(
+        &balancer_tests::yaml::endpoints_yaml(
             "default/web",
             &["198.19.0.73"],
             80,
@@ -158,15 +159,17 @@ fn a_pod_that_refuses_connections_stops_getting_l4_connections() {
     // pod0's server stops; its address stays listed (as a pod whose
     // process died before its readiness probe noticed).
     drop(t.pods[0].server.take());
-    let first = balancer_tests::short_connections(&t.client.name, cg, vip, 40).expect("client");
+    let first =
+        balancer_tests::peers::short_connections(&t.client.name, cg, vip, 40).expect("client");
     let refused: u64 = first.errors.values().sum();
-    balancer_tests::Topology::wait_for("pod0 ejected", Duration::from_secs(5), || {
+    balancer_tests::topology::Topology::wait_for("pod0 ejected", Duration::from_secs(5), || {
         Ok(endpoints(&agent)
             .iter()
             .any(|e| e["address"] == eps[0] && e["ejected"] == "connect"))
     })
     .unwrap_or_else(|e| panic!("{e}: {}", agent.log()));
-    let after = balancer_tests::short_connections(&t.client.name, cg, vip, 60).expect("client");
+    let after =
+        balancer_tests::peers::short_connections(&t.client.name, cg, vip, 60).expect("client");
     eprintln!(
         "a pod refusing connections: {refused} of the first 40 connects failed; then {:?} \
          failed of 60, spread {:?}",
@@ -193,16 +196,17 @@ fn a_pod_that_refuses_connections_stops_getting_l4_connections() {
     );
     // Its server comes back: a probe finds it, and it takes connections.
     t.pods[0].server = Some(
-        balancer_tests::Server::start(&t.pods[0].ns.name, &t.pods[0].name, &[8080])
+        balancer_tests::peers::Server::start(&t.pods[0].ns.name, &t.pods[0].name, &[8080])
             .expect("server"),
     );
-    balancer_tests::Topology::wait_for("pod0 back", Duration::from_secs(20), || {
+    balancer_tests::topology::Topology::wait_for("pod0 back", Duration::from_secs(20), || {
         Ok(endpoints(&agent)
             .iter()
             .any(|e| e["address"] == eps[0] && e["ejected"].is_null()))
     })
     .unwrap_or_else(|e| panic!("{e}: {}", agent.log()));
-    let back = balancer_tests::short_connections(&t.client.name, cg, vip, 40).expect("client");
+    let back =
+        balancer_tests::peers::short_connections(&t.client.name, cg, vip, 40).expect("client");
     assert!(back.errors.is_empty(), "{back:?}");
     assert!(
         back.count("pod0") >= 7,

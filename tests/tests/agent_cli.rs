@@ -4,8 +4,14 @@
 use std::{os::unix::fs::PermissionsExt, process::Command, time::Duration};
 
 use balancer_tests::{
-    Agent, Cgroup, Topology, agent_bin, bpfquery, endpoints_yaml, hold_connections, require_root,
-    short_connections, unique_prefix,
+    agent::{Agent, agent_bin},
+    bpfquery,
+    cgroup::Cgroup,
+    netns::unique_prefix,
+    peers::{hold_connections, short_connections},
+    process::require_root,
+    topology::Topology,
+    yaml::endpoints_yaml,
 };
 
 const SVC: &str = "default/echo";

@@ -9,10 +9,12 @@
 use std::time::{Duration, Instant};
 
 use balancer_tests::{
-    Agent, ROUTER_ADDR, Topology,
+    agent::Agent,
     fakeapi::{FakeApi, Kind},
     grpc::{self, Killed, Load},
-    h2load_spawn, h2load_wait, require_root,
+    nghttp2::{h2load_spawn, h2load_wait},
+    process::require_root,
+    topology::{ROUTER_ADDR, Topology},
 };
 use serde_json::{Value, json};
 
@@ -74,7 +76,7 @@ fn slice(t: &Topology, k: usize) -> Value {
 }
 
 /// Servers on every pod: grpcio and nghttpd.
-fn servers(t: &Topology) -> (Vec<Killed>, balancer_tests::Nghttpd) {
+fn servers(t: &Topology) -> (Vec<Killed>, balancer_tests::nghttp2::Nghttpd) {
     let g = t
         .pods
         .iter()

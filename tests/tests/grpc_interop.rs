@@ -7,7 +7,11 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use balancer_tests::{Agent, ROUTER_ADDR, Topology, require_root};
+use balancer_tests::{
+    agent::Agent,
+    process::require_root,
+    topology::{ROUTER_ADDR, Topology},
+};
 use serde_json::Value;
 
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/grpc/peer.py");
@@ -129,7 +133,7 @@ fn rolling_upgrade_under_grpc_load_fails_no_rpc() {
         .map(|p| grpc_server(&p.ns.name, &p.name))
         .collect();
     let yaml = grpc_yaml(&t);
-    let pin_dir = balancer_tests::PinDir::new(&t.prefix);
+    let pin_dir = balancer_tests::agent::PinDir::new(&t.prefix);
     let pins = pin_dir.path.clone();
     let args = [
         "--proxy-addr",

@@ -16,13 +16,18 @@ use std::{
 };
 
 use balancer_tests::{
-    Agent, H2_PORT, H2Hold, H2Server, H2load, ROUTER_ADDR, Topology, h2_client_spawn,
-    h2_client_wait_timeout, h2_hostile, h2_raw, h2load_spawn, h2load_wait,
+    agent::Agent,
     h2wire::{
         self as w,
         code::{self, *},
     },
-    link_tx_bytes, raise_nofile_limit, require_root,
+    netns::link_tx_bytes,
+    nghttp2::{H2load, h2load_spawn, h2load_wait},
+    peers::{
+        H2_PORT, H2Hold, H2Server, h2_client_spawn, h2_client_wait_timeout, h2_hostile, h2_raw,
+    },
+    process::{raise_nofile_limit, require_root},
+    topology::{ROUTER_ADDR, Topology},
 };
 use common::{VIP, http2_yaml, no_errors, pods_of, setup_with};
 use serde_json::Value;

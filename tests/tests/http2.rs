@@ -5,7 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use balancer_tests::{Topology, h2_client_spawn, h2_client_wait, h2_raw};
+use balancer_tests::{
+    peers::{h2_client_spawn, h2_client_wait, h2_raw},
+    topology::Topology,
+};
 use common::{VIP, http2_yaml, no_errors, pods_of, setup};
 use serde_json::Value;
 
@@ -288,7 +291,7 @@ fn a_client_that_does_not_speak_http2_is_passed_through() {
     assert!(text.starts_with("pod") && text.ends_with("hello\n"), "{v}");
     // Server speaks first (the client sends nothing): passed through after
     // a short wait.
-    let r = balancer_tests::short_connections(
+    let r = balancer_tests::peers::short_connections(
         &s.t.client.name,
         Some(&s.t.cgroup.path),
         "198.19.0.51:80",
@@ -334,7 +337,7 @@ fn agent_shutdown_drains_http2_clients_without_failing_a_stream() {
 #[test]
 fn sk_msg_counts_streams_on_l4_connections_making_pinning_visible() {
     let s = setup("h2skmsg", 4);
-    let v = balancer_tests::h2_client(
+    let v = balancer_tests::peers::h2_client(
         &s.t.client.name,
         Some(&s.t.cgroup.path),
         "198.19.0.52:80",
@@ -375,7 +378,7 @@ fn sk_msg_counts_streams_on_l4_connections_making_pinning_visible() {
     let status = s.agent.status_json().expect("status");
     assert_eq!(status["counters"]["h2_streams"], 300, "{status}");
     // The frames were only looked at: the payloads arrived intact.
-    let v = balancer_tests::h2_client(
+    let v = balancer_tests::peers::h2_client(
         &s.t.client.name,
         Some(&s.t.cgroup.path),
         "198.19.0.52:80",
@@ -436,17 +439,22 @@ fn spliced_client_and_router_sockets_keep_every_byte_in_order() {
     t.start_h2().expect("h2 servers");
     let agent_cg = t.agent_cgroup().expect("agent cgroup");
     let all: Vec<usize> = (0..4).collect();
-    let agent = balancer_tests::Agent::start_in_cgroup(
+    let agent = balancer_tests::agent::Agent::start_in_cgroup(
         &t.prefix,
         &t.cgroup.path,
         &http2_yaml(&t, &all),
         Some(&t.node.name),
-        &["--proxy-addr", balancer_tests::ROUTER_ADDR, "--splice"],
+        &[
+            "--proxy-addr",
+            balancer_tests::topology::ROUTER_ADDR,
+            "--splice",
+        ],
         &agent_cg,
     )
     .expect("agent");
     let client = |extra: &[&str]| {
-        balancer_tests::h2_client(&t.client.name, Some(&t.cgroup.path), VIP, extra).expect("client")
+        balancer_tests::peers::h2_client(&t.client.name, Some(&t.cgroup.path), VIP, extra)
+            .expect("client")
     };
     let mib10 = (10 * 1024 * 1024).to_string();
     // 10 MiB up and echoed back, on 2 streams at once, byte for byte.

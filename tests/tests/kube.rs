@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use balancer_tests::{
-    Agent, Topology,
+    agent::Agent,
     fakeapi::{FakeApi, Kind},
-    hold_connections, short_connections,
+    peers::{hold_connections, short_connections},
+    topology::Topology,
 };
 use serde_json::{Value, json};
 

@@ -5,8 +5,13 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use balancer_tests::{
-    Agent, Topology, bpfquery, endpoints_yaml, hold_connections, install_kube_proxy,
-    kube_proxy_rules, require_root, short_connections,
+    agent::Agent,
+    bpfquery,
+    kube_proxy::{install_kube_proxy, kube_proxy_rules},
+    peers::{hold_connections, short_connections},
+    process::require_root,
+    topology::Topology,
+    yaml::endpoints_yaml,
 };
 
 const SVC: &str = "default/echo";
@@ -93,22 +98,7 @@ fn least_conn_spreads_64_connections_exactly_and_counts_return_to_zero() {
     }
 
     // The same 64 connections through kube-proxy's rules, for comparison.
-    let kp = t
-        .extra_client("kp", "198.18.201.1", "fd00:18::c9:1")
-        .expect("kube-proxy client");
-    balancer_tests::sh(
-        "ip",
-        &[
-            "-n",
-            &kp.name,
-            "route",
-            "add",
-            "198.19.0.0/16",
-            "dev",
-            "eth0",
-        ],
-    )
-    .expect("vip route");
+    let kp = t.kube_proxy_client().expect("kube-proxy client");
     let backends: Vec<(String, u16)> = t.pods.iter().map(|p| (p.v4.to_string(), 8080)).collect();
     install_kube_proxy(&kp, &kube_proxy_rules(VIP, 80, &backends)).expect("iptables");
     let kp_client = hold_connections(&kp.name, None, &format!("{VIP}:80"), 64).expect("kp client");
@@ -205,22 +195,7 @@ fn round_robin_cycles_and_random_behaves_like_kube_proxy() {
     let n = 800;
     let random = short_connections(&t.client.name, Some(&t.cgroup.path), "198.19.0.11:80", n)
         .expect("random");
-    let kp = t
-        .extra_client("kp", "198.18.201.1", "fd00:18::c9:1")
-        .expect("kp");
-    balancer_tests::sh(
-        "ip",
-        &[
-            "-n",
-            &kp.name,
-            "route",
-            "add",
-            "198.19.0.0/16",
-            "dev",
-            "eth0",
-        ],
-    )
-    .expect("route");
+    let kp = t.kube_proxy_client().expect("kube-proxy client");
     let backends: Vec<(String, u16)> = t.pods.iter().map(|p| (p.v4.to_string(), 8080)).collect();
     install_kube_proxy(&kp, &kube_proxy_rules("198.19.0.11", 80, &backends)).expect("iptables");
     let kube = short_connections(&kp.name, None, "198.19.0.11:80", n).expect("kube-proxy");

@@ -258,7 +258,7 @@ fn the_agent_accepts_the_daemonset_arguments() {
     let spec = ds.spec.expect("spec").template.spec.expect("pod spec");
     for c in &spec.containers {
         let args = c.args.as_ref().expect("args");
-        let help = Command::new(balancer_tests::agent_bin())
+        let help = Command::new(balancer_tests::agent::agent_bin())
             .args([args[0].as_str(), "--help"])
             .output()
             .expect("agent");

@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use balancer_tests::{
-    Agent, ROUTER_ADDR, Topology,
+    agent::Agent,
     grpc::{self, Killed, Load},
-    require_root,
+    process::require_root,
+    topology::{ROUTER_ADDR, Topology},
 };
 
 const PORT: u16 = 50053;
@@ -168,7 +169,7 @@ fn run_with_proxy_addr_starts_a_router_that_outlives_the_agent() {
     require_root();
     let t = Topology::new("runrouter", 4, &[]).expect("topology");
     let _servers = grpc::servers(&t, PORT, &[]);
-    let pins = balancer_tests::PinDir::new(&format!("lbt-runrouter-{}", std::process::id()));
+    let pins = balancer_tests::agent::PinDir::new(&format!("lbt-runrouter-{}", std::process::id()));
     let mut agent = Agent::start_with(
         &t.prefix,
         &t.cgroup.path,

@@ -6,7 +6,11 @@
 use std::{process::Command, time::Duration};
 
 use balancer_tests::{
-    Agent, Topology, agent_bin, bpfquery, endpoints_yaml, hold_connections, short_connections,
+    agent::{Agent, agent_bin},
+    bpfquery,
+    peers::{hold_connections, short_connections},
+    topology::Topology,
+    yaml::endpoints_yaml,
 };
 
 const SVC: &str = "default/echo";
@@ -17,7 +21,7 @@ fn kill_9_keeps_balancing_and_a_restarted_agent_adopts_the_pins() {
     let t = Topology::new("restart", 4, &[8080]).expect("topology");
     let eps: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
     let yaml = endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &eps);
-    let pin_dir = balancer_tests::PinDir::new(&t.prefix);
+    let pin_dir = balancer_tests::agent::PinDir::new(&t.prefix);
     let pins = pin_dir.path.clone();
     let args = ["--pin", "--bpffs", pins.as_str()];
     let agent = Agent::start_with(&t.prefix, &t.cgroup.path, &yaml, None, &args).expect("agent");
@@ -168,7 +172,7 @@ fn pins_of_another_layout_are_refused_with_the_way_out() {
     let t = Topology::new("oldpins", 1, &[8080]).expect("topology");
     let eps: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
     let yaml = endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &eps);
-    let pin_dir = balancer_tests::PinDir::new(&t.prefix);
+    let pin_dir = balancer_tests::agent::PinDir::new(&t.prefix);
     let pins = pin_dir.path.clone();
     // bpffs where the pins go (the agent mounts it too, when it must).
     let fs = Command::new("stat")

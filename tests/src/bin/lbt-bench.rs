@@ -16,8 +16,14 @@ use std::{
 
 use anyhow::{Context, bail};
 use balancer_tests::{
-    Agent, Cgroup, Netns, SINK_PORT, Topology, endpoints_yaml, hold_connections,
-    install_kube_proxy, kube_proxy_services, rate_connections, sh,
+    agent::Agent,
+    cgroup::Cgroup,
+    kube_proxy::{install_kube_proxy, kube_proxy_services},
+    netns::Netns,
+    peers::{SINK_PORT, hold_connections, rate_connections},
+    process::sh,
+    topology::Topology,
+    yaml::endpoints_yaml,
 };
 use serde_json::json;
 
@@ -80,7 +86,7 @@ fn l4(out: PathBuf) -> anyhow::Result<()> {
                 .trim_start_matches("services:\n")
         ),
     )?;
-    let kp = kube_proxy_client(&t)?;
+    let kp = t.kube_proxy_client()?;
     let backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), 8080)).collect();
     let sink_backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), SINK_PORT)).collect();
     install_kube_proxy(
@@ -363,26 +369,6 @@ fn agent_mem_kib(pid: u32, key: &str) -> u64 {
                 .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
         })
         .unwrap_or(0)
-}
-
-/// A client namespace outside the agent's cgroup whose service traffic
-/// (198.19.0.0/16) goes out to the node, where kube-proxy-shaped rules are
-/// installed.
-fn kube_proxy_client(t: &Topology) -> anyhow::Result<Netns> {
-    let kp = t.extra_client("kp", "198.18.201.1", "fd00:18::c9:1")?;
-    sh(
-        "ip",
-        &[
-            "-n",
-            &kp.name,
-            "route",
-            "add",
-            "198.19.0.0/16",
-            "dev",
-            "eth0",
-        ],
-    )?;
-    Ok(kp)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -850,7 +836,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         &t.cgroup.path,
         &yaml,
         Some(&t.node.name),
-        &["--proxy-addr", balancer_tests::ROUTER_ADDR],
+        &["--proxy-addr", balancer_tests::topology::ROUTER_ADDR],
     )?;
     // The splice experiment (`run --splice`) and the router's threads,
     // each with an agent and router of its own.
@@ -876,7 +862,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         &["--proxy-addr", "198.18.0.1:15004", "--router-threads", "2"],
     )?;
     let plain = t.extra_client("plain", "198.18.202.1", "fd00:18::ca:1")?;
-    let kp = kube_proxy_client(&t)?;
+    let kp = t.kube_proxy_client()?;
     let backends: Vec<(String, u16)> = eps.iter().map(|e| (e.clone(), 8080)).collect();
     install_kube_proxy(&kp, &kube_proxy_services(&[(H2_VIP, 80, &backends)]))?;
 
@@ -1080,7 +1066,7 @@ fn kube(out: PathBuf) -> anyhow::Result<()> {
     use balancer_tests::fakeapi::{FakeApi, Kind};
     let services: usize = env_or("LBT_SERVICES", 10_000);
     let per: usize = env_or("LBT_ENDPOINTS", 10);
-    let prefix = balancer_tests::unique_prefix("kubebench");
+    let prefix = balancer_tests::netns::unique_prefix("kubebench");
     let cg = Cgroup::new(&prefix)?;
     let dir = std::env::temp_dir().join(format!("{prefix}-api"));
     let api = FakeApi::start(&dir)?;

@@ -13,8 +13,10 @@ use std::{
 };
 
 use balancer_tests::{
-    Agent, H2_PORT, ROUTER_ADDR, Topology, h2_client, hold_connections, install_kube_proxy,
-    kube_proxy_services, sh,
+    agent::Agent,
+    kube_proxy::{install_kube_proxy, kube_proxy_services},
+    peers::{H2_PORT, h2_client, hold_connections},
+    topology::{ROUTER_ADDR, Topology},
 };
 
 const ENDPOINTS: &str = include_str!("../../demo/endpoints.yaml");
@@ -76,19 +78,7 @@ fn demo(stop: &AtomicBool) -> anyhow::Result<()> {
     check()?;
 
     println!("\n1. kube-proxy: iptables KUBE-SVC/KUBE-SEP chain, random per connection.");
-    let kp = t.extra_client("kp", "198.18.201.1", "fd00:18::c9:1")?;
-    sh(
-        "ip",
-        &[
-            "-n",
-            &kp.name,
-            "route",
-            "add",
-            "198.19.0.0/16",
-            "dev",
-            "eth0",
-        ],
-    )?;
+    let kp = t.kube_proxy_client()?;
     let backends: Vec<(String, u16)> = t.pods.iter().map(|p| (p.v4.to_string(), 8080)).collect();
     let grpc_backends: Vec<(String, u16)> =
         t.pods.iter().map(|p| (p.v4.to_string(), H2_PORT)).collect();

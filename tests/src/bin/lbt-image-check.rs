@@ -18,7 +18,10 @@ use std::{
 
 use anyhow::{Context, bail};
 use balancer_tests::{
-    H2_PORT, PinDir, Topology, agent_bin, cgroup2_root, h2_client, hold_connections,
+    agent::{PinDir, agent_bin},
+    cgroup::cgroup2_root,
+    peers::{H2_PORT, h2_client, hold_connections},
+    topology::Topology,
 };
 use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Container};
 

@@ -2,7 +2,11 @@
 //! namespace, `lbt-h2` servers in every pod.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
-use balancer_tests::{Agent, H2_PORT, ROUTER_ADDR, Topology, h2_client};
+use balancer_tests::{
+    agent::Agent,
+    peers::{H2_PORT, h2_client},
+    topology::{ROUTER_ADDR, Topology},
+};
 use serde_json::Value;
 
 pub const SVC: &str = "default/grpc";
