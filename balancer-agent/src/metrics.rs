@@ -489,12 +489,23 @@ struct Limits {
     header_read: Duration,
     /// For the whole connection: request, answer, and the client reading it.
     connection: Duration,
+    /// Connections served at once. Past it the listener stops accepting
+    /// (new ones wait in the kernel's backlog) instead of spending a task
+    /// and a descriptor on each of a flood of idle connections; each held
+    /// one is cut at `header_read` at the latest, so a scrape waits that
+    /// long at worst.
+    connections: usize,
 }
 
 const LIMITS: Limits = Limits {
     header_read: Duration::from_secs(5),
     connection: Duration::from_secs(30),
+    connections: 64,
 };
+
+/// After a failed accept (out of descriptors, say), before the next try:
+/// the error would otherwise come back at once, in a busy loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The largest request head read, bytes (hyper's smallest buffer; a larger
 /// head is answered 431). Bodies are never read.
@@ -506,12 +517,22 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
 }
 
 async fn serve_with(listener: TcpListener, handler: Handler, limits: Limits) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections));
     loop {
-        let Ok((sock, _)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
         let handler = handler.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(respond(req, handler).await) }
@@ -662,6 +683,7 @@ mod tests {
         let limits = Limits {
             header_read: Duration::from_millis(300),
             connection: Duration::from_secs(2),
+            connections: 64,
         };
         tokio::spawn(serve_with(listener, handler, limits));
 
@@ -699,6 +721,38 @@ mod tests {
         let held = started.elapsed();
         assert!(held >= Duration::from_millis(250), "cut early: {held:?}");
         assert!(held < Duration::from_secs(3), "held {held:?}");
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_idle_connections_holds_at_most_the_cap() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let handler: Handler = Arc::new(|_| Box::pin(async { ok("ok\n".into()) }));
+        let limits = Limits {
+            header_read: Duration::from_millis(300),
+            connection: Duration::from_secs(2),
+            connections: 2,
+        };
+        tokio::spawn(serve_with(listener, handler, limits));
+        // Two idle connections take both slots...
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"GET /").await.expect("write");
+            idle.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // ...so a scrape waits in the backlog until the header timeout
+        // frees one, and is then answered.
+        let started = Instant::now();
+        let r = get(addr, "/healthz").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(150),
+            "not capped: {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(2), "waited {waited:?}");
     }
 
     #[tokio::test]
