@@ -223,10 +223,13 @@ impl Shared {
         tokio::pin!(reader);
         tokio::pin!(writer);
         tokio::select! {
-            // The reader may be lingering (see [`linger`]): give it its
-            // time before the socket closes.
+            // The reader may be lingering (see [`linger`]), or draining what
+            // a backend sent before a write to it failed (see
+            // [`Core::write_failed`]): give it its time before the socket
+            // closes, then make sure the core let the connection go.
             () = &mut writer => {
                 let _ = tokio::time::timeout(LINGER, &mut reader).await;
+                self.with(|c| c.forget(id));
             }
             () = &mut reader => writer.await,
         }
@@ -243,7 +246,7 @@ impl Shared {
             if !buf.is_empty() {
                 if let Err(e) = w.write_all(&buf).await {
                     tracing::debug!(conn = id, error = %e, "router write failed");
-                    self.with(|c| c.forget(id));
+                    self.with(|c| c.write_failed(id));
                     return;
                 }
                 self.with(|c| c.written(id));

@@ -367,6 +367,8 @@ struct Backend {
     /// No new streams (GOAWAY received, ids ran out, endpoint left, too
     /// many resets sent).
     retiring: bool,
+    /// A write failed ([`Core::write_failed`]): nothing more goes out.
+    write_failed: bool,
     closing: bool,
     /// RST_STREAMs sent, net of time (see [`BACKEND_RESET_BUDGET`]).
     resets: u32,
@@ -455,7 +457,9 @@ impl Core {
             return Some(c.closing);
         }
         let b = self.backends.get_mut(&id)?;
-        if b.connected {
+        if b.write_failed {
+            b.out.clear();
+        } else if b.connected {
             std::mem::swap(&mut b.out, buf);
         }
         Some(b.closing)
@@ -486,6 +490,32 @@ impl Core {
             self.backend_gone(id);
         }
         self.io.retain(|io| *io != Io::Wake(id));
+    }
+
+    /// A write to connection `id` failed: its peer is gone or reset it.
+    ///
+    /// A client is forgotten at once. A backend is not: what it sent before
+    /// it went may still be in our socket, unread, and it can be the very
+    /// thing that says which streams were never processed (the GOAWAY of a
+    /// graceful shutdown whose socket closed with our newer HEADERS
+    /// unread, so that its kernel answered them with a RST). Forgetting the
+    /// connection first would reset those streams on their clients, though
+    /// they are safe to retry. So the connection only stops taking
+    /// streams and writing; its reader drains what came, and its end
+    /// (`backend_eof`, or `forget` after the linger) settles the rest.
+    pub fn write_failed(&mut self, id: ConnId) {
+        let Some(be) = self.backends.get_mut(&id) else {
+            self.forget(id);
+            return;
+        };
+        tracing::debug!(conn = id, endpoint = %be.ep.addr, "backend write failed; draining its input");
+        be.write_failed = true;
+        be.out.clear();
+        be.retiring = true;
+        let addr = be.ep.addr;
+        unpool(&mut self.pool, addr, id);
+        // Streams still waiting for a slot here move elsewhere now.
+        self.after_bstream(id);
     }
 
     /// Periodic upkeep (the router calls it every 500 ms with the time):

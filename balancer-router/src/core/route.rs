@@ -100,6 +100,7 @@ impl Core {
                 settings_seen: false,
                 started: self.now,
                 retiring: false,
+                write_failed: false,
                 closing: false,
                 resets: 0,
                 last_block: crate::hpack::LastBlock::default(),

@@ -433,6 +433,79 @@ fn goaway_retries_only_the_streams_above_its_last_id() {
     assert!(out.iter().all(|f| f.kind != frame::RST_STREAM));
 }
 
+/// A backend that shuts down gracefully can close its socket with our
+/// newer HEADERS unread; its kernel then resets the connection, and our
+/// next write fails before our reader has seen the GOAWAY that says those
+/// streams were never processed. They must be retried, not reset.
+#[test]
+fn a_failed_write_to_a_backend_still_reads_its_goaway_and_retries() {
+    let mut h = H::new(2, Algorithm::RoundRobin);
+    let c = h.client();
+    h.feed(c, frame_bytes(frame::SETTINGS, frame::FLAG_ACK, 0, &[]));
+    // Round-robin over 2: client streams 1 and 5 on the first endpoint
+    // (backend ids 1, 3), 3 on the second.
+    for sid in [1, 3, 5] {
+        h.feed(c, headers(sid, REQ_PLAIN, true));
+    }
+    let a = h.eps[0].addr;
+    let ba = h.backend(a);
+    assert_eq!(
+        h.out(ba)
+            .iter()
+            .filter(|f| f.kind == frame::HEADERS)
+            .count(),
+        2
+    );
+    // The write after that fails (EPIPE): the backend is gone for writes.
+    h.core.write_failed(ba);
+    h.pump_io();
+    // A new stream does not go to it.
+    h.feed(c, headers(7, REQ_PLAIN, true));
+    h.feed(c, headers(9, REQ_PLAIN, true));
+    assert!(
+        h.core
+            .backends
+            .get(&ba)
+            .is_some_and(|be| be.streams.len() == 2 && be.queue.is_empty()),
+        "a stream went to the connection whose write failed"
+    );
+    // What it had sent before is still read: GOAWAY(last 1), then the
+    // response to backend stream 1.
+    let mut g = BytesMut::new();
+    frame::goaway(&mut g, 1, Reason::NO_ERROR);
+    h.feed_backend(ba, g);
+    h.feed_backend(ba, headers(1, RESP_200, true));
+    h.core.backend_eof(ba);
+    h.pump_io();
+    let out = h.out(c);
+    assert!(
+        out.iter()
+            .any(|f| f.kind == frame::HEADERS && f.stream == 1),
+        "{out:?}"
+    );
+    assert!(
+        out.iter().all(|f| f.kind != frame::RST_STREAM),
+        "a stream the backend never processed was reset: {out:?}"
+    );
+    // Client stream 5 (backend stream 3, above the GOAWAY) went out again
+    // on another connection.
+    let retried = h
+        .conns
+        .iter()
+        .filter(|(id, _)| *id != ba)
+        .map(|(id, _)| {
+            h.core
+                .backends
+                .get(id)
+                .map_or(0, |be| be.streams.values().filter(|bs| bs.sid == 5).count())
+        })
+        .sum::<usize>();
+    assert_eq!(
+        retried, 1,
+        "client stream 5 is open on exactly one other backend"
+    );
+}
+
 #[test]
 fn request_bytes_are_credited_back_only_once_the_backend_took_them() {
     let mut h = H::new(1, Algorithm::RoundRobin);
