@@ -335,7 +335,7 @@ async fn client(args: &[String]) -> anyhow::Result<()> {
         .initial_connection_window_size(4 << 20)
         .handshake::<_, Bytes>(sock)
         .await?;
-    tokio::spawn(async move {
+    let conn = tokio::spawn(async move {
         let _ = conn.await;
     });
     let summary = Arc::new(Mutex::new(Summary {
@@ -382,6 +382,13 @@ async fn client(args: &[String]) -> anyhow::Result<()> {
         t.await?;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    // Let the connection put what it still holds on the wire (the
+    // RST_STREAMs of --cancel-after-ms) and close: with no handle and no
+    // stream left it ends by itself. Exiting at once could close the
+    // socket before those frames left, and the router would see only the
+    // end of the connection (which it takes as a half-close).
+    drop(send);
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
     let s = summary.lock().unwrap_or_else(|p| p.into_inner());
     let out = serde_json::json!({
         "pods": s.pods, "errors": s.errors, "statuses": s.statuses,
