@@ -394,17 +394,17 @@ fn a_refused_stream_is_replayed_on_another_endpoint() {
     );
 }
 
-#[test]
-fn goaway_retries_only_the_streams_above_its_last_id() {
+/// Two endpoints, round-robin: client streams 1 and 5 go to the first
+/// (backend ids 1 and 3, whose HEADERS are written), 3 to the second.
+/// Returns the harness, the client, and the first endpoint's connection.
+fn streams_1_3_5_over_two() -> (H, ConnId, ConnId) {
     let mut h = H::new(2, Algorithm::RoundRobin);
     let c = h.client();
     h.feed(c, frame_bytes(frame::SETTINGS, frame::FLAG_ACK, 0, &[]));
-    // Round-robin over 2: client streams 1 and 5 on one endpoint (ids 1, 3).
     for sid in [1, 3, 5] {
         h.feed(c, headers(sid, REQ_PLAIN, true));
     }
-    let a = h.eps[0].addr;
-    let ba = h.backend(a);
+    let ba = h.backend(h.eps[0].addr);
     let first: Vec<u32> = h
         .out(ba)
         .iter()
@@ -412,6 +412,12 @@ fn goaway_retries_only_the_streams_above_its_last_id() {
         .map(|f| f.stream)
         .collect();
     assert_eq!(first, vec![1, 3]);
+    (h, c, ba)
+}
+
+#[test]
+fn goaway_retries_only_the_streams_above_its_last_id() {
+    let (mut h, c, ba) = streams_1_3_5_over_two();
     let mut g = BytesMut::new();
     frame::goaway(&mut g, 1, Reason::NO_ERROR);
     h.feed_backend(ba, g);
@@ -439,23 +445,7 @@ fn goaway_retries_only_the_streams_above_its_last_id() {
 /// streams were never processed. They must be retried, not reset.
 #[test]
 fn a_failed_write_to_a_backend_still_reads_its_goaway_and_retries() {
-    let mut h = H::new(2, Algorithm::RoundRobin);
-    let c = h.client();
-    h.feed(c, frame_bytes(frame::SETTINGS, frame::FLAG_ACK, 0, &[]));
-    // Round-robin over 2: client streams 1 and 5 on the first endpoint
-    // (backend ids 1, 3), 3 on the second.
-    for sid in [1, 3, 5] {
-        h.feed(c, headers(sid, REQ_PLAIN, true));
-    }
-    let a = h.eps[0].addr;
-    let ba = h.backend(a);
-    assert_eq!(
-        h.out(ba)
-            .iter()
-            .filter(|f| f.kind == frame::HEADERS)
-            .count(),
-        2
-    );
+    let (mut h, c, ba) = streams_1_3_5_over_two();
     // The write after that fails (EPIPE): the backend is gone for writes.
     h.core.write_failed(ba);
     h.pump_io();
