@@ -337,15 +337,7 @@ impl Agent {
         for (k, v) in &self.agent_env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .args(&self.agent_cmd)
-            // LBT_AGENT_RUST_LOG=debug to see more of what an agent did.
-            .env(
-                "RUST_LOG",
-                std::env::var("LBT_AGENT_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(log)
+        let child = logged(cmd.args(&self.agent_cmd), log)
             .spawn()
             .context("spawning balancer-agent")?;
         self.child = Some(child);
@@ -382,14 +374,7 @@ impl Agent {
             .as_ref()
             .map(|c| c.path.as_path())
             .or(self.agent_cgroup.as_deref());
-        let child = wrapped(cg, self.router_netns.as_deref())
-            .args(&args)
-            .env(
-                "RUST_LOG",
-                std::env::var("LBT_AGENT_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(log)
+        let child = logged(wrapped(cg, self.router_netns.as_deref()).args(&args), log)
             .spawn()
             .context("spawning balancer-agent router")?;
         self.router = Some(child);
@@ -599,6 +584,18 @@ fn wait_exit(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// An agent or router process's output: stderr to its log, at the level
+/// `LBT_AGENT_RUST_LOG` asks (`debug` to see more of what it did; default
+/// `info`), stdout discarded.
+fn logged(cmd: &mut Command, log: std::fs::File) -> &mut Command {
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("LBT_AGENT_RUST_LOG").unwrap_or_else(|_| "info".into()),
+    )
+    .stdout(Stdio::null())
+    .stderr(log)
 }
 
 impl Drop for Agent {

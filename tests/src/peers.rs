@@ -204,6 +204,18 @@ pub fn h2_raw(
     )
 }
 
+/// `lbt-h2 <mode>` connecting to `addr` from namespace `ns` (and
+/// `cgroup`), with `extra` arguments.
+fn h2_cmd(mode: &str, ns: &str, cgroup: Option<&Path>, addr: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(workspace_bin("lbt-h2"));
+    cmd.args([mode, "--netns", ns, "--connect", addr])
+        .args(extra);
+    if let Some(cg) = cgroup {
+        cmd.arg("--cgroup").arg(cg);
+    }
+    cmd
+}
+
 fn h2_tool(
     mode: &str,
     ns: &str,
@@ -211,13 +223,7 @@ fn h2_tool(
     addr: &str,
     extra: &[&str],
 ) -> anyhow::Result<Value> {
-    let mut cmd = Command::new(workspace_bin("lbt-h2"));
-    cmd.args([mode, "--netns", ns, "--connect", addr])
-        .args(extra);
-    if let Some(cg) = cgroup {
-        cmd.arg("--cgroup").arg(cg);
-    }
-    let out = cmd
+    let out = h2_cmd(mode, ns, cgroup, addr, extra)
         .stderr(Stdio::inherit())
         .output()
         .context("running lbt-h2")?;
@@ -233,13 +239,7 @@ pub fn h2_client_spawn(
     addr: &str,
     extra: &[&str],
 ) -> anyhow::Result<Child> {
-    let mut cmd = Command::new(workspace_bin("lbt-h2"));
-    cmd.args(["client", "--netns", ns, "--connect", addr])
-        .args(extra);
-    if let Some(cg) = cgroup {
-        cmd.arg("--cgroup").arg(cg);
-    }
-    Ok(cmd
+    Ok(h2_cmd("client", ns, cgroup, addr, extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?)
@@ -287,12 +287,7 @@ impl H2Hold {
         addr: &str,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(workspace_bin("lbt-h2"));
-        cmd.args(["hold", "--netns", ns, "--connect", addr])
-            .args(extra);
-        if let Some(cg) = cgroup {
-            cmd.arg("--cgroup").arg(cg);
-        }
+        let mut cmd = h2_cmd("hold", ns, cgroup, addr, extra);
         let (holder, first) = Holder::spawn(&mut cmd, "lbt-h2 hold")?;
         Ok(Self {
             holder,
