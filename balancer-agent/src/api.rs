@@ -211,7 +211,28 @@ pub struct RouterStatusView {
     /// http2 service ports in its table.
     pub routes: usize,
     pub client_connections: u64,
+    /// Pod connections, of every origin.
     pub backend_connections: u64,
+    /// Response bytes its clients make it hold (see `core::Limits`).
+    #[serde(default)]
+    pub held_bytes: i64,
+    /// Whose address pod connections carry: `pod` or `node`
+    /// (`--source-identity`).
+    #[serde(default)]
+    pub source_identity: String,
+    /// Client network namespaces it can serve now (not counting its own).
+    #[serde(default)]
+    pub namespaces: usize,
+    /// Client namespaces with pod connections of their own now.
+    #[serde(default)]
+    pub namespace_pools: u64,
+    /// Pod connections of client namespaces (not the node's) now.
+    #[serde(default)]
+    pub namespace_connections: u64,
+    /// Accepted connections closed because their namespace could not be
+    /// entered (gone since the kernel steered them).
+    #[serde(default)]
+    pub unserved_closed: u64,
     /// Endpoints its failure accrual has ejected now.
     #[serde(default)]
     pub ejected: usize,

@@ -110,6 +110,12 @@ struct SpawnArgs {
     /// With --proxy-addr: the router's --router-threads.
     #[arg(long, requires = "proxy_addr", value_parser = clap::value_parser!(u32).range(1..=router::MAX_THREADS as i64))]
     router_threads: Option<u32>,
+    /// With --proxy-addr: the router's --source-identity.
+    #[arg(long, requires = "proxy_addr", value_enum)]
+    source_identity: Option<router::netns::SourceIdentity>,
+    /// With --proxy-addr: the router's --netns-dir.
+    #[arg(long, requires = "proxy_addr")]
+    netns_dir: Option<PathBuf>,
 }
 
 impl SpawnArgs {
@@ -128,6 +134,14 @@ impl SpawnArgs {
             (
                 "--router-threads",
                 self.router_threads.map(|n| n.to_string()),
+            ),
+            (
+                "--source-identity",
+                self.source_identity.map(|i| i.as_str().to_owned()),
+            ),
+            (
+                "--netns-dir",
+                self.netns_dir.map(|d| d.display().to_string()),
             ),
         ] {
             if let Some(v) = v {
@@ -240,6 +254,19 @@ enum Command {
         /// quota), at most 4. One connection's streams stay on one worker.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=router::MAX_THREADS as i64))]
         router_threads: Option<u32>,
+        /// Whose address pods see for the streams the router carries.
+        /// `pod`: the client pod's own; its pod connections are opened
+        /// from its network namespace (found in --netns-dir; needs
+        /// CAP_SYS_ADMIN, for setns), so NetworkPolicy, source checks and
+        /// logs see the client, and clients whose namespace the router
+        /// cannot enter are balanced at L4 instead. `node`: the node's,
+        /// with pod connections shared by every client (fewer of them).
+        #[arg(long, value_enum, default_value_t)]
+        source_identity: router::netns::SourceIdentity,
+        /// Where the container runtime keeps pods' network namespace files
+        /// (containerd and CRI-O: /var/run/netns), watched for new ones.
+        #[arg(long, default_value = "/var/run/netns")]
+        netns_dir: PathBuf,
         #[command(flatten)]
         accrual: AccrualArgs,
     },
@@ -348,9 +375,13 @@ fn main() -> ExitCode {
                 client_buffer,
                 router_buffer_limit,
                 router_threads,
+                source_identity,
+                netns_dir,
                 accrual,
             } => {
                 router::process::run(router::process::RouterOptions {
+                    identity: source_identity,
+                    netns_dir,
                     threads: router_threads.map_or_else(router::default_threads, |n| n as usize),
                     accrual: accrual.policy(),
                     listen,

@@ -352,7 +352,31 @@ pub fn render_router(status: &RouterStatusView) -> String {
         "Generation of the routing table the router serves (the agent's GENERATION map).",
         count(status.generation),
     );
-    router_protection(&mut reg);
+    gauge(
+        &mut reg,
+        "balancer_router_client_namespaces",
+        "Client network namespaces the router can open pod connections from (--source-identity pod), not counting its own.",
+        count(status.namespaces),
+    );
+    gauge(
+        &mut reg,
+        "balancer_router_namespace_pools",
+        "Client network namespaces with pod connections of their own now.",
+        count(status.namespace_pools),
+    );
+    gauge(
+        &mut reg,
+        "balancer_router_namespace_connections",
+        "Pod connections opened from client network namespaces (not the node's) now.",
+        count(status.namespace_connections),
+    );
+    counter(
+        &mut reg,
+        "balancer_router_unserved_closed",
+        "Client connections closed on accept because the router could not enter their network namespace (they reconnect, and are balanced at L4 with their own address).",
+        status.unserved_closed,
+    );
+    router_protection(&mut reg, status);
     reg.register_with_unit(
         "balancer_router_response_latency",
         "Router: time from sending a stream to a backend to its response headers.",
@@ -364,7 +388,7 @@ pub fn render_router(status: &RouterStatusView) -> String {
 
 /// The router's defences: connections cut for floods, streams reset for
 /// idleness or because a backend connection failed, silent backends.
-fn router_protection(reg: &mut Registry) {
+fn router_protection(reg: &mut Registry, status: &RouterStatusView) {
     use std::sync::atomic::Ordering::Relaxed;
     let floods = Family::<FloodLabels, Counter>::default();
     for kind in calm::Flood::ALL {
@@ -378,7 +402,7 @@ fn router_protection(reg: &mut Registry) {
         floods,
     );
     let held = Gauge::<i64>::default();
-    held.set(router_stats::HELD_BYTES.load(Relaxed));
+    held.set(status.held_bytes);
     reg.register_with_unit(
         "balancer_router_held",
         "Response bytes the HTTP/2 router holds or has let pods send for its clients (bounded by --router-buffer-limit plus 16 KiB per stream).",
@@ -387,12 +411,12 @@ fn router_protection(reg: &mut Registry) {
     );
     let connections = Family::<SideLabels, Gauge>::default();
     for (side, n) in [
-        ("client", &router_stats::CLIENT_CONNECTIONS),
-        ("pod", &router_stats::BACKEND_CONNECTIONS),
+        ("client", status.client_connections),
+        ("pod", status.backend_connections),
     ] {
         connections
             .get_or_create(&SideLabels { side })
-            .set(count(n.load(Relaxed)));
+            .set(count(n));
     }
     reg.register(
         "balancer_router_connections",

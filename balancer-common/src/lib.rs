@@ -30,7 +30,12 @@ pub mod map_names {
     pub const AFFINITY: &str = "AFFINITY";
     pub const GENERATION: &str = "GENERATION";
     pub const ROUTER_LISTENERS: &str = "ROUTER_LISTENERS";
+    pub const SERVED_NETNS: &str = "SERVED_NETNS";
 }
+
+/// Capacity of `SERVED_NETNS`: client network namespaces the router can
+/// serve at once (a node runs at most a few hundred pods).
+pub const MAX_SERVED_NETNS: u32 = 16_384;
 
 /// Map capacities. The agent refuses a desired state that does not fit
 /// rather than letting a map insert fail half way through an update.
@@ -159,7 +164,13 @@ pub struct Config {
     /// ports are steered only while one is open, so a router that dies
     /// sends new connections to L4 at once, not a second later.
     pub track_listeners: u8,
-    pub _pad: [u8; 4],
+    /// Whose address the router's pod connections carry (see
+    /// [`Identity`]): with [`Identity::Pod`], http2 ports are steered to
+    /// the router only for clients whose network namespace cookie is in
+    /// `SERVED_NETNS`; every other connection is balanced at L4, where its
+    /// own address is kept.
+    pub identity: u8,
+    pub _pad: [u8; 3],
     /// CLOCK_MONOTONIC nanoseconds (the clock of `bpf_ktime_get_ns`) when
     /// the router process last checked in (every 250 ms while its event
     /// loop runs). Older than
@@ -168,6 +179,18 @@ pub struct Config {
     pub heartbeat_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 48);
+
+/// [`Config::identity`]: the address a pod sees for streams the router
+/// carries.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// The node's (`router --source-identity node`): shared pools.
+    Node = 0,
+    /// The client pod's own: pod connections opened from the client's
+    /// network namespace (`router --source-identity pod`, the default).
+    Pod = 1,
+}
 
 /// How old the router heartbeat may be before http2 ports fall back to L4.
 pub const ROUTER_STALE_NS: u64 = 1_000_000_000;
@@ -195,7 +218,8 @@ pub struct SpliceKey {
 }
 const _: () = assert!(core::mem::size_of::<SpliceKey>() == 40);
 
-/// Value of the `ORIG_DST` map: the VIP:port the client asked for.
+/// Value of the `ORIG_DST` map: the VIP:port the client asked for, and
+/// the network namespace it connected from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct OrigDst {
@@ -203,8 +227,14 @@ pub struct OrigDst {
     /// Network byte order.
     pub port: u16,
     pub _pad: [u8; 2],
+    pub _pad2: u32,
+    /// The client socket's network namespace cookie
+    /// (`bpf_get_netns_cookie`, the same number as the socket option
+    /// `SO_NETNS_COOKIE` gives for a socket made in that namespace): the
+    /// router opens the pod connections for this client's streams there.
+    pub netns_cookie: u64,
 }
-const _: () = assert!(core::mem::size_of::<OrigDst>() == 20);
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 
 /// Key of the `SLOTS` map: the n-th backend of a service.
@@ -359,10 +389,14 @@ pub enum Counter {
     SpliceFull = 19,
     /// A balanced connect failed (see [`BackendStats::connect_failures`]).
     ConnectFailed = 20,
+    /// An http2 port balanced at L4 because the router cannot serve the
+    /// client's network namespace (not in `SERVED_NETNS`), so that the pod
+    /// sees the client's own address.
+    RouterUnserved = 21,
 }
 
 /// Entries of the `COUNTERS` array: one per [`Counter`].
-pub const COUNTER_COUNT: u32 = 21;
+pub const COUNTER_COUNT: u32 = 22;
 
 impl Counter {
     /// Every counter, in index order.
@@ -388,6 +422,7 @@ impl Counter {
         Self::SpliceOff,
         Self::SpliceFull,
         Self::ConnectFailed,
+        Self::RouterUnserved,
     ];
 
     /// Its name in `status` and metrics (the `decision` label). A match,
@@ -415,6 +450,7 @@ impl Counter {
             Self::SpliceOff => "splice_off",
             Self::SpliceFull => "splice_full",
             Self::ConnectFailed => "connect_failed",
+            Self::RouterUnserved => "router_unserved",
         }
     }
 }

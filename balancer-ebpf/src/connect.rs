@@ -15,8 +15,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use balancer_common::{
-    AffinityKey, Algorithm, Backend, Counter, H2_NOT, H2_UNKNOWN, Mode, PROTO_TCP, ROUTER_STALE_NS,
-    SOCK_STEERED, ServiceKey, SockState,
+    AffinityKey, Algorithm, Backend, Counter, H2_NOT, H2_UNKNOWN, Identity, Mode, PROTO_TCP,
+    ROUTER_STALE_NS, SOCK_STEERED, ServiceKey, SockState,
     addr::{is_v4_mapped, v4_mapped, v4_word},
     select::{pick_least_conn, pick_random, pick_round_robin},
 };
@@ -24,7 +24,8 @@ use balancer_common::{
 use crate::{
     helpers::{
         affinity_get, affinity_put, backend, backend_active, config, count, load_user_ip6,
-        next_cursor, router_addr, router_listeners, service, slot_backend, store_user_ip6,
+        netns_served, next_cursor, router_addr, router_listeners, service, slot_backend,
+        store_user_ip6,
     },
     maps::{SERVICE_STATE, SOCK_STATE},
 };
@@ -168,7 +169,7 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
     // would undo: such ports stay at L4.
     if svc.mode == Mode::Http2 as u8
         && svc.affinity_timeout_s == 0
-        && let Some(router) = router_for(key)
+        && let Some(router) = router_for(ctx, key)
     {
         if record(ctx, key, SOCK_STEERED, 0, H2_NOT) {
             count(Counter::Steered);
@@ -280,9 +281,10 @@ fn record(ctx: &SockAddrContext, key: &ServiceKey, flags: u8, backend_id: u32, h
     true
 }
 
-/// The router for a VIP's family, if one is configured.
+/// The router for a VIP's family, if one is configured, alive, and able
+/// to serve this client's network namespace.
 #[inline(always)]
-fn router_for(key: &ServiceKey) -> Option<([u32; 4], u16)> {
+fn router_for(ctx: &SockAddrContext, key: &ServiceKey) -> Option<([u32; 4], u16)> {
     let cfg = config()?;
     if cfg.router_port == 0 {
         return None;
@@ -297,6 +299,18 @@ fn router_for(key: &ServiceKey) -> Option<([u32; 4], u16)> {
     // No router listening (it died, or drained with no successor): L4 now.
     if cfg.track_listeners != 0 && router_listeners().is_none_or(|n| unsafe { *n } == 0) {
         count(Counter::RouterDown);
+        return None;
+    }
+    // Fail safe, never open: the router opens a client's pod connections
+    // from the client's own network namespace, so a pod sees the client's
+    // address (NetworkPolicy, source checks, logs). A namespace it has no
+    // handle on (not yet discovered, or outside its namespace directory)
+    // would reach pods from the node's address: balance it at L4 instead,
+    // where connect() is rewritten in place and the address is kept.
+    if cfg.identity == Identity::Pod as u8
+        && !netns_served(unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) })
+    {
+        count(Counter::RouterUnserved);
         return None;
     }
     let addr = router_addr(cfg, &key.addr);

@@ -19,8 +19,8 @@ use balancer_common::{
 };
 
 use crate::maps::{
-    AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, COUNTERS, ROUTER_LISTENERS, SERVICES, SLOTS,
-    SOCK_STATE,
+    AFFINITY, BACKEND_STATS, BACKENDS, CONFIG, COUNTERS, ROUTER_LISTENERS, SERVED_NETNS, SERVICES,
+    SLOTS, SOCK_STATE,
 };
 
 /// `AF_INET`, as sock_ops and sk_msg report a socket's family;
@@ -132,6 +132,13 @@ pub fn affinity_put(key: &AffinityKey, backend_id: u32, now_ns: u64) {
 #[inline(always)]
 pub fn config() -> Option<&'static Config> {
     CONFIG.get(0)
+}
+
+/// Whether the router can serve clients of network namespace `cookie`
+/// (it put the cookie in `SERVED_NETNS`).
+#[inline(always)]
+pub fn netns_served(cookie: u64) -> bool {
+    unsafe { SERVED_NETNS.get(&cookie) }.is_some()
 }
 
 /// The count of the router's open listeners, for atomic adds.

@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use balancer_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, COUNTER_COUNT, Config, MAX_BACKENDS,
-    MAX_SERVICES, MAX_SLOTS, OrigDst, ServiceKey, ServiceState, ServiceValue, SlotKey, SockKey,
-    SockState, SpliceKey,
+    MAX_SERVED_NETNS, MAX_SERVICES, MAX_SLOTS, OrigDst, ServiceKey, ServiceState, ServiceValue,
+    SlotKey, SockKey, SockState, SpliceKey,
 };
 
 const MAX_SERVICES_USIZE: usize = MAX_SERVICES as usize;
@@ -66,3 +66,11 @@ pub static SPLICE: SockHash<SpliceKey, 65_536> = SockHash::new();
 /// sessionAffinity ClientIP: the backend each client last used per service.
 #[btf_map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, 65_536> = LruHashMap::new();
+
+/// Client network namespaces (by cookie) the router can open pod
+/// connections from, written by the router process: with
+/// `Config::identity` = pod, an http2 connect is steered to the router
+/// only from these, so no pod ever sees the node's address for a client
+/// that has one of its own. The value is unused (1).
+#[btf_map]
+pub static SERVED_NETNS: HashMap<u64, u32, { MAX_SERVED_NETNS as usize }> = HashMap::new();

@@ -11,7 +11,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_SYN_SENT,
     },
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -126,14 +126,18 @@ fn on_established(ctx: &SockOpsContext) {
         return;
     }
     if unsafe { (*st).flags } & SOCK_STEERED != 0 {
-        // Tell the router which VIP this connection was for. The router
-        // accepts only after the client's handshake completes, so the entry
-        // is there before it looks.
+        // Tell the router which VIP this connection was for, and from
+        // which network namespace (it opens the pod connections for this
+        // client's streams there). The router accepts only after the
+        // client's handshake completes, so the entry is there before it
+        // looks.
         let orig = unsafe {
             OrigDst {
                 addr: (*st).vip_addr,
                 port: (*st).vip_port,
                 _pad: [0; 2],
+                _pad2: 0,
+                netns_cookie: bpf_get_netns_cookie(ctx.ops.cast()),
             }
         };
         if ORIG_DST.insert(local_key(ctx), orig, 0).is_err() {

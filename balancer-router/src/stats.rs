@@ -89,12 +89,6 @@ pub static LATENCY: Histogram = Histogram::new();
 /// Router backend choices by algorithm.
 pub static SELECTIONS: Selections = Selections::new();
 
-/// Response bytes the router holds or has granted pods for its clients
-/// (see `core::Limits`), as of the last tick.
-pub static HELD_BYTES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-/// Client and pod connections of the router, as of the last tick.
-pub static CLIENT_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
-pub static BACKEND_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 /// Streams reset on both hops after `--stream-idle-timeout` without a frame.
 pub static STREAM_IDLE_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
 /// Streams a backend may have processed, reset because its connection

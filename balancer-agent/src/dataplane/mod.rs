@@ -102,7 +102,11 @@ const PROGRAMS: [Program; 7] = [
 
 /// Maps only pinned by the agent: the router process opens them from the
 /// pins.
-const PIN_ONLY_MAPS: [&str; 2] = [map_names::ORIG_DST, map_names::ROUTER_LISTENERS];
+const PIN_ONLY_MAPS: [&str; 3] = [
+    map_names::ORIG_DST,
+    map_names::ROUTER_LISTENERS,
+    map_names::SERVED_NETNS,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

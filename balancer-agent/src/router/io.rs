@@ -16,7 +16,10 @@ use tokio::{
     sync::{Notify, watch},
 };
 
-use super::core::{ConnId, Core, Io, Map};
+use super::{
+    core::{ConnId, Core, Io, Map, Origin},
+    netns::SocketFactory,
+};
 
 /// Second phase of a drain if the client does not answer our PING.
 const DRAIN_PING_TIMEOUT: Duration = Duration::from_secs(1);
@@ -50,14 +53,22 @@ const KEEP_BUFFER: usize = 4 * READ_CHUNK;
 pub struct Shared {
     core: RefCell<Core>,
     wakers: RefCell<Map<ConnId, Rc<Notify>>>,
+    /// Where pod connections come from (see [`SocketFactory`]).
+    sockets: SocketFactory,
 }
 
 impl Shared {
-    pub fn new(core: Core) -> Rc<Self> {
+    pub fn new(core: Core, sockets: SocketFactory) -> Rc<Self> {
         Rc::new(Self {
             core: RefCell::new(core),
             wakers: RefCell::new(Map::default()),
+            sockets,
         })
+    }
+
+    /// This worker's core, to read or adjust between I/O events.
+    pub fn core<R>(self: &Rc<Self>, f: impl FnOnce(&mut Core) -> R) -> R {
+        self.with(f)
     }
 
     /// Run `f` on the core, then carry out what it asked for.
@@ -71,8 +82,8 @@ impl Shared {
                         n.notify_one();
                     }
                 }
-                Io::Connect { id, addr } => {
-                    tokio::task::spawn_local(self.clone().backend(id, addr));
+                Io::Connect { id, addr, origin } => {
+                    tokio::task::spawn_local(self.clone().backend(id, addr, origin));
                 }
             }
         }
@@ -98,9 +109,10 @@ impl Shared {
         self: Rc<Self>,
         sock: TcpStream,
         vip: SocketAddr,
+        origin: Origin,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let id = self.with(|c| c.add_client(vip));
+        let id = self.with(|c| c.add_client_from(vip, origin));
         let notify = self.register(id);
         let (mut r, w) = sock.into_split();
         let me = self.clone();
@@ -159,21 +171,16 @@ impl Shared {
         self.run(id, reader, w, notify).await;
     }
 
-    /// One backend connection of the pool: connect, then move bytes until
-    /// the core lets it go.
-    async fn backend(self: Rc<Self>, id: ConnId, addr: SocketAddr) {
+    /// One backend connection of `origin`'s pool: connect from its
+    /// namespace, then move bytes until the core lets it go.
+    async fn backend(self: Rc<Self>, id: ConnId, addr: SocketAddr, origin: Origin) {
         // The core gives a connection that is up but sends no SETTINGS the
         // same time (see `Limits::connect_timeout`).
         let timeout = self.core.borrow().limits().connect_timeout;
-        let sock = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(%addr, error = %e, "connecting to backend");
-                self.with(|c| c.backend_connect_failed(id));
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%addr, "connecting to backend: timed out");
+        let sock = match self.sockets.connect(origin, addr, timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%addr, %origin, error = %e, "connecting to backend");
                 self.with(|c| c.backend_connect_failed(id));
                 return;
             }

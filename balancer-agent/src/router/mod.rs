@@ -10,12 +10,20 @@
 //! - HTTP/2 with prior knowledge (h2c, what gRPC uses in-cluster): every
 //!   stream is routed on its own to an endpoint the port's algorithm picks
 //!   (least-request by default), over pooled backend connections. Frames
-//!   are forwarded by stream id, header blocks without HPACK decoding
-//!   where DESIGN.md 3 shows that is safe (`balancer-router`);
+//!   are forwarded by stream id; every header block is decoded and
+//!   checked, and forwarded as it came (`balancer-router`);
 //! - anything else (HTTP/1.1, TLS, a server-speaks-first protocol): plain
-//!   L4 pass-through to one endpoint, so nothing breaks.
+//!   L4 pass-through to one endpoint the port's pool picks, so nothing
+//!   breaks.
+//!
+//! Either way the pod connections carry the client's own address: with
+//! `--source-identity pod` they are made in the client's network namespace
+//! (`netns.rs`), one pool per client namespace; a client whose namespace
+//! the router cannot enter is closed, never served from the node's
+//! address (the kernel steers only namespaces the router serves).
 
 mod io;
+pub mod netns;
 pub mod process;
 pub mod table;
 
@@ -46,7 +54,6 @@ pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A client that sends nothing for this long is taken for a
 /// server-speaks-first protocol and passed through at L4.
 const SILENT_CLIENT: Duration = Duration::from_millis(500);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct Router {
     /// VIP:port -> endpoints of that http2 frontend. Replaced whole.
@@ -69,6 +76,17 @@ pub struct Router {
     alive_expected: std::sync::atomic::AtomicU64,
     /// sock_ops counts this router's listener.
     tracked: std::sync::atomic::AtomicBool,
+    /// With `--source-identity pod`: the client namespaces it can enter.
+    namespaces: Option<Arc<netns::Namespaces>>,
+    /// Where pod connections come from.
+    sockets: netns::SocketFactory,
+    /// Accepted connections closed because their namespace could not be
+    /// entered.
+    unserved: std::sync::atomic::AtomicU64,
+    /// Each worker's gauges as of its last tick, summed when read.
+    gauges: Mutex<Vec<core::Gauges>>,
+    /// Moves when the maps are replaced (see [`netns::Served::epoch`]).
+    maps_epoch: std::sync::atomic::AtomicU64,
 }
 
 /// The pinned maps the router reads and writes besides its table.
@@ -82,6 +100,8 @@ pub struct Maps {
     /// With `--splice`: the SPLICE sockhash, where the router puts its
     /// client sockets that sock_ops did not.
     pub splice: Option<SockHash<MapData, SpliceKey>>,
+    /// The client namespaces (cookies) the router serves, for connect4/6.
+    pub served: BpfHashMap<MapData, u64, u32>,
 }
 
 /// A socket's address as the kernel's maps key it.
@@ -115,9 +135,51 @@ impl Drop for ConnGuard {
     }
 }
 
+impl netns::Served for Router {
+    fn set(&self, cookie: u64, served: bool) {
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        let r = if served {
+            maps.served.insert(cookie, 1, 0)
+        } else {
+            match maps.served.remove(&cookie) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                r => r,
+            }
+        };
+        if let Err(e) = r {
+            // Full, or a stale entry that stays: either way no connection
+            // reaches a pod from another's address (an unserved namespace
+            // goes to L4; a stale one is closed on accept).
+            tracing::warn!(cookie, served, error = %e, "writing SERVED_NETNS");
+        }
+    }
+
+    fn list(&self) -> Vec<u64> {
+        let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        maps.served
+            .keys()
+            .take(balancer_common::MAX_SERVED_NETNS as usize)
+            .flatten()
+            .collect()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.maps_epoch.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 impl Router {
-    pub fn new(maps: Maps, limits: core::Limits) -> Arc<Self> {
+    pub fn new(
+        maps: Maps,
+        limits: core::Limits,
+        namespaces: Option<Arc<netns::Namespaces>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            sockets: netns::SocketFactory::new(namespaces.clone()),
+            namespaces,
+            unserved: std::sync::atomic::AtomicU64::new(0),
+            gauges: Mutex::new(Vec::new()),
+            maps_epoch: std::sync::atomic::AtomicU64::new(0),
             limits,
             splice: maps.splice.is_some(),
             table: RwLock::new(Arc::new(HashMap::new())),
@@ -138,6 +200,31 @@ impl Router {
         *self.maps.lock().unwrap_or_else(|p| p.into_inner()) = maps;
         self.tracked
             .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.maps_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Every worker's gauges, summed.
+    pub fn gauges(&self) -> core::Gauges {
+        let g = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
+        g.iter().fold(core::Gauges::default(), |a, b| core::Gauges {
+            held_bytes: a.held_bytes + b.held_bytes,
+            client_connections: a.client_connections + b.client_connections,
+            backend_connections: a.backend_connections + b.backend_connections,
+            origin_pools: a.origin_pools + b.origin_pools,
+            origin_connections: a.origin_connections + b.origin_connections,
+        })
+    }
+
+    /// Client namespaces served now (None with `--source-identity node`).
+    pub fn namespaces(&self) -> Option<usize> {
+        self.namespaces.as_ref().map(|n| n.len())
+    }
+
+    /// Accepted connections closed because their namespace could not be
+    /// entered.
+    pub fn unserved(&self) -> u64 {
+        self.unserved.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Router listeners open now, as sock_ops counted them.
@@ -285,13 +372,24 @@ impl Router {
         seen & expected == expected
     }
 
-    /// The VIP a steered client connected to.
-    fn orig_dst(&self, peer: SocketAddr) -> Option<SocketAddr> {
+    /// The VIP a steered client connected to, and its network namespace
+    /// cookie.
+    fn orig_dst(&self, peer: SocketAddr) -> Option<(SocketAddr, u64)> {
         let key = sock_key(peer);
         let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let v = maps.orig_dst.get(&key, 0).ok()?;
         let ip = crate::dataplane::plan::words_addr(v.addr);
-        Some(SocketAddr::new(ip, u16::from_be(v.port)))
+        Some((SocketAddr::new(ip, u16::from_be(v.port)), v.netns_cookie))
+    }
+
+    /// Whose pool a client from namespace `cookie` uses: None when the
+    /// router cannot enter it (gone since the kernel steered it, or never
+    /// known), so that it is never served from the node's address.
+    fn origin(&self, cookie: u64) -> Option<core::Origin> {
+        match &self.namespaces {
+            None => Some(core::Origin::NODE),
+            Some(ns) => ns.origin(cookie),
+        }
     }
 
     /// Drain: two-phase GOAWAY on every client connection, then wait until
@@ -343,6 +441,8 @@ impl Router {
             .store(expected, std::sync::atomic::Ordering::Relaxed);
         let mut limits = self.limits.clone();
         limits.buffer_limit = (limits.buffer_limit / threads).max(1);
+        *self.gauges.lock().unwrap_or_else(|p| p.into_inner()) =
+            vec![core::Gauges::default(); threads];
         let mut handles = Vec::new();
         let mut stops = Vec::new();
         let mut workers = Vec::new();
@@ -437,10 +537,13 @@ impl Router {
     ) {
         Self::block_on_thread(&format!("router-{index}"), async move {
             let picker = self.clone();
-            let shared = io::Shared::new(core::Core::with_limits(
-                Box::new(move |vip, tried| picker.pick(vip, tried)),
-                limits,
-            ));
+            let shared = io::Shared::new(
+                core::Core::with_limits(
+                    Box::new(move |vip, tried| picker.pick(vip, tried)),
+                    limits,
+                ),
+                self.sockets.clone(),
+            );
             let beat = async {
                 let mut n = 0u64;
                 loop {
@@ -448,6 +551,7 @@ impl Router {
                     n += 1;
                     if n.is_multiple_of(5) {
                         shared.tick();
+                        self.upkeep(index, &shared);
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -478,6 +582,30 @@ impl Router {
                 _ = stopped => {}
             }
         });
+    }
+
+    /// After a worker's tick: close the pools of client namespaces that are
+    /// gone, and publish its gauges.
+    fn upkeep(&self, index: usize, shared: &Rc<io::Shared>) {
+        let gauges = shared.core(|c| {
+            if let Some(ns) = &self.namespaces {
+                for o in c.origins() {
+                    if !ns.contains(o) {
+                        tracing::debug!(origin = %o, "client namespace gone; closing its pod connections");
+                        c.close_origin(o);
+                    }
+                }
+            }
+            c.gauges()
+        });
+        if let Some(g) = self
+            .gauges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(index)
+        {
+            *g = gauges;
+        }
     }
 
     /// Accept until draining starts; each connection goes to the worker
@@ -538,13 +666,26 @@ impl Router {
         shared: Rc<io::Shared>,
     ) -> anyhow::Result<()> {
         let _ = sock.set_nodelay(true);
-        let Some(vip) = self.orig_dst(peer) else {
+        let Some((vip, cookie)) = self.orig_dst(peer) else {
             anyhow::bail!("no original destination recorded for {peer}; closing");
+        };
+        let Some(origin) = self.origin(cookie) else {
+            // Fail safe: the kernel steered it while its namespace was
+            // served, and it is gone since (or the maps were stale). Its
+            // client reconnects, and is balanced at L4 with its own address.
+            self.unserved
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            anyhow::bail!(
+                "{peer} connected from network namespace {cookie}, which the router cannot \
+                 enter; closing rather than reaching a pod from another address"
+            );
         };
         let splice_key = self.splice_in(&sock, peer);
         match sniff(&sock).await? {
             Sniffed::Http2 => {
-                shared.client(sock, vip, self.shutdown.subscribe()).await;
+                shared
+                    .client(sock, vip, origin, self.shutdown.subscribe())
+                    .await;
                 Ok(())
             }
             Sniffed::Other => {
@@ -555,7 +696,7 @@ impl Router {
                         let _ = m.remove(&key);
                     }
                 }
-                self.pass_through(sock, vip).await
+                self.pass_through(sock, vip, origin).await
             }
         }
     }
@@ -585,21 +726,24 @@ impl Router {
         Some(key)
     }
 
-    /// Not HTTP/2: one backend for the whole connection.
+    /// Not HTTP/2: one backend for the whole connection, picked by the
+    /// port's pool (its algorithm, over the live counts: a passed-through
+    /// connection counts as one request in flight while it lasts), and
+    /// connected from the client's origin like its streams would be.
     async fn pass_through(
         self: Arc<Self>,
         mut sock: TcpStream,
         vip: SocketAddr,
+        origin: core::Origin,
     ) -> anyhow::Result<()> {
-        let pool = self
-            .pool(vip)
-            .ok_or_else(|| anyhow::anyhow!("no service at {vip}"))?;
-        let l4 = Pool::new(endpoint::Algorithm::LeastRequest, pool.endpoints.clone());
-        let ep = l4
-            .pick(&[])
+        let ep = self
+            .pick(vip, &[])
             .ok_or_else(|| anyhow::anyhow!("no endpoint for {vip}"))?;
         let _inflight = ep.start();
-        let mut up = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep.addr)).await??;
+        let mut up = self
+            .sockets
+            .connect(origin, ep.addr, self.limits.connect_timeout)
+            .await?;
         let _ = up.set_nodelay(true);
         tokio::io::copy_bidirectional(&mut sock, &mut up).await?;
         Ok(())

@@ -70,11 +70,16 @@ pub struct RouterOptions {
     pub accrual: balancer_router::accrual::Policy,
     /// Worker threads (`--router-threads`).
     pub threads: usize,
+    /// Whose address pod connections carry (`--source-identity`).
+    pub identity: super::netns::SourceIdentity,
+    /// Where client pods' namespace files are (`--netns-dir`).
+    pub netns_dir: PathBuf,
 }
 
 /// What the router's admin socket and metrics report.
 struct Shared {
     router: Arc<Router>,
+    identity: super::netns::SourceIdentity,
     listen: SocketAddr,
     splice: bool,
     generation: AtomicU64,
@@ -88,6 +93,7 @@ struct Shared {
 
 impl Shared {
     fn status(&self) -> RouterStatusView {
+        let gauges = self.router.gauges();
         RouterStatusView {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
@@ -95,9 +101,14 @@ impl Shared {
             splice: self.splice,
             generation: self.generation.load(Ordering::Relaxed),
             routes: self.router.routes(),
-            client_connections: balancer_router::stats::CLIENT_CONNECTIONS.load(Ordering::Relaxed),
-            backend_connections: balancer_router::stats::BACKEND_CONNECTIONS
-                .load(Ordering::Relaxed),
+            client_connections: gauges.client_connections,
+            backend_connections: gauges.backend_connections,
+            held_bytes: gauges.held_bytes,
+            source_identity: self.identity.as_str().into(),
+            namespaces: self.router.namespaces().unwrap_or(0),
+            namespace_pools: gauges.origin_pools,
+            namespace_connections: gauges.origin_connections,
+            unserved_closed: self.router.unserved(),
             listener_inode: self.listener_inode,
             ejected: self
                 .router
@@ -136,6 +147,8 @@ fn open_maps(dir: &Path, splice: bool) -> Result<Maps, TableError> {
         } else {
             None
         },
+        served: HashMap::try_from(open(map_names::SERVED_NETNS)?)
+            .map_err(err(map_names::SERVED_NETNS))?,
     })
 }
 
@@ -350,6 +363,8 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
         limits,
         accrual,
         threads,
+        identity,
+        netns_dir,
     } = opts;
     balancer_router::accrual::set_policy(accrual);
     if !nix::unistd::geteuid().is_root() {
@@ -365,10 +380,34 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
     let admin_listener = admin::bind(&admin_socket, true)?;
     let _socket_guard = RemoveOnDrop(admin_socket.clone());
     let metrics_listener = socket::bind_metrics(metrics_addr)?;
+    // Before anything is served: a router that cannot enter namespaces
+    // says so now, and names the fix.
+    let namespaces = match identity {
+        super::netns::SourceIdentity::Pod => Some(Arc::new(
+            super::netns::Namespaces::new(netns_dir)
+                .map_err(|e| anyhow::anyhow!("--source-identity pod: {e}"))?,
+        )),
+        super::netns::SourceIdentity::Node => None,
+    };
     let (table, maps) = wait_for_pins(&dir, splice).await;
-    let router = Router::new(maps, limits);
+    let router = Router::new(maps, limits, namespaces.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    // The namespaces that exist are in SERVED_NETNS before the kernel
+    // steers anything here; new ones are added as they appear.
+    let netns_watcher = match &namespaces {
+        Some(ns) => Some(super::netns::start(
+            ns.clone(),
+            router.clone(),
+            stop.clone(),
+        )?),
+        None => None,
+    };
     let mut cfg = Config {
         splice: u8::from(splice),
+        identity: match identity {
+            super::netns::SourceIdentity::Pod => balancer_common::Identity::Pod as u8,
+            super::netns::SourceIdentity::Node => balancer_common::Identity::Node as u8,
+        },
         ..Config::default()
     };
     plan::set_config_router_addr(&mut cfg, listen);
@@ -401,6 +440,7 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
     tracing::info!(generation, routes = routes.len(), pins = %dir.display(), "routing table read");
     let shared = Arc::new(Shared {
         router: router.clone(),
+        identity,
         listen,
         splice,
         generation: AtomicU64::new(generation),
@@ -409,7 +449,6 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
         listener: listener_dup,
         listener_inode,
     });
-    let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
         let (shared, dir, stop) = (shared.clone(), dir.clone(), stop.clone());
         std::thread::Builder::new()
@@ -487,6 +526,9 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
     router_threads.stop();
     stop.store(true, Ordering::Relaxed);
     let _ = watcher.join();
+    if let Some(w) = netns_watcher {
+        let _ = w.join();
+    }
     admin_task.abort();
     if let Some(t) = metrics_task {
         t.abort();

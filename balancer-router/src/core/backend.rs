@@ -52,8 +52,8 @@ impl Core {
         let Some(mut be) = self.backends.remove(&b) else {
             return;
         };
-        let addr = be.ep.addr;
-        unpool(&mut self.pool, addr, b);
+        let key = (be.origin, be.ep.addr);
+        unpool(&mut self.pool, key, b);
         // Streams may have been processed only by a backend that spoke
         // HTTP/2 to us.
         let spoke = be.settings_seen;
@@ -98,8 +98,8 @@ impl Core {
             tracing::warn!(endpoint = %be.ep.addr, %reason, why, "backend connection error");
             frame::goaway(&mut be.out, 0, reason);
             be.closing = true;
-            let addr = be.ep.addr;
-            unpool(&mut self.pool, addr, b);
+            let key = (be.origin, be.ep.addr);
+            unpool(&mut self.pool, key, b);
             self.wake(b);
         }
     }
@@ -345,8 +345,8 @@ impl Core {
                 }
                 let last = frame::u31(&p);
                 be.retiring = true;
-                let addr = be.ep.addr;
-                unpool(&mut self.pool, addr, b);
+                let key = (be.origin, be.ep.addr);
+                unpool(&mut self.pool, key, b);
                 tracing::debug!(endpoint = %be.ep.addr, last, "backend GOAWAY");
                 // Streams above `last` were not processed (6.8).
                 let above: Vec<u32> = be
@@ -545,8 +545,8 @@ impl Core {
         let draining = be.ep.draining.load(Ordering::Relaxed);
         if draining && !be.retiring {
             be.retiring = true;
-            let addr = be.ep.addr;
-            unpool(&mut self.pool, addr, b);
+            let key = (be.origin, be.ep.addr);
+            unpool(&mut self.pool, key, b);
         }
         if be.retiring && !be.queue.is_empty() {
             // Nothing new starts here: the queue moves elsewhere first.

@@ -9,7 +9,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use super::{
     CStream, Chunk, Client, ConnId, Core, Drain, HARD_OUT_LIMIT, MAX_CLIENT_STREAMS,
-    MAX_HEADER_LIST, Replay, STREAM_WINDOW, Up,
+    MAX_HEADER_LIST, Origin, Replay, STREAM_WINDOW, Up,
     calm::Calm,
     state::{Closed, Recent, State},
 };
@@ -30,9 +30,17 @@ const MERGED_DATA: usize = 16 * 1024;
 const TOO_LARGE_431: &[u8] = &[0x08, 0x03, b'4', b'3', b'1'];
 
 impl Core {
-    /// A client connection that sent the HTTP/2 preface (it is still in
-    /// the bytes the reader will hand over). Our SETTINGS go out at once.
+    /// A client connection from the router's own namespace (see
+    /// [`Core::add_client_from`]).
     pub fn add_client(&mut self, vip: std::net::SocketAddr) -> ConnId {
+        self.add_client_from(vip, Origin::NODE)
+    }
+
+    /// A client connection that sent the HTTP/2 preface (it is still in
+    /// the bytes the reader will hand over), whose streams go to pods over
+    /// `origin`'s own pod connections. Our SETTINGS go out at once.
+    pub fn add_client_from(&mut self, vip: std::net::SocketAddr, origin: Origin) -> ConnId {
+        *self.origin_clients.entry(origin).or_default() += 1;
         let id = self.next_id;
         self.next_id += 1;
         let conn_window =
@@ -54,6 +62,7 @@ impl Core {
             id,
             Client {
                 vip,
+                origin,
                 preface_done: false,
                 settings_seen: false,
                 out,

@@ -67,6 +67,47 @@ use state::{Recent, State};
 
 pub type ConnId = u64;
 
+/// Where a client connection comes from, as far as pod connections are
+/// concerned: the network namespace whose address its pod connections
+/// carry. Streams of one origin share pod connections, and never another
+/// origin's, so a pod sees each client by its own address (its
+/// NetworkPolicy, its source checks, its logs), as at L4.
+///
+/// [`Origin::NODE`] is the router's own namespace: clients there
+/// (hostNetwork pods, the node itself), or every client with
+/// `--source-identity node`. Any other value is a namespace cookie
+/// (`SO_NETNS_COOKIE`), which the I/O layer turns into a socket made in
+/// that namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Origin(pub u64);
+
+impl Origin {
+    pub const NODE: Origin = Origin(0);
+
+    pub fn is_node(self) -> bool {
+        self == Self::NODE
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_node() {
+            f.write_str("node")
+        } else {
+            write!(f, "netns:{}", self.0)
+        }
+    }
+}
+
+/// A pool of pod connections: one origin's connections to one endpoint.
+pub type PoolKey = (Origin, SocketAddr);
+
+/// A pod connection of a client namespace (not [`Origin::NODE`]) with no
+/// stream, whose origin has no client connection on this core, is closed
+/// once it has been idle this long: a client pod that went away (or
+/// reconnects now and then) does not keep pod connections open.
+pub const ORIGIN_POOL_IDLE: Duration = Duration::from_secs(10);
+
 /// Hashing for the router's maps, whose keys are small integers (our
 /// connection ids, stream ids): SipHash was 4% of the router's profile.
 /// A client picks its stream ids, but it has at most
@@ -200,8 +241,13 @@ impl Default for Limits {
 /// What the core asks of the I/O layer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Io {
-    /// Open a TCP connection for backend `id`.
-    Connect { id: ConnId, addr: SocketAddr },
+    /// Open a TCP connection for backend `id`, from `origin`'s network
+    /// namespace.
+    Connect {
+        id: ConnId,
+        addr: SocketAddr,
+        origin: Origin,
+    },
     /// Connection `id` has output (or is to be closed, or was forgotten).
     Wake(ConnId),
 }
@@ -314,6 +360,7 @@ enum Drain {
 
 struct Client {
     vip: SocketAddr,
+    origin: Origin,
     preface_done: bool,
     settings_seen: bool,
     out: BytesMut,
@@ -359,6 +406,9 @@ struct BStream {
 
 struct Backend {
     ep: Arc<Endpoint>,
+    origin: Origin,
+    /// When it last had a stream (the core's coarse clock).
+    last_used: Instant,
     connected: bool,
     /// Its SETTINGS arrived: it is an HTTP/2 server, and streams sent to it
     /// may have been processed.
@@ -392,9 +442,12 @@ pub struct Core {
     limits: Limits,
     clients: Map<ConnId, Client>,
     backends: Map<ConnId, Backend>,
-    /// The backend connections new streams to an endpoint may use (more
-    /// than one when one connection's MAX_CONCURRENT_STREAMS is full).
-    pool: Map<SocketAddr, Vec<ConnId>>,
+    /// The backend connections new streams of an origin to an endpoint
+    /// may use (more than one when one connection's
+    /// MAX_CONCURRENT_STREAMS is full).
+    pool: Map<PoolKey, Vec<ConnId>>,
+    /// Client connections open per origin.
+    origin_clients: Map<Origin, usize>,
     next_id: ConnId,
     io: Vec<Io>,
     /// The time of the last [`Core::tick`]: a coarse clock, so frames cost
@@ -418,6 +471,7 @@ impl Core {
             clients: Map::default(),
             backends: Map::default(),
             pool: Map::default(),
+            origin_clients: Map::default(),
             next_id: 1,
             io: Vec::new(),
             now: Instant::now(),
@@ -485,6 +539,12 @@ impl Core {
             self.close_client(id);
             if let Some(c) = self.clients.remove(&id) {
                 self.held -= c.held;
+                if let Some(n) = self.origin_clients.get_mut(&c.origin) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.origin_clients.remove(&c.origin);
+                    }
+                }
             }
         } else if self.backends.contains_key(&id) {
             self.backend_gone(id);
@@ -512,8 +572,8 @@ impl Core {
         be.write_failed = true;
         be.out.clear();
         be.retiring = true;
-        let addr = be.ep.addr;
-        unpool(&mut self.pool, addr, id);
+        let key = (be.origin, be.ep.addr);
+        unpool(&mut self.pool, key, id);
         // Streams still waiting for a slot here move elsewhere now.
         self.after_bstream(id);
     }
@@ -560,9 +620,66 @@ impl Core {
             self.backend_connect_failed(b);
         }
         self.sweep();
-        stats::HELD_BYTES.store(self.held, Ordering::Relaxed);
-        stats::CLIENT_CONNECTIONS.store(self.clients.len() as u64, Ordering::Relaxed);
-        stats::BACKEND_CONNECTIONS.store(self.backends.len() as u64, Ordering::Relaxed);
+    }
+
+    /// This core's gauges now. Each router thread has its own core, so the
+    /// router sums them (a core never writes a process-wide gauge: with
+    /// several threads, that would show whichever ticked last).
+    pub fn gauges(&self) -> Gauges {
+        let mut origins: Vec<Origin> = self
+            .backends
+            .values()
+            .map(|be| be.origin)
+            .filter(|o| !o.is_node())
+            .collect();
+        origins.sort_unstable();
+        origins.dedup();
+        Gauges {
+            held_bytes: self.held,
+            client_connections: self.clients.len() as u64,
+            backend_connections: self.backends.len() as u64,
+            origin_pools: origins.len() as u64,
+            origin_connections: self
+                .backends
+                .values()
+                .filter(|be| !be.origin.is_node())
+                .count() as u64,
+        }
+    }
+
+    /// The client namespaces (not [`Origin::NODE`]) this core has pod
+    /// connections or clients for.
+    pub fn origins(&self) -> Vec<Origin> {
+        let mut v: Vec<Origin> = self
+            .backends
+            .values()
+            .map(|be| be.origin)
+            .chain(self.origin_clients.keys().copied())
+            .filter(|o| !o.is_node())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// `origin`'s namespace is gone (its pod was deleted): its pod
+    /// connections take no new stream, and close once their streams are
+    /// over (at once when idle).
+    pub fn close_origin(&mut self, origin: Origin) {
+        let conns: Vec<ConnId> = self
+            .backends
+            .iter()
+            .filter(|(_, be)| be.origin == origin && !be.closing)
+            .map(|(id, _)| *id)
+            .collect();
+        for b in conns {
+            if let Some(be) = self.backends.get_mut(&b) {
+                be.retiring = true;
+                let key = (be.origin, be.ep.addr);
+                unpool(&mut self.pool, key, b);
+            }
+            self.after_bstream(b);
+        }
     }
 
     /// Close pooled connections to endpoints that left every service and
@@ -583,6 +700,38 @@ impl Core {
             self.after_bstream(b);
         }
         self.close_idle_extras();
+        self.close_idle_origins();
+    }
+
+    /// Close the pod connections of client namespaces that have no client
+    /// connection here any more, once idle for [`ORIGIN_POOL_IDLE`]: a
+    /// namespace's pools live as long as its clients (plus a grace for a
+    /// client that reconnects), so the pod connections stay bounded by
+    /// the clients served.
+    fn close_idle_origins(&mut self) {
+        let now = self.now;
+        let idle: Vec<ConnId> = self
+            .backends
+            .iter()
+            .filter(|(_, be)| {
+                !be.origin.is_node()
+                    && !be.closing
+                    && be.streams.is_empty()
+                    && be.queue.is_empty()
+                    && !self.origin_clients.contains_key(&be.origin)
+                    && now.saturating_duration_since(be.last_used) >= ORIGIN_POOL_IDLE
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for b in idle {
+            if let Some(be) = self.backends.get_mut(&b) {
+                tracing::debug!(conn = b, origin = %be.origin, endpoint = %be.ep.addr, "client namespace has no client left; closing its idle pod connection");
+                be.retiring = true;
+                let key = (be.origin, be.ep.addr);
+                unpool(&mut self.pool, key, b);
+            }
+            self.after_bstream(b);
+        }
     }
 
     /// Close extra pooled connections to an endpoint once they are idle
@@ -602,8 +751,8 @@ impl Core {
         for b in extra {
             if let Some(be) = self.backends.get_mut(&b) {
                 be.retiring = true;
-                let addr = be.ep.addr;
-                unpool(&mut self.pool, addr, b);
+                let key = (be.origin, be.ep.addr);
+                unpool(&mut self.pool, key, b);
             }
             self.after_bstream(b);
         }
@@ -621,8 +770,8 @@ impl Core {
             tracing::debug!(endpoint = %be.ep.addr, "many resets on a pod connection; opening a fresh one");
             stats::BACKEND_RESET_RETIREMENTS.fetch_add(1, Ordering::Relaxed);
             be.retiring = true;
-            let addr = be.ep.addr;
-            unpool(&mut self.pool, addr, b);
+            let key = (be.origin, be.ep.addr);
+            unpool(&mut self.pool, key, b);
         }
         if be.connected {
             self.wake(b);
@@ -673,14 +822,28 @@ impl Core {
 
 #[cfg(test)]
 mod random_frames;
-/// Take backend connection `b` out of the pool of `addr`: no new streams.
-fn unpool(pool: &mut Map<SocketAddr, Vec<ConnId>>, addr: SocketAddr, b: ConnId) {
-    if let Some(conns) = pool.get_mut(&addr) {
+/// Take backend connection `b` out of the pool `key`: no new streams.
+fn unpool(pool: &mut Map<PoolKey, Vec<ConnId>>, key: PoolKey, b: ConnId) {
+    if let Some(conns) = pool.get_mut(&key) {
         conns.retain(|x| *x != b);
         if conns.is_empty() {
-            pool.remove(&addr);
+            pool.remove(&key);
         }
     }
+}
+
+/// A core's gauges (see [`Core::gauges`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Response bytes its clients make the router hold.
+    pub held_bytes: i64,
+    pub client_connections: u64,
+    /// Pod connections, of every origin.
+    pub backend_connections: u64,
+    /// Client namespaces with pod connections of their own.
+    pub origin_pools: u64,
+    /// Pod connections of client namespaces (not the node's).
+    pub origin_connections: u64,
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use bytes::BytesMut;
 
 use super::{
     BACKEND_CONN_WINDOW, BACKEND_INITIAL_WINDOW, BACKEND_SETTINGS, BStream, Backend, Chunk, ConnId,
-    Core, INITIAL_BACKEND_STREAMS, Io, MAX_ATTEMPTS, MAX_CONNS_PER_ENDPOINT, Up, state::State,
-    unpool,
+    Core, INITIAL_BACKEND_STREAMS, Io, MAX_ATTEMPTS, MAX_CONNS_PER_ENDPOINT, Origin, Up,
+    state::State, unpool,
 };
 use crate::{
     endpoint::Endpoint,
@@ -39,6 +39,7 @@ impl Core {
             return;
         };
         let vip = client.vip;
+        let origin = client.origin;
         let Some(cs) = client.streams.get_mut(&sid) else {
             return;
         };
@@ -49,7 +50,7 @@ impl Core {
         };
         cs.tried.push(ep.addr);
         cs.inflight = Some(ep.start());
-        let b = self.connection_for(ep);
+        let b = self.connection_for(origin, ep);
         let cs = self.cstream(c, sid).expect("stream exists");
         cs.up = Up::Queued(b);
         let be = self.backends.get_mut(&b).expect("pooled backend exists");
@@ -57,10 +58,15 @@ impl Core {
         self.open_queued(b);
     }
 
-    /// A pooled connection to `ep` with a free stream slot, or a new one
-    /// (up to [`MAX_CONNS_PER_ENDPOINT`]; past that, the least busy).
-    fn connection_for(&mut self, ep: Arc<Endpoint>) -> ConnId {
-        let conns = self.pool.get(&ep.addr).map(Vec::as_slice).unwrap_or(&[]);
+    /// One of `origin`'s pooled connections to `ep` with a free stream
+    /// slot, or a new one (up to [`MAX_CONNS_PER_ENDPOINT`]; past that, the
+    /// least busy).
+    fn connection_for(&mut self, origin: Origin, ep: Arc<Endpoint>) -> ConnId {
+        let conns = self
+            .pool
+            .get(&(origin, ep.addr))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         let mut least: Option<(usize, ConnId)> = None;
         for b in conns {
             let Some(be) = self.backends.get(b) else {
@@ -76,11 +82,11 @@ impl Core {
         }
         match least {
             Some((_, b)) if conns.len() >= MAX_CONNS_PER_ENDPOINT => b,
-            _ => self.new_backend(ep),
+            _ => self.new_backend(origin, ep),
         }
     }
 
-    fn new_backend(&mut self, ep: Arc<Endpoint>) -> ConnId {
+    fn new_backend(&mut self, origin: Origin, ep: Arc<Endpoint>) -> ConnId {
         let id = self.next_id;
         self.next_id += 1;
         let mut out = BytesMut::with_capacity(16 * 1024);
@@ -96,6 +102,8 @@ impl Core {
             id,
             Backend {
                 ep,
+                origin,
+                last_used: self.now,
                 connected: false,
                 settings_seen: false,
                 started: self.now,
@@ -115,8 +123,8 @@ impl Core {
                 blocked: Vec::new(),
             },
         );
-        self.pool.entry(addr).or_default().push(id);
-        self.io.push(Io::Connect { id, addr });
+        self.pool.entry((origin, addr)).or_default().push(id);
+        self.io.push(Io::Connect { id, addr, origin });
         id
     }
 
@@ -153,13 +161,14 @@ impl Core {
             if cs.up != Up::Queued(b) {
                 continue;
             }
+            be.last_used = self.now;
             let bid = be.next_stream;
             be.next_stream += 2;
             if i64::from(be.next_stream) > frame::MAX_WINDOW {
                 // Ids ran out: this connection takes no more streams.
                 be.retiring = true;
-                let addr = be.ep.addr;
-                unpool(&mut self.pool, addr, b);
+                let key = (be.origin, be.ep.addr);
+                unpool(&mut self.pool, key, b);
             }
             let mut state = State::Open;
             cs.up = Up::Open(b, bid);
