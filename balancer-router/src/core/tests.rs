@@ -16,6 +16,7 @@ use crate::{
 mod attacks;
 mod bounds;
 mod h2spec;
+mod origins;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct F {
@@ -55,6 +56,8 @@ struct H {
     eps: Vec<Arc<Endpoint>>,
     /// Backend connection id -> endpoint address.
     conns: Vec<(ConnId, SocketAddr)>,
+    /// Backend connection id -> the origin it was opened for.
+    origins: Vec<(ConnId, Origin)>,
     /// This endpoint accepts connections but sends nothing (not even its
     /// SETTINGS).
     silent: Option<SocketAddr>,
@@ -79,13 +82,19 @@ impl H {
             core,
             eps,
             conns: Vec::new(),
+            origins: Vec::new(),
             silent: None,
         }
     }
 
     /// A client that sent its preface and (empty) SETTINGS.
     fn client(&mut self) -> ConnId {
-        let id = self.core.add_client(VIP.parse().expect("vip"));
+        self.client_from(Origin::NODE)
+    }
+
+    /// A client of `origin` that sent its preface and (empty) SETTINGS.
+    fn client_from(&mut self, origin: Origin) -> ConnId {
+        let id = self.core.add_client_from(VIP.parse().expect("vip"), origin);
         let mut b = BytesMut::new();
         b.extend_from_slice(frame::PREFACE);
         frame::settings(&mut b, &[]);
@@ -117,9 +126,10 @@ impl H {
         loop {
             let mut any = false;
             for io in self.core.take_io() {
-                if let Io::Connect { id, addr } = io {
+                if let Io::Connect { id, addr, origin } = io {
                     any = true;
                     self.conns.push((id, addr));
+                    self.origins.push((id, origin));
                     self.core.backend_connected(id);
                     if self.silent != Some(addr) {
                         let mut s = BytesMut::new();
