@@ -212,8 +212,8 @@ impl Namespaces {
                 source,
             })?
             .into();
-        let is_ns = nix::sys::statfs::fstatfs(&fd)
-            .is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC);
+        let is_ns =
+            nix::sys::statfs::fstatfs(&fd).is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC);
         if !is_ns {
             return Err(NetnsError::NotNetns {
                 path: path.to_owned(),
@@ -555,5 +555,155 @@ fn watch(mut w: Watch, stop: Arc<AtomicBool>) {
                 w.sync_kernel();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real namespaces, made the way the runtime makes them: a file in the
+    //! directory, then a namespace bind-mounted on it. Needs root.
+
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorded(Mutex<HashSet<u64>>);
+
+    impl Served for Recorded {
+        fn set(&self, cookie: u64, served: bool) {
+            let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if served {
+                s.insert(cookie);
+            } else {
+                s.remove(&cookie);
+            }
+        }
+        fn list(&self) -> Vec<u64> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .copied()
+                .collect()
+        }
+        fn epoch(&self) -> u64 {
+            0
+        }
+    }
+
+    /// A new network namespace bind-mounted on `path` (created empty
+    /// first, as `ip netns add` and the runtimes do), after `delay`.
+    fn make_netns(path: &Path, delay: Duration) {
+        std::fs::write(path, b"").expect("namespace file");
+        let path = path.to_owned();
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare (needs root)");
+            nix::mount::mount(
+                Some("/proc/thread-self/ns/net"),
+                &path,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .expect("bind mount");
+        })
+        .join()
+        .expect("namespace thread");
+    }
+
+    fn remove_netns(path: &Path) {
+        let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_file(path);
+    }
+
+    fn wait(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn cookie_of(sock: &tokio::net::TcpSocket) -> u64 {
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: as in `cookie_here`.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_NETNS_COOKIE,
+                (&raw mut cookie).cast(),
+                &raw mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        cookie
+    }
+
+    #[test]
+    fn namespaces_are_found_as_they_appear_entered_for_sockets_and_let_go_when_deleted() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (namespaces, mounts)"
+        );
+        let dir = std::env::temp_dir().join(format!("lbt-netns-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        // One namespace before the watcher starts, mounted at once.
+        let first = dir.join("first");
+        make_netns(&first, Duration::ZERO);
+        let ns = Arc::new(Namespaces::new(dir.clone()).expect("CAP_SYS_ADMIN"));
+        let served = Arc::new(Recorded::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = start(ns.clone(), served.clone(), stop.clone()).expect("watcher");
+        assert_eq!(ns.len(), 1, "found by the first scan");
+        assert!(served.list().contains(&ns.own_cookie), "the node is served");
+        // A second one whose file is there 100 ms before its namespace.
+        let second = dir.join("second");
+        make_netns(&second, Duration::from_millis(100));
+        wait("the second namespace", || ns.len() == 2);
+        let cookies: Vec<u64> = served
+            .list()
+            .into_iter()
+            .filter(|c| *c != ns.own_cookie)
+            .collect();
+        assert_eq!(cookies.len(), 2, "{cookies:?}");
+        // Sockets are made in the namespace their origin names.
+        let sockets = SocketFactory::new(Some(ns.clone()));
+        let addr: SocketAddr = "198.18.0.1:80".parse().expect("addr");
+        for c in &cookies {
+            let s = sockets
+                .tcp(Origin(*c), addr)
+                .expect("socket in the namespace");
+            assert_eq!(cookie_of(&s), *c);
+            assert_eq!(ns.origin(*c), Some(Origin(*c)));
+        }
+        let node = sockets.tcp(Origin::NODE, addr).expect("node socket");
+        assert_eq!(
+            cookie_of(&node),
+            ns.own_cookie,
+            "this thread came back home"
+        );
+        assert_eq!(ns.origin(ns.own_cookie), Some(Origin::NODE));
+        // Deleted: no longer served, no longer entered.
+        remove_netns(&first);
+        wait("the first namespace to go", || ns.len() == 1);
+        assert_eq!(served.list().len(), 2, "the node and the second");
+        let gone: Vec<u64> = cookies
+            .iter()
+            .copied()
+            .filter(|c| ns.origin(*c).is_none())
+            .collect();
+        assert_eq!(gone.len(), 1);
+        assert!(matches!(
+            sockets.tcp(Origin(gone[0]), addr),
+            Err(NetnsError::Gone(_))
+        ));
+        remove_netns(&second);
+        wait("the second namespace to go", || ns.len() == 0);
+        stop.store(true, Ordering::Relaxed);
+        let _ = handle.join();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
