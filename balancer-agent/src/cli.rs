@@ -132,6 +132,26 @@ pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
                     (None, None) => String::new(),
                 }
             );
+            if let Some(p) = &rt.process {
+                let _ = writeln!(
+                    o,
+                    "identity:  {}",
+                    if p.source_identity == "node" {
+                        "node (pods see the node's address for streams through the router)"
+                            .to_owned()
+                    } else {
+                        format!(
+                            "pod ({} client namespaces served, {} with pod connections of their \
+                             own ({} connections), {} connections closed for a namespace it \
+                             could not enter)",
+                            p.namespaces,
+                            p.namespace_pools,
+                            p.namespace_connections,
+                            p.unserved_closed
+                        )
+                    }
+                );
+            }
         }
     }
     if let Some(e) = &r.error {

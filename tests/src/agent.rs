@@ -48,7 +48,7 @@ impl Drop for PinDir {
 /// Arguments of the router process among a test's agent arguments: each
 /// with whether it takes a value. `--proxy-addr` is the router's
 /// `--listen`, `--router-metrics-addr` its `--metrics-addr`.
-const ROUTER_ARGS: [(&str, bool); 8] = [
+const ROUTER_ARGS: [(&str, bool); 10] = [
     ("--proxy-addr", true),
     ("--splice", false),
     ("--drain-timeout", true),
@@ -57,6 +57,8 @@ const ROUTER_ARGS: [(&str, bool); 8] = [
     ("--router-buffer-limit", true),
     ("--router-metrics-addr", true),
     ("--router-threads", true),
+    ("--source-identity", true),
+    ("--netns-dir", true),
 ];
 
 /// The agent as a real process, stopped with SIGTERM on drop; with
@@ -432,6 +434,36 @@ impl Agent {
     /// The router's resident set size (VmRSS), in bytes.
     pub fn router_rss_bytes(&self) -> anyhow::Result<u64> {
         rss_of(self.router_pid().context("router not running")?)
+    }
+
+    /// The router's open file descriptors now (entries of /proc/PID/fd).
+    pub fn router_fd_count(&self) -> anyhow::Result<usize> {
+        let pid = self.router_pid().context("router not running")?;
+        Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+    }
+
+    /// The router's own answer to `router-status`, asked on its admin
+    /// socket (fresh, not the agent's copy).
+    pub fn router_status(&self) -> anyhow::Result<Value> {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.router_socket)
+            .with_context(|| format!("connecting {}", self.router_socket.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"{\"command\":\"router-status\"}\n")?;
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line)?;
+        let v: Value = serde_json::from_str(&line).context("router-status answer")?;
+        anyhow::ensure!(v["ok"] == true, "router-status: {v}");
+        Ok(v["data"].clone())
+    }
+
+    /// One of the kernel's counters (`status -o json`, `counters`); an
+    /// error when the agent does not report it.
+    pub fn counter(&self, name: &str) -> anyhow::Result<u64> {
+        let s = self.status_json()?;
+        s["counters"][name]
+            .as_u64()
+            .with_context(|| format!("no counter {name} in {}", s["counters"]))
     }
 
     pub fn log(&self) -> String {

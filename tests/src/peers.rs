@@ -97,15 +97,16 @@ pub struct H2Server {
 
 impl H2Server {
     pub fn start(ns: &str, name: &str, port: u16) -> anyhow::Result<Self> {
-        Self::spawn(&[
-            "serve",
-            "--netns",
-            ns,
-            "--name",
-            name,
-            "--port",
-            &port.to_string(),
-        ])
+        Self::start_with(ns, name, port, &[])
+    }
+
+    /// As [`H2Server::start`], with more `lbt-h2 serve` arguments (e.g.
+    /// `--report-peer`, see [`H2Server::accepted_from`]).
+    pub fn start_with(ns: &str, name: &str, port: u16, extra: &[&str]) -> anyhow::Result<Self> {
+        let port = port.to_string();
+        let mut args = vec!["serve", "--netns", ns, "--name", name, "--port", &port];
+        args.extend_from_slice(extra);
+        Self::spawn(&args)
     }
 
     /// `lbt-h2 silent`: a TCP listener that accepts and never sends a
@@ -159,6 +160,18 @@ impl H2Server {
             .iter()
             .filter(|e| e.starts_with(prefix))
             .count()
+    }
+
+    /// With `--report-peer`: connections accepted so far, by the peer
+    /// address the server saw (IPv4 unmapped).
+    pub fn accepted_from(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for e in self.events.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            if let Some(ip) = e.strip_prefix("accept ") {
+                *out.entry(ip.to_owned()).or_default() += 1;
+            }
+        }
+        out
     }
 
     /// Kill the server process (the pod's backend dies).

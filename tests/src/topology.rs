@@ -151,6 +151,46 @@ impl Topology {
         Ok(())
     }
 
+    /// A veth from the bridge into the namespace of file `netns_file` (any
+    /// namespace file: `/proc/PID/ns/net`, a bind mount outside
+    /// `/run/netns`), as eth0 with two addresses; its loopback up too.
+    pub fn plug_at(&self, netns_file: &str, v4: IpAddr, v6: IpAddr) -> anyhow::Result<()> {
+        let port = format!("v{}", self.veth_seq.fetch_add(1, Ordering::SeqCst));
+        let net = format!("--net={netns_file}");
+        let inside = |args: &[&str]| -> anyhow::Result<()> {
+            let mut full = vec![net.as_str(), "ip"];
+            full.extend_from_slice(args);
+            sh("nsenter", &full).map(|_| ())
+        };
+        inside(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &self.node.name,
+        ])?;
+        ip(&[
+            "-n",
+            &self.node.name,
+            "link",
+            "set",
+            &port,
+            "master",
+            "br0",
+            "up",
+        ])?;
+        inside(&["addr", "add", &format!("{v4}/16"), "dev", "eth0"])?;
+        inside(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        inside(&["link", "set", "eth0", "up"])?;
+        inside(&["link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
     /// An extra client namespace (not in the agent's cgroup unless the
     /// client joins it), e.g. for the kube-proxy baseline.
     pub fn extra_client(&self, tag: &str, v4: &str, v6: &str) -> anyhow::Result<Netns> {
@@ -222,8 +262,15 @@ impl Topology {
 
     /// Start an `lbt-h2` server on [`H2_PORT`] in every pod.
     pub fn start_h2(&mut self) -> anyhow::Result<()> {
+        self.start_h2_with(&[])
+    }
+
+    /// As [`Topology::start_h2`], with more `lbt-h2 serve` arguments
+    /// (`--report-peer`: each pod reports the address it sees its clients
+    /// at, see [`H2Server::accepted_from`]).
+    pub fn start_h2_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
         for p in &mut self.pods {
-            p.h2 = Some(H2Server::start(&p.ns.name, &p.name, H2_PORT)?);
+            p.h2 = Some(H2Server::start_with(&p.ns.name, &p.name, H2_PORT, extra)?);
         }
         Ok(())
     }

@@ -132,7 +132,14 @@ fn daemonset_is_least_privilege_node_critical_and_probed() {
             BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]),
             9464,
         ),
-        (&spec.containers[1], BTreeSet::from(["BPF"]), 9465),
+        // SYS_ADMIN: setns(CLONE_NEWNET) into client pods' namespaces
+        // (--source-identity pod). Spelt without `CAP_`: the API refuses
+        // `CAP_SYS_ADMIN` beside allowPrivilegeEscalation false.
+        (
+            &spec.containers[1],
+            BTreeSet::from(["BPF", "SYS_ADMIN"]),
+            9465,
+        ),
     ] {
         let sc = c.security_context.as_ref().expect("securityContext");
         assert_eq!(sc.privileged, Some(false), "{}", c.name);
@@ -154,6 +161,23 @@ fn daemonset_is_least_privilege_node_critical_and_probed() {
         let profile: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&shipped).expect("profile"))
                 .expect("profile json");
+        // setns as the runtime's default has it: only with CAP_SYS_ADMIN
+        // (the router's), refused without (the agent's).
+        let rules = profile["syscalls"].as_array().expect("syscalls");
+        let has = |action: &str, key: &str| {
+            rules.iter().any(|r| {
+                r["action"] == action
+                    && r["names"]
+                        .as_array()
+                        .is_some_and(|n| n.iter().any(|n| n == "setns"))
+                    && r[key]["caps"] == serde_json::json!(["CAP_SYS_ADMIN"])
+            })
+        };
+        assert!(
+            has("SCMP_ACT_ALLOW", "includes") && has("SCMP_ACT_ERRNO", "excludes"),
+            "setns only with CAP_SYS_ADMIN in {}",
+            shipped.display()
+        );
         for (call, cap) in [("bpf", "CAP_BPF"), ("perf_event_open", "CAP_PERFMON")] {
             assert!(
                 profile["syscalls"]
@@ -249,6 +273,67 @@ fn daemonset_is_least_privilege_node_critical_and_probed() {
         .filter_map(|v| v.host_path.as_ref().map(|h| h.path.clone()))
         .collect();
     assert!(host_paths.contains("/sys/fs/cgroup") && host_paths.contains("/sys/fs/bpf"));
+}
+
+#[test]
+fn the_router_enters_client_namespaces_from_the_runtimes_files_and_the_agent_cannot() {
+    let ds: DaemonSet = load("daemonset.yaml");
+    let spec = ds.spec.expect("spec").template.spec.expect("pod spec");
+    let (agent, router) = (&spec.containers[0], &spec.containers[1]);
+    // Client identity: pod connections opened from each client pod's own
+    // namespace, found in the runtime's netns directory.
+    let args = router.args.as_deref().unwrap_or_default();
+    assert!(
+        args.iter().any(|a| a == "--netns-dir=/var/run/netns"),
+        "{args:?}"
+    );
+    assert!(
+        args.iter()
+            .filter(|a| a.starts_with("--source-identity"))
+            .all(|a| a == "--source-identity=pod"),
+        "the default, pod: {args:?}"
+    );
+    // The files, not /proc/PID/ns/net: no host PID namespace.
+    assert_ne!(spec.host_pid, Some(true));
+    // Read-only, and with the host's later mounts propagated: a pod's
+    // namespace file is a bind mount made after the router started.
+    let netns = |c: &k8s_openapi::api::core::v1::Container| {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == "/var/run/netns")
+            .cloned()
+    };
+    let m = netns(router).expect("the router mounts /var/run/netns");
+    assert_eq!(m.read_only, Some(true));
+    assert_eq!(m.mount_propagation.as_deref(), Some("HostToContainer"));
+    assert!(m.sub_path.is_none() && m.sub_path_expr.is_none());
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == m.name)
+        .and_then(|v| v.host_path.clone())
+        .expect("a hostPath volume");
+    assert_eq!(volume.path, "/var/run/netns");
+    assert_eq!(volume.type_.as_deref(), Some("DirectoryOrCreate"));
+    // The agent has neither the files nor the power to enter them.
+    assert!(netns(agent).is_none());
+    let caps = |c: &k8s_openapi::api::core::v1::Container| {
+        c.security_context
+            .as_ref()
+            .and_then(|s| s.capabilities.as_ref())
+            .and_then(|c| c.add.clone())
+            .unwrap_or_default()
+    };
+    assert!(!caps(agent).iter().any(|c| c.ends_with("SYS_ADMIN")));
+    // Privileged would make the capability list moot.
+    let sc = router.security_context.as_ref().expect("securityContext");
+    assert_eq!(sc.privileged, Some(false));
+    assert_eq!(
+        sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_owned()])
+    );
 }
 
 #[test]

@@ -1,10 +1,11 @@
 //! HTTP/2 test peer built on the `h2` crate (not on the router's code).
 //!
 //! ```text
-//! lbt-h2 serve  --netns NS --name POD --port P
+//! lbt-h2 serve  --netns NS --name POD --port P [--report-peer]
 //! lbt-h2 client --netns NS --cgroup DIR --connect ADDR --path P --requests N
 //!               [--concurrency C] [--upload BYTES] [--cancel-after-ms MS]
 //!               [--upload-chunks N --upload-interval-ms MS] [--paths P1,P2]
+//!               [--timeout-ms MS]
 //! lbt-h2 raw    --netns NS --cgroup DIR --connect ADDR --send HEX [--wait-s S]
 //! lbt-h2 hostile --netns NS --cgroup DIR --connect ADDR [--case NAME]...
 //!               [--path P] [--parallel N] [--passes N] [--wait-ms MS]
@@ -12,6 +13,9 @@
 //!               --streams S --path P [--rcvbuf BYTES]
 //! lbt-h2 silent --netns NS --port P
 //! ```
+//!
+//! `--netns` names a file in `/run/netns`, or is a path to a namespace file
+//! when it holds a `/` (`/proc/PID/ns/net`, a bind mount elsewhere).
 //!
 //! Server paths (gRPC-like: 200, body, then `grpc-status` trailers):
 //! `/unary` answers the pod name; `/echo` streams back what it receives;
@@ -28,9 +32,17 @@
 //! never read (with a small receive buffer). `silent` accepts TCP
 //! connections and never sends a byte.
 //!
+//! `serve --report-peer`: the server also prints `accept <ip>` per accepted
+//! connection (the peer address it sees, IPv4 unmapped) and answers every
+//! request with an `x-peer: <ip>` header, the peer of the connection that
+//! carried it; the client counts those in `seen_as`.
+//!
 //! The client uses ONE connection for all its requests and prints a JSON
 //! summary: per-pod counts (from the `x-pod` header), errors by kind, bytes,
-//! the trailers it saw, and the connection's peer address.
+//! the trailers it saw, and the connection's peer address. With
+//! `--timeout-ms`, a request not answered within that time fails as
+//! `timeout`, and a connection that cannot be made (or is not HTTP/2)
+//! within it fails every request (`connect: ...`) instead of the process.
 
 use std::{
     collections::BTreeMap,
@@ -66,8 +78,14 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("joining cgroup {cg}"))?;
     }
     if let Some(ns) = arg(&args, "--netns") {
-        let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let path = if ns.contains('/') {
+            ns
+        } else {
+            format!("/run/netns/{ns}")
+        };
+        let f = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("setns {path}"))?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -127,10 +145,16 @@ fn query(uri: &http::Uri, key: &str) -> Option<u64> {
 async fn serve(args: &[String]) -> anyhow::Result<()> {
     let name = arg(args, "--name").context("--name")?;
     let port = arg(args, "--port").context("--port")?;
+    let report_peer = args.iter().any(|a| a == "--report-peer");
     let l = TcpListener::bind(format!("[::]:{port}")).await?;
     say("listening");
     loop {
-        let (sock, _) = l.accept().await?;
+        let (sock, from) = l.accept().await?;
+        // The listener is dual-stack: IPv4 peers come as ::ffff:a.b.c.d.
+        let peer = report_peer.then(|| from.ip().to_canonical().to_string());
+        if let Some(p) = &peer {
+            say(&format!("accept {p}"));
+        }
         let name = name.clone();
         tokio::spawn(async move {
             let _ = sock.set_nodelay(true);
@@ -150,10 +174,11 @@ async fn serve(args: &[String]) -> anyhow::Result<()> {
                     next = conn.accept() => {
                         let Some(Ok((req, respond))) = next else { return };
                         let (name, goaway, notify) = (name.clone(), goaway.clone(), notify.clone());
+                        let peer = peer.clone();
                         tokio::spawn(async move {
                             let path = req.uri().path().to_owned();
                             say(&format!("req {path}"));
-                            if let Err(e) = handle(&name, req, respond, &goaway, &notify).await
+                            if let Err(e) = handle(&name, peer.as_deref(), req, respond, &goaway, &notify).await
                                 && (e.to_string().contains("reset") || e.to_string().contains("CANCEL"))
                             {
                                 say(&format!("reset {path}"));
@@ -172,6 +197,7 @@ async fn serve(args: &[String]) -> anyhow::Result<()> {
 
 async fn handle(
     name: &str,
+    peer: Option<&str>,
     req: Request<RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     goaway: &AtomicBool,
@@ -179,11 +205,14 @@ async fn handle(
 ) -> anyhow::Result<()> {
     let uri = req.uri().clone();
     let mut body = req.into_body();
-    let head = Response::builder()
+    let mut head = Response::builder()
         .status(200)
         .header("content-type", "application/grpc")
-        .header("x-pod", name)
-        .body(())?;
+        .header("x-pod", name);
+    if let Some(p) = peer {
+        head = head.header("x-peer", p);
+    }
+    let head = head.body(())?;
     match uri.path() {
         "/echo" => {
             let mut out = respond.send_response(head, false)?;
@@ -286,6 +315,8 @@ fn pattern(n: usize) -> Vec<u8> {
 #[derive(Default)]
 struct Summary {
     pods: BTreeMap<String, u64>,
+    /// `x-peer` of each answer: the address the pod saw.
+    seen_as: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
     statuses: BTreeMap<String, u64>,
     bytes_received: u64,
@@ -327,14 +358,42 @@ async fn client(args: &[String]) -> anyhow::Result<()> {
         None => None,
     };
     let upload = drip.map_or(upload, |d| d.chunks * DRIP_CHUNK);
-    let sock = TcpStream::connect(addr).await?;
-    let _ = sock.set_nodelay(true);
-    let peer = sock.peer_addr()?.to_string();
-    let (send, conn) = h2::client::Builder::new()
-        .initial_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
-        .handshake::<_, Bytes>(sock)
-        .await?;
+    let timeout: Option<Duration> = arg(args, "--timeout-ms")
+        .map(|s| s.parse().map(Duration::from_millis))
+        .transpose()?;
+    let connect_start = Instant::now();
+    let connected = async {
+        let sock = TcpStream::connect(addr).await?;
+        let _ = sock.set_nodelay(true);
+        let peer = sock.peer_addr()?.to_string();
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .handshake::<_, Bytes>(sock)
+            .await?;
+        Ok::<_, anyhow::Error>((peer, send, conn))
+    };
+    let (peer, send, conn) = match timeout {
+        None => connected.await?,
+        Some(t) => match tokio::time::timeout(t, connected).await {
+            Ok(Ok(c)) => c,
+            // Every request failed the same way, reported as for a stream.
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => format!("connect: {e}"),
+                    _ => "connect: timeout".to_owned(),
+                };
+                say(&serde_json::json!({
+                    "pods": {}, "seen_as": {}, "errors": { why: requests },
+                    "statuses": {}, "bytes_received": 0, "echo_ok": false,
+                    "messages": [], "error_latency_ms": [], "peer": null,
+                    "elapsed_s": connect_start.elapsed().as_secs_f64(),
+                })
+                .to_string());
+                return Ok(());
+            }
+        },
+    };
     let conn = tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -356,11 +415,20 @@ async fn client(args: &[String]) -> anyhow::Result<()> {
                 }
                 let path = &paths[i % paths.len()];
                 let t0 = Instant::now();
-                let r = one(send.clone(), path, upload, cancel_after, drip).await;
+                let r = one(send.clone(), path, upload, cancel_after, drip);
+                let r = match timeout {
+                    None => r.await,
+                    Some(t) => tokio::time::timeout(t, r)
+                        .await
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("timeout"))),
+                };
                 let mut s = summary.lock().unwrap_or_else(|p| p.into_inner());
                 match r {
                     Ok(o) => {
                         *s.pods.entry(o.pod).or_default() += 1;
+                        if let Some(p) = o.seen_as {
+                            *s.seen_as.entry(p).or_default() += 1;
+                        }
                         *s.statuses.entry(o.status).or_default() += 1;
                         s.bytes_received += o.bytes;
                         if let Some(m) = o.message {
@@ -391,7 +459,7 @@ async fn client(args: &[String]) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
     let s = summary.lock().unwrap_or_else(|p| p.into_inner());
     let out = serde_json::json!({
-        "pods": s.pods, "errors": s.errors, "statuses": s.statuses,
+        "pods": s.pods, "seen_as": s.seen_as, "errors": s.errors, "statuses": s.statuses,
         "bytes_received": s.bytes_received, "echo_ok": s.bytes_echoed_ok,
         "messages": s.messages.iter().take(5).collect::<Vec<_>>(),
         "error_latency_ms": s.error_latency_ms,
@@ -410,6 +478,7 @@ struct Drip {
 
 struct Outcome {
     pod: String,
+    seen_as: Option<String>,
     status: String,
     bytes: u64,
     message: Option<String>,
@@ -467,6 +536,11 @@ async fn one(
             .and_then(|v| v.to_str().ok())
             .unwrap_or("?")
             .to_owned();
+        let seen_as = resp
+            .headers()
+            .get("x-peer")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let mut body = resp.into_body();
         let mut bytes = 0u64;
         let mut echo_ok = true;
@@ -500,6 +574,7 @@ async fn one(
         }
         Ok::<_, anyhow::Error>(Outcome {
             pod,
+            seen_as,
             status,
             bytes,
             message,

@@ -2,10 +2,14 @@
 //! run as the DaemonSet runs them: the manifest's arguments, its
 //! securityContext (capabilities, read-only root, no privilege escalation,
 //! user 0, the seccomp profile) and its mounts (the cgroup v2 root, bpffs,
-//! a shared /run/balancer), in the host network of a node of network
-//! namespaces. Then a client namespace is balanced through them: L4
-//! connections and HTTP/2 streams. And the runtime's default seccomp
-//! profile is shown to stop the agent, which is why the manifest names one.
+//! a shared /run/balancer, the host's netns directory), in the host network
+//! of a node of network namespaces. Then a client namespace is balanced
+//! through them: L4 connections and HTTP/2 streams; and a client namespace
+//! made after the router started is found by the router (through the
+//! mount's propagation) and its HTTP/2 streams reach the pods from its own
+//! address, not the node's. And the runtime's default seccomp profile is
+//! shown to stop the agent, which is why the manifest names one; and the
+//! router without SYS_ADMIN is shown to refuse to start, naming it.
 //!
 //! Env: LBT_IMAGE (the image), LBT_SECCOMP (the profile file),
 //! CONTAINERS_CONF (from xtask).
@@ -20,25 +24,25 @@ use anyhow::{Context, bail};
 use balancer_tests::{
     agent::{PinDir, agent_bin},
     cgroup::cgroup2_root,
-    peers::{H2_PORT, h2_client, hold_connections},
+    peers::{H2_PORT, H2Hold, h2_client, hold_connections},
     topology::Topology,
 };
-use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Container};
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Container, PodSpec, Volume},
+};
 
 const NODE_IP: &str = "198.18.0.1";
 const TCP_VIP: &str = "198.19.0.10";
 const H2_VIP: &str = "198.19.0.20";
+/// The client namespace made after the router started.
+const LATE_V4: &str = "198.18.202.1";
+const LATE_V6: &str = "fd00:18::ca:1";
 
-fn daemonset() -> anyhow::Result<Vec<Container>> {
+fn daemonset() -> anyhow::Result<PodSpec> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/daemonset.yaml");
     let ds: DaemonSet = serde_saphyr::from_str(&std::fs::read_to_string(path)?)?;
-    Ok(ds
-        .spec
-        .context("spec")?
-        .template
-        .spec
-        .context("pod spec")?
-        .containers)
+    ds.spec.context("spec")?.template.spec.context("pod spec")
 }
 
 /// `podman run` flags for `c`'s securityContext.
@@ -67,6 +71,44 @@ fn security(c: &Container, seccomp: Option<&Path>) -> anyhow::Result<Vec<String>
     );
     if let Some(p) = seccomp {
         f.push(format!("--security-opt=seccomp={}", p.display()));
+    }
+    Ok(f)
+}
+
+/// `podman run -v` flags for `c`'s volumeMounts: each of the pod's volumes
+/// at its path on this node (`host`), with the mount's read-only flag and
+/// propagation (HostToContainer is rslave, Bidirectional rshared).
+fn mounts(
+    c: &Container,
+    volumes: &[Volume],
+    host: impl Fn(&Volume) -> anyhow::Result<PathBuf>,
+) -> anyhow::Result<Vec<String>> {
+    let mut f = Vec::new();
+    for m in c.volume_mounts.iter().flatten() {
+        anyhow::ensure!(
+            m.sub_path.is_none() && m.sub_path_expr.is_none(),
+            "{}: subPath",
+            m.name
+        );
+        let v = volumes
+            .iter()
+            .find(|v| v.name == m.name)
+            .with_context(|| format!("{}: no volume {}", c.name, m.name))?;
+        let mut opts = Vec::new();
+        if m.read_only == Some(true) {
+            opts.push("ro");
+        }
+        match m.mount_propagation.as_deref() {
+            None | Some("None") => {}
+            Some("HostToContainer") => opts.push("rslave"),
+            Some("Bidirectional") => opts.push("rshared"),
+            Some(p) => bail!("{}: mountPropagation {p}", m.name),
+        }
+        let mut flag = format!("-v={}:{}", host(v)?.display(), m.mount_path);
+        if !opts.is_empty() {
+            flag += &format!(":{}", opts.join(","));
+        }
+        f.push(flag);
     }
     Ok(f)
 }
@@ -107,11 +149,25 @@ impl Podman {
         podman(&["inspect", "-f", "{{.State.Running}}", &self.name])
             .is_ok_and(|o| o.0.trim() == "true")
     }
+    /// Whether it exited within `timeout`.
+    fn exits_within(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if !self.running() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+    fn exit_code(&self) -> anyhow::Result<i64> {
+        let (code, _) = podman(&["inspect", "-f", "{{.State.ExitCode}}", &self.name])?;
+        Ok(code.trim().parse()?)
+    }
     /// SIGTERM (podman stop), and the exit code.
     fn stop(&self) -> anyhow::Result<i64> {
         podman(&["stop", "-t", "20", &self.name])?;
-        let (code, _) = podman(&["inspect", "-f", "{{.State.ExitCode}}", &self.name])?;
-        Ok(code.trim().parse()?)
+        self.exit_code()
     }
 }
 
@@ -141,9 +197,33 @@ struct Run<'a> {
     etc_dir: &'a Path,
     cgroup_in: &'a str,
     bpffs: &'a str,
+    volumes: &'a [Volume],
 }
 
 impl Run<'_> {
+    /// Where each of the DaemonSet's volumes is on this node.
+    fn host(&self, v: &Volume) -> anyhow::Result<PathBuf> {
+        if v.empty_dir.is_some() && v.name == "run" {
+            return Ok(self.run_dir.to_owned());
+        }
+        let hp = v.host_path.as_ref().with_context(|| {
+            format!(
+                "volume {}: neither hostPath nor the sockets' emptyDir",
+                v.name
+            )
+        })?;
+        Ok(match hp.path.as_str() {
+            // The cgroup v2 root, wherever this host mounts it.
+            "/sys/fs/cgroup" => cgroup2_root(),
+            "/sys/fs/bpf" => PathBuf::from("/sys/fs/bpf"),
+            // The runtime's namespace files: here `ip netns`'s, where the
+            // test's namespaces are (/var/run is /run on this host, as on
+            // most); a shared mount, as the runtime's directory is.
+            "/var/run/netns" => PathBuf::from("/run/netns"),
+            p => bail!("volume {}: no place on this node for hostPath {p}", v.name),
+        })
+    }
+
     fn start(&self, c: &Container, name: &str, seccomp: Option<&Path>) -> anyhow::Result<Podman> {
         let mut a: Vec<String> = vec![
             "run".into(),
@@ -161,11 +241,9 @@ impl Run<'_> {
             ),
             // hostNetwork: the node's network namespace.
             format!("--network=ns:/run/netns/{}", self.node_ns),
-            // The DaemonSet's volumes.
-            format!("-v={}:/host/sys/fs/cgroup:ro", cgroup2_root().display()),
-            "-v=/sys/fs/bpf:/sys/fs/bpf:rslave".into(),
-            format!("-v={}:/run/balancer", self.run_dir.display()),
         ];
+        // The DaemonSet's volumes, mounted as the manifest mounts them.
+        a.extend(mounts(c, self.volumes, |v| self.host(v))?);
         if c.name == "agent" {
             // No apiserver here: the endpoints file stands for it.
             a.push(format!("-v={}:/etc/balancer:ro", self.etc_dir.display()));
@@ -202,10 +280,49 @@ fn cli(socket: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// The router's own answer to `router-status` on its admin socket.
+fn router_status(socket: &Path) -> anyhow::Result<serde_json::Value> {
+    use std::io::{BufRead as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting {}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"{\"command\":\"router-status\"}\n")?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line)?;
+    let v: serde_json::Value = serde_json::from_str(&line).context("router-status answer")?;
+    anyhow::ensure!(v["ok"] == true, "router-status: {v}");
+    Ok(v["data"].clone())
+}
+
+/// The peers of the established connections to the gRPC port in pod
+/// namespace `ns` (`ss`), addresses without their ports (IPv4 unmapped).
+fn peers_of_pod(ns: &str) -> anyhow::Result<Vec<String>> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "ss", "-Htn", "state", "established"])
+        .arg(format!("( sport = :{H2_PORT} )"))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .filter_map(|peer| peer.rsplit_once(':'))
+        .map(|(a, _)| {
+            // A dual-stack listener shows IPv4 peers as [::ffff:a.b.c.d].
+            let a = a.trim_start_matches('[').trim_end_matches(']');
+            a.strip_prefix("::ffff:").unwrap_or(a).to_owned()
+        })
+        .collect())
+}
+
 fn main() -> anyhow::Result<()> {
     let image = std::env::var("LBT_IMAGE").context("LBT_IMAGE")?;
     let seccomp = PathBuf::from(std::env::var("LBT_SECCOMP").context("LBT_SECCOMP")?);
-    let containers = daemonset()?;
+    let pod = daemonset()?;
+    let (containers, volumes) = (pod.containers, pod.volumes.unwrap_or_default());
     let find = |n: &str| containers.iter().find(|c| c.name == n).cloned();
     let (agent_c, router_c) = (
         find("agent").context("agent")?,
@@ -241,8 +358,10 @@ fn main() -> anyhow::Result<()> {
         etc_dir: &etc_dir,
         cgroup_in: &cgroup_in,
         bpffs: &pins.path,
+        volumes: &volumes,
     };
     let admin = run_dir.join("admin.sock");
+    let router_sock = run_dir.join("router.sock");
 
     // 1. The runtime's default seccomp profile stops the agent.
     println!("1. agent with the runtime's default seccomp profile");
@@ -266,6 +385,36 @@ fn main() -> anyhow::Result<()> {
     );
     drop(c);
     let _ = std::fs::remove_file(&admin);
+
+    // 1b. The router without SYS_ADMIN (and so without setns) refuses to
+    // start with --source-identity pod, and says what it lacks.
+    println!("   router without SYS_ADMIN");
+    let mut weak = router_c.clone();
+    if let Some(caps) = weak
+        .security_context
+        .as_mut()
+        .and_then(|sc| sc.capabilities.as_mut())
+    {
+        caps.add
+            .get_or_insert_default()
+            .retain(|c| c != "SYS_ADMIN" && c != "CAP_SYS_ADMIN");
+    }
+    let c = run.start(&weak, &format!("{}-nosysadmin", t.prefix), Some(&seccomp))?;
+    let exited = c.exits_within(Duration::from_secs(10));
+    let logs = c.logs();
+    anyhow::ensure!(
+        exited && c.exit_code()? != 0 && logs.contains("CAP_SYS_ADMIN"),
+        "the router without SYS_ADMIN was expected to exit naming CAP_SYS_ADMIN: {logs}"
+    );
+    println!(
+        "   refused, as expected: {}",
+        logs.lines()
+            .rfind(|l| l.contains("CAP_SYS_ADMIN"))
+            .unwrap_or("")
+            .trim()
+    );
+    drop(c);
+    let _ = std::fs::remove_file(&router_sock);
 
     // 2. With the shipped profile: both containers start and attach.
     println!("2. agent and router with {}", seccomp.display());
@@ -336,10 +485,110 @@ fn main() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
     );
 
-    // 4. SIGTERM: both exit 0.
+    // 4. Client identity: a client namespace made now, after the router
+    // started (its file is a new mount in the host's netns directory: it
+    // reaches the container only through the mount's propagation), is found
+    // and served, and its streams reach the pods from its own address.
+    let before = router_status(&router_sock)?;
+    anyhow::ensure!(before["source_identity"] == "pod", "{before}");
+    let n0 = before["namespaces"].as_u64().context("namespaces")?;
+    let found = std::time::Instant::now();
+    let late = t.extra_client("late", LATE_V4, LATE_V6)?;
+    // (Other tests on this host may add and remove namespaces meanwhile:
+    // what proves this one was found is that its streams below are spread
+    // by the router, which the kernel steers to only for served ones.)
+    Topology::wait_for(
+        "the router to find the new namespace",
+        Duration::from_secs(10),
+        || Ok(router_status(&router_sock)?["namespaces"].as_u64() > Some(n0)),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\nrouter: {}", router.logs()))?;
+    println!(
+        "4. client namespace {} made after the router started: router-status namespaces {n0} -> {} within {:?}",
+        late.name,
+        router_status(&router_sock)?["namespaces"],
+        found.elapsed()
+    );
+    let v = h2_client(
+        &late.name,
+        Some(&t.cgroup.path),
+        &format!("{H2_VIP}:80"),
+        &[
+            "--path",
+            "/unary",
+            "--requests",
+            "200",
+            "--concurrency",
+            "8",
+        ],
+    )?;
+    let pods = v["pods"].as_object().context("pods")?;
+    anyhow::ensure!(
+        pods.len() == 4 && v["errors"].as_object().is_none_or(|e| e.is_empty()),
+        "its first connection, routed over every pod: {v}"
+    );
+    // Streams held open, so their pod connections can be looked at.
+    let hold = H2Hold::start(
+        &late.name,
+        Some(&t.cgroup.path),
+        &format!("{H2_VIP}:80"),
+        &[
+            "--connections",
+            "1",
+            "--streams",
+            "8",
+            "--path",
+            "/slow?ms=20000",
+        ],
+    )?;
+    anyhow::ensure!(hold.report["connections"] == 1, "{}", hold.report);
+    let mut seen: Vec<(String, Vec<String>)> = Vec::new();
+    Topology::wait_for(
+        "pod connections from the client's namespace",
+        Duration::from_secs(10),
+        || {
+            seen = t
+                .pods
+                .iter()
+                .map(|p| Ok((p.name.clone(), peers_of_pod(&p.ns.name)?)))
+                .collect::<anyhow::Result<_>>()?;
+            Ok(seen
+                .iter()
+                .filter(|(_, peers)| peers.iter().any(|a| a == LATE_V4))
+                .count()
+                >= 2)
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}: {seen:?}"))?;
+    let status = router_status(&router_sock)?;
+    hold.close()?;
+    // No pod connection carries the node's address: every client here is
+    // in a namespace the router serves, so none is opened from its own.
+    anyhow::ensure!(
+        seen.iter()
+            .all(|(_, peers)| peers.iter().all(|a| a != NODE_IP)),
+        "a pod connection from the node's address: {seen:?}"
+    );
+    anyhow::ensure!(
+        status["namespace_pools"].as_u64() >= Some(1)
+            && status["namespace_connections"].as_u64() >= Some(2),
+        "{status}"
+    );
+    println!(
+        "   200 HTTP/2 requests on its first connection: {:?}; 8 held streams: pods see {:?}; router: {} namespace pools, {} of their pod connections",
+        pods.iter()
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect::<Vec<_>>(),
+        seen,
+        status["namespace_pools"],
+        status["namespace_connections"]
+    );
+    drop(late);
+
+    // 5. SIGTERM: both exit 0.
     let (r, a) = (router.stop()?, agent.stop()?);
     anyhow::ensure!(r == 0 && a == 0, "exit codes: router {r}, agent {a}");
-    println!("4. podman stop: router exited {r}, agent {a}");
+    println!("5. podman stop: router exited {r}, agent {a}");
     let _ = std::fs::remove_dir_all(&dir);
     println!("image check passed: {image}");
     Ok(())
