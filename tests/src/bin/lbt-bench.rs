@@ -806,6 +806,158 @@ fn run_rounds(
     Ok(runs)
 }
 
+/// Client namespaces of the identity rows: one h2load connection each.
+const IDENTITY_CLIENTS: usize = 16;
+
+/// One run of the identity rows: `nss.len()` h2load processes at once, each
+/// one connection (`-m 32`) from its own client namespace, through the
+/// balancer whose cgroup is `cg`.
+#[derive(Debug, Clone)]
+struct ManyRun {
+    rps: f64,
+    failed: u64,
+    cpu_s: f64,
+    cpu_wall_s: f64,
+    /// Pod connections the router had open in the middle of the run.
+    pod_connections: u64,
+}
+
+fn h2load_many(nss: &[Netns], cg: &Path, agent: &Agent, secs: u64) -> anyhow::Result<ManyRun> {
+    let pids = balancer_pids(agent)?;
+    let mut children = Vec::new();
+    for ns in nss {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {} h2load -D {secs} --warm-up-time {}ms -c 1 -t 1 -m 32 http://{H2_VIP}:80/index",
+            cg.display(),
+            ns.name,
+            H2_WARM_UP.as_millis(),
+        );
+        children.push(
+            Command::new("sh")
+                .args(["-c", &script])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting h2load")?,
+        );
+    }
+    std::thread::sleep(H2_WARM_UP);
+    let (cpu0, start) = (tree_cpu_s(&pids), Instant::now());
+    std::thread::sleep(Duration::from_millis(secs * 500));
+    let pod_connections = agent.status_json()?["router"]["process"]["backend_connections"]
+        .as_u64()
+        .unwrap_or(0);
+    let (mut rps, mut failed) = (0.0, 0);
+    for child in children {
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(out.status.success(), "h2load failed: {text}");
+        rps += h2load_rps(&text).with_context(|| format!("h2load output: {text}"))?;
+        failed += h2load_requests(&text, "failed") + h2load_requests(&text, "errored");
+    }
+    let cpu_wall_s = start.elapsed().as_secs_f64();
+    let cpu_s = tree_cpu_s(&pids)
+        .iter()
+        .zip(&cpu0)
+        .map(|(a, b)| a - b)
+        .sum();
+    Ok(ManyRun {
+        rps,
+        failed,
+        cpu_s,
+        cpu_wall_s,
+        pod_connections,
+    })
+}
+
+/// The identity rows: the same 16 client namespaces through a router with
+/// `--source-identity pod` (each namespace its own pod connections) and
+/// one with `node` (shared pools), interleaved over `rounds`.
+fn identity_rows(
+    t: &Topology,
+    yaml: &str,
+    rounds: usize,
+    secs: u64,
+) -> anyhow::Result<(String, serde_json::Value)> {
+    let nss: Vec<Netns> = (0..IDENTITY_CLIENTS)
+        .map(|i| {
+            t.extra_client(
+                &format!("id{i}"),
+                &format!("198.18.210.{}", 10 + i),
+                &format!("fd00:18::d2:{:x}", 0x10 + i),
+            )
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let pod = Balancer::start(
+        t,
+        "idpod",
+        ("198.18.206.1", "fd00:18::ce:1"),
+        yaml,
+        &[
+            "--proxy-addr",
+            "198.18.0.1:15005",
+            "--source-identity",
+            "pod",
+        ],
+    )?;
+    let node = Balancer::start(
+        t,
+        "idnode",
+        ("198.18.207.1", "fd00:18::cf:1"),
+        yaml,
+        &[
+            "--proxy-addr",
+            "198.18.0.1:15006",
+            "--source-identity",
+            "node",
+        ],
+    )?;
+    let rows = [("identity_pod_16ns", &pod), ("identity_node_16ns", &node)];
+    for (_, b) in &rows {
+        h2load_many(&nss, &b.cg.path, &b.agent, 1)?;
+    }
+    let mut runs: Vec<Vec<ManyRun>> = vec![Vec::new(); rows.len()];
+    for round in 0..rounds {
+        eprintln!("http2 identity: round {}/{rounds}", round + 1);
+        for i in 0..rows.len() {
+            let k = (round + i) % rows.len();
+            let b = rows[k].1;
+            runs[k].push(h2load_many(&nss, &b.cg.path, &b.agent, secs)?);
+        }
+    }
+    let summary = |r: &[ManyRun]| {
+        let rps = median(r.iter().map(|x| x.rps).collect());
+        let cpu = median(
+            r.iter()
+                .map(|x| x.cpu_s / x.cpu_wall_s / x.rps * 1e6)
+                .collect(),
+        );
+        let conns = r.iter().map(|x| x.pod_connections).max().unwrap_or(0);
+        let failed: u64 = r.iter().map(|x| x.failed).sum();
+        (rps, cpu, conns, failed)
+    };
+    let (p, n) = (summary(&runs[0]), summary(&runs[1]));
+    let mut table = format!(
+        "\nclient identity: {IDENTITY_CLIENTS} client namespaces, one h2load connection each (-m 32), at once, median of {rounds} rounds\n\
+         {:<20} {:>8} {:>8} {:>8} {:>10} {:>6}\n",
+        "config", "req/s", "cpu us", "cpu x", "pod conns", "failed"
+    );
+    for (name, (rps, cpu, conns, failed)) in [(rows[0].0, p), (rows[1].0, n)] {
+        table += &format!(
+            "{name:<20} {rps:>8.0} {cpu:>8.2} {:>8.2} {conns:>10} {failed:>6}\n",
+            cpu / n.1
+        );
+    }
+    let json = json!({
+        "clients": IDENTITY_CLIENTS,
+        "pod": {"rps": p.0, "cpu_us_per_request": p.1, "pod_connections": p.2, "failed": p.3},
+        "node": {"rps": n.0, "cpu_us_per_request": n.1, "pod_connections": n.2, "failed": n.3},
+        "cpu_per_request_pod_over_node": p.1 / n.1,
+        "rps_pod_over_node": p.0 / n.0,
+    });
+    Ok((table, json))
+}
+
 fn http2(out: PathBuf) -> anyhow::Result<()> {
     let secs: u64 = env_or("LBT_H2_SECS", 3);
     anyhow::ensure!(secs >= 2, "LBT_H2_SECS must be at least 2");
@@ -958,6 +1110,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         .zip(&runs)
         .map(|(c, r)| (c.name, summarize(r)))
         .collect();
+    let (identity_table, identity) = identity_rows(&t, &yaml, rounds, secs)?;
     let router_pid = agent.router_pid().context("router pid")?;
     let (rss, hwm) = (
         agent_mem_kib(router_pid, "VmRSS:"),
@@ -1035,6 +1188,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
          balancer_splice: client directions spliced: {}, left on TCP: {}\n",
         splice_counters["splice_on"], splice_counters["splice_off"],
     );
+    table += &identity_table;
     let result = json!({
         "benchmark": "http2",
         "unix_time": SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
@@ -1044,6 +1198,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         "targets": {"balancer": checks.iter().map(|(what, bound, value, met)| json!({
             "target": what, "bound": bound, "value": value, "met": met})).collect::<Vec<_>>()},
         "router_threads": threads,
+        "identity": identity,
         "router": {"rss_kib": rss, "peak_rss_kib": hwm},
         "splice": {"splice_on": splice_counters["splice_on"],
             "splice_off": splice_counters["splice_off"]},
