@@ -25,15 +25,15 @@
 mod io;
 pub mod netns;
 pub mod process;
+mod routes;
 pub mod table;
 
 pub use balancer_router::{core, endpoint};
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     rc::Rc,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -45,7 +45,8 @@ use tokio::{
 };
 
 use crate::{api::EndpointStats, dataplane::plan::addr_words};
-use endpoint::{Endpoint, Pool};
+use endpoint::Endpoint;
+use routes::RouteTable;
 use table::Route;
 
 use balancer_common::h2frame::PREFACE;
@@ -56,10 +57,8 @@ pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
 const SILENT_CLIENT: Duration = Duration::from_millis(500);
 
 pub struct Router {
-    /// VIP:port -> endpoints of that http2 frontend. Replaced whole.
-    table: RwLock<Arc<HashMap<SocketAddr, Arc<Pool>>>>,
-    /// Every endpoint the router knows, so counters survive updates.
-    registry: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
+    /// The http2 routes and every endpoint the router knows.
+    routes: RouteTable,
     /// The kernel maps the router uses; replaced whole when the agent
     /// pinned a fresh data path.
     maps: Mutex<Maps>,
@@ -182,8 +181,7 @@ impl Router {
             maps_epoch: std::sync::atomic::AtomicU64::new(0),
             limits,
             splice: maps.splice.is_some(),
-            table: RwLock::new(Arc::new(HashMap::new())),
-            registry: Mutex::new(HashMap::new()),
+            routes: RouteTable::default(),
             maps: Mutex::new(maps),
             shutdown: watch::channel(false).0,
             connections: std::sync::atomic::AtomicUsize::new(0),
@@ -248,94 +246,23 @@ impl Router {
         self.tracked.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Publish the http2 routes: build the new table, then swap it in.
-    /// Endpoints that left drain: their streams finish, and no new one is
-    /// sent to them.
+    /// Publish the http2 routes (see [`RouteTable::update`]).
     pub fn update(&self, routes: &[Route]) {
-        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        let mut table = HashMap::new();
-        let mut live = std::collections::HashSet::new();
-        for f in routes {
-            let eps: Vec<Arc<Endpoint>> = f
-                .backends
-                .iter()
-                .map(|b| {
-                    live.insert(*b);
-                    let ep = registry
-                        .entry(*b)
-                        .or_insert_with(|| Arc::new(Endpoint::new(*b)))
-                        .clone();
-                    ep.draining
-                        .store(false, std::sync::atomic::Ordering::Relaxed);
-                    ep
-                })
-                .collect();
-            table.insert(f.vip, Arc::new(Pool::new(f.algorithm, eps)));
-        }
-        registry.retain(|addr, ep| {
-            if live.contains(addr) {
-                return true;
-            }
-            // Its pooled connection closes once its last stream ends.
-            ep.draining
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            ep.outstanding.load(std::sync::atomic::Ordering::Relaxed) > 0
-        });
-        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
-    }
-
-    fn pool(&self, vip: SocketAddr) -> Option<Arc<Pool>> {
-        self.table
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&vip)
-            .cloned()
+        self.routes.update(routes);
     }
 
     pub fn pick(&self, vip: SocketAddr, exclude: &[SocketAddr]) -> Option<Arc<Endpoint>> {
-        self.pool(vip)?.pick(exclude)
+        self.routes.pick(vip, exclude)
     }
 
-    /// Every endpoint the router knows (routed to, or draining with
-    /// streams in flight), with its counters.
+    /// Every endpoint the router knows, with its counters.
     pub fn endpoint_stats(&self) -> Vec<(SocketAddr, EndpointStats)> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let now = std::time::Instant::now();
-        // Ejected where it counts: out of a service's pool after the cap.
-        let out: std::collections::HashSet<SocketAddr> = self
-            .table
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .flat_map(|pool| pool.ejected(now))
-            .collect();
-        let reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<_> = reg
-            .iter()
-            .map(|(addr, e)| {
-                let ejected = e.accrual.view(now).filter(|_| out.contains(addr));
-                (
-                    *addr,
-                    EndpointStats {
-                        active_streams: e.outstanding.load(Relaxed),
-                        streams_total: e.streams_total.load(Relaxed),
-                        ewma_us: e.ewma().as_micros() as u64,
-                        failures: e.failures.load(Relaxed),
-                        consecutive_failures: e.accrual.consecutive(),
-                        ejections: e.accrual.ejections.load(Relaxed),
-                        ejected: ejected.map(|(why, _)| why.as_str().to_owned()),
-                        ejected_for_ms: ejected.map_or(0, |(_, ms)| ms),
-                    },
-                )
-            })
-            .collect();
-        v.sort_by_key(|(a, _)| *a);
-        v
+        self.routes.endpoint_stats()
     }
 
     /// The number of http2 service ports in the table.
     pub fn routes(&self) -> usize {
-        self.table.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.routes.len()
     }
 
     /// Write `cfg` (with the heartbeat of now) to CONFIG.
