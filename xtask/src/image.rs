@@ -23,6 +23,36 @@ pub const PROFILE: &str = "manifests/seccomp/balancer-agent.json";
 /// Syscalls the runtime's default allows only with CAP_SYS_ADMIN, which
 /// the agent needs with the capability the kernel checks since 5.8.
 const CALLS: [(&str, &str); 2] = [("bpf", "CAP_BPF"), ("perf_event_open", "CAP_PERFMON")];
+/// `setns(2)`'s second argument for a network namespace: the only one the
+/// profile lets through (the router's, with CAP_SYS_ADMIN).
+const CLONE_NEWNET: u64 = 0x4000_0000;
+/// What else CAP_SYS_ADMIN (the router's, for setns) would open, none of
+/// which either container calls: mounts (a remount would make the
+/// read-only cgroup and netns mounts writable), the node's hostname (a
+/// hostNetwork pod shares the host's UTS namespace), new namespaces, the
+/// kernel log, quotas, fanotify. Refused with EPERM, as the kernel refuses
+/// them without the capability.
+const REFUSED: [&str; 19] = [
+    "mount",
+    "umount",
+    "umount2",
+    "pivot_root",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "move_mount",
+    "open_tree",
+    "mount_setattr",
+    "unshare",
+    "sethostname",
+    "setdomainname",
+    "syslog",
+    "quotactl",
+    "quotactl_fd",
+    "fanotify_init",
+    "lookup_dcookie",
+];
 
 static ULIMITS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
@@ -152,7 +182,15 @@ pub fn check() -> anyhow::Result<()> {
 /// Write the seccomp profile: the runtime's default, with `bpf(2)` and
 /// `perf_event_open(2)` allowed for CAP_BPF and CAP_PERFMON too (the
 /// default allows them only with CAP_SYS_ADMIN, which the agent does not
-/// have).
+/// have); `setns(2)` only into a network namespace; and what else the
+/// router's CAP_SYS_ADMIN would open ([`REFUSED`]) refused.
+///
+/// setns and the refused calls are each in exactly one rule, with no
+/// `includes`/`excludes`: containerd reads a Localhost profile as a plain
+/// OCI one and ignores those (checked with runc here: every rule then
+/// applies, and the first allow of a call wins), so these rules mean the
+/// same under containerd as under CRI-O and podman. The kernel still checks
+/// CAP_SYS_ADMIN for setns: the agent, without it, is refused there.
 pub fn seccomp() -> anyhow::Result<()> {
     crate::setup::run_setup()?;
     let text = std::fs::read_to_string(RUNTIME_DEFAULT)
@@ -171,7 +209,26 @@ pub fn seccomp() -> anyhow::Result<()> {
             names.retain(|n| !ours(n));
         }
     }
+    // setns and the refused calls out of every rule (allow, or deny
+    // without CAP_SYS_ADMIN), to be in one rule each below.
+    let narrowed = |n: &serde_json::Value| n == "setns" || REFUSED.iter().any(|c| n == c);
+    for rule in syscalls.iter_mut() {
+        if let Some(names) = rule["names"].as_array_mut() {
+            names.retain(|n| !narrowed(n));
+        }
+    }
     syscalls.retain(|r| r["names"].as_array().is_none_or(|n| !n.is_empty()));
+    syscalls.push(serde_json::json!({
+        "names": ["setns"], "action": "SCMP_ACT_ALLOW",
+        "args": [{"index": 1, "value": CLONE_NEWNET, "valueTwo": 0, "op": "SCMP_CMP_EQ"}],
+        "comment": "balancer-agent: setns(fd, CLONE_NEWNET) only: the router opens pod connections in client pods' network namespaces (the kernel checks CAP_SYS_ADMIN)",
+        "includes": {}, "excludes": {}
+    }));
+    syscalls.push(serde_json::json!({
+        "names": REFUSED, "action": "SCMP_ACT_ERRNO", "args": [],
+        "comment": "balancer-agent: what CAP_SYS_ADMIN would open beyond setns, used by neither container",
+        "includes": {}, "excludes": {}, "errnoRet": 1, "errno": "EPERM"
+    }));
     for (call, cap) in CALLS {
         syscalls.push(serde_json::json!({
             "names": [call], "action": "SCMP_ACT_ALLOW", "args": [],
