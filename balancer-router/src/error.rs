@@ -38,10 +38,12 @@ impl Error {
             BlockError::Compression(_) => {
                 Error::conn(Reason::COMPRESSION_ERROR, "header block cannot be decoded")
             }
-            BlockError::TooLarge => Error::conn(Reason::ENHANCE_YOUR_CALM, "header list too large"),
+            BlockError::TooLarge(_) => {
+                Error::conn(Reason::ENHANCE_YOUR_CALM, "header list too large")
+            }
             // A new request is answered 431 before it gets here; trailers
             // end their stream.
-            BlockError::FieldTooLarge => {
+            BlockError::FieldTooLarge(_) => {
                 Error::stream(stream, Reason::PROTOCOL_ERROR, "header field too large")
             }
             BlockError::Malformed(why) => Error::stream(stream, Reason::PROTOCOL_ERROR, why),

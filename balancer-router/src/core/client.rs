@@ -444,7 +444,9 @@ impl Core {
             Some(dec) => dec.reencode(&buf).map_err(|e| {
                 let e = match e {
                     // A small block that expands through the table.
-                    hpack::HpackError::TooLarge => hpack::BlockError::TooLarge,
+                    hpack::HpackError::TooLarge => {
+                        hpack::BlockError::TooLarge(hpack::BlockInfo::default())
+                    }
                     e => hpack::BlockError::Compression(e),
                 };
                 Error::block(sid, &e)
@@ -494,7 +496,7 @@ impl Core {
             max_string: hpack::MAX_STRING,
         };
         let checked = c.last_block.check(&buf, role, limits, &mut self.scratch);
-        if new && checked == Err(hpack::BlockError::FieldTooLarge) {
+        if new && matches!(checked, Err(hpack::BlockError::FieldTooLarge(_))) {
             // Within the list we allow, but longer than some pods take
             // without ending their whole connection: refused with
             // 431 Request Header Fields Too Large (RFC 6585), on this
