@@ -32,12 +32,16 @@ const STATIC_ENTRIES: u64 = 61;
 pub const MAX_DECODED: usize = 256 * 1024;
 /// The table a client may use before it ACKs our settings (the default).
 const DEFAULT_TABLE: usize = 4096;
-/// The longest string literal [`check_block`] lets through, counted as sent
-/// (Huffman-coded or not). Servers end the whole connection on longer ones:
-/// nginx (ENHANCE_YOUR_CALM) above `large_client_header_buffers`' size,
-/// 8 KiB by default (`http2_max_field_size`, 4 KiB, before 1.19.7);
-/// nghttp2 (COMPRESSION_ERROR) above 64 KiB.
-pub const MAX_STRING: usize = 8 * 1024;
+/// The longest string literal [`check_block`] lets through by default,
+/// counted as sent (Huffman-coded or not): nghttp2's limit (COMPRESSION_ERROR
+/// above `NGHTTP2_HD_MAX_NV`, 65,536 bytes, which ends the whole
+/// connection). It is no lower than the router's header list limit
+/// (`core::MAX_HEADER_LIST`), so within that list one field may be as large
+/// as the list allows; only a Huffman code longer than its text (which no
+/// encoder chooses) reaches it first. nginx ends its connection on far
+/// shorter fields (above `large_client_header_buffers`' 8 KiB), but with
+/// pod connections per client namespace that ends only the sender's own.
+pub const MAX_STRING: usize = 64 * 1024;
 /// Bytes an integer may take after its prefix. nginx refuses integers of
 /// more than 4 bytes in all, h2 (Rust) of more than 5, as COMPRESSION_ERROR
 /// (RFC 7541 5.1 lets a decoder limit them); 3 bytes still carry 2^21 - 1,

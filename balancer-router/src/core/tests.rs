@@ -16,6 +16,7 @@ use crate::{
 mod attacks;
 mod bounds;
 mod h2spec;
+mod metadata;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct F {
