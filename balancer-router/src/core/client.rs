@@ -43,6 +43,12 @@ pub const HEADER_LIST_BOMB: usize = 2 * MAX_HEADER_LIST;
 /// client's ACK, dynamic ones. Big honest lists are long literals, within
 /// Huffman's 8/5 of their size on the wire.
 pub const HPACK_EXPANSION_BOMB: usize = 8;
+/// Before a pod's SETTINGS arrive its limit is unknown (and unlimited by
+/// RFC 9113 6.5.2): requests whose header list is larger than this wait
+/// for them on a new connection, so a pod that names a smaller limit
+/// never receives one over it. 8 KiB: the smallest limit common gRPC
+/// servers advertise (grpc-java's default; gRPC C-core's is 16 KiB).
+pub const UNSETTLED_HEADER_LIST: usize = 8 * 1024;
 
 // No string we let through is longer than nghttp2 pods take
 // (`hpack::MAX_STRING`), which would end their whole connection.
@@ -606,8 +612,8 @@ impl Core {
             max_list: MAX_HEADER_LIST,
             max_string: MAX_HEADER_LIST,
         };
-        match c.last_block.check(&buf, role, limits, &mut self.scratch) {
-            Ok(_) => {}
+        let info = match c.last_block.check(&buf, role, limits, &mut self.scratch) {
+            Ok(info) => info,
             Err(hpack::BlockError::TooLarge(info) | hpack::BlockError::FieldTooLarge(info))
                 if header_list_bomb(info.list_size, wire) =>
             {
@@ -636,7 +642,7 @@ impl Core {
                 }
                 return Err(e);
             }
-        }
+        };
         if priority.is_some_and(|p| p.dependency == sid) {
             return Err(Error::stream(
                 sid,
@@ -661,6 +667,18 @@ impl Core {
                 ));
             }
             let cs = c.streams.get_mut(&sid).expect("exists");
+            if let Up::Open(b, _) | Up::Queued(b) = cs.up
+                && self
+                    .backends
+                    .get(&b)
+                    .is_some_and(|be| info.list_size > be.peer.max_header_list)
+            {
+                return Err(Error::stream(
+                    sid,
+                    Reason::ENHANCE_YOUR_CALM,
+                    "trailers over the pod's header list limit",
+                ));
+            }
             cs.state.recv_end();
             cs.last_active = now;
             if cs.up == Up::Done {
@@ -713,10 +731,63 @@ impl Core {
                 blocked_up: false,
                 blocked_down: false,
                 last_active: now,
+                head: Head::of(&info),
             },
         );
         self.route(id, sid);
         Ok(())
+    }
+
+    /// Where in backend `b`'s queue the next stream to open is: the
+    /// first, but a request too large to send before the pod's SETTINGS
+    /// (which may name a smaller limit: over [`UNSETTLED_HEADER_LIST`])
+    /// waits for them. A stream that is gone or moved is taken (and then
+    /// skipped).
+    pub(super) fn next_queued(&self, b: ConnId) -> Option<usize> {
+        let be = self.backends.get(&b)?;
+        be.queue.iter().position(|(c, sid)| {
+            be.settings_seen
+                || self
+                    .clients
+                    .get(c)
+                    .and_then(|cl| cl.streams.get(sid))
+                    .is_none_or(|cs| {
+                        cs.up != Up::Queued(b) || cs.head.list_size <= UNSETTLED_HEADER_LIST
+                    })
+        })
+    }
+
+    /// Whether queued request `sid` of client `c` is over the header list
+    /// limit backend `b` advertised; if so it is refused (see
+    /// [`too_large_answer`]), and never sent there.
+    pub(super) fn refused_by_pod_limit(&mut self, c: ConnId, sid: u32, b: ConnId) -> bool {
+        let Some(limit) = self.backends.get(&b).map(|be| be.peer.max_header_list) else {
+            return false;
+        };
+        // Most pods name no limit, or one no smaller than ours, which
+        // every request we took is within.
+        if limit >= MAX_HEADER_LIST {
+            return false;
+        }
+        let Some(cl) = self.clients.get_mut(&c) else {
+            return false;
+        };
+        if cl
+            .streams
+            .get(&sid)
+            .is_none_or(|cs| cs.head.list_size <= limit)
+        {
+            return false;
+        }
+        let mut cs = cl.streams.remove(&sid).expect("present");
+        // Not the pod's failure: it never saw the request.
+        cs.inflight = None;
+        cs.up = Up::Done;
+        answer_too_large(cl, sid, cs.state.recv_closed(), cs.head, limit, "pod");
+        self.wake(c);
+        self.drop_stream(c, sid, cs, Reason::CANCEL);
+        self.after_stream_end(c);
+        true
     }
 
     /// A stream error on a client's stream: RST_STREAM to the client, the

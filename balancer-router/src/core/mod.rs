@@ -135,7 +135,8 @@ pub const MAX_CLIENT_STREAMS: u32 = 256;
 /// 32 KiB, with 8 KiB per field, while pod connections were shared by
 /// every client: a pod that ends its connection on a big header (nginx)
 /// ended everyone's streams. With pod connections per client namespace it
-/// ends only the sender's own.
+/// ends only the sender's own, and a pod's own advertised limit is honoured
+/// on the way to it (`client::refused_by_pod_limit`).
 pub const MAX_HEADER_LIST: usize = 64 * 1024;
 /// The largest response header list accepted from a backend.
 pub const MAX_RESPONSE_HEADER_LIST: usize = 256 * 1024;
@@ -308,6 +309,9 @@ struct CStream {
     /// In its client's `blocked` list (at most once).
     blocked_down: bool,
     last_active: Instant,
+    /// The request's header list size and whether it is gRPC: checked
+    /// against its pod's SETTINGS_MAX_HEADER_LIST_SIZE, and how to refuse it.
+    head: client::Head,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

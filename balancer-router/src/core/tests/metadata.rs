@@ -1,6 +1,6 @@
 //! Large metadata (issue 18): gRPC metadata of up to Envoy's 60 KiB list
-//! reaches the pod intact; a list over our limit is refused on its stream
-//! alone as a gRPC server would
+//! reaches the pod intact; a list over our limit, or over the limit its
+//! pod advertised, is refused on its stream alone as a gRPC server would
 //! (Trailers-Only `grpc-status: 8`, or 431 for other requests), and the
 //! connection goes on; a bomb still ends the connection.
 
@@ -8,7 +8,7 @@ use super::{
     h2spec::{backend_frames, goaway_code, ready, rst_code},
     *,
 };
-use crate::core::client::HEADER_LIST_BOMB;
+use crate::core::client::{HEADER_LIST_BOMB, UNSETTLED_HEADER_LIST};
 
 /// An HPACK integer with an `n`-bit prefix, first byte `flags | ...`.
 fn int(out: &mut Vec<u8>, flags: u8, n: u8, mut v: usize) {
@@ -299,6 +299,99 @@ fn request_trailers_over_our_limit_reset_only_their_stream() {
     let sent = backend_frames(&mut h);
     assert!(sent.iter().all(|f| f.kind != frame::HEADERS), "{sent:?}");
     served(&mut h, c, 3);
+}
+
+/// A pod whose SETTINGS are fed by hand: `limit` as its
+/// SETTINGS_MAX_HEADER_LIST_SIZE.
+fn pod_settings(h: &mut H, b: ConnId, limit: u32) {
+    let mut s = BytesMut::new();
+    frame::settings(&mut s, &[(setting::MAX_HEADER_LIST_SIZE, limit)]);
+    h.feed_backend(b, s);
+}
+
+#[test]
+fn a_pod_that_advertises_16_kib_never_receives_a_20_kib_list() {
+    let big = token(20 * 1024);
+    for grpc in [true, false] {
+        let mut h = H::new(1, Algorithm::RoundRobin);
+        // The pod's SETTINGS come only when the test says.
+        h.silent = Some(h.eps[0].addr);
+        let c = ready(&mut h);
+        // Before its SETTINGS: the small request goes at once, the big one
+        // waits for them.
+        h.feed(c, headers(1, &request(grpc, &big, false), true));
+        h.feed(c, headers(3, REQ_PLAIN, true));
+        let b = h.backend(h.eps[0].addr);
+        let sent = blocks(&h.out(b));
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(sent[0].2, REQ_PLAIN);
+        assert!(h.out(c).iter().all(|f| f.stream != 1));
+        // It says 16 KiB: the big request is answered by the router.
+        pod_settings(&mut h, b, 16_384);
+        assert_refused(&h.out(c), 1, grpc);
+        let sent = h.out(b);
+        assert!(sent.iter().all(|f| f.kind != frame::HEADERS), "{sent:?}");
+        // Once its limit is known, a big request is refused at once.
+        h.feed(c, headers(5, &request(grpc, &big, false), false));
+        let out = h.out(c);
+        assert_refused(&out, 5, grpc);
+        assert_eq!(rst_code(&out, 5), Some(Reason::NO_ERROR.code()));
+        let sent = h.out(b);
+        assert!(sent.iter().all(|f| f.kind != frame::HEADERS), "{sent:?}");
+        // The small request is answered on the same connection, and the
+        // next one too.
+        h.feed_backend(b, headers(1, RESP_200, true));
+        let out = h.out(c);
+        assert!(
+            out.iter()
+                .any(|f| f.kind == frame::HEADERS && f.stream == 3 && f.payload == RESP_200),
+            "{out:?}"
+        );
+        served(&mut h, c, 7);
+        // Refusals are not the pod's failures, and hold nothing.
+        assert_eq!(
+            h.eps[0]
+                .outstanding
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        assert_eq!(h.core.client_streams(c), 0);
+        assert_eq!(h.core.held(), 0);
+    }
+}
+
+#[test]
+fn a_big_request_waits_for_the_pods_settings_and_goes_within_its_limit() {
+    let big = token(20 * 1024);
+    assert!(big.len() > UNSETTLED_HEADER_LIST);
+    let mut h = H::new(1, Algorithm::RoundRobin);
+    h.silent = Some(h.eps[0].addr);
+    let c = ready(&mut h);
+    h.feed(c, headers(1, &request(true, &big, false), true));
+    let b = h.backend(h.eps[0].addr);
+    assert_eq!(blocks(&h.out(b)), vec![]);
+    // 32 KiB: it fits.
+    pod_settings(&mut h, b, 32_768);
+    let sent = blocks(&h.out(b));
+    assert_eq!(sent.len(), 1);
+    assert!(decode(&sent[0].2).contains(&(b"x-token".to_vec(), big.clone())));
+    // A pod that names no limit takes every list we take.
+    let mut h = H::new(1, Algorithm::RoundRobin);
+    h.silent = Some(h.eps[0].addr);
+    let c = ready(&mut h);
+    h.feed(
+        c,
+        headers(1, &request(false, &token(60 * 1024), false), true),
+    );
+    let b = h.backend(h.eps[0].addr);
+    assert_eq!(blocks(&h.out(b)), vec![]);
+    h.feed_backend(b, {
+        let mut s = BytesMut::new();
+        frame::settings(&mut s, &[]);
+        s
+    });
+    assert_eq!(blocks(&h.out(b)).len(), 1);
+    assert!(h.out(c).iter().all(|f| f.stream != 1));
 }
 
 #[test]
