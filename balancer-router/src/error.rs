@@ -32,17 +32,18 @@ impl Error {
 
     /// A header block's error on `stream`: decoding errors are the
     /// connection's (the peer's HPACK state is unknown from there on), a
-    /// list above our limit is abuse, a malformed message is the stream's.
+    /// malformed message is the stream's. A list over the limit ends only
+    /// the stream too (the client hop answers a new request with 431 or
+    /// gRPC's RESOURCE_EXHAUSTED before it gets here, and ends a bomb's
+    /// connection): ENHANCE_YOUR_CALM, which gRPC reads as
+    /// RESOURCE_EXHAUSTED.
     pub fn block(stream: u32, e: &BlockError) -> Self {
         match e {
             BlockError::Compression(_) => {
                 Error::conn(Reason::COMPRESSION_ERROR, "header block cannot be decoded")
             }
-            BlockError::TooLarge => Error::conn(Reason::ENHANCE_YOUR_CALM, "header list too large"),
-            // A new request is answered 431 before it gets here; trailers
-            // end their stream.
-            BlockError::FieldTooLarge => {
-                Error::stream(stream, Reason::PROTOCOL_ERROR, "header field too large")
+            BlockError::TooLarge(_) | BlockError::FieldTooLarge(_) => {
+                Error::stream(stream, Reason::ENHANCE_YOUR_CALM, "header list too large")
             }
             BlockError::Malformed(why) => Error::stream(stream, Reason::PROTOCOL_ERROR, why),
         }

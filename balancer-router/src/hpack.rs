@@ -32,12 +32,16 @@ const STATIC_ENTRIES: u64 = 61;
 pub const MAX_DECODED: usize = 256 * 1024;
 /// The table a client may use before it ACKs our settings (the default).
 const DEFAULT_TABLE: usize = 4096;
-/// The longest string literal [`check_block`] lets through, counted as sent
-/// (Huffman-coded or not). Servers end the whole connection on longer ones:
-/// nginx (ENHANCE_YOUR_CALM) above `large_client_header_buffers`' size,
-/// 8 KiB by default (`http2_max_field_size`, 4 KiB, before 1.19.7);
-/// nghttp2 (COMPRESSION_ERROR) above 64 KiB.
-pub const MAX_STRING: usize = 8 * 1024;
+/// The longest string literal [`check_block`] lets through by default,
+/// counted as sent (Huffman-coded or not): nghttp2's limit (COMPRESSION_ERROR
+/// above `NGHTTP2_HD_MAX_NV`, 65,536 bytes, which ends the whole
+/// connection). It is no lower than the router's header list limit
+/// (`core::MAX_HEADER_LIST`), so within that list one field may be as large
+/// as the list allows; only a Huffman code longer than its text (which no
+/// encoder chooses) reaches it first. nginx ends its connection on far
+/// shorter fields (above `large_client_header_buffers`' 8 KiB), but with
+/// pod connections per client namespace that ends only the sender's own.
+pub const MAX_STRING: usize = 64 * 1024;
 /// Bytes an integer may take after its prefix. nginx refuses integers of
 /// more than 4 bytes in all, h2 (Rust) of more than 5, as COMPRESSION_ERROR
 /// (RFC 7541 5.1 lets a decoder limit them); 3 bytes still carry 2^21 - 1,
@@ -107,6 +111,9 @@ pub struct BlockInfo {
     /// `grpc-status`, in trailers or a trailers-only response, if it is a
     /// decimal number.
     pub grpc_status: Option<u32>,
+    /// A `content-type` starting with `application/grpc`: a gRPC message,
+    /// to be refused the gRPC way (a Trailers-Only response).
+    pub grpc: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -115,18 +122,22 @@ pub enum BlockError {
     /// every conformant server): connection error COMPRESSION_ERROR.
     #[error("header block cannot be decoded: {0}")]
     Compression(#[from] HpackError),
-    /// The decoded list exceeds the limit we advertise (a peer that
-    /// ignores our SETTINGS_MAX_HEADER_LIST_SIZE): the caller answers
-    /// ENHANCE_YOUR_CALM.
+    /// The decoded list exceeds [`Limits::max_list`] (a peer that ignores
+    /// the SETTINGS_MAX_HEADER_LIST_SIZE we advertise). What the block
+    /// holds is reported all the same (the walk went to its end), so
+    /// that the caller can tell a big but honest list, which it refuses
+    /// on that stream alone (431, or gRPC's RESOURCE_EXHAUSTED), from a
+    /// bomb, which ends the connection (ENHANCE_YOUR_CALM). The block
+    /// refers to no table, so no HPACK state is lost if only the stream
+    /// ends.
     #[error("header list too large")]
-    TooLarge,
+    TooLarge(BlockInfo),
     /// The list is within the limit but one string exceeds
-    /// [`Limits::max_string`], which some servers refuse by ending the
-    /// whole connection: the caller refuses the message (431). The block
-    /// was walked whole and refers to no table, so no HPACK state is lost
-    /// if only the stream ends.
+    /// [`Limits::max_string`] as sent, which some servers refuse by ending
+    /// the whole connection: the caller refuses the message as for
+    /// [`BlockError::TooLarge`], with the same report.
     #[error("header field too large")]
-    FieldTooLarge,
+    FieldTooLarge(BlockInfo),
     /// A malformed message (RFC 9113 8.1.1, 8.2, 8.3): stream error
     /// PROTOCOL_ERROR on that stream only.
     #[error("malformed message: {0}")]
@@ -137,9 +148,7 @@ pub enum BlockError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// The decoded list's size (RFC 7541 4.1), as in
-    /// SETTINGS_MAX_HEADER_LIST_SIZE. nginx ends the connection above 32 KiB
-    /// of names and values by default (4 x 8 KiB buffers; 16 KiB before
-    /// 1.19.7).
+    /// SETTINGS_MAX_HEADER_LIST_SIZE.
     pub max_list: usize,
     /// One string literal's length as sent (see [`MAX_STRING`]).
     pub max_string: usize,
@@ -318,6 +327,7 @@ enum Kind {
     Protocol,
     UnknownPseudo,
     ContentLength,
+    ContentType,
     Te,
     /// RFC 9113 8.2.2: connection, proxy-connection, keep-alive,
     /// transfer-encoding, upgrade.
@@ -371,7 +381,7 @@ static STATIC: [Entry; 62] = {
         e(b"content-length", b"", ContentLength),
         e(b"content-location", b"", Other),
         e(b"content-range", b"", Other),
-        e(b"content-type", b"", Other),
+        e(b"content-type", b"", ContentType),
         e(b"cookie", b"", Other),
         e(b"date", b"", Other),
         e(b"etag", b"", Other),
@@ -458,6 +468,7 @@ fn classify(name: &[u8]) -> Result<Kind, &'static str> {
     } else {
         match body {
             b"content-length" => Kind::ContentLength,
+            b"content-type" => Kind::ContentType,
             b"te" => Kind::Te,
             b"connection" | b"proxy-connection" | b"keep-alive" | b"transfer-encoding"
             | b"upgrade" => Kind::ConnectionSpecific,
@@ -615,6 +626,7 @@ impl Message {
             Kind::GrpcStatus => {
                 self.info.grpc_status = decimal(value).and_then(|n| u32::try_from(n).ok());
             }
+            Kind::ContentType => self.info.grpc = value.starts_with(b"application/grpc"),
             _ => {}
         }
     }
@@ -718,21 +730,22 @@ pub fn check_block_with(
         Ok(())
     })?;
     msg.finish();
-    if list > limits.max_list {
-        return Err(BlockError::TooLarge);
-    }
-    if too_long {
-        return Err(BlockError::FieldTooLarge);
-    }
-    if let Some(why) = msg.malformed {
-        return Err(BlockError::Malformed(why));
-    }
-    Ok(BlockInfo {
+    let info = BlockInfo {
         list_size: list,
         fields,
         size_update,
         ..msg.info
-    })
+    };
+    if list > limits.max_list {
+        return Err(BlockError::TooLarge(info));
+    }
+    if too_long {
+        return Err(BlockError::FieldTooLarge(info));
+    }
+    if let Some(why) = msg.malformed {
+        return Err(BlockError::Malformed(why));
+    }
+    Ok(info)
 }
 
 /// The last block a peer sent that passed [`check_block_with`], to skip
@@ -1373,19 +1386,20 @@ mod tests {
         assert_eq!(info.fields, 5);
         let mut s = Vec::new();
         assert!(check_block(&b.0, Role::Request, want, &mut s).is_ok());
+        // Over the limit, what the block holds is still reported.
         assert_eq!(
             check_block(&b.0, Role::Request, want - 1, &mut s),
-            Err(BlockError::TooLarge)
+            Err(BlockError::TooLarge(info))
         );
     }
 
     #[test]
     fn string_longer_than_max_string_is_too_large() {
         let long = "v".repeat(MAX_STRING + 1);
-        assert_eq!(
+        assert!(matches!(
             req(&get().lit("x-long", &long)),
-            Err(BlockError::FieldTooLarge)
-        );
+            Err(BlockError::FieldTooLarge(info)) if info.list_size > MAX_STRING
+        ));
         assert!(req(&get().lit("x-long", &long[1..])).is_ok());
         // Counted as sent: Huffman-coded, MAX_STRING bytes decode to more.
         let mut coded = Vec::new();
@@ -1398,10 +1412,10 @@ mod tests {
             max_string: 16,
         };
         let b = get().lit("x-name-of-17-byte", "v");
-        assert_eq!(
+        assert!(matches!(
             check_block_with(&b.0, Role::Request, limits, &mut Vec::new()),
-            Err(BlockError::FieldTooLarge)
-        );
+            Err(BlockError::FieldTooLarge(_))
+        ));
     }
 
     #[test]
@@ -1424,7 +1438,7 @@ mod tests {
         };
         assert_eq!(
             last.check(&good, Role::Request, tight, &mut s),
-            Err(BlockError::TooLarge)
+            Err(BlockError::TooLarge(info))
         );
         // Another block is checked, and a bad one never kept.
         let mut bad = good.clone();
@@ -1777,6 +1791,14 @@ mod tests {
         assert_eq!(info.grpc_status, None);
         let info = req(&get_without(METHOD).named(2, "HEAD")).expect("HEAD");
         assert!(info.is_head && !info.is_connect);
+        // gRPC requests, by content-type (static name or literal).
+        let grpc = |b: &B| req(b).expect("valid").grpc;
+        assert!(grpc(&get().named(31, "application/grpc")));
+        assert!(grpc(&get().named_h(31, "application/grpc+proto")));
+        assert!(grpc(&get().lit("content-type", "application/grpc")));
+        assert!(!grpc(&get().named(31, "application/json")));
+        assert!(!grpc(&get().lit("x-content-type", "application/grpc")));
+        assert!(!grpc(&get()));
     }
 
     #[test]
@@ -1801,10 +1823,10 @@ mod tests {
         assert_eq!(compression(req(&b)), HpackError::DynamicReference(63));
         // And a list too large wins over malformed.
         let b = get().lit("X", &"v".repeat(100));
-        assert_eq!(
+        assert!(matches!(
             check_block(&b.0, Role::Request, 100, &mut Vec::new()),
-            Err(BlockError::TooLarge)
-        );
+            Err(BlockError::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -1997,7 +2019,7 @@ mod tests {
             outcomes[match ours {
                 Ok(_) => 0,
                 Err(BlockError::Compression(_)) => 1,
-                Err(BlockError::TooLarge | BlockError::FieldTooLarge) => 2,
+                Err(BlockError::TooLarge(_) | BlockError::FieldTooLarge(_)) => 2,
                 Err(BlockError::Malformed(_)) => 3,
             }] += 1;
             if matches!(ours, Err(BlockError::Compression(_))) {

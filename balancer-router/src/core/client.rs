@@ -29,6 +29,119 @@ const MERGED_DATA: usize = 16 * 1024;
 /// `:status 431`: a literal without indexing on the static name `:status`.
 const TOO_LARGE_431: &[u8] = &[0x08, 0x03, b'4', b'3', b'1'];
 
+/// A request header list over [`MAX_HEADER_LIST`] but at most this is a
+/// big request (a token, trace baggage) from a client that did not heed
+/// our SETTINGS_MAX_HEADER_LIST_SIZE, refused on its stream alone; above
+/// it, the client is abusing the router: GOAWAY ENHANCE_YOUR_CALM. Twice
+/// our limit: a list that large is no honest misjudgement of one header
+/// (and the hostile-client test's literal bomb, twice what we advertise,
+/// must still end its connection).
+pub const HEADER_LIST_BOMB: usize = 2 * MAX_HEADER_LIST;
+/// A list over [`MAX_HEADER_LIST`] that is also more than this many times
+/// its block's size as sent is an HPACK bomb whatever its size: static
+/// table references (one byte for up to 60 bytes of list) or, before the
+/// client's ACK, dynamic ones. Big honest lists are long literals, within
+/// Huffman's 8/5 of their size on the wire.
+pub const HPACK_EXPANSION_BOMB: usize = 8;
+/// Before a pod's SETTINGS arrive its limit is unknown (and unlimited by
+/// RFC 9113 6.5.2): requests whose header list is larger than this wait
+/// for them on a new connection, so a pod that names a smaller limit
+/// never receives one over it. 8 KiB: the smallest limit common gRPC
+/// servers advertise (grpc-java's default; gRPC C-core's is 16 KiB).
+pub const UNSETTLED_HEADER_LIST: usize = 8 * 1024;
+
+// No string we let through is longer than nghttp2 pods take
+// (`hpack::MAX_STRING`), which would end their whole connection.
+const _: () = assert!(MAX_HEADER_LIST <= hpack::MAX_STRING);
+
+/// What the router keeps of a request's header block: its decoded list's
+/// size and whether it is gRPC, to check it against its pod's
+/// SETTINGS_MAX_HEADER_LIST_SIZE and to refuse it the right way.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Head {
+    pub list_size: usize,
+    pub grpc: bool,
+}
+
+impl Head {
+    fn of(info: &hpack::BlockInfo) -> Self {
+        Self {
+            list_size: info.list_size,
+            grpc: info.grpc,
+        }
+    }
+}
+
+/// Whether a header list of `list` bytes decoded from `wire` bytes is a
+/// bomb rather than a big request (see [`HEADER_LIST_BOMB`],
+/// [`HPACK_EXPANSION_BOMB`]).
+fn header_list_bomb(list: usize, wire: usize) -> bool {
+    list > HEADER_LIST_BOMB
+        || (list > MAX_HEADER_LIST && list > HPACK_EXPANSION_BOMB.saturating_mul(wire))
+}
+
+/// Answer client stream `sid` (whose request is `head`, over `limit`) with
+/// [`too_large_answer`]; the stream ends there, and a request the client
+/// has not ended is reset with NO_ERROR after it (RFC 9113 8.1).
+fn answer_too_large(c: &mut Client, sid: u32, ended: bool, head: Head, limit: usize, whose: &str) {
+    tracing::debug!(
+        vip = %c.vip,
+        stream = sid,
+        list = head.list_size,
+        limit,
+        whose,
+        grpc = head.grpc,
+        "request header list over the limit; refused on its stream"
+    );
+    let block = too_large_answer(head, limit, whose);
+    frame::headers(&mut c.out, sid, &block, true, c.peer.max_frame);
+    if ended {
+        c.recent.insert(sid, Closed::Ended);
+    } else {
+        frame::rst(&mut c.out, sid, Reason::NO_ERROR);
+        c.recent.insert(sid, Closed::ByUs);
+    }
+}
+
+/// Append a literal without indexing (RFC 7541 6.2.2), no Huffman: on
+/// static name `index` (1 to 14), or on a literal `name` if `index` is 0.
+/// Strings are shorter than 127 bytes (one-byte lengths).
+fn literal(out: &mut Vec<u8>, index: u8, name: &[u8], value: &[u8]) {
+    debug_assert!(index < 15 && name.len() < 127 && value.len() < 127);
+    out.push(index);
+    if index == 0 {
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+    }
+    out.push(value.len() as u8);
+    out.extend_from_slice(value);
+}
+
+/// The answer to a request whose header list is over a limit (`limit`,
+/// `whose`), as its server would answer it, ending the stream: for gRPC a
+/// Trailers-Only response (`:status 200`, `content-type:
+/// application/grpc`, `grpc-status: 8` RESOURCE_EXHAUSTED and a
+/// `grpc-message`), which a gRPC client reports as such; for anything
+/// else 431 Request Header Fields Too Large (RFC 6585).
+fn too_large_answer(head: Head, limit: usize, whose: &str) -> Vec<u8> {
+    if !head.grpc {
+        return TOO_LARGE_431.to_vec();
+    }
+    let mut b = Vec::with_capacity(128);
+    // `:status 200` is static entry 8; `content-type` is static name 31,
+    // which takes two bytes (15, then 16).
+    b.push(0x88);
+    b.extend_from_slice(&[0x0f, 0x10, 16]);
+    b.extend_from_slice(b"application/grpc");
+    literal(&mut b, 0, b"grpc-status", b"8");
+    let message = format!(
+        "request metadata of {} bytes exceeds the {whose}'s limit of {limit}",
+        head.list_size
+    );
+    literal(&mut b, 0, b"grpc-message", message.as_bytes());
+    b
+}
+
 impl Core {
     /// A client connection from the router's own namespace (see
     /// [`Core::add_client_from`]).
@@ -447,16 +560,19 @@ impl Core {
             priority,
             buf,
         } = block;
+        // Its size as sent tells a bomb: taken before re-encoding, as a
+        // small block can expand through the client's table.
+        let wire = buf.len();
         // Decode while the client may use its table (into literals that
         // need none); either way what goes on is checked whole below.
         let buf = match &mut c.pre_ack {
-            Some(dec) => dec.reencode(&buf).map_err(|e| {
-                let e = match e {
-                    // A small block that expands through the table.
-                    hpack::HpackError::TooLarge => hpack::BlockError::TooLarge,
-                    e => hpack::BlockError::Compression(e),
-                };
-                Error::block(sid, &e)
+            Some(dec) => dec.reencode(&buf).map_err(|e| match e {
+                // A small block that expands through the table past
+                // what the decoder will build.
+                hpack::HpackError::TooLarge => {
+                    Error::conn(Reason::ENHANCE_YOUR_CALM, "header list bomb")
+                }
+                e => Error::block(sid, &hpack::BlockError::Compression(e)),
             })?,
             None => buf,
         };
@@ -498,37 +614,44 @@ impl Core {
                 )),
             };
         }
+        // One field may be as large as the list allows (as sent: only a
+        // Huffman code longer than its text, which no encoder chooses,
+        // can pass the list's limit first).
         let limits = hpack::Limits {
             max_list: MAX_HEADER_LIST,
-            max_string: hpack::MAX_STRING,
+            max_string: MAX_HEADER_LIST,
         };
-        let checked = c.last_block.check(&buf, role, limits, &mut self.scratch);
-        if new && checked == Err(hpack::BlockError::FieldTooLarge) {
-            // Within the list we allow, but longer than some pods take
-            // without ending their whole connection: refused with
-            // 431 Request Header Fields Too Large (RFC 6585), on this
-            // stream alone.
-            frame::headers(&mut c.out, sid, TOO_LARGE_431, true, c.peer.max_frame);
-            if end {
-                c.recent.insert(sid, Closed::Ended);
-            } else {
-                frame::rst(&mut c.out, sid, Reason::NO_ERROR);
-                c.recent.insert(sid, Closed::ByUs);
+        let info = match c.last_block.check(&buf, role, limits, &mut self.scratch) {
+            Ok(info) => info,
+            Err(hpack::BlockError::TooLarge(info) | hpack::BlockError::FieldTooLarge(info))
+                if header_list_bomb(info.list_size, wire) =>
+            {
+                return Err(Error::conn(Reason::ENHANCE_YOUR_CALM, "header list bomb"));
             }
-            self.wake(id);
-            let c = self.clients.get_mut(&id).expect("client exists");
-            return c.calm.reset();
-        }
-        if let Err(e) = &checked {
-            let e = Error::block(sid, e);
-            if new && matches!(e, Error::Stream { .. }) {
-                c.recent.insert(sid, Closed::ByUs);
-                if end {
-                    c.recent.insert(sid, Closed::Ended);
+            Err(hpack::BlockError::TooLarge(info) | hpack::BlockError::FieldTooLarge(info))
+                if new =>
+            {
+                // A big request from a client that did not heed our
+                // SETTINGS_MAX_HEADER_LIST_SIZE: refused on this stream
+                // alone, as its server would.
+                let c = self.clients.get_mut(&id).expect("client exists");
+                answer_too_large(c, sid, end, Head::of(&info), MAX_HEADER_LIST, "router");
+                self.wake(id);
+                let c = self.clients.get_mut(&id).expect("client exists");
+                return c.calm.reset();
+            }
+            Err(e) => {
+                // Trailers too large end their stream (ENHANCE_YOUR_CALM).
+                let e = Error::block(sid, &e);
+                if new && matches!(e, Error::Stream { .. }) {
+                    c.recent.insert(sid, Closed::ByUs);
+                    if end {
+                        c.recent.insert(sid, Closed::Ended);
+                    }
                 }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         if priority.is_some_and(|p| p.dependency == sid) {
             return Err(Error::stream(
                 sid,
@@ -553,6 +676,18 @@ impl Core {
                 ));
             }
             let cs = c.streams.get_mut(&sid).expect("exists");
+            if let Up::Open(b, _) | Up::Queued(b) = cs.up
+                && self
+                    .backends
+                    .get(&b)
+                    .is_some_and(|be| info.list_size > be.peer.max_header_list)
+            {
+                return Err(Error::stream(
+                    sid,
+                    Reason::ENHANCE_YOUR_CALM,
+                    "trailers over the pod's header list limit",
+                ));
+            }
             cs.state.recv_end();
             cs.last_active = now;
             if cs.up == Up::Done {
@@ -605,10 +740,63 @@ impl Core {
                 blocked_up: false,
                 blocked_down: false,
                 last_active: now,
+                head: Head::of(&info),
             },
         );
         self.route(id, sid);
         Ok(())
+    }
+
+    /// Where in backend `b`'s queue the next stream to open is: the
+    /// first, but a request too large to send before the pod's SETTINGS
+    /// (which may name a smaller limit: over [`UNSETTLED_HEADER_LIST`])
+    /// waits for them. A stream that is gone or moved is taken (and then
+    /// skipped).
+    pub(super) fn next_queued(&self, b: ConnId) -> Option<usize> {
+        let be = self.backends.get(&b)?;
+        be.queue.iter().position(|(c, sid)| {
+            be.settings_seen
+                || self
+                    .clients
+                    .get(c)
+                    .and_then(|cl| cl.streams.get(sid))
+                    .is_none_or(|cs| {
+                        cs.up != Up::Queued(b) || cs.head.list_size <= UNSETTLED_HEADER_LIST
+                    })
+        })
+    }
+
+    /// Whether queued request `sid` of client `c` is over the header list
+    /// limit backend `b` advertised; if so it is refused (see
+    /// [`too_large_answer`]), and never sent there.
+    pub(super) fn refused_by_pod_limit(&mut self, c: ConnId, sid: u32, b: ConnId) -> bool {
+        let Some(limit) = self.backends.get(&b).map(|be| be.peer.max_header_list) else {
+            return false;
+        };
+        // Most pods name no limit, or one no smaller than ours, which
+        // every request we took is within.
+        if limit >= MAX_HEADER_LIST {
+            return false;
+        }
+        let Some(cl) = self.clients.get_mut(&c) else {
+            return false;
+        };
+        if cl
+            .streams
+            .get(&sid)
+            .is_none_or(|cs| cs.head.list_size <= limit)
+        {
+            return false;
+        }
+        let mut cs = cl.streams.remove(&sid).expect("present");
+        // Not the pod's failure: it never saw the request.
+        cs.inflight = None;
+        cs.up = Up::Done;
+        answer_too_large(cl, sid, cs.state.recv_closed(), cs.head, limit, "pod");
+        self.wake(c);
+        self.drop_stream(c, sid, cs, Reason::CANCEL);
+        self.after_stream_end(c);
+        true
     }
 
     /// A stream error on a client's stream: RST_STREAM to the client, the

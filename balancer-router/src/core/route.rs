@@ -149,9 +149,15 @@ impl Core {
             if be.streams.len() >= be.peer.max_streams {
                 return;
             }
-            let Some((c, sid)) = be.queue.pop_front() else {
+            let Some(i) = self.next_queued(b) else {
                 return;
             };
+            let be = self.backends.get_mut(&b).expect("backend exists");
+            let (c, sid) = be.queue.remove(i).expect("in the queue");
+            if self.refused_by_pod_limit(c, sid, b) {
+                continue;
+            }
+            let be = self.backends.get_mut(&b).expect("backend exists");
             let Some(cl) = self.clients.get_mut(&c) else {
                 continue;
             };

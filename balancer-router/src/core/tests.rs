@@ -16,6 +16,7 @@ use crate::{
 mod attacks;
 mod bounds;
 mod h2spec;
+mod metadata;
 mod origins;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,6 +16,12 @@ pub struct PeerSettings {
     pub max_frame: usize,
     pub init_window: i64,
     pub max_streams: usize,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE: the largest header list (RFC 7541
+    /// 4.1's size) it says it accepts; unlimited until it names one
+    /// (6.5.2). A pod's is honoured: a request over it is answered by the
+    /// router rather than sent (gRPC servers refuse one over their limit,
+    /// some servers by ending the whole connection).
+    pub max_header_list: usize,
 }
 
 impl PeerSettings {
@@ -25,6 +31,7 @@ impl PeerSettings {
             max_frame: DEFAULT_MAX_FRAME_SIZE as usize,
             init_window: DEFAULT_WINDOW,
             max_streams,
+            max_header_list: usize::MAX,
         }
     }
 
@@ -60,6 +67,7 @@ impl PeerSettings {
                     }
                     self.max_frame = v as usize;
                 }
+                setting::MAX_HEADER_LIST_SIZE => self.max_header_list = v as usize,
                 _ => {}
             }
         }
@@ -77,4 +85,20 @@ pub fn settings(out: &mut BytesMut, values: &[(u16, u32)]) {
 
 pub fn settings_ack(out: &mut BytesMut) {
     head(out, 0, SETTINGS, FLAG_ACK, 0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::setting;
+
+    #[test]
+    fn max_header_list_size_is_kept() {
+        let mut p = PeerSettings::new(100);
+        assert_eq!(p.max_header_list, usize::MAX, "unlimited until named");
+        let mut b = BytesMut::new();
+        settings(&mut b, &[(setting::MAX_HEADER_LIST_SIZE, 16_384)]);
+        assert_eq!(p.apply(&b[9..]).expect("valid"), 0);
+        assert_eq!(p.max_header_list, 16_384);
+    }
 }

@@ -323,13 +323,15 @@ fn malformed_requests_are_stream_errors_that_never_reach_a_pod() {
 }
 
 #[test]
-fn a_field_longer_than_pods_take_is_refused_with_431_on_that_stream() {
+fn a_field_over_our_list_limit_is_refused_with_431_on_that_stream() {
     let mut h = H::new(1, Algorithm::RoundRobin);
     let c = ready(&mut h);
-    // One 9 KiB value: within our list limit, beyond nginx's field limit.
+    // One 70 KiB value, over our list limit (a 9 KiB one, beyond nginx's
+    // field limit, was refused too while pod connections were shared).
+    // 71,680 = 127 + 71,553: the HPACK integer 0x7f, 0x81, 0xaf, 0x04.
     let mut block = REQ_PLAIN.to_vec();
-    block.extend_from_slice(&[0x00, 0x01, b'x', 0x7f, 0x81, 0x47]);
-    block.extend(std::iter::repeat_n(b'v', 9 * 1024));
+    block.extend_from_slice(&[0x00, 0x01, b'x', 0x7f, 0x81, 0xaf, 0x04]);
+    block.extend(std::iter::repeat_n(b'v', 70 * 1024));
     h.feed(c, headers(1, &block, true));
     let out = h.out(c);
     let resp = out
