@@ -6,6 +6,10 @@
         slow=MS (every unary call takes MS milliseconds more)
     peer.py client ADDR RPCS         # one channel: unary, server-, client-streaming, bidi
     peer.py load ADDR SECONDS INFLIGHT  # one channel, INFLIGHT unary RPCs at all times
+    peer.py metadata ADDR KIB...     # one channel, one unary RPC per size with one
+                                     # metadata field of KIB KiB; then one small RPC
+
+Servers accept header lists up to 16 MiB, grpc-go's default (grpcio's own is 8 KiB).
 
 No .proto needed: methods use raw bytes. The client prints one JSON line:
 per-pod counts per RPC kind, errors, and whether streamed data came back intact.
@@ -59,6 +63,10 @@ def serve(name, port, mode=""):
     def fail(req, ctx):
         ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{name} refuses")
 
+    def meta(req, ctx):
+        size = sum(len(v) for k, v in ctx.invocation_metadata() if k == "x-big")
+        return str(size).encode()
+
     ident = lambda b: b  # noqa: E731
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(unary, ident, ident),
@@ -66,8 +74,13 @@ def serve(name, port, mode=""):
         "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream, ident, ident),
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi, ident, ident),
         "Fail": grpc.unary_unary_rpc_method_handler(fail, ident, ident),
+        "Meta": grpc.unary_unary_rpc_method_handler(meta, ident, ident),
     }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    limit = 16 << 20
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16),
+        options=[("grpc.max_metadata_size", limit), ("grpc.absolute_max_metadata_size", limit)],
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_insecure_port(f"[::]:{port}")
     server.start()
@@ -125,6 +138,31 @@ def client(addr, rpcs):
     print(json.dumps(out), flush=True)
 
 
+def metadata(addr, sizes):
+    """One channel; per size, one unary RPC with a metadata field of that
+    many KiB: its status and the size the pod saw. Then a small RPC on the
+    same channel (was the connection kept?)."""
+    limit = 16 << 20
+    opts = [("grpc.max_metadata_size", limit), ("grpc.absolute_max_metadata_size", limit)]
+    out = {"calls": [], "after": None}
+    with grpc.insecure_channel(addr, options=opts) as ch:
+        grpc.channel_ready_future(ch).result(timeout=10)
+        call = ch.unary_unary(f"/{SERVICE}/Meta")
+        for kib in sizes:
+            value = "v" * (kib * 1024)
+            try:
+                seen = int(call(b"", metadata=(("x-big", value),), timeout=10).decode())
+                out["calls"].append({"kib": kib, "code": "OK", "seen": seen})
+            except grpc.RpcError as e:
+                out["calls"].append({"kib": kib, "code": e.code().name, "seen": 0})
+        try:
+            call(b"", timeout=10)
+            out["after"] = "OK"
+        except grpc.RpcError as e:
+            out["after"] = e.code().name
+    print(json.dumps(out), flush=True)
+
+
 def load(addr, seconds, inflight):
     """Unary RPCs on one channel, `inflight` at all times, for `seconds`.
 
@@ -174,7 +212,9 @@ def load(addr, seconds, inflight):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "serve":
+    if sys.argv[1] == "metadata":
+        metadata(sys.argv[2], [int(k) for k in sys.argv[3:]])
+    elif sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "")
     elif sys.argv[1] == "load":
         load(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
