@@ -280,8 +280,12 @@ pub struct BackendStats {
     /// Balanced connects that never established (refused, unreachable,
     /// timed out): SYN_SENT to CLOSE, seen by sock_ops.
     pub connect_failures: u64,
+    /// CLOCK_MONOTONIC ns of its last failed connect, 0 once a connect to
+    /// it established since: connect4/6 pass over a backend marked less
+    /// than [`select::FAILED_MARK_NS`] ago (see [`select::marked`]).
+    pub failed_at_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<BackendStats>() == 32);
+const _: () = assert!(core::mem::size_of::<BackendStats>() == 40);
 
 /// Value of the `SERVICE_STATE` array, indexed by service id: mutable
 /// per-service state the kernel owns (the round-robin cursor).
@@ -393,10 +397,13 @@ pub enum Counter {
     /// client's network namespace (not in `SERVED_NETNS`), so that the pod
     /// sees the client's own address.
     RouterUnserved = 21,
+    /// A choice moved off a backend whose last connect failed less than
+    /// a second ago (see [`select::marked`]).
+    SteeredFromFailed = 22,
 }
 
 /// Entries of the `COUNTERS` array: one per [`Counter`].
-pub const COUNTER_COUNT: u32 = 22;
+pub const COUNTER_COUNT: u32 = 23;
 
 impl Counter {
     /// Every counter, in index order.
@@ -423,6 +430,7 @@ impl Counter {
         Self::SpliceFull,
         Self::ConnectFailed,
         Self::RouterUnserved,
+        Self::SteeredFromFailed,
     ];
 
     /// Its name in `status` and metrics (the `decision` label). A match,
@@ -451,6 +459,7 @@ impl Counter {
             Self::SpliceFull => "splice_full",
             Self::ConnectFailed => "connect_failed",
             Self::RouterUnserved => "router_unserved",
+            Self::SteeredFromFailed => "steered_from_failed",
         }
     }
 }

@@ -15,6 +15,51 @@ use core::num::NonZeroU32;
 /// would cost the most evenness.
 pub const FULL_SCAN_MAX: u32 = 16;
 
+/// How long a backend whose connect failed is passed over: a refusing
+/// pod (its process died, its port closed) never counts a live
+/// connection, so without the mark least-conn would find it the least
+/// loaded every time, and a pool refilling after a failure would send
+/// nearly every connect there. One connect a second still tries it, so a
+/// pod that comes back is used again within a second.
+pub const FAILED_MARK_NS: u64 = 1_000_000_000;
+
+/// Slots looked at past a marked pick for an unmarked one (random,
+/// round-robin, and least-conn above [`FULL_SCAN_MAX`]).
+pub const AVOID_SCAN: u32 = 8;
+
+/// Whether a backend whose last failed connect was at `failed_at_ns` (0:
+/// none since its last established one) is passed over at `now_ns`.
+#[inline(always)]
+pub fn marked(failed_at_ns: u64, now_ns: u64) -> bool {
+    failed_at_ns != 0 && now_ns.saturating_sub(failed_at_ns) < FAILED_MARK_NS
+}
+
+/// `first`, or if it is marked the next unmarked slot within
+/// [`AVOID_SCAN`]; `first` again when they are all marked (a connect that
+/// may fail beats none at all).
+#[inline(always)]
+pub fn avoid_marked(n: NonZeroU32, first: u32, mut is_marked: impl FnMut(u32) -> bool) -> u32 {
+    if !is_marked(first) {
+        return first;
+    }
+    let count = n.get();
+    let mut i = 1;
+    while i <= AVOID_SCAN {
+        if i >= count {
+            break;
+        }
+        let mut slot = first + i;
+        if slot >= count {
+            slot -= count;
+        }
+        if !is_marked(slot) {
+            return slot;
+        }
+        i += 1;
+    }
+    first
+}
+
 /// `random`: what kube-proxy's `statistic --mode random` chain amounts to.
 #[inline(always)]
 pub fn pick_random(n: NonZeroU32, rand: u32) -> u32 {
@@ -107,6 +152,63 @@ mod tests {
             self.0 ^= self.0 >> 17;
             self.0 ^= self.0 << 5;
             self.0
+        }
+    }
+
+    #[test]
+    fn a_mark_lasts_a_second_and_an_established_connect_clears_it() {
+        assert!(!marked(0, 5 * FAILED_MARK_NS), "never failed");
+        assert!(marked(FAILED_MARK_NS, FAILED_MARK_NS + 1));
+        assert!(marked(FAILED_MARK_NS, 2 * FAILED_MARK_NS - 1));
+        assert!(!marked(FAILED_MARK_NS, 2 * FAILED_MARK_NS));
+    }
+
+    #[test]
+    fn a_marked_pick_moves_to_the_next_unmarked_slot_unless_all_are_marked() {
+        let marks = [true, false, true, false];
+        let m = |s: u32| marks[s as usize];
+        assert_eq!(avoid_marked(nz(4), 0, m), 1);
+        assert_eq!(avoid_marked(nz(4), 1, m), 1);
+        assert_eq!(avoid_marked(nz(4), 2, m), 3);
+        assert_eq!(avoid_marked(nz(4), 3, m), 3);
+        assert_eq!(avoid_marked(nz(3), 2, |_| true), 2, "all marked: the pick");
+        assert_eq!(avoid_marked(nz(1), 0, |_| true), 0);
+    }
+
+    /// The case that motivated the mark: a pool refilling 40 connections
+    /// one after another over 4 backends, one of them refusing. Without
+    /// the mark least-conn sends nearly all of them there (a refused
+    /// connect is never counted live); with it, only the first.
+    #[test]
+    fn a_refusing_backend_takes_one_connect_of_a_refilling_pool_not_most() {
+        for marking in [false, true] {
+            let mut active = [0u64; 4];
+            let mut failed_at = [0u64; 4];
+            let mut refused = 0;
+            let mut rng = Rng(11);
+            for i in 0..40u64 {
+                let now = 1_000 + i * 1_000_000; // 1 ms apart
+                let load = |s: u32| {
+                    let s = s as usize;
+                    Some(if marking && marked(failed_at[s], now) {
+                        u64::MAX
+                    } else {
+                        active[s]
+                    })
+                };
+                let slot = pick_least_conn(nz(4), i, rng.next(), load).expect("a slot") as usize;
+                if slot == 0 {
+                    refused += 1;
+                    failed_at[0] = now;
+                } else {
+                    active[slot] += 1;
+                }
+            }
+            if marking {
+                assert_eq!(refused, 1, "marked after its first refusal");
+            } else {
+                assert!(refused > 30, "the unmarked baseline: {refused}");
+            }
         }
     }
 

@@ -18,14 +18,14 @@ use balancer_common::{
     AffinityKey, Algorithm, Backend, Counter, H2_NOT, H2_UNKNOWN, Identity, Mode, PROTO_TCP,
     ROUTER_STALE_NS, SOCK_STEERED, ServiceKey, SockState,
     addr::{is_v4_mapped, v4_mapped, v4_word},
-    select::{pick_least_conn, pick_random, pick_round_robin},
+    select::{FULL_SCAN_MAX, avoid_marked, marked, pick_least_conn, pick_random, pick_round_robin},
 };
 
 use crate::{
     helpers::{
-        affinity_get, affinity_put, backend, backend_active, config, count, load_user_ip6,
-        netns_served, next_cursor, router_addr, router_listeners, service, slot_backend,
-        store_user_ip6,
+        affinity_get, affinity_put, backend, backend_failed_at, backend_load, config, count,
+        load_user_ip6, netns_served, next_cursor, router_addr, router_listeners, service,
+        slot_backend, store_user_ip6,
     },
     maps::{SERVICE_STATE, SOCK_STATE},
 };
@@ -193,9 +193,12 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
         None
     };
     let now = unsafe { bpf_ktime_get_ns() };
+    // A client pinned to a backend that refuses now is better served by
+    // another, as kube-proxy would after the endpoint left.
     if let Some(akey) = &affinity
         && let Some(a) = affinity_get(akey)
         && now.saturating_sub(a.last_ns) < u64::from(svc.affinity_timeout_s) * 1_000_000_000
+        && !backend_failed_at(a.backend_id).is_some_and(|t| marked(t, now))
         && let Some(backend) = backend(a.backend_id)
     {
         let backend_id = a.backend_id;
@@ -203,22 +206,52 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
         count(Counter::AffinityHit);
         return finish(ctx, key, backend_id, backend);
     }
+    // A backend whose connect failed under a second ago is passed over
+    // (unless all are): sock_ops marks it the moment its SYN is refused or
+    // times out, long before the agent's accrual could eject it, and an
+    // established connect clears the mark.
+    let passed_over = core::cell::Cell::new(false);
+    let is_marked = |slot: u32| {
+        let m = slot_backend(svc.id, slot)
+            .and_then(backend_failed_at)
+            .is_some_and(|t| marked(t, now));
+        if m {
+            passed_over.set(true);
+        }
+        m
+    };
     let slot = match Algorithm::from_u8(svc.algorithm) {
         Some(Algorithm::Random) => {
             count(Counter::SelectRandom);
-            Some(pick_random(n, rand))
+            Some(avoid_marked(n, pick_random(n, rand), is_marked))
         }
         Some(Algorithm::RoundRobin) => {
             count(Counter::SelectRoundRobin);
-            Some(pick_round_robin(n, cursor))
+            Some(avoid_marked(n, pick_round_robin(n, cursor), is_marked))
         }
         Some(Algorithm::LeastConn | Algorithm::LeastRequest) | None => {
             count(Counter::SelectLeastConn);
-            pick_least_conn(n, cursor, rand, |slot| {
-                backend_active(slot_backend(svc.id, slot)?)
-            })
+            // A marked backend weighs as if full: it wins only when every
+            // candidate is marked.
+            let pick = pick_least_conn(n, cursor, rand, |slot| {
+                let (active, failed_at) = backend_load(slot_backend(svc.id, slot)?)?;
+                Some(if marked(failed_at, now) {
+                    passed_over.set(true);
+                    u64::MAX
+                } else {
+                    active
+                })
+            });
+            // P2C looks at two slots only: past FULL_SCAN_MAX, look on.
+            match pick {
+                Some(p) if n.get() > FULL_SCAN_MAX => Some(avoid_marked(n, p, is_marked)),
+                p => p,
+            }
         }
     };
+    if passed_over.get() {
+        count(Counter::SteeredFromFailed);
+    }
     let Some(slot) = slot else {
         count(Counter::LookupMiss);
         return Verdict::Refuse;

@@ -100,10 +100,17 @@ pub fn backend_stats(backend_id: u32) -> Option<*mut BackendStats> {
     BACKEND_STATS.get_ptr_mut(backend_id)
 }
 
-/// A backend's open connections, as least-conn compares them.
+/// A backend's open connections, as least-conn compares them, and when
+/// its last connect failed (see `select::marked`): one lookup for both.
 #[inline(always)]
-pub fn backend_active(backend_id: u32) -> Option<u64> {
-    unsafe { BACKEND_STATS.get(backend_id) }.map(|s| s.active)
+pub fn backend_load(backend_id: u32) -> Option<(u64, u64)> {
+    unsafe { BACKEND_STATS.get(backend_id) }.map(|s| (s.active, s.failed_at_ns))
+}
+
+/// When a backend's last connect failed (0: none since one established).
+#[inline(always)]
+pub fn backend_failed_at(backend_id: u32) -> Option<u64> {
+    unsafe { BACKEND_STATS.get(backend_id) }.map(|s| s.failed_at_ns)
 }
 
 /// The backend a client last used for a service, and when.

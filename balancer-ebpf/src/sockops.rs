@@ -11,7 +11,10 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_SYN_SENT,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    },
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -162,6 +165,10 @@ fn on_established(ctx: &SockOpsContext) {
     };
     atomic_add(unsafe { ptr::addr_of_mut!((*stats).active) }, 1);
     atomic_add(unsafe { ptr::addr_of_mut!((*stats).total) }, 1);
+    // It accepts connections again: connect4/6 may choose it at once.
+    if unsafe { (*stats).failed_at_ns } != 0 {
+        unsafe { ptr::write_volatile(ptr::addr_of_mut!((*stats).failed_at_ns), 0) };
+    }
     unsafe { (*st).counted = 1 };
     count(Counter::Established);
     // Let sk_msg follow the HTTP/2 framing of what the client sends.
@@ -224,6 +231,10 @@ fn on_connect_failed(ctx: &SockOpsContext) {
     let backend_id = unsafe { (*st).backend_id };
     if let Some(stats) = backend_stats(backend_id) {
         atomic_add(unsafe { ptr::addr_of_mut!((*stats).connect_failures) }, 1);
+        // Marked now: connect4/6 pass it over for a second (a plain
+        // store; the latest failure wins, which is all that matters).
+        let now = unsafe { bpf_ktime_get_ns() }.max(1);
+        unsafe { ptr::write_volatile(ptr::addr_of_mut!((*stats).failed_at_ns), now) };
     }
     count(Counter::ConnectFailed);
 }

@@ -136,6 +136,14 @@ fn a_slow_pod_that_answers_well_is_not_ejected() {
     }
 }
 
+/// A pod whose process died (its port refuses) while its address stays
+/// listed, as before its readiness probe notices: a pool that refills 40
+/// connections one after another loses at most 2 of them (the kernel
+/// passes over a backend for a second after a connect to it failed;
+/// without that, least-conn sent 31 to 37 of 40 there, since a refused
+/// connection never counts as live); the agent's accrual still ejects it
+/// as connects keep failing; and once its server is back it takes its
+/// share again.
 #[test]
 fn a_pod_that_refuses_connections_stops_getting_l4_connections() {
     require_root();
@@ -156,13 +164,26 @@ fn a_pod_that_refuses_connections_stops_getting_l4_connections() {
     .expect("agent");
     let vip = "198.19.0.73:80";
     let cg = Some(t.cgroup.path.as_path());
-    // pod0's server stops; its address stays listed (as a pod whose
-    // process died before its readiness probe noticed).
     drop(t.pods[0].server.take());
     let first =
         balancer_tests::peers::short_connections(&t.client.name, cg, vip, 40).expect("client");
     let refused: u64 = first.errors.values().sum();
-    balancer_tests::topology::Topology::wait_for("pod0 ejected", Duration::from_secs(5), || {
+    eprintln!("a pod refusing connections: {refused} of a burst of 40 connects failed");
+    assert!(refused <= 2, "{first:?}");
+    assert_eq!(
+        (1..4).map(|p| first.count(&format!("pod{p}"))).sum::<u64>(),
+        40 - refused,
+        "{first:?}"
+    );
+    let status = agent.status_json().expect("status");
+    assert!(
+        status["counters"]["steered_from_failed"].as_u64() >= Some(30),
+        "{status}"
+    );
+    // Connects keep coming: one a second still tries pod0 and fails, and
+    // the agent's accrual ejects it after 5 in a row.
+    balancer_tests::topology::Topology::wait_for("pod0 ejected", Duration::from_secs(15), || {
+        balancer_tests::peers::short_connections(&t.client.name, cg, vip, 10)?;
         Ok(endpoints(&agent)
             .iter()
             .any(|e| e["address"] == eps[0] && e["ejected"] == "connect"))
@@ -170,12 +191,6 @@ fn a_pod_that_refuses_connections_stops_getting_l4_connections() {
     .unwrap_or_else(|e| panic!("{e}: {}", agent.log()));
     let after =
         balancer_tests::peers::short_connections(&t.client.name, cg, vip, 60).expect("client");
-    eprintln!(
-        "a pod refusing connections: {refused} of the first 40 connects failed; then {:?} \
-         failed of 60, spread {:?}",
-        after.errors, after.pods
-    );
-    assert!((5..=15).contains(&refused), "{first:?}");
     assert!(after.errors.is_empty(), "{after:?}");
     assert_eq!(after.count("pod0"), 0, "{after:?}");
     // Short connections close while others open, so least-conn is even
@@ -184,16 +199,8 @@ fn a_pod_that_refuses_connections_stops_getting_l4_connections() {
     for p in 1..4 {
         assert!(after.count(&format!("pod{p}")) >= 15, "{after:?}");
     }
-    assert_eq!(
-        (1..4).map(|p| after.count(&format!("pod{p}"))).sum::<u64>(),
-        60
-    );
     let status = agent.status_json().expect("status");
     assert_eq!(status["l4_ejected"], 1, "{status}");
-    assert!(
-        status["counters"]["connect_failed"].as_u64() >= Some(5),
-        "{status}"
-    );
     // Its server comes back: a probe finds it, and it takes connections.
     t.pods[0].server = Some(
         balancer_tests::peers::Server::start(&t.pods[0].ns.name, &t.pods[0].name, &[8080])
@@ -211,5 +218,51 @@ fn a_pod_that_refuses_connections_stops_getting_l4_connections() {
     assert!(
         back.count("pod0") >= 7,
         "it takes its share again: {back:?}"
+    );
+}
+
+/// The mark alone, without the agent's accrual (`--failure-accrual 0`): a
+/// refusing pod is tried about once a second, and a pod whose server
+/// comes back takes connections again within a second.
+#[test]
+fn a_refusing_pod_is_passed_over_for_a_second_and_used_again_once_back() {
+    require_root();
+    let mut t = Topology::new("acmark", 4, &[8080]).expect("topology");
+    let eps: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+    let agent = Agent::start_with(
+        &t.prefix,
+        &t.cgroup.path,
+        &balancer_tests::yaml::endpoints_yaml(
+            "default/web",
+            &["198.19.0.74"],
+            80,
+            8080,
+            "round-robin",
+            &eps,
+        ),
+        None,
+        &["--failure-accrual", "0"],
+    )
+    .expect("agent");
+    let vip = "198.19.0.74:80";
+    let cg = Some(t.cgroup.path.as_path());
+    drop(t.pods[0].server.take());
+    let burst =
+        balancer_tests::peers::short_connections(&t.client.name, cg, vip, 40).expect("client");
+    let refused: u64 = burst.errors.values().sum();
+    assert!(refused <= 2, "round-robin passes over it too: {burst:?}");
+    t.pods[0].server = Some(
+        balancer_tests::peers::Server::start(&t.pods[0].ns.name, &t.pods[0].name, &[8080])
+            .expect("server"),
+    );
+    // Within a second of its return the mark has lapsed and a connect
+    // establishes there, which clears it.
+    std::thread::sleep(Duration::from_millis(1100));
+    let back =
+        balancer_tests::peers::short_connections(&t.client.name, cg, vip, 40).expect("client");
+    assert!(back.errors.is_empty(), "{back:?}");
+    assert!(
+        back.count("pod0") >= 9,
+        "round-robin gives it its quarter: {back:?}"
     );
 }

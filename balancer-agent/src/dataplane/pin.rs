@@ -8,7 +8,8 @@
 //! `SPLICE` and three counters, v3 `GENERATION` and `AFFINITY` pinned, for
 //! the router process, which reads the data path from these pins; v4
 //! `BackendStats::connect_failures` and a counter; v5 `SERVED_NETNS`,
-//! `OrigDst::netns_cookie`, `Config::identity` and a counter).
+//! `OrigDst::netns_cookie`, `Config::identity`, `BackendStats::failed_at_ns`
+//! and two counters).
 
 use std::{
     os::unix::fs::MetadataExt,
