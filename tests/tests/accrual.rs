@@ -229,7 +229,7 @@ fn a_refusing_pod_is_passed_over_for_a_second_and_used_again_once_back() {
     require_root();
     let mut t = Topology::new("acmark", 4, &[8080]).expect("topology");
     let eps: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
-    let agent = Agent::start_with(
+    let _agent = Agent::start_with(
         &t.prefix,
         &t.cgroup.path,
         &balancer_tests::yaml::endpoints_yaml(
