@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
 
-use super::{BStream, Chunk, ConnId, Core, MAX_RESPONSE_HEADER_LIST, Up, state::State, unpool};
+use super::{
+    BStream, Chunk, ConnId, Core, MAX_RESPONSE_HEADER_LIST, Up, client, state::State, unpool,
+};
 use crate::{
     accrual::Failure,
     error::Error,
@@ -62,6 +64,7 @@ impl Core {
         for (c, sid) in queued {
             self.reroute(c, sid, b);
         }
+        let now = self.now;
         for (bid, bs) in streams {
             self.release(bs.client, bs.recv.available());
             let Some(cs) = self.cstream(bs.client, bs.sid) else {
@@ -82,9 +85,23 @@ impl Core {
             } else {
                 stats::BACKEND_CONN_RESETS.fetch_add(1, Ordering::Relaxed);
                 if let Some(i) = cs.inflight.take() {
-                    i.failed(Failure::ConnectionLost, self.now);
+                    i.failed(Failure::ConnectionLost, now);
                 }
-                self.reset_client_stream(bs.client, bs.sid, Reason::INTERNAL_ERROR);
+                if cs.head.grpc {
+                    // What a gRPC client sees at L4 when its connection to
+                    // the pod is lost: UNAVAILABLE, which retry policies
+                    // retry (INTERNAL, from a bare RST_STREAM, they do not).
+                    // After what the pod sent, as the end of its response.
+                    let block = client::grpc_unavailable(bs.response_seen, be.ep.addr);
+                    cs.to_down.push_back(Chunk::Headers {
+                        block: block.into(),
+                        end: true,
+                    });
+                    cs.rst_after_down = true;
+                    self.pump_down(bs.client, bs.sid);
+                } else {
+                    self.reset_client_stream(bs.client, bs.sid, Reason::INTERNAL_ERROR);
+                }
             }
         }
         self.io.retain(|io| *io != Io::Wake(b));

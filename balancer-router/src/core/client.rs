@@ -142,6 +142,23 @@ fn too_large_answer(head: Head, limit: usize, whose: &str) -> Vec<u8> {
     b
 }
 
+/// The end of a gRPC stream whose pod connection was lost after the pod
+/// may have processed it: `grpc-status: 14` UNAVAILABLE, as the client
+/// would see at L4 when its connection dies. Trailers after a response
+/// the pod began (`response_seen`), else a Trailers-Only response.
+pub(super) fn grpc_unavailable(response_seen: bool, pod: std::net::SocketAddr) -> Vec<u8> {
+    let mut b = Vec::with_capacity(96);
+    if !response_seen {
+        b.push(0x88);
+        b.extend_from_slice(&[0x0f, 0x10, 16]);
+        b.extend_from_slice(b"application/grpc");
+    }
+    literal(&mut b, 0, b"grpc-status", b"14");
+    let message = format!("connection to the pod at {pod} was lost");
+    literal(&mut b, 0, b"grpc-message", message.as_bytes());
+    b
+}
+
 impl Core {
     /// A client connection from the router's own namespace (see
     /// [`Core::add_client_from`]).

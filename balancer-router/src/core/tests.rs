@@ -16,6 +16,7 @@ use crate::{
 mod attacks;
 mod bounds;
 mod h2spec;
+mod lost;
 mod metadata;
 mod origins;
 

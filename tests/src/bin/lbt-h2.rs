@@ -323,6 +323,8 @@ struct Summary {
     bytes_echoed_ok: bool,
     messages: Vec<String>,
     error_latency_ms: Vec<u64>,
+    /// When streams that ended with a grpc-status other than 0 ended.
+    status_latency_ms: Vec<u64>,
 }
 
 async fn client(args: &[String]) -> anyhow::Result<()> {
@@ -386,7 +388,7 @@ async fn client(args: &[String]) -> anyhow::Result<()> {
                 say(&serde_json::json!({
                     "pods": {}, "seen_as": {}, "errors": { why: requests },
                     "statuses": {}, "bytes_received": 0, "echo_ok": false,
-                    "messages": [], "error_latency_ms": [], "peer": null,
+                    "messages": [], "error_latency_ms": [], "status_latency_ms": [], "peer": null,
                     "elapsed_s": connect_start.elapsed().as_secs_f64(),
                 })
                 .to_string());
@@ -429,6 +431,9 @@ async fn client(args: &[String]) -> anyhow::Result<()> {
                         if let Some(p) = o.seen_as {
                             *s.seen_as.entry(p).or_default() += 1;
                         }
+                        if o.status != "0" {
+                            s.status_latency_ms.push(t0.elapsed().as_millis() as u64);
+                        }
                         *s.statuses.entry(o.status).or_default() += 1;
                         s.bytes_received += o.bytes;
                         if let Some(m) = o.message {
@@ -463,6 +468,7 @@ async fn client(args: &[String]) -> anyhow::Result<()> {
         "bytes_received": s.bytes_received, "echo_ok": s.bytes_echoed_ok,
         "messages": s.messages.iter().take(5).collect::<Vec<_>>(),
         "error_latency_ms": s.error_latency_ms,
+        "status_latency_ms": s.status_latency_ms,
         "peer": peer, "elapsed_s": elapsed,
     });
     say(&out.to_string());
@@ -541,6 +547,14 @@ async fn one(
             .get("x-peer")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        // A Trailers-Only response carries its grpc-status in its headers.
+        let head_status = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (only_status, only_message) = (head_status("grpc-status"), head_status("grpc-message"));
         let mut body = resp.into_body();
         let mut bytes = 0u64;
         let mut echo_ok = true;
@@ -558,12 +572,14 @@ async fn one(
         let status = t
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("none")
-            .to_owned();
+            .map(str::to_owned)
+            .or(only_status)
+            .unwrap_or_else(|| "none".into());
         let message = t
             .get("grpc-message")
             .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+            .map(str::to_owned)
+            .or(only_message);
         if path == "/echo" || path == "/upload" {
             let n: u64 = t
                 .get("x-bytes")
