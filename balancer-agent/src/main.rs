@@ -235,10 +235,19 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         drain_timeout: Duration,
         /// An HTTP/2 stream with no frame either way for this long is reset
-        /// on both hops (Envoy's stream_idle_timeout default). Streaming
-        /// RPCs that keep exchanging messages are never cut.
-        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        /// on both hops; 0 (the default): never, as at L4, where an idle
+        /// stream lives as long as its connection (a gRPC watch may wait
+        /// minutes for its next event). Pod connections stay checked by
+        /// probes instead (--pod-probe-timeout).
+        #[arg(long, default_value = "0", value_parser = parse_duration)]
         stream_idle_timeout: Duration,
+        /// When a client PINGs the router (its keepalive), the pod
+        /// connections carrying its open streams are PINGed too, at its
+        /// pace; one that does not answer within the client's ping
+        /// interval (at least 2s, at most this) is lost, and its streams
+        /// end as at L4 (gRPC: UNAVAILABLE).
+        #[arg(long, default_value = "20s", value_parser = parse_duration)]
+        pod_probe_timeout: Duration,
         /// What one HTTP/2 client connection may make the router hold:
         /// unread responses (through the windows granted to pods) and
         /// queued request bytes (its connection window). Like 4MiB, 512KiB.
@@ -372,6 +381,7 @@ fn main() -> ExitCode {
                 splice,
                 drain_timeout,
                 stream_idle_timeout,
+                pod_probe_timeout,
                 client_buffer,
                 router_buffer_limit,
                 router_threads,
@@ -394,6 +404,7 @@ fn main() -> ExitCode {
                     drain_timeout,
                     limits: router::core::Limits {
                         stream_idle_timeout,
+                        probe_timeout: pod_probe_timeout,
                         client_buffer,
                         buffer_limit: router_buffer_limit,
                         ..Default::default()

@@ -425,6 +425,11 @@ fn router_protection(reg: &mut Registry, status: &RouterStatusView) {
     );
     for (name, help, v) in [
         (
+            "balancer_router_pod_probe_timeouts",
+            "Pod connections lost because they did not answer a liveness probe (sent when a client pings, at its pace, or when their endpoint is removed).",
+            &router_stats::POD_PROBE_TIMEOUTS,
+        ),
+        (
             "balancer_router_stream_idle_timeouts",
             "HTTP/2 streams reset on both hops after --stream-idle-timeout without a frame.",
             &router_stats::STREAM_IDLE_TIMEOUTS,

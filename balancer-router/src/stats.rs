@@ -89,6 +89,8 @@ pub static LATENCY: Histogram = Histogram::new();
 /// Router backend choices by algorithm.
 pub static SELECTIONS: Selections = Selections::new();
 
+/// Pod connections lost because they did not answer a liveness probe.
+pub static POD_PROBE_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
 /// Streams reset on both hops after `--stream-idle-timeout` without a frame.
 pub static STREAM_IDLE_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
 /// Streams a backend may have processed, reset because its connection

@@ -349,10 +349,13 @@ impl Core {
                 if h.stream != 0 {
                     return Err(Error::conn(Reason::PROTOCOL_ERROR, "PING on a stream"));
                 }
+                let payload: [u8; 8] = p[..8].try_into().expect("8 bytes");
                 if h.flags & frame::FLAG_ACK == 0 {
-                    let payload: [u8; 8] = p[..8].try_into().expect("8 bytes");
                     frame::ping(&mut be.out, true, payload);
                     self.wake(b);
+                } else if payload == super::PROBE_PING {
+                    // Alive.
+                    be.probe = None;
                 }
                 Ok(())
             }

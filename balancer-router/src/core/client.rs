@@ -214,6 +214,7 @@ impl Core {
                 writing: 0,
                 short: Vec::new(),
                 last_block: hpack::LastBlock::default(),
+                last_ping: None,
             },
         );
         self.wake(id);
@@ -374,6 +375,7 @@ impl Core {
                 if h.flags & frame::FLAG_ACK == 0 {
                     frame::ping(&mut c.out, true, payload);
                     self.wake(id);
+                    self.client_pinged(id);
                 } else if payload == super::DRAIN_PING && c.drain == Drain::Pinged {
                     self.drain_final(id);
                 }

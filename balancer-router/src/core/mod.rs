@@ -211,6 +211,20 @@ pub const BACKEND_RESET_BUDGET: u32 = 400;
 pub const BACKEND_RESET_REFUND: u32 = 5;
 /// The payload of the PING of a graceful drain.
 pub const DRAIN_PING: [u8; 8] = *b"lbdrain\0";
+/// The payload of the router's liveness probes of pod connections.
+pub const PROBE_PING: [u8; 8] = *b"lbprobe\0";
+/// A pod connection is probed at most this often, and never faster than
+/// the client whose PING asked for it pings the router: the pod sees the
+/// ping rate it would see from that client at L4, which keeps gRPC
+/// servers' ping policing quiet (grpc-go and grpcio end a connection with
+/// GOAWAY ENHANCE_YOUR_CALM `too_many_pings` after 2 strikes of pings
+/// faster than 5 minutes while they send nothing, or on an idle
+/// connection; a probe goes only where the client has streams open).
+pub const MIN_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// A probe's answer is awaited for the client's own ping interval, at
+/// least this long (the core's clock moves in 500 ms ticks) and at most
+/// [`Limits::probe_timeout`].
+pub const MIN_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// To backends: no dynamic table (the point of the design), no push, our
 /// stream window.
 const BACKEND_SETTINGS: [(u16, u32); 3] = [
@@ -223,8 +237,15 @@ const BACKEND_SETTINGS: [(u16, u32); 3] = [
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// A stream with no frame either way for this long is reset on both
-    /// hops (`--stream-idle-timeout`, Envoy's default).
+    /// hops (`--stream-idle-timeout`); zero, the default, never: L4 keeps
+    /// an idle stream as long as its connection lives (a gRPC watch may
+    /// wait minutes for its next event), and the router keeps its pod
+    /// connections' liveness checked instead (probes, see
+    /// [`PROBE_PING`]).
     pub stream_idle_timeout: Duration,
+    /// The longest a probed pod connection may take to answer before it
+    /// is lost (`--pod-probe-timeout`; gRPC's default keepalive timeout).
+    pub probe_timeout: Duration,
     /// A backend connection must be up and have sent its SETTINGS within
     /// this, or it is given up and its streams retried.
     pub connect_timeout: Duration,
@@ -238,7 +259,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            stream_idle_timeout: Duration::from_secs(300),
+            stream_idle_timeout: Duration::ZERO,
+            probe_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(3),
             client_buffer: 4 << 20,
             buffer_limit: 256 << 20,
@@ -402,6 +424,8 @@ struct Client {
     /// Streams whose backend window was cut by a budget.
     short: Vec<u32>,
     last_block: LastBlock,
+    /// When it last sent a PING (its pace, for probes of its pods).
+    last_ping: Option<Instant>,
 }
 
 /// A stream on a backend connection: the backend hop of a client stream.
@@ -433,6 +457,13 @@ struct Backend {
     closing: bool,
     /// RST_STREAMs sent, net of time (see [`BACKEND_RESET_BUDGET`]).
     resets: u32,
+    /// A liveness probe awaiting its ACK: when it went, how long it may
+    /// take.
+    probe: Option<(Instant, Duration)>,
+    /// When the last probe went.
+    last_probe: Option<Instant>,
+    /// Probed once its endpoint left every service.
+    removal_probed: bool,
     last_block: LastBlock,
     out: BytesMut,
     /// The backend's SETTINGS.
@@ -597,16 +628,32 @@ impl Core {
         self.now = now;
         let idle = self.limits.stream_idle_timeout;
         let mut expired = Vec::new();
-        for be in self.backends.values_mut() {
+        let mut unanswered = Vec::new();
+        for (id, be) in &mut self.backends {
             be.resets = be.resets.saturating_sub(BACKEND_RESET_REFUND);
+            if let Some((sent, timeout)) = be.probe
+                && now.saturating_duration_since(sent) >= timeout
+            {
+                unanswered.push(*id);
+            }
         }
         for (id, c) in &mut self.clients {
             c.calm.tick();
+            if idle.is_zero() {
+                continue;
+            }
             for (sid, cs) in &c.streams {
                 if now.saturating_duration_since(cs.last_active) >= idle {
                     expired.push((*id, *sid));
                 }
             }
+        }
+        for b in unanswered {
+            if let Some(be) = self.backends.get(&b) {
+                tracing::info!(conn = b, endpoint = %be.ep.addr, origin = %be.origin, "pod connection did not answer its liveness probe; lost");
+            }
+            stats::POD_PROBE_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+            self.backend_gone(b);
         }
         for (c, sid) in expired {
             tracing::debug!(conn = c, stream = sid, "stream idle; reset on both hops");
@@ -710,8 +757,87 @@ impl Core {
         for b in idle {
             self.after_bstream(b);
         }
+        // Connections to a removed endpoint that still carry streams: is
+        // the pod there at all? (Removed because its node died, they would
+        // wait on TCP for a quarter of an hour.)
+        let removed: Vec<ConnId> = self
+            .backends
+            .iter()
+            .filter(|(_, be)| {
+                !be.removal_probed
+                    && !be.streams.is_empty()
+                    && be.ep.draining.load(Ordering::Relaxed)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for b in removed {
+            if let Some(be) = self.backends.get_mut(&b) {
+                be.removal_probed = true;
+            }
+            self.probe(b, Duration::ZERO, MIN_PROBE_TIMEOUT);
+        }
         self.close_idle_extras();
         self.close_idle_origins();
+    }
+
+    /// Send a liveness probe (PING) on pod connection `b`, unless one is
+    /// awaited or one went less than `spacing` (at least
+    /// [`MIN_PROBE_INTERVAL`]) ago; unanswered after `timeout`, the
+    /// connection is lost ([`Core::tick`]).
+    fn probe(&mut self, b: ConnId, spacing: Duration, timeout: Duration) {
+        let now = self.now;
+        let Some(be) = self.backends.get_mut(&b) else {
+            return;
+        };
+        if let Some((_, awaited)) = &mut be.probe {
+            // The client's pace is known now (its first PING could not
+            // tell it): wait for the answer no longer than that.
+            *awaited = (*awaited).min(timeout);
+            return;
+        }
+        if !be.connected || !be.settings_seen || be.closing || be.write_failed {
+            return;
+        }
+        let spacing = spacing.max(MIN_PROBE_INTERVAL);
+        if be
+            .last_probe
+            .is_some_and(|t| now.saturating_duration_since(t) < spacing)
+        {
+            return;
+        }
+        frame::ping(&mut be.out, false, PROBE_PING);
+        be.probe = Some((now, timeout));
+        be.last_probe = Some(now);
+        self.wake(b);
+    }
+
+    /// Client `c` sent a PING: its keepalive checks its peer is alive.
+    /// Its peer is the router, but what it means to check is its pods:
+    /// probe the pod connections that carry its open streams, at its pace.
+    fn client_pinged(&mut self, c: ConnId) {
+        let now = self.now;
+        let Some(cl) = self.clients.get_mut(&c) else {
+            return;
+        };
+        let interval = cl.last_ping.map(|t| now.saturating_duration_since(t));
+        cl.last_ping = Some(now);
+        let mut conns: Vec<ConnId> = cl
+            .streams
+            .values()
+            .filter_map(|cs| match cs.up {
+                Up::Open(b, _) => Some(b),
+                _ => None,
+            })
+            .collect();
+        conns.sort_unstable();
+        conns.dedup();
+        let timeout = interval.unwrap_or(self.limits.probe_timeout).clamp(
+            MIN_PROBE_TIMEOUT,
+            self.limits.probe_timeout.max(MIN_PROBE_TIMEOUT),
+        );
+        for b in conns {
+            self.probe(b, interval.unwrap_or(MIN_PROBE_INTERVAL), timeout);
+        }
     }
 
     /// Close the pod connections of client namespaces that have no client

@@ -19,6 +19,7 @@ mod h2spec;
 mod lost;
 mod metadata;
 mod origins;
+mod probes;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct F {

@@ -10,7 +10,15 @@ use super::{
 
 #[test]
 fn a_stream_idle_for_the_timeout_is_reset_on_both_hops() {
-    let mut h = H::new(1, Algorithm::RoundRobin);
+    let timeout = Duration::from_secs(300);
+    let mut h = H::with_limits(
+        1,
+        Algorithm::RoundRobin,
+        Limits {
+            stream_idle_timeout: timeout,
+            ..Limits::default()
+        },
+    );
     let c = ready(&mut h);
     // A request the pod never answers.
     h.feed(c, headers(1, REQ_PLAIN, true));
@@ -19,7 +27,6 @@ fn a_stream_idle_for_the_timeout_is_reset_on_both_hops() {
     let b = h.backend(h.eps[0].addr);
     let _ = h.out(b);
     let t0 = Instant::now();
-    let timeout = Limits::default().stream_idle_timeout;
     let mut now = t0;
     for _ in 0..8 {
         now += timeout / 4;

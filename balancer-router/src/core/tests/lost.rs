@@ -6,7 +6,7 @@ use super::*;
 
 /// POST /svc/M, a literal authority, `content-type: application/grpc`,
 /// `te: trailers`.
-const REQ_GRPC: &[u8] = &[
+pub(super) const REQ_GRPC: &[u8] = &[
     0x83, 0x86, 0x04, 0x06, b'/', b's', b'v', b'c', b'/', b'M', 0x01, 0x01, b'a', 0x0f, 0x10, 16,
     b'a', b'p', b'p', b'l', b'i', b'c', b'a', b't', b'i', b'o', b'n', b'/', b'g', b'r', b'p', b'c',
     0x00, 0x02, b't', b'e', 0x08, b't', b'r', b'a', b'i', b'l', b'e', b'r', b's',
