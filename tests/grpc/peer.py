@@ -6,6 +6,10 @@
         slow=MS (every unary call takes MS milliseconds more)
     peer.py client ADDR RPCS         # one channel: unary, server-, client-streaming, bidi
     peer.py load ADDR SECONDS INFLIGHT  # one channel, INFLIGHT unary RPCs at all times
+    peer.py streams ADDR N SECONDS KEEPALIVE_MS  # one channel with client keepalive
+                                     # (time = timeout = KEEPALIVE_MS), N bidi streams each
+                                     # sending a message every 0.3 s: per stream its pod,
+                                     # how it ended and when (s from the start)
     peer.py metadata ADDR KIB...     # one channel, one unary RPC per size with one
                                      # metadata field of KIB KiB; then one small RPC
 
@@ -163,6 +167,49 @@ def metadata(addr, sizes):
     print(json.dumps(out), flush=True)
 
 
+def streams(addr, n, seconds, keepalive_ms):
+    import threading
+    import time
+
+    opts = [
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    start = time.monotonic()
+    out = [{"pod": None, "code": None, "at": None, "messages": 0} for _ in range(n)]
+    with grpc.insecure_channel(addr, options=opts) as ch:
+        grpc.channel_ready_future(ch).result(timeout=10)
+        bidi = ch.stream_stream(f"/{SERVICE}/Bidi")
+
+        def one(i):
+            stop = start + seconds
+
+            def requests():
+                while time.monotonic() < stop:
+                    yield b"m"
+                    time.sleep(0.3)
+
+            try:
+                for reply in bidi(requests(), timeout=seconds + 30):
+                    out[i]["pod"] = reply.split(b":")[0].decode()
+                    out[i]["messages"] += 1
+                out[i]["code"] = "OK"
+            except grpc.RpcError as e:
+                out[i]["code"] = e.code().name
+            out[i]["at"] = round(time.monotonic() - start, 3)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        print(json.dumps({"started": True}), flush=True)
+        for t in threads:
+            t.join()
+    print(json.dumps({"streams": out}), flush=True)
+
+
 def load(addr, seconds, inflight):
     """Unary RPCs on one channel, `inflight` at all times, for `seconds`.
 
@@ -212,7 +259,9 @@ def load(addr, seconds, inflight):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "metadata":
+    if sys.argv[1] == "streams":
+        streams(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
+    elif sys.argv[1] == "metadata":
         metadata(sys.argv[2], [int(k) for k in sys.argv[3:]])
     elif sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "")
