@@ -61,6 +61,18 @@ pub struct ProgramView {
     /// Why the kernel could not be asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Programs of others that run at the same hook for the cgroup.
+    #[serde(default)]
+    pub others: Vec<OtherProgramView>,
+}
+
+/// A program of someone else's on one of the agent's hooks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OtherProgramView {
+    pub id: u32,
+    pub name: String,
+    /// It runs before the agent's program.
+    pub before: bool,
 }
 
 impl From<&Attached> for ProgramView {
@@ -75,6 +87,15 @@ impl From<&Attached> for ProgramView {
             attached: !ids.is_empty(),
             ids,
             error,
+            others: p
+                .others
+                .iter()
+                .map(|o| OtherProgramView {
+                    id: o.id,
+                    name: o.name.clone(),
+                    before: o.before,
+                })
+                .collect(),
         }
     }
 }

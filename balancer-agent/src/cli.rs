@@ -170,6 +170,29 @@ pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
         })
         .collect();
     let _ = write!(o, "{}", table(&["PROGRAM", "ATTACH", "ATTACHED"], &rows));
+    for p in &v.programs {
+        for other in &p.others {
+            let _ = writeln!(
+                o,
+                "{}: also {} (id {}){}",
+                p.attach_type,
+                if other.name.is_empty() {
+                    "a program"
+                } else {
+                    &other.name
+                },
+                other.id,
+                match (other.before, p.attach_type.contains("connect")) {
+                    (true, true) =>
+                        ", which runs BEFORE ours: a VIP it rewrites (a CNI's socket \
+                                     load balancer) never reaches us, and that service is not \
+                                     balanced by this agent",
+                    (true, false) => ", which runs before ours",
+                    (false, _) => ", which runs after ours",
+                }
+            );
+        }
+    }
     o.push('\n');
     let rows: Vec<Vec<String>> = v
         .maps

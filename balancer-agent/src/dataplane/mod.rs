@@ -360,9 +360,23 @@ fn dup_hash<K: aya::Pod, V: aya::Pod>(
 pub struct Attached {
     pub name: &'static str,
     pub attach_type: &'static str,
-    /// The ids of the programs attached there (the agent attaches one);
-    /// the error if the kernel could not be asked.
+    /// The ids of the agent's own programs there (it attaches one); the
+    /// error if the kernel could not be asked.
     pub ids: Result<Vec<u32>, String>,
+    /// Other programs that run at the same hook for this cgroup (attached
+    /// to it or to an ancestor): id, name, and whether it runs before the
+    /// agent's.
+    pub others: Vec<OtherProgram>,
+}
+
+/// A program of someone else's on one of the agent's hooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherProgram {
+    pub id: u32,
+    pub name: String,
+    /// It runs before the agent's program: on connect4/6 it may rewrite a
+    /// VIP before the agent sees it (a CNI's socket load balancer).
+    pub before: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -517,13 +531,39 @@ impl Dataplane {
 
     /// Each of the agent's programs, and what the kernel reports attached
     /// where it belongs (BPF_PROG_QUERY; the cgroup and the sockhashes).
+    ///
+    /// On the cgroup hooks the programs that run for the cgroup are asked
+    /// in the order they run (its own and its ancestors'), and each is
+    /// named, so that a program of someone else's (a CNI's socket load
+    /// balancer, say) is listed, and one that runs before ours on
+    /// connect4/6 is seen: it may rewrite a VIP before we see it.
     pub fn attached(&self) -> Vec<Attached> {
         let cgroup = File::open(&self.cgroup);
+        let names: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
+            .flatten()
+            .map(|p| (p.id(), p.name_as_str().unwrap_or("").to_owned()))
+            .collect();
+        // Ours by id, not by name: another agent's programs have our names.
+        let own = |name: &str| -> Option<u32> {
+            if let Some(dir) = &self.pin_dir {
+                let link: aya::programs::links::FdLink =
+                    aya::programs::links::PinnedLink::from_pin(dir.join("links").join(name))
+                        .ok()?
+                        .into();
+                return link.info().ok().map(|i| i.program_id());
+            }
+            self._ebpf
+                .as_ref()?
+                .program(name)?
+                .info()
+                .ok()
+                .map(|i| i.id())
+        };
         PROGRAMS
             .iter()
             .map(|p| {
                 let on_cgroup = |attach_type| match &cgroup {
-                    Ok(f) => query::attached(f.as_fd(), attach_type),
+                    Ok(f) => query::effective(f.as_fd(), attach_type),
                     Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
                 };
                 let ids = match p.hook {
@@ -533,10 +573,32 @@ impl Dataplane {
                         query::attached(self.maps.sockhash(s).as_fd(), query::SK_MSG_VERDICT)
                     }
                 };
+                let (ids, others) = match (ids, p.hook) {
+                    (Ok(all), Hook::SockAddr(_) | Hook::SockOps) => {
+                        let mine = own(p.name);
+                        let name = |id: &u32| names.get(id).cloned().unwrap_or_default();
+                        let first_ours = all.iter().position(|id| Some(*id) == mine);
+                        let others = all
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, id)| Some(**id) != mine)
+                            .map(|(i, id)| OtherProgram {
+                                id: *id,
+                                name: name(id),
+                                before: first_ours.is_some_and(|o| i < o),
+                            })
+                            .collect();
+                        let ours = all.iter().copied().filter(|id| Some(*id) == mine).collect();
+                        (Ok(ours), others)
+                    }
+                    (Ok(all), Hook::SkMsg(_)) => (Ok(all), Vec::new()),
+                    (Err(e), _) => (Err(e.to_string()), Vec::new()),
+                };
                 Attached {
                     name: p.name,
                     attach_type: p.attach_type,
-                    ids: ids.map_err(|e| e.to_string()),
+                    ids,
+                    others,
                 }
             })
             .collect()

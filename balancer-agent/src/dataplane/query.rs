@@ -36,13 +36,28 @@ const BPF_PROG_QUERY: libc::c_long = 16;
 /// More than anything the agent attaches (one per attach point).
 const MAX_IDS: usize = 64;
 
+/// `BPF_F_QUERY_EFFECTIVE`: the programs that run for the cgroup (its
+/// own and its ancestors'), in the order they run.
+const QUERY_EFFECTIVE: u32 = 1;
+
 /// The ids of the programs attached to `target` (a cgroup directory, or a
 /// sockmap for [`SK_MSG_VERDICT`]) at `attach_type`.
 pub fn attached(target: BorrowedFd<'_>, attach_type: u32) -> std::io::Result<Vec<u32>> {
+    query(target, attach_type, 0)
+}
+
+/// The ids of the programs that run for cgroup `target` at `attach_type`,
+/// its own and those inherited from its ancestors, in the order they run.
+pub fn effective(target: BorrowedFd<'_>, attach_type: u32) -> std::io::Result<Vec<u32>> {
+    query(target, attach_type, QUERY_EFFECTIVE)
+}
+
+fn query(target: BorrowedFd<'_>, attach_type: u32, query_flags: u32) -> std::io::Result<Vec<u32>> {
     let mut ids = [0u32; MAX_IDS];
     let mut attr = QueryAttr {
         target_fd: target.as_raw_fd() as u32,
         attach_type,
+        query_flags,
         prog_ids: ids.as_mut_ptr() as u64,
         prog_cnt: MAX_IDS as u32,
         ..Default::default()
