@@ -254,6 +254,9 @@ pub struct RouterStatusView {
     /// entered (gone since the kernel steered them).
     #[serde(default)]
     pub unserved_closed: u64,
+    /// Pod connections lost because they did not answer a liveness probe.
+    #[serde(default)]
+    pub pod_probe_timeouts: u64,
     /// Endpoints its failure accrual has ejected now.
     #[serde(default)]
     pub ejected: usize,

@@ -125,8 +125,14 @@ pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
                 if rt.splice { ", splice" } else { "" },
                 match (&rt.process, &rt.error) {
                     (Some(p), _) => format!(
-                        "; pid {}, table generation {} of {}, {} routes, {} client connections",
-                        p.pid, p.generation, v.generation, p.routes, p.client_connections
+                        "; pid {}, table generation {} of {}, {} routes, {} client connections, \
+                         {} pod connections lost to unanswered probes",
+                        p.pid,
+                        p.generation,
+                        v.generation,
+                        p.routes,
+                        p.client_connections,
+                        p.pod_probe_timeouts
                     ),
                     (None, Some(e)) => format!("; {e}"),
                     (None, None) => String::new(),

@@ -109,6 +109,7 @@ impl Shared {
             namespace_pools: gauges.origin_pools,
             namespace_connections: gauges.origin_connections,
             unserved_closed: self.router.unserved(),
+            pod_probe_timeouts: balancer_router::stats::POD_PROBE_TIMEOUTS.load(Ordering::Relaxed),
             listener_inode: self.listener_inode,
             ejected: self
                 .router
