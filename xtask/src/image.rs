@@ -1,8 +1,10 @@
 //! `cargo xtask image`: build the agent image from the Dockerfile here,
 //! without a Docker engine, and `--check` it: run the agent and the router
 //! from it with exactly the DaemonSet's securityContext, mounts and seccomp
-//! profile, and balance connections from a test namespace
-//! (`lbt-image-check`). `cargo xtask seccomp` writes the seccomp profile.
+//! profile, balance connections from a test namespace, and see the
+//! router find a client namespace made after it started and open that
+//! client's pod connections from it (`lbt-image-check`). `cargo xtask
+//! seccomp` writes the seccomp profile.
 //!
 //! How (DESIGN.md 8): a Debian bookworm base from `debootstrap --variant=
 //! minbase`, imported with podman; `buildah bud` with Debian's toolchain
