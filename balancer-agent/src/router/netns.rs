@@ -284,10 +284,15 @@ impl SocketFactory {
 fn cookie_here() -> Result<u64, NetnsError> {
     let sock = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)
         .map_err(NetnsError::Socket)?;
+    netns_cookie(sock.as_fd())
+}
+
+/// The cookie of the network namespace socket `sock` was made in.
+fn netns_cookie(sock: BorrowedFd<'_>) -> Result<u64, NetnsError> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: the buffer is a u64 and `len` its size, as the kernel
-    // expects for SO_NETNS_COOKIE; the descriptor is ours and open.
+    // expects for SO_NETNS_COOKIE; the descriptor is borrowed, so open.
     let rc = unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),
@@ -626,20 +631,7 @@ mod tests {
     }
 
     fn cookie_of(sock: &tokio::net::TcpSocket) -> u64 {
-        let mut cookie: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: as in `cookie_here`.
-        let rc = unsafe {
-            libc::getsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                SO_NETNS_COOKIE,
-                (&raw mut cookie).cast(),
-                &raw mut len,
-            )
-        };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        cookie
+        netns_cookie(sock.as_fd()).expect("SO_NETNS_COOKIE")
     }
 
     #[test]

@@ -731,12 +731,7 @@ impl Core {
             .map(|(id, _)| *id)
             .collect();
         for b in conns {
-            if let Some(be) = self.backends.get_mut(&b) {
-                be.retiring = true;
-                let key = (be.origin, be.ep.addr);
-                unpool(&mut self.pool, key, b);
-            }
-            self.after_bstream(b);
+            self.retire(b);
         }
     }
 
@@ -861,13 +856,10 @@ impl Core {
             .map(|(id, _)| *id)
             .collect();
         for b in idle {
-            if let Some(be) = self.backends.get_mut(&b) {
+            if let Some(be) = self.backends.get(&b) {
                 tracing::debug!(conn = b, origin = %be.origin, endpoint = %be.ep.addr, "client namespace has no client left; closing its idle pod connection");
-                be.retiring = true;
-                let key = (be.origin, be.ep.addr);
-                unpool(&mut self.pool, key, b);
             }
-            self.after_bstream(b);
+            self.retire(b);
         }
     }
 
@@ -886,13 +878,19 @@ impl Core {
             })
             .collect();
         for b in extra {
-            if let Some(be) = self.backends.get_mut(&b) {
-                be.retiring = true;
-                let key = (be.origin, be.ep.addr);
-                unpool(&mut self.pool, key, b);
-            }
-            self.after_bstream(b);
+            self.retire(b);
         }
+    }
+
+    /// Backend connection `b` takes no new stream (out of its pool), and
+    /// closes once its streams are over (at once when it has none).
+    fn retire(&mut self, b: ConnId) {
+        if let Some(be) = self.backends.get_mut(&b) {
+            be.retiring = true;
+            let key = (be.origin, be.ep.addr);
+            unpool(&mut self.pool, key, b);
+        }
+        self.after_bstream(b);
     }
 
     /// Send RST_STREAM on backend stream `bid` of `b`; past the budget the
