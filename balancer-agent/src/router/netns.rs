@@ -475,6 +475,12 @@ fn watch(mut w: Watch, stop: Arc<AtomicBool>) {
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     let mut inotify: Option<Inotify> = None;
     let mut last_scan = Instant::now();
+    // inotify sees a namespace file made, not the namespace mounted on it
+    // a moment later; the mount table says when something was mounted
+    // (poll gives POLLPRI on each change), so a file waiting for its
+    // namespace is tried again at once, not at the next retry: a client
+    // that connects a few ms after its namespace appeared is served.
+    let mounts = std::fs::File::open("/proc/self/mountinfo").ok();
     while !stop.load(Ordering::Relaxed) {
         if inotify.is_none() {
             inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
@@ -502,18 +508,28 @@ fn watch(mut w: Watch, stop: Arc<AtomicBool>) {
         let timeout = if retrying { RETRY } else { RESCAN };
         let mut events = Vec::new();
         let mut lost = false;
+        let mut mounted = false;
         if let Some(i) = &inotify {
-            let mut fds = [nix::poll::PollFd::new(
-                i.as_fd(),
-                nix::poll::PollFlags::POLLIN,
-            )];
-            let ms = nix::poll::PollTimeout::try_from(timeout.as_millis() as i32)
-                .unwrap_or(nix::poll::PollTimeout::MAX);
+            use nix::poll::{PollFd, PollFlags, PollTimeout};
+            let mut fds = vec![PollFd::new(i.as_fd(), PollFlags::POLLIN)];
+            if let Some(m) = &mounts {
+                fds.push(PollFd::new(m.as_fd(), PollFlags::POLLPRI));
+            }
+            let ms = PollTimeout::try_from(timeout.as_millis() as i32).unwrap_or(PollTimeout::MAX);
             if matches!(nix::poll::poll(&mut fds, ms), Ok(n) if n > 0) {
-                match i.read_events() {
-                    Ok(evs) => events = evs,
-                    Err(nix::errno::Errno::EAGAIN) => {}
-                    Err(_) => lost = true,
+                mounted = fds.get(1).is_some_and(|f| {
+                    f.revents()
+                        .is_some_and(|r| r.intersects(PollFlags::POLLPRI | PollFlags::POLLERR))
+                });
+                let readable = fds[0]
+                    .revents()
+                    .is_some_and(|r| r.contains(PollFlags::POLLIN));
+                if readable {
+                    match i.read_events() {
+                        Ok(evs) => events = evs,
+                        Err(nix::errno::Errno::EAGAIN) => {}
+                        Err(_) => lost = true,
+                    }
                 }
             }
         } else {
@@ -545,7 +561,7 @@ fn watch(mut w: Watch, stop: Arc<AtomicBool>) {
         let due: Vec<OsString> = w
             .pending
             .iter()
-            .filter(|(_, t)| t.elapsed() < RETRY_FOR)
+            .filter(|(_, t)| mounted || t.elapsed() < RETRY_FOR)
             .map(|(n, _)| n.clone())
             .collect();
         for n in due {
