@@ -141,6 +141,9 @@ pub fn balancer_getpeername6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// No slot chosen (see `balance`).
+const NO_SLOT: u32 = u32::MAX;
+
 enum Verdict {
     /// Not a service: leave the connect() alone.
     Pass,
@@ -210,24 +213,30 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
     // (unless all are): sock_ops marks it the moment its SYN is refused or
     // times out, long before the agent's accrual could eject it, and an
     // established connect clears the mark.
-    let passed_over = core::cell::Cell::new(false);
     let is_marked = |slot: u32| {
-        let m = slot_backend(svc.id, slot)
+        slot_backend(svc.id, slot)
             .and_then(backend_failed_at)
-            .is_some_and(|t| marked(t, now));
-        if m {
-            passed_over.set(true);
-        }
-        m
+            .is_some_and(|t| marked(t, now))
     };
-    let slot = match Algorithm::from_u8(svc.algorithm) {
+    // The choice as a plain u32, NO_SLOT for none: an `Option<u32>` whose
+    // None leaves its payload undefined is copied as a register the
+    // verifier sees as never written (`R7 !read_ok`), which one compiler
+    // emitted here (Debian's rustc 1.96, the image's) and another did not.
+    let mut passed_over = false;
+    let slot: u32 = match Algorithm::from_u8(svc.algorithm) {
         Some(Algorithm::Random) => {
             count(Counter::SelectRandom);
-            Some(avoid_marked(n, pick_random(n, rand), is_marked))
+            let first = pick_random(n, rand);
+            let slot = avoid_marked(n, first, is_marked);
+            passed_over = slot != first;
+            slot
         }
         Some(Algorithm::RoundRobin) => {
             count(Counter::SelectRoundRobin);
-            Some(avoid_marked(n, pick_round_robin(n, cursor), is_marked))
+            let first = pick_round_robin(n, cursor);
+            let slot = avoid_marked(n, first, is_marked);
+            passed_over = slot != first;
+            slot
         }
         Some(Algorithm::LeastConn | Algorithm::LeastRequest) | None => {
             count(Counter::SelectLeastConn);
@@ -236,26 +245,28 @@ fn balance(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
             let pick = pick_least_conn(n, cursor, rand, |slot| {
                 let (active, failed_at) = backend_load(slot_backend(svc.id, slot)?)?;
                 Some(if marked(failed_at, now) {
-                    passed_over.set(true);
+                    passed_over = true;
                     u64::MAX
                 } else {
                     active
                 })
-            });
+            })
+            .unwrap_or(NO_SLOT);
             // P2C looks at two slots only: past FULL_SCAN_MAX, look on.
-            match pick {
-                Some(p) if n.get() > FULL_SCAN_MAX => Some(avoid_marked(n, p, is_marked)),
-                p => p,
+            if pick != NO_SLOT && n.get() > FULL_SCAN_MAX {
+                avoid_marked(n, pick, is_marked)
+            } else {
+                pick
             }
         }
     };
-    if passed_over.get() {
+    if passed_over {
         count(Counter::SteeredFromFailed);
     }
-    let Some(slot) = slot else {
+    if slot == NO_SLOT {
         count(Counter::LookupMiss);
         return Verdict::Refuse;
-    };
+    }
     let Some(backend_id) = slot_backend(svc.id, slot) else {
         count(Counter::LookupMiss);
         return Verdict::Refuse;
