@@ -378,10 +378,8 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
         None => crate::app::cgroup2_root()?,
     };
     let dir = pin::dir_of(&bpffs, &cgroup)?;
-    let admin_listener = admin::bind(&admin_socket, true)?;
-    let _socket_guard = RemoveOnDrop(admin_socket.clone());
-    let metrics_listener = socket::bind_metrics(metrics_addr)?;
-    // Before anything is served: a router that cannot enter namespaces
+    // Before anything is taken over (the admin socket of a router that
+    // still serves, in an upgrade): a router that cannot enter namespaces
     // says so now, and names the fix.
     let namespaces = match identity {
         super::netns::SourceIdentity::Pod => Some(Arc::new(
@@ -390,6 +388,9 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
         )),
         super::netns::SourceIdentity::Node => None,
     };
+    let admin_listener = admin::bind(&admin_socket, true)?;
+    let _socket_guard = RemoveOnDrop(admin_socket.clone());
+    let metrics_listener = socket::bind_metrics(metrics_addr)?;
     let (table, maps) = wait_for_pins(&dir, splice).await;
     let router = Router::new(maps, limits, namespaces.clone());
     let stop = Arc::new(AtomicBool::new(false));
