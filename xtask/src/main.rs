@@ -47,7 +47,9 @@ enum Command {
     },
     /// Write manifests/seccomp/balancer-agent.json: the container runtime's
     /// default profile with bpf and perf_event_open allowed for CAP_BPF and
-    /// CAP_PERFMON.
+    /// CAP_PERFMON, setns only into a network namespace, and what else
+    /// CAP_SYS_ADMIN would open (mount, the node's hostname, unshare,
+    /// syslog, quotactl, fanotify_init) refused.
     Seccomp,
 }
 
