@@ -66,13 +66,9 @@ impl Shared {
         })
     }
 
-    /// This worker's core, to read or adjust between I/O events.
-    pub fn core<R>(self: &Rc<Self>, f: impl FnOnce(&mut Core) -> R) -> R {
-        self.with(f)
-    }
-
-    /// Run `f` on the core, then carry out what it asked for.
-    fn with<R>(self: &Rc<Self>, f: impl FnOnce(&mut Core) -> R) -> R {
+    /// Run `f` on the core, then carry out what it asked for (also for
+    /// the worker's upkeep between I/O events).
+    pub(super) fn with<R>(self: &Rc<Self>, f: impl FnOnce(&mut Core) -> R) -> R {
         let r = f(&mut self.core.borrow_mut());
         let ios = self.core.borrow_mut().take_io();
         for io in ios {

@@ -514,7 +514,7 @@ impl Router {
     /// After a worker's tick: close the pools of client namespaces that are
     /// gone, and publish its gauges.
     fn upkeep(&self, index: usize, shared: &Rc<io::Shared>) {
-        let gauges = shared.core(|c| {
+        let gauges = shared.with(|c| {
             if let Some(ns) = &self.namespaces {
                 for o in c.origins() {
                     if !ns.contains(o) {
