@@ -670,7 +670,10 @@ mod tests {
         // A second one whose file is there 100 ms before its namespace.
         let second = dir.join("second");
         make_netns(&second, Duration::from_millis(100));
-        wait("the second namespace", || ns.len() == 2);
+        // The table is filled before the served map is told: wait for both.
+        wait("the second namespace", || {
+            ns.len() == 2 && served.list().len() == 3
+        });
         let cookies: Vec<u64> = served
             .list()
             .into_iter()
@@ -696,8 +699,9 @@ mod tests {
         assert_eq!(ns.origin(ns.own_cookie), Some(Origin::NODE));
         // Deleted: no longer served, no longer entered.
         remove_netns(&first);
-        wait("the first namespace to go", || ns.len() == 1);
-        assert_eq!(served.list().len(), 2, "the node and the second");
+        wait("the first namespace to go", || {
+            ns.len() == 1 && served.list().len() == 2
+        });
         let gone: Vec<u64> = cookies
             .iter()
             .copied()
