@@ -30,6 +30,11 @@ pub struct Agent {
     /// The apiserver's state, for the kubernetes source.
     pub apiserver: Option<std::sync::Arc<std::sync::Mutex<crate::api::ApiserverState>>>,
     pub reload: ReloadView,
+    /// Ends the client sockets of removed endpoints (`run
+    /// --end-removed-connections`); None when turned off.
+    pub ender: Option<crate::gone::Ender>,
+    /// What became of those sockets, per service, since start.
+    pub ended: BTreeMap<String, crate::gone::Ended>,
 }
 
 fn now_ms() -> u64 {
@@ -51,6 +56,8 @@ impl Agent {
             source_location,
             apiserver: None,
             reload: ReloadView::default(),
+            ender: None,
+            ended: BTreeMap::new(),
         }
     }
 
@@ -73,6 +80,10 @@ impl Agent {
                 self.reload.applied += 1;
                 self.reload.services = state.services.len();
                 self.reload.frontends = summary.frontends;
+                let gone = crate::gone::removed_endpoints(&self.state, &state);
+                if !gone.is_empty() {
+                    self.end_connections_of(&gone);
+                }
                 self.state = state;
                 Ok(())
             }
@@ -83,6 +94,39 @@ impl Agent {
                 Err(msg)
             }
         }
+    }
+
+    /// End the balanced client sockets whose backend is one of `gone`
+    /// (endpoints that just left their Services; the maps no longer
+    /// choose them), and count what became of them per service.
+    fn end_connections_of(&mut self, gone: &std::collections::HashSet<std::net::IpAddr>) {
+        let Some(ender) = &self.ender else {
+            return;
+        };
+        let sockets = self.dataplane.balanced_to(gone);
+        if sockets.is_empty() {
+            return;
+        }
+        let outcomes = ender.end(&sockets);
+        let state = &self.state;
+        let service_of = |vip: std::net::SocketAddr| {
+            state
+                .services
+                .iter()
+                .find(|s| {
+                    s.addresses.contains(&vip.ip()) && s.ports.iter().any(|p| p.port == vip.port())
+                })
+                .map(|s| s.name.clone())
+        };
+        let before: u64 = self.ended.values().map(|e| e.ended).sum();
+        crate::gone::tally(&sockets, &outcomes, service_of, &mut self.ended);
+        let after: u64 = self.ended.values().map(|e| e.ended).sum();
+        tracing::info!(
+            endpoints = gone.len(),
+            sockets = sockets.len(),
+            ended = after - before,
+            "ended the connections of removed endpoints"
+        );
     }
 
     /// The frontends of `state` into the maps, without the backends that
@@ -193,6 +237,13 @@ impl Agent {
             generation: self.dataplane.generation(),
             l4_ejected: self.l4.ejected(),
             l4_ejections: self.l4.ejections,
+            removed_connections: self
+                .ender
+                .as_ref()
+                .map(|e| crate::api::RemovedConnectionsView {
+                    enters_namespaces: e.enters_namespaces(),
+                    services: self.ended.clone(),
+                }),
             router: self.dataplane.router_config().map(|c| {
                 let now = crate::router::monotonic_ns();
                 let age = now.saturating_sub(c.heartbeat_ns);

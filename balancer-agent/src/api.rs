@@ -168,6 +168,20 @@ pub struct StatusView {
     /// answers on its socket.
     #[serde(default)]
     pub router: Option<RouterView>,
+    /// Connections of removed endpoints ended by the agent (`run
+    /// --end-removed-connections`); None when turned off.
+    #[serde(default)]
+    pub removed_connections: Option<RemovedConnectionsView>,
+}
+
+/// What became of the balanced connections of removed endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedConnectionsView {
+    /// False when the agent cannot enter client pods' namespaces (no
+    /// CAP_SYS_ADMIN): only hostNetwork clients' connections are ended.
+    pub enters_namespaces: bool,
+    /// Per service (namespace/name).
+    pub services: BTreeMap<String, crate::gone::Ended>,
 }
 
 /// Where the watches stand with the apiserver.

@@ -41,6 +41,10 @@ pub struct RunOptions {
     pub router: Option<SpawnRouter>,
     /// Failure accrual of tcp ports.
     pub accrual: balancer_router::accrual::Policy,
+    /// End the balanced client sockets of removed endpoints.
+    pub end_removed_connections: bool,
+    /// Where client pods' network namespace files are.
+    pub netns_dir: PathBuf,
 }
 
 /// The router process `run --proxy-addr` starts.
@@ -366,6 +370,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         metrics_addr,
         router: spawn_router,
         accrual,
+        end_removed_connections,
+        netns_dir,
     } = opts;
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
@@ -416,6 +422,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let mut agent = Agent::new(dataplane, kind, where_);
     agent.l4 = crate::eject::L4Accrual::new(accrual);
+    if end_removed_connections {
+        agent.ender = Some(crate::gone::Ender::new(netns_dir)?);
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let watch_task = match source {
         Source::File(path, bytes, initial) => {

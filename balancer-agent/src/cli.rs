@@ -160,6 +160,32 @@ pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
             }
         }
     }
+    match &v.removed_connections {
+        None => {
+            let _ = writeln!(
+                o,
+                "removed:   connections of removed endpoints are left to TCP \
+                 (--end-removed-connections=false)"
+            );
+        }
+        Some(rc) => {
+            let sum = |f: fn(&crate::gone::Ended) -> u64| rc.services.values().map(f).sum::<u64>();
+            let _ = writeln!(
+                o,
+                "removed:   {} connections of removed endpoints ended, {} already closed, \
+                 {} unreachable, {} failed{}",
+                sum(|e| e.ended),
+                sum(|e| e.already_closed),
+                sum(|e| e.unreachable),
+                sum(|e| e.failed),
+                if rc.enters_namespaces {
+                    ""
+                } else {
+                    " (no CAP_SYS_ADMIN: only hostNetwork clients' are ended)"
+                }
+            );
+        }
+    }
     if let Some(e) = &r.error {
         let _ = writeln!(o, "error:     {e}");
     }

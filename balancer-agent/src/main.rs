@@ -12,6 +12,7 @@ mod cli;
 mod dataplane;
 mod eject;
 mod fdpass;
+mod gone;
 mod metrics;
 mod router;
 mod socket;
@@ -113,16 +114,16 @@ struct SpawnArgs {
     /// With --proxy-addr: the router's --source-identity.
     #[arg(long, requires = "proxy_addr", value_enum)]
     source_identity: Option<router::netns::SourceIdentity>,
-    /// With --proxy-addr: the router's --netns-dir.
-    #[arg(long, requires = "proxy_addr")]
-    netns_dir: Option<PathBuf>,
 }
 
 impl SpawnArgs {
     /// The router process to start, with its flags as given.
-    fn router(self) -> Option<app::SpawnRouter> {
+    fn router(self, netns_dir: &std::path::Path) -> Option<app::SpawnRouter> {
         let addr = self.proxy_addr?;
-        let mut args = vec![format!("--listen={addr}")];
+        let mut args = vec![
+            format!("--listen={addr}"),
+            format!("--netns-dir={}", netns_dir.display()),
+        ];
         if self.splice {
             args.push("--splice".into());
         }
@@ -138,10 +139,6 @@ impl SpawnArgs {
             (
                 "--source-identity",
                 self.source_identity.map(|i| i.as_str().to_owned()),
-            ),
-            (
-                "--netns-dir",
-                self.netns_dir.map(|d| d.display().to_string()),
             ),
         ] {
             if let Some(v) = v {
@@ -198,6 +195,22 @@ enum Command {
         /// Prometheus metrics and /healthz, /readyz on this address.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// When an endpoint leaves its Services (its pod deleted, or its
+        /// node declared dead; not while it is only terminating), end the
+        /// client sockets connect() balanced to it, in their own network
+        /// namespaces (sock_diag SOCK_DESTROY): their owners get
+        /// ECONNABORTED at once and reconnect to a live pod, instead of
+        /// waiting up to ~15 minutes for TCP to give up. Entering client
+        /// pods' namespaces needs CAP_SYS_ADMIN (setns). `false` leaves
+        /// them to TCP, as kube-proxy does.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        end_removed_connections: bool,
+        /// Where the container runtime keeps pods' network namespace files
+        /// (containerd and CRI-O: /var/run/netns): the connections of
+        /// removed endpoints are ended there, and with --proxy-addr it is
+        /// the router's --netns-dir.
+        #[arg(long, default_value = "/var/run/netns")]
+        netns_dir: PathBuf,
         #[command(flatten)]
         spawn: SpawnArgs,
     },
@@ -355,11 +368,15 @@ fn main() -> ExitCode {
                 router_grace,
                 accrual,
                 metrics_addr,
+                end_removed_connections,
+                netns_dir,
                 spawn,
             } => {
                 app::run(app::RunOptions {
+                    end_removed_connections,
+                    netns_dir: netns_dir.clone(),
                     accrual: accrual.policy(),
-                    router: spawn.router(),
+                    router: spawn.router(&netns_dir),
                     endpoints_file,
                     node_name,
                     pin_root: pin.then_some(bpffs),

@@ -88,6 +88,12 @@ struct SyncLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RemovedLabels {
+    service: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: String,
 }
@@ -201,6 +207,31 @@ pub fn render(view: &EndpointsView, status: &StatusView) -> String {
         "Ejections of tcp backends by failure accrual (failed connects).",
         status.l4_ejections,
     );
+    if let Some(r) = &status.removed_connections {
+        let removed = Family::<RemovedLabels, Counter>::default();
+        for (service, e) in &r.services {
+            for (outcome, n) in [
+                ("ended", e.ended),
+                ("already_closed", e.already_closed),
+                ("unreachable", e.unreachable),
+                ("failed", e.failed),
+            ] {
+                removed
+                    .get_or_create(&RemovedLabels {
+                        service: service.clone(),
+                        outcome,
+                    })
+                    .inc_by(n);
+            }
+        }
+        reg.register(
+            "balancer_removed_endpoint_connections",
+            "Balanced client connections to endpoints removed from their Services, by what the \
+             agent did: ended (the client saw ECONNABORTED), already_closed, unreachable (in a \
+             namespace it cannot enter; left to TCP), failed.",
+            removed,
+        );
+    }
     let entries = Family::<MapLabels, Gauge>::default();
     let capacity = Family::<MapLabels, Gauge>::default();
     for m in &status.maps {

@@ -31,7 +31,12 @@ pub mod map_names {
     pub const GENERATION: &str = "GENERATION";
     pub const ROUTER_LISTENERS: &str = "ROUTER_LISTENERS";
     pub const SERVED_NETNS: &str = "SERVED_NETNS";
+    pub const BALANCED: &str = "BALANCED";
 }
+
+/// Capacity of `BALANCED`: open client sockets that connect() balanced to
+/// a backend, tracked so the agent can end those of a removed endpoint.
+pub const MAX_BALANCED: u32 = 65_536;
 
 /// Capacity of `SERVED_NETNS`: client network namespaces the router can
 /// serve at once (a node runs at most a few hundred pods).
@@ -206,6 +211,25 @@ pub struct SockKey {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
+
+/// Value of the `BALANCED` map, keyed by socket cookie: an open client
+/// socket that connect() balanced to a backend, as `sock_diag` needs it to
+/// end the socket (its namespace and both ends; the cookie makes sure no
+/// later socket on the same addresses is hit), and the VIP it was for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BalancedSock {
+    /// `bpf_get_netns_cookie` of the client socket.
+    pub netns_cookie: u64,
+    /// The client's own end.
+    pub local: SockKey,
+    /// The backend.
+    pub remote: SockKey,
+    /// The VIP:port the client connected to.
+    pub vip: SockKey,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<BalancedSock>() == 72);
 
 /// Key of the `SPLICE` sockhash: a socket by its own end and its peer's.
 /// A steered client socket and the router's socket for it have mirrored
@@ -400,10 +424,13 @@ pub enum Counter {
     /// A choice moved off a backend whose last connect failed less than
     /// a second ago (see [`select::marked`]).
     SteeredFromFailed = 22,
+    /// A balanced socket established while `BALANCED` was full: it cannot
+    /// be ended if its endpoint is removed.
+    BalancedFull = 23,
 }
 
 /// Entries of the `COUNTERS` array: one per [`Counter`].
-pub const COUNTER_COUNT: u32 = 23;
+pub const COUNTER_COUNT: u32 = 24;
 
 impl Counter {
     /// Every counter, in index order.
@@ -431,6 +458,7 @@ impl Counter {
         Self::ConnectFailed,
         Self::RouterUnserved,
         Self::SteeredFromFailed,
+        Self::BalancedFull,
     ];
 
     /// Its name in `status` and metrics (the `decision` label). A match,
@@ -460,6 +488,7 @@ impl Counter {
             Self::ConnectFailed => "connect_failed",
             Self::RouterUnserved => "router_unserved",
             Self::SteeredFromFailed => "steered_from_failed",
+            Self::BalancedFull => "balanced_full",
         }
     }
 }
@@ -513,4 +542,5 @@ mod pod {
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for SpliceKey {}
+    unsafe impl aya::Pod for BalancedSock {}
 }

@@ -10,9 +10,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use balancer_common::{
-    AffinityKey, AffinityValue, Backend, BackendStats, COUNTER_COUNT, Config, MAX_BACKENDS,
-    MAX_SERVED_NETNS, MAX_SERVICES, MAX_SLOTS, OrigDst, ServiceKey, ServiceState, ServiceValue,
-    SlotKey, SockKey, SockState, SpliceKey,
+    AffinityKey, AffinityValue, Backend, BackendStats, BalancedSock, COUNTER_COUNT, Config,
+    MAX_BACKENDS, MAX_BALANCED, MAX_SERVED_NETNS, MAX_SERVICES, MAX_SLOTS, OrigDst, ServiceKey,
+    ServiceState, ServiceValue, SlotKey, SockKey, SockState, SpliceKey,
 };
 
 const MAX_SERVICES_USIZE: usize = MAX_SERVICES as usize;
@@ -74,3 +74,11 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, 65_536> = LruHashMap
 /// that has one of its own. The value is unused (1).
 #[btf_map]
 pub static SERVED_NETNS: HashMap<u64, u32, { MAX_SERVED_NETNS as usize }> = HashMap::new();
+
+/// Open client sockets that connect() balanced to a backend (keyed by
+/// socket cookie): written by sock_ops at establish, deleted at close. The
+/// agent reads it when an endpoint is removed and ends that endpoint's
+/// sockets with sock_diag in their own namespaces, so their owners learn
+/// at once instead of after TCP's ~15 minutes of retransmissions.
+#[btf_map]
+pub static BALANCED: HashMap<u64, BalancedSock, { MAX_BALANCED as usize }> = HashMap::new();

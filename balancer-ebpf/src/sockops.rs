@@ -8,24 +8,27 @@ use core::ptr::{self, read_volatile};
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_SYN_SENT,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_SYN_SENT,
     },
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_delete_elem},
     },
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use balancer_common::{Counter, OrigDst, SOCK_STEERED, SockKey, SockState, SpliceKey};
+use balancer_common::{
+    BalancedSock, Counter, H2_NOT, H2_UNKNOWN, OrigDst, SOCK_STEERED, SockKey, SockState, SpliceKey,
+};
 
 use crate::{
     helpers::{
         atomic_add, backend_stats, config, count, family_addr, net_port, router_addr,
         router_listeners, sock_storage,
     },
-    maps::{ORIG_DST, SOCKS, SPLICE},
+    maps::{BALANCED, ORIG_DST, SOCKS, SPLICE},
 };
 
 /// Connection accounting.
@@ -43,6 +46,7 @@ pub fn balancer_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive(&ctx),
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_RTT_CB => on_rtt(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(0) == BPF_TCP_LISTEN && ctx.arg(1) == BPF_TCP_CLOSE => {
             on_listener_close();
         }
@@ -171,15 +175,66 @@ fn on_established(ctx: &SockOpsContext) {
     }
     unsafe { (*st).counted = 1 };
     count(Counter::Established);
-    // Let sk_msg follow the HTTP/2 framing of what the client sends.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // Known by its namespace and both ends, so the agent can end it if
+    // its endpoint is removed.
+    let ends = splice_key(ctx);
+    let balanced = BalancedSock {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
+        local: ends.local,
+        remote: ends.remote,
+        vip: SockKey {
+            addr: unsafe { (*st).vip_addr },
+            port: unsafe { (*st).vip_port },
+            _pad: [0; 2],
+        },
+        _pad: 0,
+    };
+    if BALANCED.insert(cookie, balanced, 0).is_err() {
+        count(Counter::BalancedFull);
+    }
+    // Let sk_msg follow the HTTP/2 framing of what the client sends.
     if SOCKS
         .update(&mut cookie, unsafe { &mut *ctx.ops }, 0)
         .is_err()
     {
         count(Counter::SockmapFull);
+        let _ = want_state_cb(ctx);
+        return;
     }
-    let _ = want_state_cb(ctx);
+    // And RTT samples (an ACK of what it sent) until sk_msg has decided
+    // whether it speaks HTTP/2: see `on_rtt`.
+    let _ = ctx.set_cb_flags(
+        (ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32,
+    );
+}
+
+/// An ACK of what a balanced client sent (RTT sample), asked for until
+/// sk_msg decided on its first send whether it speaks HTTP/2. One that
+/// does not leaves SOCKS now. Why: a socket in a sockmap runs the
+/// kernel's tcp_bpf receive path, and there a read blocked when the
+/// connection is reset or aborted wakes with EAGAIN, not with the error
+/// (tcp_bpf_recvmsg after tcp_msg_wait_data, Linux 6.18); the error only
+/// comes at the next call. A blocking database or broker client must see
+/// what it would at L4, so only HTTP/2 clients, whose streams are
+/// counted, stay in. sk_msg programs may not delete from a sockhash;
+/// sock_ops may.
+#[inline(always)]
+fn on_rtt(ctx: &SockOpsContext) {
+    let st = sock_state(ctx);
+    if st.is_null() {
+        return;
+    }
+    let h2 = unsafe { (*st).h2 };
+    if h2 == H2_UNKNOWN {
+        return;
+    }
+    if h2 == H2_NOT {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        let map = core::ptr::from_ref(&SOCKS).cast_mut().cast();
+        let _ = unsafe { bpf_map_delete_elem(map, (&raw const cookie).cast()) };
+    }
+    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
 }
 
 /// listen() on the router's address: count the listener, and ask for its
@@ -290,6 +345,8 @@ fn on_close(ctx: &SockOpsContext) {
         return;
     }
     unsafe { (*st).counted = 0 };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let _ = BALANCED.remove(cookie);
     let backend_id = unsafe { (*st).backend_id };
     if let Some(stats) = backend_stats(backend_id) {
         atomic_add(unsafe { ptr::addr_of_mut!((*stats).active) }, u64::MAX);

@@ -474,6 +474,64 @@ pub fn hold_connections(
     Ok(HeldClient { holder, result })
 }
 
+/// A client whose connections each send a line and read its echo every
+/// 100 ms (`lbt-peer client --mode echo`), until [`EchoClient::report`].
+pub struct EchoClient {
+    holder: Holder,
+    pub result: ClientResult,
+}
+
+/// What one connection of an [`EchoClient`] saw.
+#[derive(Debug, Clone)]
+pub struct EchoReport {
+    pub pod: String,
+    pub echoes: u64,
+    /// Its first error (`ECONNABORTED`, ...) and when, in unix ms.
+    pub error: Option<(String, u64)>,
+}
+
+impl EchoClient {
+    /// Open `count` connections one after another and start echoing.
+    pub fn start(
+        ns: &str,
+        cgroup: Option<&Path>,
+        addr: &str,
+        count: usize,
+    ) -> anyhow::Result<Self> {
+        let (holder, first) = Holder::spawn(
+            &mut client_cmd(ns, cgroup, addr, count, "echo"),
+            "lbt-peer client --mode echo",
+        )?;
+        let result = ClientResult::parse(&serde_json::from_str(&first).context("client output")?)?;
+        Ok(Self { holder, result })
+    }
+
+    /// Each connection's echoes and first error so far (the client then
+    /// exits).
+    pub fn report(mut self) -> anyhow::Result<Vec<EchoReport>> {
+        if let Some(mut s) = self.holder.stdin.take() {
+            writeln!(s, "report")?;
+        }
+        let line = self
+            .holder
+            .lines
+            .recv_timeout(Duration::from_secs(20))
+            .context("the echo client did not report")?;
+        let v: Value = serde_json::from_str(&line).context("echo report")?;
+        Ok(v.as_array()
+            .context("echo report")?
+            .iter()
+            .map(|c| EchoReport {
+                pod: c["pod"].as_str().unwrap_or_default().to_owned(),
+                echoes: c["echoes"].as_u64().unwrap_or(0),
+                error: c["error"]
+                    .as_str()
+                    .map(|e| (e.to_owned(), c["error_at_ms"].as_u64().unwrap_or(0))),
+            })
+            .collect())
+    }
+}
+
 /// Open and close `count` connections one after another.
 pub fn short_connections(
     ns: &str,

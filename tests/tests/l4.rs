@@ -241,11 +241,15 @@ fn removed_endpoint_gets_no_new_connections_and_added_one_does() {
     assert_eq!(batch1.result.count("pod0"), 10);
     assert_eq!(batch1.result.count("pod3"), 0);
 
-    // Remove pod0, add pod3.
-    let last3: Vec<String> = t.pods[1..].iter().map(|p| p.v4.to_string()).collect();
-    let status = agent
-        .reload(&endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &last3))
-        .expect("reload");
+    // pod0 terminating (it takes no new connection; its open ones drain),
+    // pod3 added.
+    let all: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+    let pod0 = format!("      - address: '{}'\n", all[0]);
+    let terminating = endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &all).replace(
+        &pod0,
+        &format!("{pod0}        ready: false\n        serving: true\n        terminating: true\n"),
+    );
+    let status = agent.reload(&terminating).expect("reload");
     assert_eq!(status["last_reload"]["ok"], true, "{status}");
     let batch2 = hold_connections(
         &t.client.name,
@@ -268,6 +272,30 @@ fn removed_endpoint_gets_no_new_connections_and_added_one_does() {
     assert_eq!(draining.len(), 1, "{v}");
     assert_eq!(draining[0]["address"], t.pods[0].v4.to_string());
     assert_eq!(draining[0]["active_connections"], 10);
+
+    // Then removed for good: the agent ends its 10 connections (issue 19
+    // section 2; removed.rs sees what their owners get), and the backend
+    // is forgotten once they closed.
+    let last3: Vec<String> = t.pods[1..].iter().map(|p| p.v4.to_string()).collect();
+    let status = agent
+        .reload(&endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &last3))
+        .expect("reload");
+    assert_eq!(status["last_reload"]["ok"], true, "{status}");
+    Topology::wait_for(
+        "the removed backend's connections to end",
+        Duration::from_secs(5),
+        || {
+            Ok(agent.endpoints_json()?["draining"]
+                .as_array()
+                .is_some_and(Vec::is_empty))
+        },
+    )
+    .expect("ended");
+    let status = agent.status_json().expect("status");
+    assert_eq!(
+        status["removed_connections"]["services"][SVC]["ended"], 10,
+        "{status}"
+    );
 
     batch1.close().expect("close1");
     batch2.close().expect("close2");

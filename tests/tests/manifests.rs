@@ -127,14 +127,17 @@ fn daemonset_is_least_privilege_node_critical_and_probed() {
             .map(|h| (h.path.clone().unwrap_or_default(), h.port.clone()))
     };
     for (c, caps_want, port) in [
+        // The agent's SYS_ADMIN: setns(CLONE_NEWNET) into client pods'
+        // namespaces, to end a removed endpoint's sockets there
+        // (--end-removed-connections).
         (
             &spec.containers[0],
-            BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]),
+            BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"]),
             9464,
         ),
-        // SYS_ADMIN: setns(CLONE_NEWNET) into client pods' namespaces
-        // (--source-identity pod). Spelt without `CAP_`: the API refuses
-        // `CAP_SYS_ADMIN` beside allowPrivilegeEscalation false.
+        // The router's SYS_ADMIN: setns(CLONE_NEWNET) into client pods'
+        // namespaces (--source-identity pod). Spelt without `CAP_`: the API
+        // refuses `CAP_SYS_ADMIN` beside allowPrivilegeEscalation false.
         (
             &spec.containers[1],
             BTreeSet::from(["BPF", "SYS_ADMIN"]),
@@ -322,17 +325,22 @@ fn daemonset_is_least_privilege_node_critical_and_probed() {
 }
 
 #[test]
-fn the_router_enters_client_namespaces_from_the_runtimes_files_and_the_agent_cannot() {
+fn both_containers_enter_client_namespaces_from_the_runtimes_files_read_only() {
     let ds: DaemonSet = load("daemonset.yaml");
     let spec = ds.spec.expect("spec").template.spec.expect("pod spec");
     let (agent, router) = (&spec.containers[0], &spec.containers[1]);
     // Client identity: pod connections opened from each client pod's own
-    // namespace, found in the runtime's netns directory.
+    // namespace, found in the runtime's netns directory; and the agent ends
+    // removed endpoints' sockets there.
+    for c in [agent, router] {
+        let args = c.args.as_deref().unwrap_or_default();
+        assert!(
+            args.iter().any(|a| a == "--netns-dir=/var/run/netns"),
+            "{}: {args:?}",
+            c.name
+        );
+    }
     let args = router.args.as_deref().unwrap_or_default();
-    assert!(
-        args.iter().any(|a| a == "--netns-dir=/var/run/netns"),
-        "{args:?}"
-    );
     assert!(
         args.iter()
             .filter(|a| a.starts_with("--source-identity"))
@@ -350,10 +358,18 @@ fn the_router_enters_client_namespaces_from_the_runtimes_files_and_the_agent_can
             .find(|m| m.mount_path == "/var/run/netns")
             .cloned()
     };
+    for c in [agent, router] {
+        let m = netns(c).expect("mounts /var/run/netns");
+        assert_eq!(m.read_only, Some(true), "{}", c.name);
+        assert_eq!(
+            m.mount_propagation.as_deref(),
+            Some("HostToContainer"),
+            "{}",
+            c.name
+        );
+        assert!(m.sub_path.is_none() && m.sub_path_expr.is_none());
+    }
     let m = netns(router).expect("the router mounts /var/run/netns");
-    assert_eq!(m.read_only, Some(true));
-    assert_eq!(m.mount_propagation.as_deref(), Some("HostToContainer"));
-    assert!(m.sub_path.is_none() && m.sub_path_expr.is_none());
     let volume = spec
         .volumes
         .iter()
@@ -363,16 +379,6 @@ fn the_router_enters_client_namespaces_from_the_runtimes_files_and_the_agent_can
         .expect("a hostPath volume");
     assert_eq!(volume.path, "/var/run/netns");
     assert_eq!(volume.type_.as_deref(), Some("DirectoryOrCreate"));
-    // The agent has neither the files nor the power to enter them.
-    assert!(netns(agent).is_none());
-    let caps = |c: &k8s_openapi::api::core::v1::Container| {
-        c.security_context
-            .as_ref()
-            .and_then(|s| s.capabilities.as_ref())
-            .and_then(|c| c.add.clone())
-            .unwrap_or_default()
-    };
-    assert!(!caps(agent).iter().any(|c| c.ends_with("SYS_ADMIN")));
     // Privileged would make the capability list moot.
     let sc = router.security_context.as_ref().expect("securityContext");
     assert_eq!(sc.privileged, Some(false));

@@ -7,7 +7,7 @@ mod query;
 
 use std::{
     fs::File,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::AsFd,
     path::{Path, PathBuf},
 };
@@ -18,13 +18,13 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps},
 };
 use balancer_common::{
-    AffinityKey, AffinityValue, Backend, BackendStats, Config, Counter, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SLOTS, ServiceKey, ServiceState, ServiceValue, SlotKey, SpliceKey, map_names,
+    AffinityKey, AffinityValue, Backend, BackendStats, BalancedSock, Config, Counter, MAX_BACKENDS,
+    MAX_SERVICES, MAX_SLOTS, ServiceKey, ServiceState, ServiceValue, SlotKey, SpliceKey, map_names,
 };
 use serde::Serialize;
 
 use crate::state::Frontend;
-use plan::{Op, PlanError, Programmer};
+use plan::{Op, PlanError, Programmer, words_addr};
 
 /// The eBPF object, built by aya-build from `balancer-ebpf` (see build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer"));
@@ -177,6 +177,9 @@ struct Maps {
     splice: SockHash<MapData, SpliceKey>,
     /// The kernel's alone (sessionAffinity); open to count its entries.
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    /// Balanced client sockets (sock_ops writes and deletes them), read
+    /// to end those of a removed endpoint.
+    balanced: HashMap<MapData, u64, BalancedSock>,
 }
 
 impl Maps {
@@ -203,6 +206,7 @@ impl Maps {
             socks: open(&mut get, map_names::SOCKS)?,
             splice: open(&mut get, map_names::SPLICE)?,
             affinity: open(&mut get, map_names::AFFINITY)?,
+            balanced: open(&mut get, map_names::BALANCED)?,
         })
     }
 
@@ -760,6 +764,20 @@ impl Dataplane {
                 max_entries: MAX_BACKENDS,
             },
         ]
+    }
+
+    /// The open balanced client sockets whose backend's address is in
+    /// `gone`, by socket cookie (one walk of `BALANCED`).
+    pub fn balanced_to(
+        &self,
+        gone: &std::collections::HashSet<IpAddr>,
+    ) -> Vec<(u64, BalancedSock)> {
+        self.maps
+            .balanced
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, s)| gone.contains(&words_addr(s.remote.addr)))
+            .collect()
     }
 
     /// One decision counter, summed over CPUs.

@@ -2,14 +2,14 @@
 //! (including after `kill -9`) or an upgrade adopts a data path that never
 //! stopped.
 //!
-//! Layout: `<bpffs root>/v5/cg-<cgroup inode>/{maps,links}/<name>` and a
-//! `complete` marker written last; `v5` is the map layout version (a
+//! Layout: `<bpffs root>/v6/cg-<cgroup inode>/{maps,links}/<name>` and a
+//! `complete` marker written last; `v6` is the map layout version (a
 //! layout change gets a new directory, never a misread map; v2 added
 //! `SPLICE` and three counters, v3 `GENERATION` and `AFFINITY` pinned, for
 //! the router process, which reads the data path from these pins; v4
 //! `BackendStats::connect_failures` and a counter; v5 `SERVED_NETNS`,
 //! `OrigDst::netns_cookie`, `Config::identity`, `BackendStats::failed_at_ns`
-//! and two counters).
+//! and two counters; v6 `BALANCED` and a counter).
 
 use std::{
     os::unix::fs::MetadataExt,
@@ -21,7 +21,7 @@ use aya::{
     programs::links::{FdLink, PinnedLink},
 };
 
-pub const LAYOUT: &str = "v5";
+pub const LAYOUT: &str = "v6";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]

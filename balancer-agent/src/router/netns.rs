@@ -169,6 +169,39 @@ impl Namespaces {
                 .contains_key(&origin.0)
     }
 
+    /// The cookie of this process's own network namespace.
+    pub fn own_cookie(&self) -> u64 {
+        self.own_cookie
+    }
+
+    /// Handles on the namespace files in the directory whose cookies are
+    /// in `wanted`, found by one walk of the directory (each file entered
+    /// once to learn its cookie). Namespaces with no file there are
+    /// simply not in the answer.
+    pub fn find(&self, wanted: &HashSet<u64>) -> HashMap<u64, OwnedFd> {
+        let mut found = HashMap::new();
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return found;
+        };
+        for entry in dir.flatten() {
+            if found.len() == wanted.len() {
+                break;
+            }
+            if let Ok((cookie, fd)) = self.open(&entry.path())
+                && wanted.contains(&cookie)
+            {
+                found.entry(cookie).or_insert(fd);
+            }
+        }
+        found
+    }
+
+    /// Run `f` on this thread inside the namespace `ns` (a handle from
+    /// [`Namespaces::find`]), then come back.
+    pub fn run_in<R>(&self, ns: BorrowedFd<'_>, f: impl FnOnce() -> R) -> Result<R, NetnsError> {
+        self.enter(ns, "of a client", f)
+    }
+
     /// Run `f` on this thread inside namespace `ns`, then come back.
     fn enter<R>(
         &self,
@@ -281,7 +314,7 @@ impl SocketFactory {
 }
 
 /// The cookie of the calling thread's network namespace.
-fn cookie_here() -> Result<u64, NetnsError> {
+pub fn cookie_here() -> Result<u64, NetnsError> {
     let sock = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)
         .map_err(NetnsError::Socket)?;
     netns_cookie(sock.as_fd())

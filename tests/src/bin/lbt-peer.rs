@@ -4,8 +4,13 @@
 //!
 //! ```text
 //! lbt-peer serve  --netns NS --name POD --port P [--port P2] [--sink-port S]
-//! lbt-peer client --netns NS --cgroup DIR --connect ADDR --count N --mode hold|short|rate
+//! lbt-peer client --netns NS --cgroup DIR --connect ADDR --count N --mode hold|short|rate|echo
 //! ```
+//!
+//! `echo` holds its connections like `hold`, and each sends a line and
+//! reads its echo every 100 ms, as a long-lived database or broker client
+//! does; on the line on stdin it prints, per connection, its pod, the
+//! echoes it got, and its first error (name and unix time in ms).
 //!
 //! The server prints `conn <active> <total>` on every change. The client
 //! prints one JSON line with its results; in `hold` mode it then keeps the
@@ -175,7 +180,7 @@ fn client(args: &[String]) -> anyhow::Result<()> {
                     *peers.entry(p.to_string()).or_default() += 1;
                 }
                 order.push(pod);
-                if mode == "hold" {
+                if mode == "hold" || mode == "echo" {
                     held.push(s);
                 } else if mode == "rate" {
                     // Wait for the server's FIN, then close.
@@ -199,6 +204,93 @@ fn client(args: &[String]) -> anyhow::Result<()> {
         std::io::stdin().read_line(&mut line)?;
         drop(held);
         println!("closed");
+    } else if mode == "echo" {
+        let conns: Vec<Arc<Echo>> = held
+            .into_iter()
+            .zip(pods_in_order(&result))
+            .map(|(s, pod)| Echo::start(s, pod))
+            .collect();
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        let report: Vec<serde_json::Value> = conns.iter().map(|c| c.report()).collect();
+        println!("{}", serde_json::Value::Array(report));
     }
     Ok(())
+}
+
+fn pods_in_order(result: &serde_json::Value) -> Vec<String> {
+    result["order"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One long-lived connection of `--mode echo`.
+struct Echo {
+    pod: String,
+    echoes: AtomicU64,
+    /// The first error and when (unix ms).
+    error: Mutex<Option<(String, u64)>>,
+}
+
+impl Echo {
+    fn start(s: TcpStream, pod: String) -> Arc<Self> {
+        let e = Arc::new(Self {
+            pod,
+            echoes: AtomicU64::new(0),
+            error: Mutex::new(None),
+        });
+        let me = e.clone();
+        std::thread::spawn(move || {
+            // No read timeout: a read waits as long as the kernel lets it,
+            // as a client without its own deadline does.
+            let _ = s.set_read_timeout(None);
+            let mut s = s;
+            let mut buf = [0u8; 64];
+            loop {
+                let r = s.write_all(b"ping\n").and_then(|()| {
+                    let mut got = 0;
+                    while got < 5 {
+                        let n = s.read(&mut buf[got..5])?;
+                        if n == 0 {
+                            return Err(std::io::ErrorKind::UnexpectedEof.into());
+                        }
+                        got += n;
+                    }
+                    Ok(())
+                });
+                if let Err(err) = r {
+                    let at = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(0);
+                    let name = match err.raw_os_error() {
+                        Some(libc::ECONNABORTED) => "ECONNABORTED".into(),
+                        Some(libc::ECONNRESET) => "ECONNRESET".into(),
+                        Some(libc::EPIPE) => "EPIPE".into(),
+                        _ => errno_name(&err),
+                    };
+                    *me.error.lock().unwrap_or_else(|p| p.into_inner()) = Some((name, at));
+                    return;
+                }
+                me.echoes.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        e
+    }
+
+    fn report(&self) -> serde_json::Value {
+        let error = self.error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        serde_json::json!({
+            "pod": self.pod,
+            "echoes": self.echoes.load(Ordering::SeqCst),
+            "error": error.as_ref().map(|e| e.0.clone()),
+            "error_at_ms": error.as_ref().map(|e| e.1),
+        })
+    }
 }

@@ -1,0 +1,145 @@
+//! Long-lived L4 connections to an endpoint that is removed end at once
+//! (issue 19 §2): the agent ends the client sockets the kernel balanced to
+//! it, each in its own network namespace, and touches nothing else.
+//!
+//! The case is a dead node: pod0's interface goes down (its packets
+//! vanish, nothing answers), and a second later its endpoint is removed,
+//! as the EndpointSlice controller does once the node is declared dead.
+//! Without the agent, its connections would wait on TCP retransmissions
+//! for about 15 minutes.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use balancer_tests::{
+    agent::Agent,
+    peers::{EchoClient, EchoReport},
+    process::{require_root, sh},
+    topology::Topology,
+};
+
+const VIP_IP: &str = "198.19.0.74";
+const VIP: &str = "198.19.0.74:80";
+
+/// The service over `pods` (name, address, terminating).
+fn yaml(pods: &[(&str, bool)]) -> String {
+    let mut y = format!(
+        "services:\n  - name: default/db\n    addresses: ['{VIP_IP}']\n    ports:\n      - port: 80\n        targetPort: 8080\n        algorithm: least-conn\n    endpoints:\n"
+    );
+    for (addr, terminating) in pods {
+        y += &format!("      - address: '{addr}'\n");
+        if *terminating {
+            y += "        ready: false\n        serving: true\n        terminating: true\n";
+        }
+    }
+    y
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Pods 0..4 of the service, pod0's node dies (interface down), and a
+/// second later its endpoint is removed while pod1 turns terminating.
+/// Returns the topology and the agent (in the order they must drop), the
+/// echo reports of the pod client and the hostNetwork one, and the time of
+/// the removal.
+fn pod0_dies(
+    tag: &str,
+    extra: &[&str],
+) -> (Topology, Agent, Vec<EchoReport>, Vec<EchoReport>, u64) {
+    require_root();
+    let t = Topology::new(tag, 4, &[8080]).expect("topology");
+    let addrs: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+    let all: Vec<(&str, bool)> = addrs.iter().map(|a| (a.as_str(), false)).collect();
+    // The agent in the node's namespace: hostNetwork clients share it.
+    let agent = Agent::start_with(
+        &t.prefix,
+        &t.cgroup.path,
+        &yaml(&all),
+        Some(&t.node.name),
+        extra,
+    )
+    .expect("agent");
+    let cg = Some(t.cgroup.path.as_path());
+    let pods = EchoClient::start(&t.client.name, cg, VIP, 8).expect("pod client");
+    let host = EchoClient::start(&t.node.name, cg, VIP, 4).expect("hostNetwork client");
+    let per_pod = |c: &EchoClient| {
+        (0..4)
+            .map(|i| c.result.count(&format!("pod{i}")))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(per_pod(&pods), [2, 2, 2, 2], "{:?}", pods.result);
+    assert_eq!(per_pod(&host), [1, 1, 1, 1], "{:?}", host.result);
+    std::thread::sleep(Duration::from_millis(500));
+    sh(
+        "ip",
+        &["-n", &t.pods[0].ns.name, "link", "set", "eth0", "down"],
+    )
+    .expect("pod0 down");
+    std::thread::sleep(Duration::from_secs(1));
+    let removed_at = now_ms();
+    agent
+        .reload(&yaml(&[
+            (addrs[1].as_str(), true),
+            (addrs[2].as_str(), false),
+            (addrs[3].as_str(), false),
+        ]))
+        .expect("reload");
+    std::thread::sleep(Duration::from_millis(2500));
+    let pods = pods.report().expect("pod client report");
+    let host = host.report().expect("hostNetwork client report");
+    eprintln!("pod client: {pods:?}\nhostNetwork client: {host:?}");
+    (t, agent, pods, host, removed_at)
+}
+
+#[test]
+fn connections_to_a_removed_endpoint_end_within_2s_and_no_other_is_touched() {
+    let (_t, agent, pods, host, removed_at) = pod0_dies("rmend", &[]);
+    for c in pods.iter().chain(&host) {
+        if c.pod == "pod0" {
+            let (err, at) = c.error.clone().unwrap_or_else(|| {
+                panic!(
+                    "a connection to the removed pod saw no error: {c:?}\n{}",
+                    agent.log()
+                )
+            });
+            assert_eq!(err, "ECONNABORTED", "{c:?}\n{}", agent.log());
+            let after = at.saturating_sub(removed_at);
+            eprintln!("a connection to the removed pod ended {after} ms after the removal");
+            assert!(
+                after <= 2000,
+                "ended only {after} ms after the removal: {c:?}"
+            );
+        } else {
+            // pod1 is terminating: it drains, as Kubernetes intends.
+            assert_eq!(
+                c.error, None,
+                "a connection to a live pod was touched: {c:?}"
+            );
+            assert!(c.echoes >= 25, "it kept echoing: {c:?}");
+        }
+    }
+    let status = agent.status_json().expect("status");
+    let removed = &status["removed_connections"];
+    assert_eq!(removed["enters_namespaces"], true, "{status}");
+    assert_eq!(removed["services"]["default/db"]["ended"], 3, "{status}");
+    assert_eq!(
+        removed["services"]["default/db"]["unreachable"], 0,
+        "{status}"
+    );
+}
+
+#[test]
+fn with_end_removed_connections_false_they_are_left_to_tcp() {
+    let (_t, agent, pods, host, _) = pod0_dies("rmkeep", &["--end-removed-connections", "false"]);
+    for c in pods.iter().chain(&host) {
+        assert_eq!(c.error, None, "{c:?}");
+    }
+    let to_pod0 = pods.iter().chain(&host).filter(|c| c.pod == "pod0").count();
+    assert_eq!(to_pod0, 3);
+    let status = agent.status_json().expect("status");
+    assert!(status["removed_connections"].is_null(), "{status}");
+}
