@@ -1,10 +1,15 @@
-//! Real gRPC peers (Python grpcio, `tests/grpc/peer.py`): servers in pod
-//! namespaces, and clients on one channel in the client namespace.
+//! Real gRPC peers (Python grpcio, `tests/grpc/peer.py`; grpc-go,
+//! `tests/grpc/gopeer`): servers in pod namespaces, and clients on one
+//! channel in the client namespace.
 
 use std::{
     io::{BufRead, BufReader},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use anyhow::Context;
@@ -42,6 +47,93 @@ pub fn server_mode(ns: &str, name: &str, port: u16, mode: &str) -> anyhow::Resul
     BufReader::new(stdout).read_line(&mut line)?;
     anyhow::ensure!(line.trim() == "listening", "grpc server did not start");
     Ok(Killed(child))
+}
+
+/// The grpc-go pod, built once per test process with Debian's Go and
+/// grpc-go packages (`cargo xtask setup` installs golang-go and
+/// golang-google-grpc-dev): GOPATH mode, nothing downloaded.
+pub fn gopeer_bin() -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let mut dir = exe.parent().ok_or("no exe dir")?.to_path_buf();
+            if dir.ends_with("deps") {
+                dir.pop();
+            }
+            let dir = dir.join("gopeer");
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let bin = dir.join("gopeer");
+            // Tests run in parallel processes: each builds its own file and
+            // renames it into place.
+            let tmp = dir.join(format!("gopeer.{}", std::process::id()));
+            let src = concat!(env!("CARGO_MANIFEST_DIR"), "/grpc/gopeer");
+            let out = Command::new("go")
+                .args(["build", "-o"])
+                .arg(&tmp)
+                .arg(".")
+                .current_dir(src)
+                .env("GO111MODULE", "off")
+                .env("GOPATH", "/usr/share/gocode")
+                .env("GOCACHE", dir.join("cache"))
+                .env("GOFLAGS", "")
+                .output()
+                .map_err(|e| {
+                    format!("go build (cargo xtask setup installs golang-go and golang-google-grpc-dev): {e}")
+                })?;
+            if !out.status.success() {
+                return Err(format!(
+                    "go build of {src}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            std::fs::rename(&tmp, &bin).map_err(|e| e.to_string())?;
+            Ok(bin)
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// A grpc-go server in a pod namespace, answering every method with its
+/// name, under grpc-go's default keepalive enforcement.
+pub struct GoServer {
+    _child: Killed,
+    too_many_pings: Arc<AtomicU64>,
+}
+
+impl GoServer {
+    pub fn start(ns: &str, name: &str, port: u16) -> anyhow::Result<Self> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(gopeer_bin()?)
+            .arg(name)
+            .arg(port.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("grpc-go server")?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let first = lines.next().context("grpc-go server said nothing")??;
+        anyhow::ensure!(first == "listening", "grpc-go server: {first}");
+        let too_many_pings = Arc::new(AtomicU64::new(0));
+        let seen = too_many_pings.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if line == "too_many_pings" {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        Ok(Self {
+            _child: Killed(child),
+            too_many_pings,
+        })
+    }
+
+    /// Connections it ended with GOAWAY ENHANCE_YOUR_CALM `too_many_pings`.
+    pub fn too_many_pings(&self) -> u64 {
+        self.too_many_pings.load(Ordering::SeqCst)
+    }
 }
 
 /// The endpoints file of one http2 service, `default/grpc` at `vip_ip`:80,

@@ -12,15 +12,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use balancer_tests::grpc::{PEER, setup};
+use balancer_tests::{
+    agent::Agent,
+    grpc::{GoServer, PEER, service_yaml, setup},
+    process::require_root,
+    topology::{ROUTER_ADDR, Topology},
+};
 use serde_json::Value;
 
 const PORT: u16 = 50058;
 const VIP: &str = "198.19.0.78";
 
-#[test]
-fn streams_on_a_pod_whose_node_dies_end_unavailable_within_seconds_and_others_are_untouched() {
-    let (t, _servers, agent) = setup("podlive", VIP, PORT, &[], &[]);
+/// Eight bidi streams on one channel (a message every 0.3 s, keepalive
+/// 1 s) over the router to pods 0..4; pod0's node dies 2 s in. Checks
+/// that pod0's two streams end UNAVAILABLE within 5 s and the others run
+/// on, and returns the client's report.
+fn pod0_dies_under_streams(t: &Topology, agent: &Agent) -> Value {
     let seconds = 12.0;
     let script = format!(
         "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 {PEER} streams {VIP}:80 8 {seconds} 1000",
@@ -70,5 +77,61 @@ fn streams_on_a_pod_whose_node_dies_end_unavailable_within_seconds_and_others_ar
     assert!(
         status["router"]["process"].is_object(),
         "router status: {status}"
+    );
+    v
+}
+
+#[test]
+fn streams_on_a_pod_whose_node_dies_end_unavailable_within_seconds_and_others_are_untouched() {
+    let (t, _servers, agent) = setup("podlive", VIP, PORT, &[], &[]);
+    pod0_dies_under_streams(&t, &agent);
+}
+
+/// The same with grpc-go pods under grpc-go's default keepalive
+/// enforcement (pings no closer than 5 minutes unless the server sends
+/// data, none without streams; a third strike ends the connection with
+/// GOAWAY ENHANCE_YOUR_CALM `too_many_pings`). The router's probes follow
+/// the client's pace (1 s here) and go only to pod connections that carry
+/// its open streams: no pod ever polices the router.
+#[test]
+fn grpc_go_pods_with_default_ping_policing_never_see_too_many_pings_from_the_router() {
+    require_root();
+    let t = Topology::new("podlivego", 4, &[]).expect("topology");
+    let servers: Vec<GoServer> = t
+        .pods
+        .iter()
+        .map(|p| GoServer::start(&p.ns.name, &p.name, PORT).expect("grpc-go server"))
+        .collect();
+    let agent = Agent::start_with(
+        &t.prefix,
+        &t.cgroup.path,
+        &service_yaml(&t, VIP, PORT),
+        Some(&t.node.name),
+        &["--proxy-addr", ROUTER_ADDR],
+    )
+    .expect("agent");
+    pod0_dies_under_streams(&t, &agent);
+    let policed: Vec<u64> = servers.iter().map(GoServer::too_many_pings).collect();
+    assert_eq!(policed, [0, 0, 0, 0], "GOAWAY too_many_pings per pod");
+    // The control: the same pace straight to pod1 on a channel with no
+    // call is policed, so the zeros above are the router's doing.
+    let idle = format!(
+        "import grpc, time\n\
+         opts = [('grpc.keepalive_time_ms', 1000), ('grpc.keepalive_timeout_ms', 1000),\n\
+         ('grpc.keepalive_permit_without_calls', 1), ('grpc.http2.max_pings_without_data', 0)]\n\
+         ch = grpc.insecure_channel('{}:{PORT}', options=opts)\n\
+         grpc.channel_ready_future(ch).result(timeout=10)\n\
+         time.sleep(6)\n",
+        t.pods[1].v4
+    );
+    let status = Command::new("ip")
+        .args(["netns", "exec", &t.client.name, "python3", "-c", &idle])
+        .stderr(Stdio::null())
+        .status()
+        .expect("idle client");
+    assert!(status.success());
+    assert!(
+        servers[1].too_many_pings() >= 1,
+        "grpc-go did not police an idle channel pinging every second: the check sees nothing"
     );
 }

@@ -9,7 +9,8 @@ use anyhow::{Context, bail};
 use crate::util::{self, is_root, ok, output};
 
 /// Debian packages: libLLVM 22 for bpf-linker, the real peers the tests
-/// and the demo drive, perf (the HTTP/2 benchmark counts syscalls and
+/// and the demo drive (grpc-go pods are built from Debian's Go and grpc-go
+/// packages, in GOPATH mode: nothing is downloaded), perf (the HTTP/2 benchmark counts syscalls and
 /// context switches with it), and what builds and runs the image without a
 /// Docker engine (DESIGN.md 8).
 const PACKAGES: &[&str] = &[
@@ -29,6 +30,8 @@ const PACKAGES: &[&str] = &[
     "podman",
     "runc",
     "golang-github-containers-common",
+    "golang-go",
+    "golang-google-grpc-dev",
 ];
 
 /// The nightly that DESIGN.md 4 pins: its LLVM (22) is the one bpf-linker
