@@ -123,6 +123,10 @@ impl Core {
 
     /// Bytes backend `b` sent.
     pub fn backend_read(&mut self, b: ConnId, buf: &mut BytesMut) {
+        let now = self.now;
+        if let Some(be) = self.backends.get_mut(&b) {
+            be.last_heard = now;
+        }
         if let Err(Error::Conn { reason, why }) = self.backend_frames(b, buf) {
             self.backend_error(b, reason, why);
             buf.clear();

@@ -221,6 +221,19 @@ pub const PROBE_PING: [u8; 8] = *b"lbprobe\0";
 /// faster than 5 minutes while they send nothing, or on an idle
 /// connection; a probe goes only where the client has streams open).
 pub const MIN_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// A pod connection that carries open streams and has sent nothing for
+/// this long is probed by the router itself, whether or not a client
+/// pings: a client whose connection to the router stays busy through
+/// other pods never pings (grpc-go pings only after its connection went
+/// quiet for its keepalive time), yet at L4 its connection to this one pod
+/// would have gone quiet and been checked. Five minutes is the closest
+/// pace gRPC servers accept by default from a peer they send nothing to
+/// (grpc-go's enforcement MinTime, C-core's
+/// `min_recv_ping_interval_without_data`), so no pod ever polices it; a
+/// dead pod's streams then end within this plus `--pod-probe-timeout`, not
+/// TCP's quarter of an hour, even when no client pings and its endpoint is
+/// never removed.
+pub const SILENT_PROBE_INTERVAL: Duration = Duration::from_secs(300);
 /// A probe's answer is awaited for the client's own ping interval, at
 /// least this long (the core's clock moves in 500 ms ticks) and at most
 /// [`Limits::probe_timeout`].
@@ -462,6 +475,8 @@ struct Backend {
     probe: Option<(Instant, Duration)>,
     /// When the last probe went.
     last_probe: Option<Instant>,
+    /// When it last sent anything (the core's coarse clock).
+    last_heard: Instant,
     /// Probed once its endpoint left every service.
     removal_probed: bool,
     last_block: LastBlock,
@@ -629,13 +644,23 @@ impl Core {
         let idle = self.limits.stream_idle_timeout;
         let mut expired = Vec::new();
         let mut unanswered = Vec::new();
+        let mut silent = Vec::new();
         for (id, be) in &mut self.backends {
             be.resets = be.resets.saturating_sub(BACKEND_RESET_REFUND);
             if let Some((sent, timeout)) = be.probe
                 && now.saturating_duration_since(sent) >= timeout
             {
                 unanswered.push(*id);
+            } else if be.probe.is_none()
+                && !be.streams.is_empty()
+                && now.saturating_duration_since(be.last_heard) >= SILENT_PROBE_INTERVAL
+            {
+                silent.push(*id);
             }
+        }
+        let timeout = self.limits.probe_timeout.max(MIN_PROBE_TIMEOUT);
+        for b in silent {
+            self.probe(b, SILENT_PROBE_INTERVAL, timeout);
         }
         for (id, c) in &mut self.clients {
             c.calm.tick();

@@ -113,6 +113,7 @@ impl Core {
                 resets: 0,
                 probe: None,
                 last_probe: None,
+                last_heard: self.now,
                 removal_probed: false,
                 last_block: crate::hpack::LastBlock::default(),
                 out,

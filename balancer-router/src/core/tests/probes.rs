@@ -134,12 +134,61 @@ fn an_idle_stream_on_a_live_connection_is_kept_by_default() {
     let mut h = H::new(1, Algorithm::RoundRobin);
     let t0 = Instant::now();
     let (c, b) = streaming(&mut h, t0);
-    // An hour of silence (a watch waiting for its next event).
-    h.core.tick(t0 + Duration::from_secs(3600));
+    // An hour of silence (a watch waiting for its next event), in 10 s
+    // ticks: the router checks the silent pod connection itself, every
+    // SILENT_PROBE_INTERVAL (5 minutes: what gRPC servers accept by
+    // default from a peer they send nothing to), and the pod answers.
+    let mut sent = 0;
+    for i in 1..=360u32 {
+        h.core.tick(t0 + Duration::from_secs(10) * i);
+        let n = probes(&h.out(b));
+        sent += n;
+        if n > 0 {
+            h.feed_backend(b, frame_bytes(frame::PING, frame::FLAG_ACK, 0, &PROBE_PING));
+        }
+    }
+    assert_eq!(sent, 12, "one probe per 5 minutes of silence");
     let out = h.out(c);
     assert!(!out.iter().any(|f| f.kind == frame::RST_STREAM), "{out:?}");
     assert!(!h.out(b).iter().any(|f| f.kind == frame::RST_STREAM));
     // And it still works.
     h.feed_backend(b, frame_bytes(frame::DATA, 0, 1, b"\0\0\0\0\x01e"));
     assert!(h.out(c).iter().any(|f| f.kind == frame::DATA));
+}
+
+#[test]
+fn a_silent_pod_connection_is_probed_even_when_no_client_pings_and_lost_if_it_never_answers() {
+    let mut h = H::new(1, Algorithm::RoundRobin);
+    let t0 = Instant::now();
+    let (c, b) = streaming(&mut h, t0);
+    // The pod sends something now and then: no probe while it does.
+    for i in 1..=10u32 {
+        h.core.tick(t0 + Duration::from_secs(60) * i);
+        h.feed_backend(b, frame_bytes(frame::DATA, 0, 1, b"\0\0\0\0\x01e"));
+        assert_eq!(probes(&h.out(b)), 0, "it is heard from");
+    }
+    let _ = h.out(c);
+    // Then its node dies: silence. The client never pings (its own
+    // connection stays busy through other pods).
+    let quiet = t0 + Duration::from_secs(600);
+    h.core
+        .tick(quiet + SILENT_PROBE_INTERVAL - Duration::from_secs(1));
+    assert_eq!(probes(&h.out(b)), 0, "not before 5 minutes of silence");
+    h.core.tick(quiet + SILENT_PROBE_INTERVAL);
+    assert_eq!(probes(&h.out(b)), 1, "probed after 5 minutes of silence");
+    h.core
+        .tick(quiet + SILENT_PROBE_INTERVAL + Limits::default().probe_timeout);
+    h.pump_io();
+    let out = h.out(c);
+    let trailers = out
+        .iter()
+        .find(|f| f.kind == frame::HEADERS && f.stream == 1)
+        .unwrap_or_else(|| panic!("the stream ends: {out:?}"));
+    let list = loona_hpack::Decoder::new()
+        .decode(&trailers.payload)
+        .expect("decodes");
+    assert!(
+        list.contains(&(b"grpc-status".to_vec(), b"14".to_vec())),
+        "{list:?}"
+    );
 }
