@@ -14,7 +14,7 @@ use std::{
 
 use balancer_tests::{
     agent::Agent,
-    grpc::{GoServer, PEER, service_yaml, setup},
+    grpc::{GoServer, PEER, gopeer_bin, service_yaml, setup},
     process::require_root,
     topology::{ROUTER_ADDR, Topology},
 };
@@ -23,14 +23,20 @@ use serde_json::Value;
 const PORT: u16 = 50058;
 const VIP: &str = "198.19.0.78";
 
-/// Eight bidi streams on one channel (a message every 0.3 s, keepalive
-/// 1 s) over the router to pods 0..4; pod0's node dies 2 s in. Checks
-/// that pod0's two streams end UNAVAILABLE within 5 s and the others run
-/// on, and returns the client's report.
-fn pod0_dies_under_streams(t: &Topology, agent: &Agent) -> Value {
-    let seconds = 12.0;
+/// Eight long-lived streams on one channel over the router to pods 0..4,
+/// from `client` (a command that runs 12 s in the client namespace);
+/// pod0's node dies 2 s in, and with `remove`, its endpoint is removed a
+/// second later (the EndpointSlice controller, once the node is declared
+/// dead). Checks that pod0's two streams end UNAVAILABLE within 5 s and
+/// the others run on, and returns the client's report.
+fn pod0_dies_under_streams(
+    t: &Topology,
+    agent: &Agent,
+    client: &str,
+    remove: Option<&str>,
+) -> Value {
     let script = format!(
-        "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 {PEER} streams {VIP}:80 8 {seconds} 1000",
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {} {client}",
         t.cgroup.path.display(),
         t.client.name,
     );
@@ -51,6 +57,10 @@ fn pod0_dies_under_streams(t: &Topology, agent: &Agent) -> Value {
         .expect("ip");
     assert!(down.success(), "link down");
     let died_at = t_start.elapsed().as_secs_f64();
+    if let Some(yaml) = remove {
+        std::thread::sleep(Duration::from_secs(1));
+        agent.reload(yaml).expect("reload");
+    }
     let last = lines.next().expect("the report").expect("read");
     let _ = child.wait();
     let v: Value = serde_json::from_str(&last).expect("JSON");
@@ -84,19 +94,15 @@ fn pod0_dies_under_streams(t: &Topology, agent: &Agent) -> Value {
 #[test]
 fn streams_on_a_pod_whose_node_dies_end_unavailable_within_seconds_and_others_are_untouched() {
     let (t, _servers, agent) = setup("podlive", VIP, PORT, &[], &[]);
-    pod0_dies_under_streams(&t, &agent);
+    let client = format!("python3 {PEER} streams {VIP}:80 8 12 1000");
+    pod0_dies_under_streams(&t, &agent, &client, None);
 }
 
-/// The same with grpc-go pods under grpc-go's default keepalive
-/// enforcement (pings no closer than 5 minutes unless the server sends
-/// data, none without streams; a third strike ends the connection with
-/// GOAWAY ENHANCE_YOUR_CALM `too_many_pings`). The router's probes follow
-/// the client's pace (1 s here) and go only to pod connections that carry
-/// its open streams: no pod ever polices the router.
-#[test]
-fn grpc_go_pods_with_default_ping_policing_never_see_too_many_pings_from_the_router() {
+/// Four grpc-go pods behind the http2 service, and the agent with its
+/// router.
+fn grpc_go_setup(tag: &str) -> (Topology, Vec<GoServer>, Agent) {
     require_root();
-    let t = Topology::new("podlivego", 4, &[]).expect("topology");
+    let t = Topology::new(tag, 4, &[]).expect("topology");
     let servers: Vec<GoServer> = t
         .pods
         .iter()
@@ -110,7 +116,44 @@ fn grpc_go_pods_with_default_ping_policing_never_see_too_many_pings_from_the_rou
         &["--proxy-addr", ROUTER_ADDR],
     )
     .expect("agent");
-    pod0_dies_under_streams(&t, &agent);
+    (t, servers, agent)
+}
+
+/// A grpc-go client: keepalive 10 s (grpc-go's shortest) and 1 s timeout,
+/// four bidi and four server streams. It pings only after its channel went
+/// quiet for 10 s, and its channel stays busy through the live pods, so it
+/// never pings here: the dead pod is found by the probe of a removed
+/// endpoint's connections.
+#[test]
+fn a_grpc_go_clients_bidi_and_server_streams_on_a_dead_pod_end_unavailable_once_it_is_removed() {
+    let (t, servers, agent) = grpc_go_setup("podlivegocl");
+    let client = format!(
+        "{} client {VIP}:80 8 12",
+        gopeer_bin().expect("gopeer").display()
+    );
+    let mut without_pod0 = service_yaml(&t, VIP, PORT);
+    without_pod0 = without_pod0.replace(&format!("      - address: {}\n", t.pods[0].v4), "");
+    let v = pod0_dies_under_streams(&t, &agent, &client, Some(&without_pod0));
+    let streams = v["streams"].as_array().expect("streams");
+    assert!(
+        streams.iter().filter(|s| s["pod"] != "pod0").count() == 6,
+        "{v}"
+    );
+    let policed: Vec<u64> = servers.iter().map(GoServer::too_many_pings).collect();
+    assert_eq!(policed, [0, 0, 0, 0], "GOAWAY too_many_pings per pod");
+}
+
+/// The same with grpc-go pods under grpc-go's default keepalive
+/// enforcement (pings no closer than 5 minutes unless the server sends
+/// data, none without streams; a third strike ends the connection with
+/// GOAWAY ENHANCE_YOUR_CALM `too_many_pings`). The router's probes follow
+/// the client's pace (1 s here) and go only to pod connections that carry
+/// its open streams: no pod ever polices the router.
+#[test]
+fn grpc_go_pods_with_default_ping_policing_never_see_too_many_pings_from_the_router() {
+    let (t, servers, agent) = grpc_go_setup("podlivego");
+    let client = format!("python3 {PEER} streams {VIP}:80 8 12 1000");
+    pod0_dies_under_streams(&t, &agent, &client, None);
     let policed: Vec<u64> = servers.iter().map(GoServer::too_many_pings).collect();
     assert_eq!(policed, [0, 0, 0, 0], "GOAWAY too_many_pings per pod");
     // The control: the same pace straight to pod1 on a channel with no
