@@ -43,6 +43,25 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 /// What `cleanup` removed under `bpffs`.
+/// `-o`: how a command prints its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Output {
+    /// A table.
+    #[default]
+    Table,
+    /// A table with every column (`endpoints`: connection and stream
+    /// columns for every port).
+    Wide,
+    /// The admin socket's JSON.
+    Json,
+}
+
+impl Output {
+    pub fn is_json(self) -> bool {
+        self == Self::Json
+    }
+}
+
 pub fn print_cleanup(
     bpffs: &std::path::Path,
     removed: &[std::path::PathBuf],
@@ -307,8 +326,8 @@ pub fn print_services(v: &EndpointsView, as_json: bool) -> anyhow::Result<()> {
     ))
 }
 
-pub fn print_endpoints(v: &EndpointsView, as_json: bool) -> anyhow::Result<()> {
-    if as_json {
+pub fn print_endpoints(v: &EndpointsView, output: Output) -> anyhow::Result<()> {
+    if output.is_json() {
         return json(v);
     }
     let mut rows = Vec::new();

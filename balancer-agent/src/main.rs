@@ -22,10 +22,11 @@ mod units;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 use crate::{
     api::Request,
+    cli::Output,
     units::{keep, parse_duration, parse_size},
 };
 
@@ -38,13 +39,6 @@ const DEFAULT_BPFFS: &str = "/sys/fs/bpf/balancer";
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum, Default)]
-enum Output {
-    #[default]
-    Table,
-    Json,
 }
 
 /// Failure accrual, for the agent's tcp ports and the router's streams.
@@ -437,14 +431,14 @@ fn main() -> ExitCode {
                 output,
             } => {
                 let v = admin::request(&admin_socket, &Request::Status).await?;
-                cli::print_status(&v, matches!(output, Output::Json))
+                cli::print_status(&v, output.is_json())
             }
             Command::Services {
                 admin_socket,
                 output,
             } => {
                 let v = admin::request(&admin_socket, &Request::Services).await?;
-                cli::print_services(&v, matches!(output, Output::Json))
+                cli::print_services(&v, output.is_json())
             }
             Command::Top {
                 admin_socket,
@@ -457,7 +451,7 @@ fn main() -> ExitCode {
                 output,
             } => {
                 let v = admin::request(&admin_socket, &Request::Endpoints { name }).await?;
-                cli::print_endpoints(&v, matches!(output, Output::Json))
+                cli::print_endpoints(&v, output)
             }
         }
     });
