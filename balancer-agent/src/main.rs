@@ -8,6 +8,7 @@ mod admin;
 mod agent;
 mod api;
 mod app;
+mod check;
 mod cli;
 mod dataplane;
 mod eject;
@@ -286,6 +287,34 @@ enum Command {
         #[command(flatten)]
         accrual: AccrualArgs,
     },
+    /// Will the agent run on this node (`--preflight`), and is it running
+    /// well (asked on its admin socket): one line per item, ok / warn /
+    /// fail, each with a hint. Exits non-zero on any fail.
+    Check {
+        /// Check this node before installing: kernel, BTF, cgroup v2,
+        /// bpffs, capabilities, seccomp, client namespaces (and with
+        /// --kube the apiserver and RBAC), instead of a running agent.
+        #[arg(long)]
+        preflight: bool,
+        /// With --preflight: also ask the apiserver (KUBECONFIG or the
+        /// pod's service account) whether it answers, and whether RBAC
+        /// allows list and watch on services, endpointslices and nodes
+        /// (SelfSubjectAccessReview, as `kubectl auth can-i`).
+        #[arg(long, requires = "preflight")]
+        kube: bool,
+        /// The cgroup the agent will attach to (default: the cgroup v2
+        /// mount).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        #[arg(long, default_value = "/var/run/netns")]
+        netns_dir: PathBuf,
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Remove every pin (and so detach every pinned program) under --bpffs.
     Cleanup {
         #[arg(long, default_value = DEFAULT_BPFFS)]
@@ -422,6 +451,28 @@ fn main() -> ExitCode {
                     },
                 })
                 .await
+            }
+            Command::Check {
+                preflight,
+                kube,
+                cgroup,
+                bpffs,
+                netns_dir,
+                admin_socket,
+                output,
+            } => {
+                let report = if preflight {
+                    check::preflight(&check::Preflight {
+                        cgroup,
+                        bpffs,
+                        netns_dir,
+                        kube,
+                    })
+                    .await
+                } else {
+                    check::running(&admin_socket).await
+                };
+                check::print(&report, output.is_json())
             }
             Command::Cleanup { bpffs } => {
                 cli::print_cleanup(&bpffs, &dataplane::pin::cleanup(&bpffs)?)

@@ -1,8 +1,11 @@
 //! A fake Kubernetes apiserver that speaks the real list/watch protocol over
 //! HTTP/1.1: JSON lists with `metadata.resourceVersion`, chunked watch event
 //! streams (ADDED, MODIFIED, DELETED, BOOKMARK), `410 Gone` for a watch from
-//! a compacted resource version, for Services, EndpointSlices and Nodes.
-//! The agent reaches it through a kubeconfig, as it would a real cluster.
+//! a compacted resource version, for Services, EndpointSlices and Nodes;
+//! `/version`, and SelfSubjectAccessReviews answered from a list of denied
+//! (verb, resource) pairs, or 403 Forbidden for everything
+//! ([`FakeApi::forbid_all`]). The agent reaches it through a kubeconfig,
+//! as it would a real cluster.
 
 use std::{
     collections::BTreeMap,
@@ -65,6 +68,10 @@ struct State {
     objects: BTreeMap<(Kind, String, String), Value>,
     /// Requests served, by "METHOD path-without-query".
     pub requests: Vec<String>,
+    /// (verb, resource) pairs a SelfSubjectAccessReview denies.
+    denied: Vec<(String, String)>,
+    /// Every request answered 403 Forbidden.
+    forbid_all: bool,
 }
 
 /// Handle to a running fake apiserver.
@@ -194,6 +201,24 @@ impl FakeApi {
         let _ = self.cut.send(());
     }
 
+    /// SelfSubjectAccessReviews for `verb` on `resource` are denied.
+    pub fn deny(&self, verb: &str, resource: &str) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .denied
+            .push((verb.to_owned(), resource.to_owned()));
+    }
+
+    /// Answer every request 403 Forbidden, as an apiserver does to a
+    /// service account without any role.
+    pub fn forbid_all(&self, on: bool) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forbid_all = on;
+    }
+
     pub fn requests(&self) -> Vec<String> {
         self.state
             .lock()
@@ -270,6 +295,39 @@ async fn serve(
             .unwrap_or_else(|p| p.into_inner())
             .requests
             .push(format!("{method} {}", path.split('?').next().unwrap_or("")));
+        let forbidden = state.lock().unwrap_or_else(|p| p.into_inner()).forbid_all;
+        if forbidden {
+            let body_len = content_length(&head);
+            read_body(&mut sock, &mut buf, body_len).await?;
+            respond(&mut sock, 403, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403, "reason": "Forbidden", "message": "forbidden: the fake apiserver refuses everything"})).await?;
+            continue;
+        }
+        if path.split('?').next() == Some("/version") {
+            respond(&mut sock, 200, &json!({"major": "1", "minor": "34", "gitVersion": "v1.34.0-fake", "gitCommit": "", "gitTreeState": "", "buildDate": "", "goVersion": "", "compiler": "", "platform": "linux/amd64"})).await?;
+            continue;
+        }
+        if method == "POST"
+            && path.split('?').next()
+                == Some("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews")
+        {
+            let body_len = content_length(&head);
+            let body = read_body(&mut sock, &mut buf, body_len).await?;
+            let mut review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let attrs = &review["spec"]["resourceAttributes"];
+            let (verb, resource) = (
+                attrs["verb"].as_str().unwrap_or("").to_owned(),
+                attrs["resource"].as_str().unwrap_or("").to_owned(),
+            );
+            let allowed = !state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .denied
+                .iter()
+                .any(|(v, r)| *v == verb && *r == resource);
+            review["status"] = json!({"allowed": allowed});
+            respond(&mut sock, 201, &review).await?;
+            continue;
+        }
         let Some((kind, name)) = Kind::from_path(&path) else {
             respond(&mut sock, 404, &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound"})).await?;
             continue;
@@ -325,9 +383,37 @@ async fn serve(
     }
 }
 
+/// The Content-Length of a request head (0 without one).
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
+/// A request body of `len` bytes: what `buf` already holds, then the rest.
+async fn read_body(sock: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> anyhow::Result<Vec<u8>> {
+    while buf.len() < len {
+        let mut chunk = [0u8; 4096];
+        let n = sock.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "request body cut short");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(buf.drain(..len).collect())
+}
+
 async fn respond(sock: &mut TcpStream, code: u16, body: &Value) -> anyhow::Result<()> {
     let body = serde_json::to_vec(body)?;
-    let reason = if code == 200 { "OK" } else { "Error" };
+    let reason = match code {
+        200 => "OK",
+        201 => "Created",
+        403 => "Forbidden",
+        _ => "Error",
+    };
     sock.write_all(
         format!("HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len())
             .as_bytes(),
