@@ -330,40 +330,169 @@ pub fn print_endpoints(v: &EndpointsView, output: Output) -> anyhow::Result<()> 
     if output.is_json() {
         return json(v);
     }
-    let mut rows = Vec::new();
+    emit(&endpoints_tables(v, output == Output::Wide))
+}
+
+/// What an endpoint's row is about: the protocols of the service ports
+/// that reach it (its target port; a named port that differs per endpoint
+/// matches none, and then every port of the service counts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carries {
+    /// `tcp` only: connections, balanced by the kernel.
+    Connections,
+    /// `http2` only: streams, balanced by the router.
+    Streams,
+    /// Both kinds of port reach the same target port.
+    Both,
+}
+
+fn carries(s: &crate::api::ServiceView, e: &crate::api::EndpointView) -> (Carries, String) {
+    let mine: Vec<&crate::api::PortView> =
+        s.ports.iter().filter(|p| p.target_port == e.port).collect();
+    let ports = if mine.is_empty() {
+        s.ports.iter().collect()
+    } else {
+        mine
+    };
+    let h2 = ports.iter().any(|p| p.protocol == "http2");
+    let other = ports.iter().any(|p| p.protocol != "http2");
+    let mut names: Vec<&str> = ports.iter().map(|p| p.protocol.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let kind = match (h2, other) {
+        (true, false) => Carries::Streams,
+        (true, true) => Carries::Both,
+        (false, _) => Carries::Connections,
+    };
+    let names = if names.is_empty() {
+        "-".to_owned()
+    } else {
+        names.join(",")
+    };
+    (kind, names)
+}
+
+/// The router's latency estimate (PeakEWMA) with its unit.
+fn latency(us: u64) -> String {
+    match us {
+        0 => "-".into(),
+        1..1_000 => format!("{us}µs"),
+        1_000..1_000_000 => format!("{:.1}ms", us as f64 / 1e3),
+        _ => format!("{:.2}s", us as f64 / 1e6),
+    }
+}
+
+/// The columns every row starts with: service, endpoint, state, usable,
+/// zone.
+fn endpoint_cells(s: &crate::api::ServiceView, e: &crate::api::EndpointView) -> Vec<String> {
+    let cond = if e.ready {
+        "ready"
+    } else if e.serving && e.terminating {
+        "terminating"
+    } else {
+        "not-ready"
+    };
+    let addr = if e.address.contains(':') {
+        format!("[{}]:{}", e.address, e.port)
+    } else {
+        format!("{}:{}", e.address, e.port)
+    };
+    vec![
+        s.name.clone(),
+        addr,
+        cond.into(),
+        if e.usable { "yes" } else { "no" }.into(),
+        e.zone.clone().unwrap_or_else(|| "-".into()),
+    ]
+}
+
+fn ejected_cell(e: &crate::api::EndpointView) -> String {
+    match &e.ejected {
+        Some(why) => format!("{why}, probe in {:.1}s", e.ejected_for_ms as f64 / 1000.0),
+        None => "-".into(),
+    }
+}
+
+/// The `endpoints` tables. `tcp` ports' endpoints (and the draining
+/// backends) show their connections, `http2` ports' their streams through
+/// the router, latency and failures, in a table each (an endpoint reached
+/// by both kinds of port is in both); `wide` puts every column of every
+/// endpoint in one table.
+fn endpoints_tables(v: &EndpointsView, wide: bool) -> String {
+    const FIRST: [&str; 5] = ["SERVICE", "ENDPOINT", "STATE", "USABLE", "ZONE"];
+    const CONNS: [&str; 2] = ["ACTIVE", "TOTAL"];
+    const STREAMS: [&str; 4] = ["STREAMS", "STREAMS-TOTAL", "LATENCY", "FAILURES"];
+    let conns = |e: &crate::api::EndpointView| {
+        [e.active_connections, e.connections_total].map(|n| n.to_string())
+    };
+    let streams = |e: &crate::api::EndpointView| {
+        [
+            e.active_streams.to_string(),
+            e.streams_total.to_string(),
+            // Before its first stream, the router's estimate is only its
+            // starting guess.
+            if e.active_streams + e.streams_total == 0 {
+                "-".into()
+            } else {
+                latency(e.ewma_us)
+            },
+            e.failures.to_string(),
+        ]
+    };
+    if wide {
+        let mut rows = Vec::new();
+        for s in &v.services {
+            for e in &s.endpoints {
+                let mut r = endpoint_cells(s, e);
+                r.insert(2, carries(s, e).1);
+                r.extend(conns(e));
+                r.extend(streams(e));
+                r.push(e.ejections.to_string());
+                r.push(ejected_cell(e));
+                rows.push(r);
+            }
+        }
+        for d in &v.draining {
+            let mut r = vec![
+                "(removed)".into(),
+                format!("{}:{}", d.address, d.port),
+                "-".into(),
+                "draining".into(),
+                "no".into(),
+                "-".into(),
+                d.active_connections.to_string(),
+                d.connections_total.to_string(),
+            ];
+            r.extend(std::iter::repeat_n("-".to_owned(), STREAMS.len() + 2));
+            rows.push(r);
+        }
+        let mut header = FIRST.to_vec();
+        header.insert(2, "PROTOCOL");
+        header.extend(CONNS);
+        header.extend(STREAMS);
+        header.extend(["EJECTIONS", "EJECTED"]);
+        return table(&header, &rows);
+    }
+    let (mut conn_rows, mut stream_rows) = (Vec::new(), Vec::new());
     for s in &v.services {
         for e in &s.endpoints {
-            let cond = if e.ready {
-                "ready"
-            } else if e.serving && e.terminating {
-                "terminating"
-            } else {
-                "not-ready"
-            };
-            let addr = if e.address.contains(':') {
-                format!("[{}]:{}", e.address, e.port)
-            } else {
-                format!("{}:{}", e.address, e.port)
-            };
-            rows.push(vec![
-                s.name.clone(),
-                addr,
-                cond.into(),
-                if e.usable { "yes" } else { "no" }.into(),
-                e.zone.clone().unwrap_or_else(|| "-".into()),
-                e.active_connections.to_string(),
-                e.connections_total.to_string(),
-                match &e.ejected {
-                    Some(why) => {
-                        format!("{why}, probe in {:.1}s", e.ejected_for_ms as f64 / 1000.0)
-                    }
-                    None => "-".into(),
-                },
-            ]);
+            let kind = carries(s, e).0;
+            if kind != Carries::Streams {
+                let mut r = endpoint_cells(s, e);
+                r.extend(conns(e));
+                r.push(ejected_cell(e));
+                conn_rows.push(r);
+            }
+            if kind != Carries::Connections {
+                let mut r = endpoint_cells(s, e);
+                r.extend(streams(e));
+                r.push(ejected_cell(e));
+                stream_rows.push(r);
+            }
         }
     }
     for d in &v.draining {
-        rows.push(vec![
+        conn_rows.push(vec![
             "(removed)".into(),
             format!("{}:{}", d.address, d.port),
             "draining".into(),
@@ -374,12 +503,30 @@ pub fn print_endpoints(v: &EndpointsView, output: Output) -> anyhow::Result<()> 
             "-".into(),
         ]);
     }
-    emit(&table(
-        &[
-            "SERVICE", "ENDPOINT", "STATE", "USABLE", "ZONE", "ACTIVE", "TOTAL", "EJECTED",
-        ],
-        &rows,
-    ))
+    let mut out = String::new();
+    // With nothing at all, the connections header alone, as before.
+    if !conn_rows.is_empty() || stream_rows.is_empty() {
+        let header: Vec<&str> = FIRST
+            .iter()
+            .chain(&CONNS)
+            .chain(&["EJECTED"])
+            .copied()
+            .collect();
+        out += &table(&header, &conn_rows);
+    }
+    if !stream_rows.is_empty() {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        let header: Vec<&str> = FIRST
+            .iter()
+            .chain(&STREAMS)
+            .chain(&["EJECTED"])
+            .copied()
+            .collect();
+        out += &table(&header, &stream_rows);
+    }
+    out
 }
 
 /// One service's rows in `top`, from two snapshots `dt` apart.
