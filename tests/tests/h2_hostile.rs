@@ -757,7 +757,7 @@ fn stream_idle_timeout_resets_a_stream_a_backend_never_answers() {
     }
 }
 
-/// The router's connect timeout for backends (DESIGN, agent `proxy/`).
+/// The router's connect timeout for backends (the agent's `router/`).
 const CONNECT_TIMEOUT_S: f64 = 3.0;
 
 #[test]

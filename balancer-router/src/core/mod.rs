@@ -2,7 +2,7 @@
 //!
 //! Every client connection and every pooled backend connection of the
 //! router thread lives in one [`Core`]. The I/O tasks (the agent's
-//! `proxy/io.rs`) hand it the bytes they read and write out what it
+//! `router/io.rs`) hand it the bytes they read and write out what it
 //! queued; the core parses frames, routes each new client stream to an
 //! endpoint, and moves frames between the two hops by stream id. Header
 //! blocks are validated whole ([`crate::hpack`]) and forwarded as they are:
