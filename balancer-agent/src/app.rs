@@ -25,28 +25,6 @@ use crate::{
 /// How long the agent waits for the router's socket to answer.
 const ROUTER_ASK_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Everything `run` takes from the command line.
-pub struct RunOptions {
-    pub endpoints_file: Option<PathBuf>,
-    pub node_name: Option<String>,
-    pub pin_root: Option<PathBuf>,
-    pub cgroup: Option<PathBuf>,
-    pub admin_socket: PathBuf,
-    /// The router process's admin socket, asked for its streams.
-    pub router_socket: PathBuf,
-    /// How long a dead router's listener is held for the next one.
-    pub router_grace: Duration,
-    pub metrics_addr: Option<std::net::SocketAddr>,
-    /// `run --proxy-addr`: start the router process too.
-    pub router: Option<SpawnRouter>,
-    /// Failure accrual of tcp ports.
-    pub accrual: balancer_router::accrual::Policy,
-    /// End the balanced client sockets of removed endpoints.
-    pub end_removed_connections: bool,
-    /// Where client pods' network namespace files are.
-    pub netns_dir: PathBuf,
-}
-
 /// The router process `run --proxy-addr` starts.
 pub struct SpawnRouter {
     pub listen: std::net::SocketAddr,
@@ -358,21 +336,25 @@ fn metrics_handler(
     })
 }
 
-pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let RunOptions {
+pub async fn run(args: crate::args::RunArgs) -> anyhow::Result<()> {
+    let crate::args::RunArgs {
         endpoints_file,
         node_name,
-        pin_root,
         cgroup,
         admin_socket,
+        bpffs,
+        pin,
         router_socket,
         router_grace,
-        metrics_addr,
-        router: spawn_router,
         accrual,
+        metrics_addr,
         end_removed_connections,
         netns_dir,
-    } = opts;
+        spawn,
+    } = args;
+    let accrual = accrual.policy();
+    let spawn_router = spawn.router(&netns_dir);
+    let pin_root = pin.then_some(bpffs);
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
             "balancer-agent run must run as root: loading eBPF programs needs CAP_BPF, \

@@ -726,6 +726,22 @@ pub fn running_items(s: &StatusView, endpoints: Option<&EndpointsView>) -> Vec<I
     items
 }
 
+/// `balancer-agent check`.
+pub async fn run(args: crate::args::CheckArgs) -> anyhow::Result<()> {
+    let report = if args.preflight {
+        preflight(&Preflight {
+            cgroup: args.cgroup,
+            bpffs: args.bpffs,
+            netns_dir: args.netns_dir,
+            kube: args.kube,
+        })
+        .await
+    } else {
+        running(&args.admin_socket).await
+    };
+    print(&report, args.output.is_json())
+}
+
 /// Print `r` (or its JSON); an error when an item failed.
 pub fn print(r: &Report, as_json: bool) -> anyhow::Result<()> {
     if as_json {

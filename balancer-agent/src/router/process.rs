@@ -56,26 +56,6 @@ const HEARTBEAT: Duration = Duration::from_millis(250);
 /// Not alive (`/healthz`) after this long without the event loop checking in.
 const STUCK: Duration = Duration::from_secs(2);
 
-pub struct RouterOptions {
-    pub listen: SocketAddr,
-    pub cgroup: Option<PathBuf>,
-    pub bpffs: PathBuf,
-    pub admin_socket: PathBuf,
-    /// The agent's admin socket, asked for a listener it holds.
-    pub agent_socket: PathBuf,
-    pub metrics_addr: Option<SocketAddr>,
-    pub splice: bool,
-    pub drain_timeout: Duration,
-    pub limits: core::Limits,
-    pub accrual: balancer_router::accrual::Policy,
-    /// Worker threads (`--router-threads`).
-    pub threads: usize,
-    /// Whose address pod connections carry (`--source-identity`).
-    pub identity: super::netns::SourceIdentity,
-    /// Where client pods' namespace files are (`--netns-dir`).
-    pub netns_dir: PathBuf,
-}
-
 /// What the router's admin socket and metrics report.
 struct Shared {
     router: Arc<Router>,
@@ -351,8 +331,8 @@ fn metrics_handler(shared: Arc<Shared>) -> metrics::Handler {
     })
 }
 
-pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
-    let RouterOptions {
+pub async fn run(args: crate::args::RouterArgs) -> anyhow::Result<()> {
+    let crate::args::RouterArgs {
         listen,
         cgroup,
         bpffs,
@@ -361,13 +341,24 @@ pub async fn run(opts: RouterOptions) -> anyhow::Result<()> {
         metrics_addr,
         splice,
         drain_timeout,
-        limits,
-        accrual,
-        threads,
-        identity,
+        stream_idle_timeout,
+        pod_probe_timeout,
+        client_buffer,
+        router_buffer_limit,
+        router_threads,
+        source_identity: identity,
         netns_dir,
-    } = opts;
-    balancer_router::accrual::set_policy(accrual);
+        accrual,
+    } = args;
+    let threads = router_threads.map_or_else(super::default_threads, |n| n as usize);
+    let limits = core::Limits {
+        stream_idle_timeout,
+        probe_timeout: pod_probe_timeout,
+        client_buffer,
+        buffer_limit: router_buffer_limit,
+        ..Default::default()
+    };
+    balancer_router::accrual::set_policy(accrual.policy());
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
             "balancer-agent router must run as root: it opens the agent's pinned maps (CAP_BPF)"
