@@ -665,6 +665,29 @@ pub fn running_items(s: &StatusView, endpoints: Option<&EndpointsView>) -> Vec<I
         "a full map refuses the next update (the last good state keeps serving): fewer \
          services or endpoints per node, or a bigger build",
     ));
+    // The per-socket maps (ORIG_DST, SOCKS, SPLICE, BALANCED, socket
+    // storage) are the kernel's to fill: a full one shows as a counter.
+    let overflowed: Vec<String> = s
+        .counters
+        .iter()
+        .filter(|(name, n)| name.ends_with("_full") && **n > 0)
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    items.push(item(
+        "socket maps",
+        if overflowed.is_empty() {
+            Level::Ok
+        } else {
+            Level::Warn
+        },
+        if overflowed.is_empty() {
+            "no per-socket map was ever full".to_owned()
+        } else {
+            format!("inserts refused by a full map: {}", overflowed.join(", "))
+        },
+        "more open sockets than a map holds (65,536 each): those sockets are balanced but not \
+         followed (stream counts, router hand-off, ending when their endpoint goes)",
+    ));
     let ejected: Vec<String> = endpoints
         .map(|v| {
             v.services

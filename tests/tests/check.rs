@@ -203,7 +203,15 @@ fn a_running_agent_checks_ok_and_a_dead_router_fails() {
     };
     let (out, v) = check(&agent);
     assert!(out.status.success(), "{v}");
-    for name in ["agent", "programs", "router", "source", "maps", "refused"] {
+    for name in [
+        "agent",
+        "programs",
+        "router",
+        "source",
+        "maps",
+        "socket maps",
+        "refused",
+    ] {
         assert_eq!(level(&v, name).0, "ok", "{name}: {v}");
     }
     agent.kill_router().expect("kill -9 the router");
