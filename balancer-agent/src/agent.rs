@@ -178,6 +178,33 @@ impl Agent {
         ejected
     }
 
+    /// One update from the source: applied, or refused with the last good
+    /// state kept serving.
+    pub fn update(&mut self, update: Result<DesiredState, impl std::fmt::Display>) {
+        match update {
+            Ok(state) => {
+                if let Err(e) = self.apply(state) {
+                    tracing::error!(error = %e, "reload refused; keeping the last good state");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; keeping the last good state");
+                self.reject(e.to_string());
+            }
+        }
+    }
+
+    /// The 250 ms upkeep: forget drained backends, run failure accrual of
+    /// tcp ports (reprogramming on an ejection), and return the ejected
+    /// backends due a probe.
+    pub fn tick(&mut self, now: std::time::Instant) -> Vec<std::net::SocketAddr> {
+        self.dataplane.collect_drained();
+        if self.accrual_tick(now) {
+            self.reprogram();
+        }
+        self.l4.due_probes(now)
+    }
+
     /// Record an update the source could not produce (a bad file); the
     /// serving state is unchanged.
     pub fn reject(&mut self, error: String) {
@@ -404,4 +431,73 @@ pub fn fill_router(view: &mut EndpointsView, router: &[RouterEndpointView]) {
             }
         }
     }
+}
+
+/// The agent's answers: the view under the lock, then AFFINITY's fill and
+/// the router's part from its socket after releasing it.
+pub fn admin_answer(
+    agent: std::sync::Arc<std::sync::Mutex<Agent>>,
+    affinity: std::sync::Arc<crate::dataplane::AffinityReader>,
+    router_socket: std::path::PathBuf,
+    held: crate::router_link::HeldSlot,
+) -> crate::admin::Answer {
+    std::sync::Arc::new(move |req: Request| {
+        let agent = agent.clone();
+        let affinity = affinity.clone();
+        let router_socket = router_socket.clone();
+        let held = held.clone();
+        Box::pin(async move {
+            match req {
+                Request::HeldListener { listen } => {
+                    let h = held.lock().unwrap_or_else(|p| p.into_inner());
+                    match h.as_ref().filter(|h| h.listen == listen) {
+                        Some(h) => {
+                            let fd = h.fd.try_clone().map_err(|e| e.to_string())?;
+                            tracing::info!(%listen, "passing the held listener to a new router");
+                            let view = crate::api::ListenerView { inode: h.inode };
+                            let v = serde_json::to_value(view).map_err(|e| e.to_string())?;
+                            Ok((v, Some(fd)))
+                        }
+                        None => Ok((serde_json::Value::Null, None)),
+                    }
+                }
+                Request::Status => {
+                    let mut status = agent.lock().unwrap_or_else(|p| p.into_inner()).status();
+                    if let Ok(fill) = tokio::task::spawn_blocking(move || affinity.fill()).await {
+                        status.maps.push(fill.into());
+                    }
+                    if let Some(r) = status.router.as_mut() {
+                        match crate::router_link::ask_router::<crate::api::RouterStatusView>(
+                            &router_socket,
+                            &Request::RouterStatus,
+                        )
+                        .await
+                        {
+                            Ok(p) => r.process = Some(p),
+                            Err(e) => r.error = Some(e),
+                        }
+                    }
+                    serde_json::to_value(status)
+                        .map(|v| (v, None))
+                        .map_err(|e| e.to_string())
+                }
+                req => {
+                    let mut view = agent
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .endpoints_for(&req)?;
+                    if let Ok(r) = crate::router_link::ask_router::<
+                        Vec<crate::api::RouterEndpointView>,
+                    >(&router_socket, &Request::RouterEndpoints)
+                    .await
+                    {
+                        fill_router(&mut view, &r);
+                    }
+                    serde_json::to_value(view)
+                        .map(|v| (v, None))
+                        .map_err(|e| e.to_string())
+                }
+            }
+        })
+    })
 }

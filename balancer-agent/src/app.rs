@@ -14,327 +14,15 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     admin,
-    agent::{Agent, fill_kernel, fill_router},
-    api::{ListenerView, Request, RouterEndpointView, RouterStatusView},
-    dataplane::{AffinityReader, Dataplane},
-    metrics, socket,
+    agent::{Agent, admin_answer},
+    dataplane::Dataplane,
+    metrics,
+    node::{RemoveOnDrop, cgroup2_root},
+    router_link::{HeldSlot, ensure_router, hold_router_listener, stop_router},
+    socket,
     source::{self, file},
     state,
 };
-
-/// How long the agent waits for the router's socket to answer.
-const ROUTER_ASK_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// The router process `run --proxy-addr` starts.
-pub struct SpawnRouter {
-    pub listen: std::net::SocketAddr,
-    /// Its arguments besides the paths, which are the agent's.
-    pub args: Vec<String>,
-}
-
-/// A router this agent started or found; stopped with the agent.
-enum OwnedRouter {
-    Child(std::process::Child),
-    Found(u32),
-}
-
-/// Start the router process, unless one answers on `router_socket` for
-/// the same address (an agent that was killed started it).
-async fn ensure_router(
-    spawn: &SpawnRouter,
-    router_socket: &Path,
-    admin_socket: &Path,
-    cgroup: &Path,
-    bpffs: &Path,
-) -> anyhow::Result<OwnedRouter> {
-    if let Ok(st) = ask_router::<RouterStatusView>(router_socket, &Request::RouterStatus).await
-        && st.listen == spawn.listen.to_string()
-    {
-        tracing::info!(pid = st.pid, listen = %st.listen, "a router already runs; keeping it");
-        return Ok(OwnedRouter::Found(st.pid));
-    }
-    use std::os::unix::process::CommandExt as _;
-    let exe = std::env::current_exe()?;
-    let child = std::process::Command::new(exe)
-        .arg("router")
-        .arg("--cgroup")
-        .arg(cgroup)
-        .arg("--bpffs")
-        .arg(bpffs)
-        .arg("--admin-socket")
-        .arg(router_socket)
-        .arg("--agent-socket")
-        .arg(admin_socket)
-        .args(&spawn.args)
-        // Its own process group: a Ctrl-C to the agent's terminal, or a
-        // signal to the agent's group, does not reach it.
-        .process_group(0)
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start the router process: {e}"))?;
-    tracing::info!(pid = child.id(), listen = %spawn.listen, "started the router process");
-    Ok(OwnedRouter::Child(child))
-}
-
-/// SIGTERM to the router (it drains), and wait for it.
-async fn stop_router(router: OwnedRouter) {
-    use nix::{sys::signal, unistd::Pid};
-    let pid = match &router {
-        OwnedRouter::Child(c) => c.id(),
-        OwnedRouter::Found(p) => *p,
-    };
-    let pid = Pid::from_raw(pid as i32);
-    let _ = signal::kill(pid, signal::Signal::SIGTERM);
-    tracing::info!(%pid, "stopping the router (it drains its clients)");
-    match router {
-        OwnedRouter::Child(mut c) => {
-            let _ = tokio::task::spawn_blocking(move || c.wait()).await;
-        }
-        OwnedRouter::Found(_) => {
-            // Not our child: wait until it is gone.
-            while signal::kill(pid, None).is_ok() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// The cgroup v2 mount point, from /proc/self/mountinfo.
-pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    for line in info.lines() {
-        // ... mount-point ... - fstype source options
-        let mut halves = line.split(" - ");
-        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
-            continue;
-        };
-        if right.split_whitespace().next() == Some("cgroup2")
-            && let Some(mnt) = left.split_whitespace().nth(4)
-        {
-            return Ok(PathBuf::from(mnt));
-        }
-    }
-    anyhow::bail!("no cgroup v2 hierarchy is mounted; pass --cgroup")
-}
-
-/// Ask the router process on `path`, with a short timeout: a router that
-/// is down or stuck must not hold up the agent's answers.
-pub async fn ask_router<T: for<'de> serde::Deserialize<'de>>(
-    path: &Path,
-    req: &Request,
-) -> Result<T, String> {
-    match tokio::time::timeout(ROUTER_ASK_TIMEOUT, admin::request(path, req)).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!(
-            "the router at {} did not answer within {ROUTER_ASK_TIMEOUT:?}",
-            path.display()
-        )),
-    }
-}
-
-/// A duplicate of the router's listening socket, held so that it outlives
-/// the router: connections made while no router runs queue on it, for the
-/// next router to adopt.
-struct Held {
-    fd: std::os::fd::OwnedFd,
-    inode: u64,
-    listen: std::net::SocketAddr,
-    /// When the router last answered.
-    seen: std::time::Instant,
-}
-
-type HeldSlot = Arc<Mutex<Option<Held>>>;
-
-/// Keep a duplicate of the live router's listener; shut it when no router
-/// answered for `grace` (its queued connections reset, and the clients
-/// reconnect at L4 rather than wait for a router that does not come).
-async fn hold_router_listener(router_socket: PathBuf, held: HeldSlot, grace: Duration) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tick.tick().await;
-        match ask_router::<RouterStatusView>(&router_socket, &Request::RouterStatus).await {
-            Ok(st) => {
-                let mine = {
-                    let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(h) = h.as_mut() {
-                        h.seen = std::time::Instant::now();
-                    }
-                    h.as_ref().is_some_and(|h| h.inode == st.listener_inode)
-                };
-                if mine || st.listener_inode == 0 {
-                    continue;
-                }
-                let Ok(listen) = st.listen.parse() else {
-                    continue;
-                };
-                let path = router_socket.clone();
-                let got = tokio::task::spawn_blocking(move || {
-                    admin::request_fd::<ListenerView>(
-                        &path,
-                        &Request::RouterListener,
-                        Duration::from_millis(500),
-                    )
-                })
-                .await;
-                if let Ok(Ok((_, Some(fd)))) = got {
-                    let inode = nix::sys::stat::fstat(&fd).map(|s| s.st_ino).unwrap_or(0);
-                    tracing::info!(%listen, pid = st.pid, "holding the router's listener");
-                    *held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Held {
-                        fd,
-                        inode,
-                        listen,
-                        seen: std::time::Instant::now(),
-                    });
-                }
-            }
-            Err(_) => {
-                let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
-                if h.as_ref().is_some_and(|h| h.seen.elapsed() > grace)
-                    && let Some(old) = h.take()
-                {
-                    let _ = nix::sys::socket::shutdown(
-                        std::os::fd::AsRawFd::as_raw_fd(&old.fd),
-                        nix::sys::socket::Shutdown::Both,
-                    );
-                    tracing::warn!(
-                        listen = %old.listen,
-                        ?grace,
-                        "no router came back: shut the listener it left (connections queued on it reset)"
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// The agent's answers: the view under the lock, then AFFINITY's fill and
-/// the router's part from its socket after releasing it.
-fn answer(
-    agent: Arc<Mutex<Agent>>,
-    affinity: Arc<AffinityReader>,
-    router_socket: PathBuf,
-    held: HeldSlot,
-) -> admin::Answer {
-    Arc::new(move |req: Request| {
-        let agent = agent.clone();
-        let affinity = affinity.clone();
-        let router_socket = router_socket.clone();
-        let held = held.clone();
-        Box::pin(async move {
-            match req {
-                Request::HeldListener { listen } => {
-                    let h = held.lock().unwrap_or_else(|p| p.into_inner());
-                    match h.as_ref().filter(|h| h.listen == listen) {
-                        Some(h) => {
-                            let fd = h.fd.try_clone().map_err(|e| e.to_string())?;
-                            tracing::info!(%listen, "passing the held listener to a new router");
-                            let view = ListenerView { inode: h.inode };
-                            let v = serde_json::to_value(view).map_err(|e| e.to_string())?;
-                            Ok((v, Some(fd)))
-                        }
-                        None => Ok((serde_json::Value::Null, None)),
-                    }
-                }
-                Request::Status => {
-                    let mut status = agent.lock().unwrap_or_else(|p| p.into_inner()).status();
-                    if let Ok(fill) = tokio::task::spawn_blocking(move || affinity.fill()).await {
-                        status.maps.push(fill.into());
-                    }
-                    if let Some(r) = status.router.as_mut() {
-                        match ask_router::<RouterStatusView>(&router_socket, &Request::RouterStatus)
-                            .await
-                        {
-                            Ok(p) => r.process = Some(p),
-                            Err(e) => r.error = Some(e),
-                        }
-                    }
-                    serde_json::to_value(status)
-                        .map(|v| (v, None))
-                        .map_err(|e| e.to_string())
-                }
-                req => {
-                    let mut view = agent
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .endpoints_for(&req)?;
-                    if let Ok(r) = ask_router::<Vec<RouterEndpointView>>(
-                        &router_socket,
-                        &Request::RouterEndpoints,
-                    )
-                    .await
-                    {
-                        fill_router(&mut view, &r);
-                    }
-                    serde_json::to_value(view)
-                        .map(|v| (v, None))
-                        .map_err(|e| e.to_string())
-                }
-            }
-        })
-    })
-}
-
-/// The agent's metrics listener: each scrape takes the agent's lock only
-/// for what costs no syscall per backend (the endpoints' shape, the
-/// status), and reads the per-backend counts through its own handle on
-/// the map after releasing it (and AFFINITY's fill likewise): a scrape
-/// never holds up an update.
-fn metrics_handler(
-    agent: Arc<Mutex<Agent>>,
-    stats: crate::dataplane::StatsReader,
-    affinity: Arc<AffinityReader>,
-    router_socket: PathBuf,
-) -> metrics::Handler {
-    let stats = Arc::new(stats);
-    Arc::new(move |path: String| {
-        let agent = agent.clone();
-        let stats = stats.clone();
-        let affinity = affinity.clone();
-        let router_socket = router_socket.clone();
-        Box::pin(async move {
-            match path.as_str() {
-                "/metrics" => {
-                    let (mut view, mut status) = {
-                        let a = agent.lock().unwrap_or_else(|p| p.into_inner());
-                        (a.endpoints_shape(None), a.status())
-                    };
-                    let router = ask_router::<Vec<RouterEndpointView>>(
-                        &router_socket,
-                        &Request::RouterEndpoints,
-                    )
-                    .await
-                    .unwrap_or_default();
-                    let body = tokio::task::spawn_blocking(move || {
-                        fill_kernel(&mut view, |id| stats.get(id));
-                        fill_router(&mut view, &router);
-                        status.maps.push(affinity.fill().into());
-                        metrics::render(&view, &status)
-                    })
-                    .await
-                    .unwrap_or_default();
-                    metrics::ok(body)
-                }
-                "/healthz" => metrics::ok("ok\n".into()),
-                "/readyz" => {
-                    // Ready: programs attached (the agent exists only then)
-                    // and the first sync applied.
-                    if agent
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .reload
-                        .applied
-                        > 0
-                    {
-                        metrics::ok("ready\n".into())
-                    } else {
-                        metrics::unavailable("not synced yet")
-                    }
-                }
-                _ => metrics::not_found(),
-            }
-        })
-    })
-}
 
 pub async fn run(args: crate::args::RunArgs) -> anyhow::Result<()> {
     let crate::args::RunArgs {
@@ -442,7 +130,7 @@ pub async fn run(args: crate::args::RunArgs) -> anyhow::Result<()> {
     let held: HeldSlot = Arc::new(Mutex::new(None));
     let admin_task = tokio::spawn(admin::serve(
         listener,
-        answer(
+        admin_answer(
             agent.clone(),
             affinity.clone(),
             router_socket.clone(),
@@ -463,7 +151,7 @@ pub async fn run(args: crate::args::RunArgs) -> anyhow::Result<()> {
                 .stats_reader()?;
             Some(tokio::spawn(metrics::serve(
                 l,
-                metrics_handler(agent.clone(), stats, affinity, router_socket),
+                metrics::agent_handler(agent.clone(), stats, affinity, router_socket),
             )))
         }
         None => None,
@@ -478,42 +166,15 @@ pub async fn run(args: crate::args::RunArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             Some(update) = rx.recv() => {
-                let mut a = agent.lock().unwrap_or_else(|p| p.into_inner());
-                match update {
-                    Ok(state) => {
-                        if let Err(e) = a.apply(state) {
-                            tracing::error!(error = %e, "reload refused; keeping the last good state");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "reload refused; keeping the last good state");
-                        a.reject(e.to_string());
-                    }
-                }
+                agent.lock().unwrap_or_else(|p| p.into_inner()).update(update);
             }
             _ = gc.tick() => {
-                let now = std::time::Instant::now();
-                let probes = {
-                    let mut a = agent.lock().unwrap_or_else(|p| p.into_inner());
-                    a.dataplane.collect_drained();
-                    if a.accrual_tick(now) {
-                        a.reprogram();
-                    }
-                    a.l4.due_probes(now)
-                };
+                let probes = agent
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .tick(std::time::Instant::now());
                 for addr in probes {
-                    // A real connect, from the node: the backend is back
-                    // when it accepts one.
-                    let tx = probe_tx.clone();
-                    tokio::spawn(async move {
-                        let ok = tokio::time::timeout(
-                            Duration::from_secs(1),
-                            tokio::net::TcpStream::connect(addr),
-                        )
-                        .await
-                        .is_ok_and(|r| r.is_ok());
-                        let _ = tx.send((addr, ok)).await;
-                    });
+                    tokio::spawn(crate::eject::probe(addr, probe_tx.clone()));
                 }
             }
             Some((addr, ok)) = probe_rx.recv() => {
@@ -554,11 +215,4 @@ pub async fn run(args: crate::args::RunArgs) -> anyhow::Result<()> {
 enum Source {
     File(PathBuf, Vec<u8>, state::DesiredState),
     Kube(::kube::Client),
-}
-
-pub struct RemoveOnDrop(pub PathBuf);
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }

@@ -5,7 +5,6 @@
 use std::{path::PathBuf, time::Duration};
 
 use crate::{
-    app,
     cli::Output,
     router,
     units::{keep, parse_duration, parse_size},
@@ -96,7 +95,7 @@ pub struct SpawnArgs {
 
 impl SpawnArgs {
     /// The router process to start, with its flags as given.
-    pub fn router(self, netns_dir: &std::path::Path) -> Option<app::SpawnRouter> {
+    pub fn router(self, netns_dir: &std::path::Path) -> Option<crate::router_link::SpawnRouter> {
         let addr = self.proxy_addr?;
         let mut args = vec![
             format!("--listen={addr}"),
@@ -123,7 +122,7 @@ impl SpawnArgs {
                 args.push(format!("{flag}={v}"));
             }
         }
-        Some(app::SpawnRouter { listen: addr, args })
+        Some(crate::router_link::SpawnRouter { listen: addr, args })
     }
 }
 

@@ -159,7 +159,7 @@ fn fs_type(path: &Path) -> Option<i64> {
 fn cgroup(configured: Option<&Path>) -> Item {
     let path = match configured {
         Some(p) => p.to_path_buf(),
-        None => match crate::app::cgroup2_root() {
+        None => match crate::node::cgroup2_root() {
             Ok(p) => p,
             Err(e) => {
                 return item(

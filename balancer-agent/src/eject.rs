@@ -170,6 +170,21 @@ impl L4Accrual {
     }
 }
 
+/// Probe an ejected tcp backend with a real connect from the node (it is
+/// back when it accepts one), and send the outcome to `tx`.
+pub async fn probe(
+    addr: std::net::SocketAddr,
+    tx: tokio::sync::mpsc::Sender<(std::net::SocketAddr, bool)>,
+) {
+    let ok = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    let _ = tx.send((addr, ok)).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

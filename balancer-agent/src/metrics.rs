@@ -631,6 +631,69 @@ async fn respond(
     resp
 }
 
+/// The agent's metrics listener: each scrape takes the agent's lock only
+/// for what costs no syscall per backend (the endpoints' shape, the
+/// status), and reads the per-backend counts through its own handle on
+/// the map after releasing it (and AFFINITY's fill likewise): a scrape
+/// never holds up an update.
+pub fn agent_handler(
+    agent: std::sync::Arc<std::sync::Mutex<crate::agent::Agent>>,
+    stats: crate::dataplane::StatsReader,
+    affinity: std::sync::Arc<crate::dataplane::AffinityReader>,
+    router_socket: std::path::PathBuf,
+) -> Handler {
+    let stats = std::sync::Arc::new(stats);
+    std::sync::Arc::new(move |path: String| {
+        let agent = agent.clone();
+        let stats = stats.clone();
+        let affinity = affinity.clone();
+        let router_socket = router_socket.clone();
+        Box::pin(async move {
+            match path.as_str() {
+                "/metrics" => {
+                    let (mut view, mut status) = {
+                        let a = agent.lock().unwrap_or_else(|p| p.into_inner());
+                        (a.endpoints_shape(None), a.status())
+                    };
+                    let router = crate::router_link::ask_router::<
+                        Vec<crate::api::RouterEndpointView>,
+                    >(
+                        &router_socket, &crate::api::Request::RouterEndpoints
+                    )
+                    .await
+                    .unwrap_or_default();
+                    let body = tokio::task::spawn_blocking(move || {
+                        crate::agent::fill_kernel(&mut view, |id| stats.get(id));
+                        crate::agent::fill_router(&mut view, &router);
+                        status.maps.push(affinity.fill().into());
+                        render(&view, &status)
+                    })
+                    .await
+                    .unwrap_or_default();
+                    ok(body)
+                }
+                "/healthz" => ok("ok\n".into()),
+                "/readyz" => {
+                    // Ready: programs attached (the agent exists only then)
+                    // and the first sync applied.
+                    if agent
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .reload
+                        .applied
+                        > 0
+                    {
+                        ok("ready\n".into())
+                    } else {
+                        unavailable("not synced yet")
+                    }
+                }
+                _ => not_found(),
+            }
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;

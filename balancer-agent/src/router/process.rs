@@ -42,9 +42,10 @@ use super::{
 use crate::{
     admin,
     api::{ListenerView, Request, RouterEndpointView, RouterStatusView},
-    app::RemoveOnDrop,
     dataplane::{pin, plan},
-    metrics, socket,
+    metrics,
+    node::RemoveOnDrop,
+    socket,
 };
 
 /// How often the table's generation is polled (one syscall).
@@ -366,7 +367,7 @@ pub async fn run(args: crate::args::RouterArgs) -> anyhow::Result<()> {
     }
     let cgroup = match cgroup {
         Some(c) => c,
-        None => crate::app::cgroup2_root()?,
+        None => crate::node::cgroup2_root()?,
     };
     let dir = pin::dir_of(&bpffs, &cgroup)?;
     // Before anything is taken over (the admin socket of a router that
