@@ -112,9 +112,7 @@ fn main() -> ExitCode {
             Command::Run(args) => app::run(args).await,
             Command::Router(args) => router::process::run(args).await,
             Command::Check(args) => check::run(args).await,
-            Command::Cleanup { bpffs } => {
-                cli::print_cleanup(&bpffs, &dataplane::pin::cleanup(&bpffs)?)
-            }
+            Command::Cleanup { bpffs } => cli::print_cleanup(&bpffs, &dataplane::cleanup(&bpffs)?),
             Command::Status(a) => {
                 let v = admin::request(&a.admin_socket, &Request::Status).await?;
                 cli::print_status(&v, a.output.is_json())

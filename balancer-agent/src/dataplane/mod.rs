@@ -15,7 +15,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps,
+        links::{FdLink, PinnedLink},
+    },
 };
 use balancer_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, BalancedSock, Config, Counter, MAX_BACKENDS,
@@ -216,6 +219,97 @@ impl Maps {
             Sockhash::Splice => self.splice.fd(),
         }
     }
+}
+
+/// Remove every pin under `root` (`balancer-agent cleanup`), and return
+/// once the cgroup programs those pins held are really detached.
+///
+/// Why wait: the kernel releases a link whose last reference went from a
+/// workqueue, and only then takes its program off the cgroup; on a busy
+/// node that took long enough for a `connect()` right after `cleanup` to
+/// be balanced still. The link is invisible by id meanwhile (its count is
+/// 0), so the cgroup itself is asked, for the program each link held.
+pub fn cleanup(root: &Path) -> Result<Vec<PathBuf>, DataplaneError> {
+    // (cgroup inode, attach type, program id) of every pinned cgroup link.
+    let mut held = Vec::new();
+    for (ino, name, path) in pin::pinned_links(root) {
+        let Some(attach) = PROGRAMS
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| match p.hook {
+                Hook::SockAddr(t) => Some(t),
+                Hook::SockOps => Some(query::CGROUP_SOCK_OPS),
+                Hook::SkMsg(_) => None,
+            })
+        else {
+            continue;
+        };
+        if let Ok(info) = FdLink::from(PinnedLink::from_pin(&path).map_err(|e| {
+            DataplaneError::Pin(pin::PinError::Bpffs {
+                path: path.clone(),
+                message: e.to_string(),
+            })
+        })?)
+        .info()
+        {
+            held.push((ino, attach, info.program_id()));
+        }
+    }
+    let removed = pin::cleanup(root)?;
+    let cgroups = cgroups_by_inode(held.iter().map(|h| h.0).collect());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    for (ino, attach, prog) in held {
+        let Some(cg) = cgroups.get(&ino) else {
+            continue;
+        };
+        let Ok(dir) = File::open(cg) else {
+            continue;
+        };
+        while query::attached(dir.as_fd(), attach).is_ok_and(|ids| ids.contains(&prog)) {
+            if std::time::Instant::now() >= deadline {
+                return Err(DataplaneError::Pin(pin::PinError::Bpffs {
+                    path: cg.clone(),
+                    message: format!(
+                        "program {prog} is still attached 5 s after its link's pin was removed"
+                    ),
+                }));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    Ok(removed)
+}
+
+/// The cgroup v2 directories whose inodes are in `want`, found by walking
+/// the hierarchy from its mount.
+fn cgroups_by_inode(
+    mut want: std::collections::BTreeSet<u64>,
+) -> std::collections::BTreeMap<u64, PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = std::collections::BTreeMap::new();
+    let Ok(root) = crate::node::cgroup2_root() else {
+        return found;
+    };
+    let mut todo = vec![root];
+    while let Some(dir) = todo.pop() {
+        if want.is_empty() {
+            break;
+        }
+        if let Ok(m) = std::fs::metadata(&dir)
+            && want.remove(&m.ino())
+        {
+            found.insert(m.ino(), dir.clone());
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            todo.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    found
 }
 
 /// The program `name` of the object, as its program type `P`.

@@ -182,6 +182,33 @@ pub fn open_map(dir: &Path, name: &str) -> Result<Map, PinError> {
     })
 }
 
+/// Every pinned link under `root`, of every layout: (cgroup inode, link
+/// name, path), from `<layout>/cg-<ino>/links/<name>`.
+pub fn pinned_links(root: &Path) -> Vec<(u64, String, PathBuf)> {
+    let mut out = Vec::new();
+    let dirs = |p: &Path| -> Vec<std::fs::DirEntry> {
+        std::fs::read_dir(p)
+            .map(|d| d.flatten().collect())
+            .unwrap_or_default()
+    };
+    for layout in dirs(root) {
+        for cg in dirs(&layout.path()) {
+            let name = cg.file_name().to_string_lossy().into_owned();
+            let Some(ino) = name.strip_prefix("cg-").and_then(|i| i.parse().ok()) else {
+                continue;
+            };
+            for link in dirs(&cg.path().join("links")) {
+                out.push((
+                    ino,
+                    link.file_name().to_string_lossy().into_owned(),
+                    link.path(),
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Remove every pin under `root` (all layouts and cgroups): unpinned links
 /// detach their programs, unpinned maps are freed.
 pub fn cleanup(root: &Path) -> Result<Vec<PathBuf>, PinError> {
