@@ -167,22 +167,29 @@ pub fn request_fd<T: for<'de> Deserialize<'de>>(
         })?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    stream.write_all(&encode(req)).map_err(io)?;
+    let (buf, fd) = crate::fdpass::recv_all(stream.as_fd()).map_err(io)?;
+    Ok((decode(path, &buf)?, fd))
+}
+
+/// The request line for `req`: its JSON and a newline.
+fn encode(req: &Request) -> Vec<u8> {
     let mut body = serde_json::to_vec(req).unwrap_or_default();
     body.push(b'\n');
-    stream.write_all(&body).map_err(io)?;
-    let (buf, fd) = crate::fdpass::recv_all(stream.as_fd()).map_err(io)?;
-    let resp: Response = serde_json::from_slice(&buf).map_err(|source| AdminError::Decode {
+    body
+}
+
+/// An answer envelope from `path`: its data, or the error it carries.
+fn decode<T: for<'de> Deserialize<'de>>(path: &Path, buf: &[u8]) -> Result<T, AdminError> {
+    let decode_err = |source| AdminError::Decode {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let resp: Response = serde_json::from_slice(buf).map_err(decode_err)?;
     if !resp.ok {
         return Err(AdminError::Remote(resp.error.unwrap_or_default()));
     }
-    let v = serde_json::from_value(resp.data).map_err(|source| AdminError::Decode {
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok((v, fd))
+    serde_json::from_value(resp.data).map_err(decode_err)
 }
 
 use tokio::io::AsyncReadExt as _;
@@ -202,20 +209,8 @@ pub async fn request<T: for<'de> Deserialize<'de>>(
             path: path.to_owned(),
             source,
         })?;
-    let mut body = serde_json::to_vec(req).unwrap_or_default();
-    body.push(b'\n');
-    stream.write_all(&body).await.map_err(io)?;
+    stream.write_all(&encode(req)).await.map_err(io)?;
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf).await.map_err(io)?;
-    let resp: Response = serde_json::from_slice(&buf).map_err(|source| AdminError::Decode {
-        path: path.to_owned(),
-        source,
-    })?;
-    if !resp.ok {
-        return Err(AdminError::Remote(resp.error.unwrap_or_default()));
-    }
-    serde_json::from_value(resp.data).map_err(|source| AdminError::Decode {
-        path: path.to_owned(),
-        source,
-    })
+    decode(path, &buf)
 }

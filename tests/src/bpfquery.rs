@@ -1,5 +1,10 @@
 //! What is attached to a cgroup, asked of the kernel with BPF_PROG_QUERY
 //! (the same question `bpftool cgroup show` asks).
+//!
+//! The agent asks the same in `dataplane/query.rs`, for `status`. This one
+//! is the tests' own on purpose: it is the oracle that checks what the
+//! agent says it attached and detached, so it shares no code with it (a
+//! bug in a shared query would pass both).
 
 use std::{os::fd::AsRawFd, path::Path};
 

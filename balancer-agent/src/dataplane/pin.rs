@@ -100,24 +100,18 @@ pub fn dir_of(root: &Path, cgroup: &Path) -> Result<PathBuf, PinError> {
 /// The pin directory of this layout and cgroup.
 pub fn layout_dir(root: &Path, cgroup: &Path) -> Result<PathBuf, PinError> {
     ensure_bpffs(root)?;
-    let ino = std::fs::metadata(cgroup)
-        .map(|m| m.ino())
-        .map_err(|e| PinError::Bpffs {
-            path: cgroup.to_owned(),
-            message: e.to_string(),
-        })?;
-    let cg = format!("cg-{ino}");
+    let dir = dir_of(root, cgroup)?;
+    let cg = dir.file_name().unwrap_or_default();
     // Another layout's complete pinning for this cgroup keeps its programs
     // attached: attaching ours would fail with a bare EEXIST.
     if let Ok(layouts) = std::fs::read_dir(root) {
         for l in layouts.flatten() {
-            let other = l.path().join(&cg);
+            let other = l.path().join(cg);
             if l.file_name() != LAYOUT && is_pinned(&other) {
                 return Err(PinError::OtherLayout { found: other });
             }
         }
     }
-    let dir = root.join(LAYOUT).join(cg);
     for sub in ["maps", "links"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(|e| PinError::Bpffs {
             path: dir.clone(),
