@@ -200,86 +200,7 @@ impl Core {
         let now = self.now;
         let be = self.backends.get_mut(&b).expect("backend exists");
         match h.kind {
-            frame::DATA => {
-                if h.stream == 0 {
-                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "DATA on stream 0"));
-                }
-                let len = i64::from(h.length);
-                be.recv.consume(len).map_err(|_| {
-                    Error::conn(Reason::FLOW_CONTROL_ERROR, "connection window exceeded")
-                })?;
-                let (s, e) = frame::unpadded(h.kind, h.flags, &p)
-                    .ok_or(Error::conn(Reason::PROTOCOL_ERROR, "DATA padding"))?;
-                let end = h.flags & frame::FLAG_END_STREAM != 0;
-                self.credit_backend_conn(b, len);
-                let be = self.backends.get_mut(&b).expect("backend exists");
-                let Some(bs) = be.streams.get_mut(&h.stream) else {
-                    // A stream we reset.
-                    return Ok(());
-                };
-                if bs.state.recv_closed() {
-                    return Err(Error::stream(
-                        h.stream,
-                        Reason::STREAM_CLOSED,
-                        "DATA after END_STREAM",
-                    ));
-                }
-                if !bs.response_seen {
-                    return Err(Error::stream(
-                        h.stream,
-                        Reason::PROTOCOL_ERROR,
-                        "DATA before the response HEADERS",
-                    ));
-                }
-                if bs.recv.consume(len).is_err() {
-                    return Err(Error::stream(
-                        h.stream,
-                        Reason::FLOW_CONTROL_ERROR,
-                        "stream window exceeded",
-                    ));
-                }
-                if end {
-                    bs.state.recv_end();
-                }
-                let (c, sid) = (bs.client, bs.sid);
-                // Padding is not passed on: out of the budget at once.
-                let padding = len - (e - s) as i64;
-                let data = p.slice(s..e);
-                let Some(cs) = self.cstream(c, sid) else {
-                    return Ok(());
-                };
-                cs.responded = true;
-                cs.last_active = now;
-                if data.is_empty() && !end {
-                    // Nothing to pass on; clients count empty frames as a
-                    // flood too.
-                    self.release(c, padding);
-                    self.grant(c, sid);
-                    return Ok(());
-                }
-                cs.down_bytes += len - padding;
-                cs.to_down.push_back(Chunk::Data {
-                    data,
-                    end,
-                    credit: len - padding,
-                });
-                self.release(c, padding);
-                self.pump_down(c, sid);
-                // A chunk its client cannot take now is copied out of the
-                // read buffer, which holds other streams' frames too: a
-                // client that does not read must not pin them all. (What is
-                // left queued ends with this chunk: the queue is FIFO.)
-                if let Some(cs) = self.cstream(c, sid)
-                    && let Some(Chunk::Data { data, .. }) = cs.to_down.back_mut()
-                    && !data.is_empty()
-                {
-                    *data = Bytes::copy_from_slice(data);
-                }
-                if end {
-                    self.maybe_close_bstream(b, h.stream);
-                }
-                Ok(())
-            }
+            frame::DATA => self.backend_data(b, h, p),
             frame::HEADERS | frame::CONTINUATION => match be.fragments.push(h, p)? {
                 Some(block) => self.backend_block(b, block),
                 None => Ok(()),
@@ -430,6 +351,90 @@ impl Core {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// DATA from a pod: passed on to its client's stream, less padding.
+    fn backend_data(&mut self, b: ConnId, h: FrameHeader, p: Bytes) -> Result<(), Error> {
+        let now = self.now;
+        let be = self.backends.get_mut(&b).expect("backend exists");
+        if h.stream == 0 {
+            return Err(Error::conn(Reason::PROTOCOL_ERROR, "DATA on stream 0"));
+        }
+        let len = i64::from(h.length);
+        be.recv
+            .consume(len)
+            .map_err(|_| Error::conn(Reason::FLOW_CONTROL_ERROR, "connection window exceeded"))?;
+        let (s, e) = frame::unpadded(h.kind, h.flags, &p)
+            .ok_or(Error::conn(Reason::PROTOCOL_ERROR, "DATA padding"))?;
+        let end = h.flags & frame::FLAG_END_STREAM != 0;
+        self.credit_backend_conn(b, len);
+        let be = self.backends.get_mut(&b).expect("backend exists");
+        let Some(bs) = be.streams.get_mut(&h.stream) else {
+            // A stream we reset.
+            return Ok(());
+        };
+        if bs.state.recv_closed() {
+            return Err(Error::stream(
+                h.stream,
+                Reason::STREAM_CLOSED,
+                "DATA after END_STREAM",
+            ));
+        }
+        if !bs.response_seen {
+            return Err(Error::stream(
+                h.stream,
+                Reason::PROTOCOL_ERROR,
+                "DATA before the response HEADERS",
+            ));
+        }
+        if bs.recv.consume(len).is_err() {
+            return Err(Error::stream(
+                h.stream,
+                Reason::FLOW_CONTROL_ERROR,
+                "stream window exceeded",
+            ));
+        }
+        if end {
+            bs.state.recv_end();
+        }
+        let (c, sid) = (bs.client, bs.sid);
+        // Padding is not passed on: out of the budget at once.
+        let padding = len - (e - s) as i64;
+        let data = p.slice(s..e);
+        let Some(cs) = self.cstream(c, sid) else {
+            return Ok(());
+        };
+        cs.responded = true;
+        cs.last_active = now;
+        if data.is_empty() && !end {
+            // Nothing to pass on; clients count empty frames as a
+            // flood too.
+            self.release(c, padding);
+            self.grant(c, sid);
+            return Ok(());
+        }
+        cs.down_bytes += len - padding;
+        cs.to_down.push_back(Chunk::Data {
+            data,
+            end,
+            credit: len - padding,
+        });
+        self.release(c, padding);
+        self.pump_down(c, sid);
+        // A chunk its client cannot take now is copied out of the
+        // read buffer, which holds other streams' frames too: a
+        // client that does not read must not pin them all. (What is
+        // left queued ends with this chunk: the queue is FIFO.)
+        if let Some(cs) = self.cstream(c, sid)
+            && let Some(Chunk::Data { data, .. }) = cs.to_down.back_mut()
+            && !data.is_empty()
+        {
+            *data = Bytes::copy_from_slice(data);
+        }
+        if end {
+            self.maybe_close_bstream(b, h.stream);
+        }
+        Ok(())
     }
 
     fn backend_block(&mut self, b: ConnId, block: Block) -> Result<(), Error> {
