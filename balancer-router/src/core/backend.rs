@@ -205,44 +205,7 @@ impl Core {
                 Some(block) => self.backend_block(b, block),
                 None => Ok(()),
             },
-            frame::RST_STREAM => {
-                if h.stream == 0 {
-                    return Err(Error::conn(
-                        Reason::PROTOCOL_ERROR,
-                        "RST_STREAM on stream 0",
-                    ));
-                }
-                let reason = frame::reason_at(&p, 0);
-                let Some(bs) = be.streams.remove(&h.stream) else {
-                    return Ok(());
-                };
-                self.release(bs.client, bs.recv.available());
-                let (c, sid) = (bs.client, bs.sid);
-                let Some(cs) = self.cstream(c, sid) else {
-                    self.after_bstream(b);
-                    return Ok(());
-                };
-                cs.up = Up::Done;
-                if reason == Reason::REFUSED_STREAM && !cs.responded {
-                    self.retry(c, sid);
-                } else if bs.state.recv_closed() {
-                    // The response is complete; the backend wants no more
-                    // of the request (RFC 9113 8.1).
-                    cs.inflight = None;
-                    cs.rst_after_down = true;
-                    self.pump_up(c, sid);
-                    self.pump_down(c, sid);
-                } else {
-                    if let Some(i) = cs.inflight.take()
-                        && !cs.responded
-                    {
-                        i.failed(Failure::Reset, self.now);
-                    }
-                    self.reset_client_stream(c, sid, reason);
-                }
-                self.after_bstream(b);
-                Ok(())
-            }
+            frame::RST_STREAM => self.backend_rst_stream(b, h, p),
             frame::SETTINGS => {
                 if h.stream != 0 {
                     return Err(Error::conn(Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
@@ -434,6 +397,49 @@ impl Core {
         if end {
             self.maybe_close_bstream(b, h.stream);
         }
+        Ok(())
+    }
+
+    /// RST_STREAM from a pod: a stream it refused before answering is
+    /// retried; after the whole response only the request's tail is lost;
+    /// otherwise the client's stream is reset with the pod's reason.
+    fn backend_rst_stream(&mut self, b: ConnId, h: FrameHeader, p: Bytes) -> Result<(), Error> {
+        let be = self.backends.get_mut(&b).expect("backend exists");
+        if h.stream == 0 {
+            return Err(Error::conn(
+                Reason::PROTOCOL_ERROR,
+                "RST_STREAM on stream 0",
+            ));
+        }
+        let reason = frame::reason_at(&p, 0);
+        let Some(bs) = be.streams.remove(&h.stream) else {
+            return Ok(());
+        };
+        self.release(bs.client, bs.recv.available());
+        let (c, sid) = (bs.client, bs.sid);
+        let Some(cs) = self.cstream(c, sid) else {
+            self.after_bstream(b);
+            return Ok(());
+        };
+        cs.up = Up::Done;
+        if reason == Reason::REFUSED_STREAM && !cs.responded {
+            self.retry(c, sid);
+        } else if bs.state.recv_closed() {
+            // The response is complete; the backend wants no more
+            // of the request (RFC 9113 8.1).
+            cs.inflight = None;
+            cs.rst_after_down = true;
+            self.pump_up(c, sid);
+            self.pump_down(c, sid);
+        } else {
+            if let Some(i) = cs.inflight.take()
+                && !cs.responded
+            {
+                i.failed(Failure::Reset, self.now);
+            }
+            self.reset_client_stream(c, sid, reason);
+        }
+        self.after_bstream(b);
         Ok(())
     }
 
