@@ -206,33 +206,7 @@ impl Core {
                 None => Ok(()),
             },
             frame::RST_STREAM => self.backend_rst_stream(b, h, p),
-            frame::SETTINGS => {
-                if h.stream != 0 {
-                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
-                }
-                if h.flags & frame::FLAG_ACK != 0 {
-                    return Ok(());
-                }
-                let delta = be.peer.apply(&p)?;
-                frame::settings_ack(&mut be.out);
-                let streams: Vec<(ConnId, u32)> =
-                    be.streams.values().map(|bs| (bs.client, bs.sid)).collect();
-                self.wake(b);
-                if delta != 0 {
-                    for (c, sid) in &streams {
-                        if let Some(cs) = self.cstream(*c, *sid) {
-                            cs.up_window.adjust(delta).map_err(|_| {
-                                Error::conn(Reason::FLOW_CONTROL_ERROR, "stream window overflow")
-                            })?;
-                        }
-                    }
-                    for (c, sid) in streams {
-                        self.pump_up(c, sid);
-                    }
-                }
-                self.open_queued(b);
-                Ok(())
-            }
+            frame::SETTINGS => self.backend_settings(b, h, p),
             frame::PING => {
                 if h.stream != 0 {
                     return Err(Error::conn(Reason::PROTOCOL_ERROR, "PING on a stream"));
@@ -440,6 +414,38 @@ impl Core {
             self.reset_client_stream(c, sid, reason);
         }
         self.after_bstream(b);
+        Ok(())
+    }
+
+    /// SETTINGS from a pod: acknowledged, the change of its initial window
+    /// applied to the streams it carries, and queued streams opened within
+    /// its (maybe new) limit.
+    fn backend_settings(&mut self, b: ConnId, h: FrameHeader, p: Bytes) -> Result<(), Error> {
+        let be = self.backends.get_mut(&b).expect("backend exists");
+        if h.stream != 0 {
+            return Err(Error::conn(Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
+        }
+        if h.flags & frame::FLAG_ACK != 0 {
+            return Ok(());
+        }
+        let delta = be.peer.apply(&p)?;
+        frame::settings_ack(&mut be.out);
+        let streams: Vec<(ConnId, u32)> =
+            be.streams.values().map(|bs| (bs.client, bs.sid)).collect();
+        self.wake(b);
+        if delta != 0 {
+            for (c, sid) in &streams {
+                if let Some(cs) = self.cstream(*c, *sid) {
+                    cs.up_window.adjust(delta).map_err(|_| {
+                        Error::conn(Reason::FLOW_CONTROL_ERROR, "stream window overflow")
+                    })?;
+                }
+            }
+            for (c, sid) in streams {
+                self.pump_up(c, sid);
+            }
+        }
+        self.open_queued(b);
         Ok(())
     }
 
