@@ -207,50 +207,8 @@ impl Core {
             },
             frame::RST_STREAM => self.backend_rst_stream(b, h, p),
             frame::SETTINGS => self.backend_settings(b, h, p),
-            frame::PING => {
-                if h.stream != 0 {
-                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "PING on a stream"));
-                }
-                let payload: [u8; 8] = p[..8].try_into().expect("8 bytes");
-                if h.flags & frame::FLAG_ACK == 0 {
-                    frame::ping(&mut be.out, true, payload);
-                    self.wake(b);
-                } else if payload == super::PROBE_PING {
-                    // Alive.
-                    be.probe = None;
-                }
-                Ok(())
-            }
-            frame::GOAWAY => {
-                if h.stream != 0 {
-                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
-                }
-                let last = frame::u31(&p);
-                be.retiring = true;
-                let key = (be.origin, be.ep.addr);
-                unpool(&mut self.pool, key, b);
-                tracing::debug!(endpoint = %be.ep.addr, last, "backend GOAWAY");
-                // Streams above `last` were not processed (6.8).
-                let above: Vec<u32> = be
-                    .streams
-                    .keys()
-                    .copied()
-                    .filter(|bid| *bid > last)
-                    .collect();
-                let refused: Vec<BStream> = above
-                    .into_iter()
-                    .filter_map(|bid| be.streams.remove(&bid))
-                    .collect();
-                for bs in refused {
-                    self.release(bs.client, bs.recv.available());
-                    if let Some(cs) = self.cstream(bs.client, bs.sid) {
-                        cs.up = Up::Done;
-                        self.retry(bs.client, bs.sid);
-                    }
-                }
-                self.after_bstream(b);
-                Ok(())
-            }
+            frame::PING => self.backend_ping(b, h, p),
+            frame::GOAWAY => self.backend_goaway(b, h, p),
             frame::WINDOW_UPDATE => {
                 let inc = i64::from(frame::u31(&p));
                 if h.stream == 0 {
@@ -446,6 +404,57 @@ impl Core {
             }
         }
         self.open_queued(b);
+        Ok(())
+    }
+
+    /// PING from a pod: answered; the answer to our liveness probe clears it.
+    fn backend_ping(&mut self, b: ConnId, h: FrameHeader, p: Bytes) -> Result<(), Error> {
+        let be = self.backends.get_mut(&b).expect("backend exists");
+        if h.stream != 0 {
+            return Err(Error::conn(Reason::PROTOCOL_ERROR, "PING on a stream"));
+        }
+        let payload: [u8; 8] = p[..8].try_into().expect("8 bytes");
+        if h.flags & frame::FLAG_ACK == 0 {
+            frame::ping(&mut be.out, true, payload);
+            self.wake(b);
+        } else if payload == super::PROBE_PING {
+            // Alive.
+            be.probe = None;
+        }
+        Ok(())
+    }
+
+    /// GOAWAY from a pod: the connection takes no new streams, and those it
+    /// says it did not process are retried.
+    fn backend_goaway(&mut self, b: ConnId, h: FrameHeader, p: Bytes) -> Result<(), Error> {
+        let be = self.backends.get_mut(&b).expect("backend exists");
+        if h.stream != 0 {
+            return Err(Error::conn(Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
+        }
+        let last = frame::u31(&p);
+        be.retiring = true;
+        let key = (be.origin, be.ep.addr);
+        unpool(&mut self.pool, key, b);
+        tracing::debug!(endpoint = %be.ep.addr, last, "backend GOAWAY");
+        // Streams above `last` were not processed (6.8).
+        let above: Vec<u32> = be
+            .streams
+            .keys()
+            .copied()
+            .filter(|bid| *bid > last)
+            .collect();
+        let refused: Vec<BStream> = above
+            .into_iter()
+            .filter_map(|bid| be.streams.remove(&bid))
+            .collect();
+        for bs in refused {
+            self.release(bs.client, bs.recv.available());
+            if let Some(cs) = self.cstream(bs.client, bs.sid) {
+                cs.up = Up::Done;
+                self.retry(bs.client, bs.sid);
+            }
+        }
+        self.after_bstream(b);
         Ok(())
     }
 
