@@ -197,7 +197,6 @@ impl Core {
     }
 
     fn backend_frame(&mut self, b: ConnId, h: FrameHeader, p: Bytes) -> Result<(), Error> {
-        let now = self.now;
         let be = self.backends.get_mut(&b).expect("backend exists");
         match h.kind {
             frame::DATA => self.backend_data(b, h, p),
@@ -209,37 +208,7 @@ impl Core {
             frame::SETTINGS => self.backend_settings(b, h, p),
             frame::PING => self.backend_ping(b, h, p),
             frame::GOAWAY => self.backend_goaway(b, h, p),
-            frame::WINDOW_UPDATE => {
-                let inc = i64::from(frame::u31(&p));
-                if h.stream == 0 {
-                    be.send.connection_update(inc)?;
-                    self.unblock_up(b);
-                    return Ok(());
-                }
-                let Some(bs) = be.streams.get(&h.stream) else {
-                    return Ok(());
-                };
-                if inc == 0 {
-                    return Err(Error::stream(
-                        h.stream,
-                        Reason::PROTOCOL_ERROR,
-                        "WINDOW_UPDATE of 0",
-                    ));
-                }
-                let (c, sid) = (bs.client, bs.sid);
-                if let Some(cs) = self.cstream(c, sid) {
-                    cs.up_window.adjust(inc).map_err(|_| {
-                        Error::stream(
-                            h.stream,
-                            Reason::FLOW_CONTROL_ERROR,
-                            "stream window overflow",
-                        )
-                    })?;
-                    cs.last_active = now;
-                    self.pump_up(c, sid);
-                }
-                Ok(())
-            }
+            frame::WINDOW_UPDATE => self.backend_window_update(b, h, p),
             frame::PUSH_PROMISE => Err(Error::conn(
                 Reason::PROTOCOL_ERROR,
                 "PUSH_PROMISE with push disabled",
@@ -455,6 +424,42 @@ impl Core {
             }
         }
         self.after_bstream(b);
+        Ok(())
+    }
+
+    /// WINDOW_UPDATE from a pod: more room to send it the connection's or a
+    /// stream's request body.
+    fn backend_window_update(&mut self, b: ConnId, h: FrameHeader, p: Bytes) -> Result<(), Error> {
+        let now = self.now;
+        let be = self.backends.get_mut(&b).expect("backend exists");
+        let inc = i64::from(frame::u31(&p));
+        if h.stream == 0 {
+            be.send.connection_update(inc)?;
+            self.unblock_up(b);
+            return Ok(());
+        }
+        let Some(bs) = be.streams.get(&h.stream) else {
+            return Ok(());
+        };
+        if inc == 0 {
+            return Err(Error::stream(
+                h.stream,
+                Reason::PROTOCOL_ERROR,
+                "WINDOW_UPDATE of 0",
+            ));
+        }
+        let (c, sid) = (bs.client, bs.sid);
+        if let Some(cs) = self.cstream(c, sid) {
+            cs.up_window.adjust(inc).map_err(|_| {
+                Error::stream(
+                    h.stream,
+                    Reason::FLOW_CONTROL_ERROR,
+                    "stream window overflow",
+                )
+            })?;
+            cs.last_active = now;
+            self.pump_up(c, sid);
+        }
         Ok(())
     }
 
