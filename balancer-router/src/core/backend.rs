@@ -196,14 +196,13 @@ impl Core {
         }
     }
 
+    /// One frame from backend `b`, which exists, past the checks every
+    /// frame gets in `backend_frames` (its size; SETTINGS first; nothing but
+    /// CONTINUATION inside a header block): each type to its own method.
     fn backend_frame(&mut self, b: ConnId, h: FrameHeader, p: Bytes) -> Result<(), Error> {
-        let be = self.backends.get_mut(&b).expect("backend exists");
         match h.kind {
             frame::DATA => self.backend_data(b, h, p),
-            frame::HEADERS | frame::CONTINUATION => match be.fragments.push(h, p)? {
-                Some(block) => self.backend_block(b, block),
-                None => Ok(()),
-            },
+            frame::HEADERS | frame::CONTINUATION => self.backend_headers(b, h, p),
             frame::RST_STREAM => self.backend_rst_stream(b, h, p),
             frame::SETTINGS => self.backend_settings(b, h, p),
             frame::PING => self.backend_ping(b, h, p),
@@ -299,6 +298,16 @@ impl Core {
             self.maybe_close_bstream(b, h.stream);
         }
         Ok(())
+    }
+
+    /// HEADERS or CONTINUATION from a pod: a header block is handled, by
+    /// `backend_block`, once its last fragment is in.
+    fn backend_headers(&mut self, b: ConnId, h: FrameHeader, p: Bytes) -> Result<(), Error> {
+        let be = self.backends.get_mut(&b).expect("backend exists");
+        match be.fragments.push(h, p)? {
+            Some(block) => self.backend_block(b, block),
+            None => Ok(()),
+        }
     }
 
     /// RST_STREAM from a pod: a stream it refused before answering is
