@@ -228,47 +228,33 @@ fn malformed_and_oversized_frames_get_connection_errors_and_hurt_no_one_else() {
         ],
     )
     .expect("client");
-    // DATA on stream 0: PROTOCOL_ERROR (RFC 9113 6.1).
-    let v = h2_raw(
-        ns,
-        cg,
-        VIP,
-        &format!("{PREFACE_HEX}{EMPTY_SETTINGS}000004000100000000deadbeef"),
-        3,
-    )
-    .expect("raw");
-    assert_eq!(goaway_code(&v), Some(1), "{v}");
-    // A 65,536-byte frame against the default 16,384 limit: FRAME_SIZE_ERROR
-    // (RFC 9113 4.2).
-    let v = h2_raw(
-        ns,
-        cg,
-        VIP,
-        &format!("{PREFACE_HEX}{EMPTY_SETTINGS}010000000000000001"),
-        3,
-    )
-    .expect("raw");
-    assert_eq!(goaway_code(&v), Some(6), "{v}");
-    // A PING that is not 8 bytes: FRAME_SIZE_ERROR (6.7).
-    let v = h2_raw(
-        ns,
-        cg,
-        VIP,
-        &format!("{PREFACE_HEX}{EMPTY_SETTINGS}000004060000000000aabbccdd"),
-        3,
-    )
-    .expect("raw");
-    assert_eq!(goaway_code(&v), Some(6), "{v}");
-    // A SETTINGS frame whose length is not a multiple of 6: FRAME_SIZE_ERROR.
-    let v = h2_raw(
-        ns,
-        cg,
-        VIP,
-        &format!("{PREFACE_HEX}000005040000000000aabbccddee"),
-        3,
-    )
-    .expect("raw");
-    assert_eq!(goaway_code(&v), Some(6), "{v}");
+    // Each malformed connection gets a GOAWAY with the code RFC 9113 names.
+    let cases: [(&str, String, u32); 4] = [
+        (
+            "DATA on stream 0: PROTOCOL_ERROR (6.1)",
+            format!("{PREFACE_HEX}{EMPTY_SETTINGS}000004000100000000deadbeef"),
+            1,
+        ),
+        (
+            "a 65,536-byte frame against the default 16,384: FRAME_SIZE_ERROR (4.2)",
+            format!("{PREFACE_HEX}{EMPTY_SETTINGS}010000000000000001"),
+            6,
+        ),
+        (
+            "a PING that is not 8 bytes: FRAME_SIZE_ERROR (6.7)",
+            format!("{PREFACE_HEX}{EMPTY_SETTINGS}000004060000000000aabbccdd"),
+            6,
+        ),
+        (
+            "SETTINGS whose length is not a multiple of 6: FRAME_SIZE_ERROR (6.5)",
+            format!("{PREFACE_HEX}000005040000000000aabbccddee"),
+            6,
+        ),
+    ];
+    for (what, bytes, code) in &cases {
+        let v = h2_raw(ns, cg, VIP, bytes, 3).expect("raw");
+        assert_eq!(goaway_code(&v), Some(*code), "{what}: {v}");
+    }
     let v = h2_client_wait(healthy).expect("healthy");
     no_errors(&v);
     assert_eq!(pods_of(&v).iter().map(|(_, n)| n).sum::<u64>(), 4);
