@@ -11,6 +11,7 @@ use std::{
 use serde::{Deserialize, Deserializer};
 use tokio::sync::mpsc;
 
+use super::Update;
 use crate::state::{Algorithm, DesiredState, EndpointSpec, PortSpec, Protocol, ServiceSpec};
 
 #[derive(Debug, thiserror::Error)]
@@ -302,9 +303,6 @@ pub async fn load(path: &Path) -> Result<(Vec<u8>, DesiredState), FileError> {
     let state = parse(path, &text)?;
     Ok((bytes, state))
 }
-
-/// One reload attempt, as seen by the agent.
-pub type Update = Result<DesiredState, FileError>;
 
 /// Watch the file and send every changed version (or the error parsing it).
 ///

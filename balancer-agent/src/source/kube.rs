@@ -507,7 +507,7 @@ pub fn convert(
 pub async fn run(
     client: Client,
     node_name: Option<String>,
-    tx: mpsc::Sender<super::file::Update>,
+    tx: mpsc::Sender<super::Update>,
     health: Arc<Mutex<ApiserverState>>,
 ) {
     let set = |f: &dyn Fn(&mut ApiserverState)| {
