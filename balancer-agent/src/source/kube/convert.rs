@@ -5,10 +5,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Service, ServiceSpec as KubeServiceSpec},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::ResourceExt;
@@ -22,10 +26,6 @@ pub const ANNOTATION_ALGORITHM: &str = "balancer.dev/algorithm";
 pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// EndpointSlices hold at most 1000 endpoints; more is a malformed object.
 const MAX_SLICE_ENDPOINTS: usize = 1000;
-
-/// An endpoint with what topology and traffic policy need: its node and
-/// its zone hints.
-type Candidate = (EndpointSpec, Option<String>, Option<Vec<String>>);
 
 /// What the node the agent runs on contributes to the conversion.
 #[derive(Debug, Clone, Default)]
@@ -170,7 +170,21 @@ pub fn convert(
     node: &NodeInfo,
 ) -> (DesiredState, Vec<String>) {
     let mut warnings = Vec::new();
-    let mut by_service: HashMap<(String, String), Vec<&Slice>> = HashMap::new();
+    let by_service = slices_by_service(slices);
+    let mut out: Vec<ServiceSpec> = services
+        .iter()
+        .filter_map(|svc| convert_service(svc, &by_service, node, &mut warnings))
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    dedupe_vip_ports(&mut out, &mut warnings);
+    (DesiredState { services: out }, warnings)
+}
+
+/// The slices of each Service, by namespace and the service-name label.
+type SlicesByService<'a> = HashMap<(String, String), Vec<&'a Slice>>;
+
+fn slices_by_service<'a>(slices: &[&'a Slice]) -> SlicesByService<'a> {
+    let mut by_service: SlicesByService<'a> = HashMap::new();
     for s in slices {
         let Some(svc) = &s.service else {
             continue;
@@ -180,229 +194,358 @@ pub fn convert(
             .or_default()
             .push(s);
     }
-    let mut out = Vec::new();
-    for svc in services {
-        let ns = svc.namespace().unwrap_or_default();
-        let name = format!("{ns}/{}", svc.name_any());
-        let Some(spec) = svc.spec.as_ref() else {
-            warnings.push(format!("service {name}: no spec; skipped"));
-            continue;
-        };
-        if spec.type_.as_deref() == Some("ExternalName") {
-            continue;
-        }
-        let ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
-            (Some(v), _) if !v.is_empty() => v.clone(),
-            (_, Some(ip)) => vec![ip.clone()],
-            _ => vec![],
-        };
-        if ips.iter().any(|ip| ip == "None") || ips.is_empty() {
-            // Headless: DNS only, nothing to balance.
-            continue;
-        }
-        let mut addresses = Vec::new();
-        for ip in &ips {
-            match ip.parse::<IpAddr>() {
-                Ok(a) => addresses.push(a),
-                Err(_) => warnings.push(format!(
-                    "service {name}: clusterIP {ip:?} is not an IP address; skipped"
-                )),
-            }
-        }
-        if addresses.is_empty() {
-            continue;
-        }
-        let annotations = svc.annotations();
-        let mode_override = match annotations
-            .get(ANNOTATION_MODE)
-            .map(|v| parse_mode(&name, v))
-        {
-            Some(Ok(None)) => continue, // mode=off: leave it to kube-proxy
-            Some(Ok(Some(p))) => Some(p),
-            Some(Err(w)) => {
-                warnings.push(w);
-                None
-            }
-            None => None,
-        };
-        let algorithm_override = match annotations
-            .get(ANNOTATION_ALGORITHM)
-            .map(|v| parse_algorithm(&name, v))
-        {
-            Some(Ok(a)) => Some(a),
-            Some(Err(w)) => {
-                warnings.push(w);
-                None
-            }
-            None => None,
-        };
-        // sessionAffinity ClientIP, with Kubernetes' default of 3 hours.
-        let affinity_timeout_s = if spec.session_affinity.as_deref() == Some("ClientIP") {
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .map_or(10_800, |t| u32::try_from(t.max(1)).unwrap_or(10_800))
-        } else {
-            0
-        };
-        let mut ports = Vec::new();
-        for (i, p) in spec.ports.iter().flatten().enumerate() {
-            let pname = p.name.clone().unwrap_or_default();
-            let proto = p.protocol.as_deref().unwrap_or("TCP");
-            if proto != "TCP" {
-                warnings.push(format!(
-                    "service {name}: port {} is {proto}; only TCP is balanced, ignored",
-                    p.port
-                ));
-                continue;
-            }
-            let Ok(port) = u16::try_from(p.port) else {
-                warnings.push(format!(
-                    "service {name}: ports[{i}].port {} is out of range; ignored",
-                    p.port
-                ));
-                continue;
-            };
-            if port == 0 {
-                warnings.push(format!("service {name}: ports[{i}].port is 0; ignored"));
-                continue;
-            }
-            let target_port = match &p.target_port {
-                None => port,
-                Some(IntOrString::Int(n)) => match u16::try_from(*n) {
-                    Ok(t) if t != 0 => t,
-                    _ => {
-                        warnings.push(format!(
-                            "service {name}: ports[{i}].targetPort {n} is out of range; ignored"
-                        ));
-                        continue;
-                    }
-                },
-                // Named: resolved per endpoint from the slices.
-                Some(IntOrString::String(_)) => 0,
-            };
-            let h2 = matches!(
-                p.app_protocol.as_deref(),
-                Some("kubernetes.io/h2c" | "grpc")
-            );
-            let protocol =
-                mode_override.unwrap_or(if h2 { Protocol::Http2 } else { Protocol::Tcp });
-            ports.push(PortSpec {
-                name: (!pname.is_empty()).then_some(pname),
-                port,
-                target_port,
-                protocol,
-                algorithm: algorithm_override.unwrap_or_else(|| protocol.default_algorithm()),
-            });
-        }
-        if ports.is_empty() {
-            continue;
-        }
+    by_service
+}
 
-        // Endpoints of every slice of this service, merged.
-        let mut endpoints: BTreeMap<IpAddr, Candidate> = BTreeMap::new();
-        for slice in by_service
-            .get(&(ns.clone(), svc.name_any()))
-            .into_iter()
-            .flatten()
-        {
-            let slice_name = format!("{ns}/{}", slice.name);
-            if slice.address_type == "FQDN" {
-                continue;
-            }
-            if let Some(n) = slice.oversized {
-                warnings.push(format!(
-                    "endpointslice {slice_name}: {n} endpoints, more than {MAX_SLICE_ENDPOINTS}; skipped"
-                ));
-                continue;
-            }
-            let mut target_ports = BTreeMap::new();
-            for sp in &slice.ports {
-                if sp.protocol.as_deref().unwrap_or("TCP") != "TCP" {
-                    continue;
-                }
-                match sp.port.map(u16::try_from) {
-                    Some(Ok(n)) if n != 0 => {
-                        target_ports.insert(sp.name.clone().unwrap_or_default(), n);
-                    }
-                    Some(_) => warnings.push(format!(
-                        "endpointslice {slice_name}: port {:?} is out of range; ignored",
-                        sp.name
-                    )),
-                    None => {}
-                }
-            }
-            let target_ports = std::sync::Arc::new(target_ports);
-            for (j, e) in slice.endpoints.iter().enumerate() {
-                let Some(addr) = &e.address else {
-                    continue;
-                };
-                let Ok(ip) = addr.parse::<IpAddr>() else {
+/// One Service with its endpoints, or `None` when it is not balanced here:
+/// no spec, ExternalName, headless, no valid clusterIP, `mode=off`, or no
+/// port left.
+fn convert_service(
+    svc: &Service,
+    by_service: &SlicesByService<'_>,
+    node: &NodeInfo,
+    warnings: &mut Vec<String>,
+) -> Option<ServiceSpec> {
+    let ns = svc.namespace().unwrap_or_default();
+    let name = format!("{ns}/{}", svc.name_any());
+    let Some(spec) = svc.spec.as_ref() else {
+        warnings.push(format!("service {name}: no spec; skipped"));
+        return None;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let addresses = cluster_ips(&name, spec, warnings)?;
+    let overrides = annotation_overrides(&name, svc, warnings)?;
+    let affinity_timeout_s = affinity_timeout(spec);
+    let ports = service_ports(&name, spec, overrides, warnings);
+    if ports.is_empty() {
+        return None;
+    }
+    let slices = by_service
+        .get(&(ns.clone(), svc.name_any()))
+        .map_or(&[][..], Vec::as_slice);
+    let candidates = merge_slices(&ns, slices, warnings);
+    Some(ServiceSpec {
+        affinity_timeout_s,
+        name,
+        addresses,
+        ports,
+        endpoints: categorize_endpoints(candidates, spec, node),
+    })
+}
+
+/// The Service's cluster IPs, or `None` when there is nothing to balance
+/// (headless, or not one of them an IP address).
+fn cluster_ips(
+    name: &str,
+    spec: &KubeServiceSpec,
+    warnings: &mut Vec<String>,
+) -> Option<Vec<IpAddr>> {
+    let ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(v), _) if !v.is_empty() => v.clone(),
+        (_, Some(ip)) => vec![ip.clone()],
+        _ => vec![],
+    };
+    if ips.iter().any(|ip| ip == "None") || ips.is_empty() {
+        // Headless: DNS only, nothing to balance.
+        return None;
+    }
+    let mut addresses = Vec::new();
+    for ip in &ips {
+        match ip.parse::<IpAddr>() {
+            Ok(a) => addresses.push(a),
+            Err(_) => warnings.push(format!(
+                "service {name}: clusterIP {ip:?} is not an IP address; skipped"
+            )),
+        }
+    }
+    (!addresses.is_empty()).then_some(addresses)
+}
+
+/// What this project's annotations on a Service override for all its
+/// ports.
+#[derive(Debug, Clone, Copy)]
+struct Overrides {
+    /// `balancer.dev/mode` tcp or http2, over what appProtocol says.
+    mode: Option<Protocol>,
+    /// `balancer.dev/algorithm`, over the protocol's default.
+    algorithm: Option<Algorithm>,
+}
+
+/// The Service's annotations, or `None` for `mode=off`. A value that does
+/// not parse is ignored with a warning.
+fn annotation_overrides(
+    name: &str,
+    svc: &Service,
+    warnings: &mut Vec<String>,
+) -> Option<Overrides> {
+    let annotations = svc.annotations();
+    let mode = match annotations
+        .get(ANNOTATION_MODE)
+        .map(|v| parse_mode(name, v))
+    {
+        Some(Ok(None)) => return None, // mode=off: leave it to kube-proxy
+        Some(Ok(Some(p))) => Some(p),
+        Some(Err(w)) => {
+            warnings.push(w);
+            None
+        }
+        None => None,
+    };
+    let algorithm = match annotations
+        .get(ANNOTATION_ALGORITHM)
+        .map(|v| parse_algorithm(name, v))
+    {
+        Some(Ok(a)) => Some(a),
+        Some(Err(w)) => {
+            warnings.push(w);
+            None
+        }
+        None => None,
+    };
+    Some(Overrides { mode, algorithm })
+}
+
+/// sessionAffinity ClientIP, with Kubernetes' default of 3 hours; 0 for
+/// none.
+fn affinity_timeout(spec: &KubeServiceSpec) -> u32 {
+    if spec.session_affinity.as_deref() == Some("ClientIP") {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .map_or(10_800, |t| u32::try_from(t.max(1)).unwrap_or(10_800))
+    } else {
+        0
+    }
+}
+
+/// The Service's TCP ports, each with its target port (0 when it is a
+/// name), protocol and algorithm. A port that is not TCP or out of range
+/// is ignored with a warning.
+fn service_ports(
+    name: &str,
+    spec: &KubeServiceSpec,
+    overrides: Overrides,
+    warnings: &mut Vec<String>,
+) -> Vec<PortSpec> {
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let pname = p.name.clone().unwrap_or_default();
+        let proto = p.protocol.as_deref().unwrap_or("TCP");
+        if proto != "TCP" {
+            warnings.push(format!(
+                "service {name}: port {} is {proto}; only TCP is balanced, ignored",
+                p.port
+            ));
+            continue;
+        }
+        let Ok(port) = u16::try_from(p.port) else {
+            warnings.push(format!(
+                "service {name}: ports[{i}].port {} is out of range; ignored",
+                p.port
+            ));
+            continue;
+        };
+        if port == 0 {
+            warnings.push(format!("service {name}: ports[{i}].port is 0; ignored"));
+            continue;
+        }
+        let target_port = match &p.target_port {
+            None => port,
+            Some(IntOrString::Int(n)) => match u16::try_from(*n) {
+                Ok(t) if t != 0 => t,
+                _ => {
                     warnings.push(format!(
-                        "endpointslice {slice_name}: endpoints[{j}] address {addr:?} is not an IP; skipped"
+                        "service {name}: ports[{i}].targetPort {n} is out of range; ignored"
                     ));
                     continue;
-                };
-                let ready = e.ready.unwrap_or(true);
-                let spec = EndpointSpec {
-                    address: ip,
-                    zone: e.zone.clone(),
-                    ready,
-                    serving: e.serving.unwrap_or(ready),
-                    terminating: e.terminating.unwrap_or(false),
-                    target_ports: target_ports.clone(),
-                };
-                let hints = e.for_zones.clone();
-                // The same address in two slices (a pod moving between
-                // them): keep the ready one.
-                match endpoints.get(&ip) {
-                    Some((old, _, _)) if old.ready || !ready => {}
-                    _ => {
-                        endpoints.insert(ip, (spec, e.node_name.clone(), hints));
-                    }
+                }
+            },
+            // Named: resolved per endpoint from the slices.
+            Some(IntOrString::String(_)) => 0,
+        };
+        let h2 = matches!(
+            p.app_protocol.as_deref(),
+            Some("kubernetes.io/h2c" | "grpc")
+        );
+        let protocol = overrides
+            .mode
+            .unwrap_or(if h2 { Protocol::Http2 } else { Protocol::Tcp });
+        ports.push(PortSpec {
+            name: (!pname.is_empty()).then_some(pname),
+            port,
+            target_port,
+            protocol,
+            algorithm: overrides
+                .algorithm
+                .unwrap_or_else(|| protocol.default_algorithm()),
+        });
+    }
+    ports
+}
+
+/// An endpoint with what topology and traffic policy need: its node and
+/// its zone hints.
+#[derive(Debug, Clone)]
+struct Candidate {
+    endpoint: EndpointSpec,
+    /// `nodeName`.
+    node: Option<String>,
+    /// `hints.forZones` names.
+    for_zones: Option<Vec<String>>,
+}
+
+/// Endpoints of every slice of this service, merged: one per address, in
+/// address order.
+fn merge_slices(ns: &str, slices: &[&Slice], warnings: &mut Vec<String>) -> Vec<Candidate> {
+    let mut endpoints: BTreeMap<IpAddr, Candidate> = BTreeMap::new();
+    for slice in slices {
+        let slice_name = format!("{ns}/{}", slice.name);
+        if slice.address_type == "FQDN" {
+            continue;
+        }
+        if let Some(n) = slice.oversized {
+            warnings.push(format!(
+                "endpointslice {slice_name}: {n} endpoints, more than {MAX_SLICE_ENDPOINTS}; skipped"
+            ));
+            continue;
+        }
+        let target_ports = Arc::new(slice_target_ports(&slice_name, slice, warnings));
+        for (j, e) in slice.endpoints.iter().enumerate() {
+            let Some(addr) = &e.address else {
+                continue;
+            };
+            let Ok(ip) = addr.parse::<IpAddr>() else {
+                warnings.push(format!(
+                    "endpointslice {slice_name}: endpoints[{j}] address {addr:?} is not an IP; skipped"
+                ));
+                continue;
+            };
+            let spec = endpoint_spec(ip, e, target_ports.clone());
+            // The same address in two slices (a pod moving between
+            // them): keep the ready one.
+            match endpoints.get(&ip) {
+                Some(old) if old.endpoint.ready || !spec.ready => {}
+                _ => {
+                    endpoints.insert(
+                        ip,
+                        Candidate {
+                            endpoint: spec,
+                            node: e.node_name.clone(),
+                            for_zones: e.for_zones.clone(),
+                        },
+                    );
                 }
             }
         }
-        let mut list: Vec<_> = endpoints.into_values().collect();
-
-        // internalTrafficPolicy: Local: only this node's endpoints; none
-        // means none (as kube-proxy drops the traffic).
-        if spec.internal_traffic_policy.as_deref() == Some("Local") {
-            list.retain(|(_, n, _)| n.is_some() && *n == node.name);
-        }
-        // Topology: PreferClose / hints, with kube-proxy's safeguards: use
-        // hints only when every ready endpoint has them and some are for
-        // this zone; otherwise use all endpoints.
-        let prefer_close = spec.traffic_distribution.as_deref() == Some("PreferClose");
-        let ready: Vec<_> = list.iter().filter(|(e, _, _)| e.ready).collect();
-        if let Some(zone) = &node.zone
-            && (prefer_close || ready.iter().any(|(_, _, h)| h.is_some()))
-            && !ready.is_empty()
-            && ready.iter().all(|(_, _, h)| h.is_some())
-        {
-            let local: Vec<_> = list
-                .iter()
-                .filter(|(_, _, h)| h.as_ref().is_some_and(|z: &Vec<String>| z.contains(zone)))
-                .cloned()
-                .collect();
-            if local.iter().any(|(e, _, _)| e.ready) {
-                list = local;
-            }
-        }
-        out.push(ServiceSpec {
-            affinity_timeout_s,
-            name,
-            addresses,
-            ports,
-            endpoints: list.into_iter().map(|(e, _, _)| e).collect(),
-        });
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    // Two Services claiming one VIP:port (a misconfiguration): the first by
-    // name keeps it.
+    endpoints.into_values().collect()
+}
+
+/// A slice's TCP ports by name ("" for an unnamed one): where its
+/// endpoints take each Service port.
+fn slice_target_ports(
+    slice_name: &str,
+    slice: &Slice,
+    warnings: &mut Vec<String>,
+) -> BTreeMap<String, u16> {
+    let mut target_ports = BTreeMap::new();
+    for sp in &slice.ports {
+        if sp.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+            continue;
+        }
+        match sp.port.map(u16::try_from) {
+            Some(Ok(n)) if n != 0 => {
+                target_ports.insert(sp.name.clone().unwrap_or_default(), n);
+            }
+            Some(_) => warnings.push(format!(
+                "endpointslice {slice_name}: port {:?} is out of range; ignored",
+                sp.name
+            )),
+            None => {}
+        }
+    }
+    target_ports
+}
+
+/// One endpoint of a slice, its unset conditions read as the
+/// EndpointSlice API says: ready, serving as ready, not terminating.
+fn endpoint_spec(
+    ip: IpAddr,
+    e: &SliceEndpoint,
+    target_ports: Arc<BTreeMap<String, u16>>,
+) -> EndpointSpec {
+    let ready = e.ready.unwrap_or(true);
+    EndpointSpec {
+        address: ip,
+        zone: e.zone.clone(),
+        ready,
+        serving: e.serving.unwrap_or(ready),
+        terminating: e.terminating.unwrap_or(false),
+        target_ports,
+    }
+}
+
+/// Which of a Service's endpoints this node sends its traffic to, by the
+/// rules of kube-proxy's `CategorizeEndpoints`: internalTrafficPolicy
+/// Local, then topology hints. Its ready / serving-terminating fallback
+/// is not applied here but where the frontends are built, per VIP family
+/// (`ServiceSpec::usable_endpoints` in state.rs), so the file source has
+/// it too; the conditions are kept on each endpoint for it. Unlike
+/// kube-proxy, which applies hints to Cluster-policy endpoints only, the
+/// hints also narrow a Local Service's endpoints here.
+fn categorize_endpoints(
+    candidates: Vec<Candidate>,
+    spec: &KubeServiceSpec,
+    node: &NodeInfo,
+) -> Vec<EndpointSpec> {
+    let mut list = candidates;
+    // internalTrafficPolicy: Local: only this node's endpoints; none
+    // means none (as kube-proxy drops the traffic).
+    if spec.internal_traffic_policy.as_deref() == Some("Local") {
+        list.retain(|c| c.node.is_some() && c.node == node.name);
+    }
+    let prefer_close = spec.traffic_distribution.as_deref() == Some("PreferClose");
+    prefer_zone(list, prefer_close, node)
+        .into_iter()
+        .map(|c| c.endpoint)
+        .collect()
+}
+
+/// Topology: PreferClose / hints, with kube-proxy's safeguards: use
+/// hints only when every ready endpoint has them and some are for
+/// this zone; otherwise use all endpoints.
+fn prefer_zone(list: Vec<Candidate>, prefer_close: bool, node: &NodeInfo) -> Vec<Candidate> {
+    let ready: Vec<_> = list.iter().filter(|c| c.endpoint.ready).collect();
+    if let Some(zone) = &node.zone
+        && (prefer_close || ready.iter().any(|c| c.for_zones.is_some()))
+        && !ready.is_empty()
+        && ready.iter().all(|c| c.for_zones.is_some())
+    {
+        let local: Vec<_> = list
+            .iter()
+            .filter(|c| {
+                c.for_zones
+                    .as_ref()
+                    .is_some_and(|z: &Vec<String>| z.contains(zone))
+            })
+            .cloned()
+            .collect();
+        if local.iter().any(|c| c.endpoint.ready) {
+            return local;
+        }
+    }
+    list
+}
+
+/// Two Services claiming one VIP:port (a misconfiguration): the first by
+/// name keeps it. `out` is sorted by name; a Service left without a port
+/// is dropped.
+fn dedupe_vip_ports(out: &mut Vec<ServiceSpec>, warnings: &mut Vec<String>) {
     let mut seen = BTreeSet::new();
-    for s in &mut out {
+    for s in out.iter_mut() {
         let name = s.name.clone();
         s.ports.retain(|p| {
             let fresh = s.addresses.iter().all(|a| !seen.contains(&(*a, p.port)));
@@ -421,7 +564,6 @@ pub fn convert(
         }
     }
     out.retain(|s| !s.ports.is_empty());
-    (DesiredState { services: out }, warnings)
 }
 
 #[cfg(test)]
