@@ -844,4 +844,108 @@ pub(super) mod tests {
         );
         assert_eq!(full_slice.service.as_deref(), Some("web"));
     }
+
+    #[test]
+    fn a_vip_port_claimed_twice_stays_with_the_first_service_by_name() {
+        let named = |name: &str, ports: serde_json::Value| {
+            base_svc(serde_json::json!({"metadata": {"name": name},
+                "spec": {"ports": ports}}))
+        };
+        let a = named("a", serde_json::json!([{"name": "http", "port": 80}]));
+        let b = named(
+            "b",
+            serde_json::json!([{"name": "http", "port": 80}, {"name": "alt", "port": 81}]),
+        );
+        let c = named("c", serde_json::json!([{"name": "http", "port": 80}]));
+        // Listed out of order: the name decides, not the order seen.
+        let (st, w) = convert(&[&c, &b, &a], &[], &NodeInfo::default());
+        let names: Vec<_> = st.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, vec!["default/a", "default/b"], "c has no port left");
+        let b_ports: Vec<_> = st.services[1].ports.iter().map(|p| p.port).collect();
+        assert_eq!(b_ports, vec![81]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("service default/b: port 80 duplicates"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].contains("service default/c: port 80 duplicates"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn an_address_in_two_slices_keeps_the_ready_one() {
+        let s = base_svc(serde_json::json!({}));
+        let old = web_slice(
+            "web-a",
+            8080,
+            serde_json::json!([{"addresses": ["10.0.0.1"], "conditions": {"ready": false}}]),
+        );
+        let new = web_slice(
+            "web-b",
+            9090,
+            serde_json::json!([{"addresses": ["10.0.0.1"], "conditions": {"ready": true}}]),
+        );
+        for slices in [[&old, &new], [&new, &old]] {
+            let (st, _) = convert(&[&s], &slices, &NodeInfo::default());
+            let b: Vec<String> = st.frontends()[0]
+                .backends
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(b, vec!["10.0.0.1:9090"], "the ready one's port");
+        }
+    }
+
+    #[test]
+    fn fqdn_and_oversized_slices_are_skipped() {
+        let s = base_svc(serde_json::json!({}));
+        let mut fqdn = web_slice(
+            "web-f",
+            8080,
+            serde_json::json!([{"addresses": ["web.example"]}]),
+        );
+        fqdn.address_type = "FQDN".into();
+        let many: Vec<_> = (0..=MAX_SLICE_ENDPOINTS)
+            .map(|i| serde_json::json!({"addresses": [format!("10.1.{}.{}", i / 250, i % 250)]}))
+            .collect();
+        let big = web_slice("web-big", 8080, serde_json::Value::Array(many));
+        let ok = web_slice(
+            "web-a",
+            8080,
+            serde_json::json!([{"addresses": ["10.0.0.1"]}]),
+        );
+        let (st, w) = convert(&[&s], &[&fqdn, &big, &ok], &NodeInfo::default());
+        assert_eq!(st.services[0].endpoints.len(), 1);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("endpointslice default/web-big: 1001 endpoints"));
+    }
+
+    /// kube-proxy applies hints to Cluster-policy endpoints only; here they
+    /// also narrow a Local Service's. This pins what the code does.
+    #[test]
+    fn hints_also_narrow_a_local_services_endpoints() {
+        let node = NodeInfo {
+            name: Some("n1".into()),
+            zone: Some("a".into()),
+        };
+        let local = base_svc(serde_json::json!({"spec": {"internalTrafficPolicy": "Local"}}));
+        let sl = web_slice(
+            "web-a",
+            8080,
+            serde_json::json!([
+                {"addresses": ["10.0.0.1"], "nodeName": "n1", "hints": {"forZones": [{"name": "a"}]}},
+                {"addresses": ["10.0.0.2"], "nodeName": "n1", "hints": {"forZones": [{"name": "b"}]}},
+                {"addresses": ["10.0.0.3"], "nodeName": "n2", "hints": {"forZones": [{"name": "a"}]}}
+            ]),
+        );
+        let (st, _) = convert(&[&local], &[&sl], &node);
+        let eps: Vec<String> = st.services[0]
+            .endpoints
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect();
+        assert_eq!(eps, vec!["10.0.0.1"]);
+    }
 }
