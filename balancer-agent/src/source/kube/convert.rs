@@ -493,9 +493,9 @@ fn endpoint_spec(
 /// Local, then topology hints. Its ready / serving-terminating fallback
 /// is not applied here but where the frontends are built, per VIP family
 /// (`ServiceSpec::usable_endpoints` in state.rs), so the file source has
-/// it too; the conditions are kept on each endpoint for it. Unlike
-/// kube-proxy, which applies hints to Cluster-policy endpoints only, the
-/// hints also narrow a Local Service's endpoints here.
+/// it too; the conditions are kept on each endpoint for it. As in
+/// kube-proxy, hints apply to Cluster-policy endpoints only: a Local
+/// Service's traffic already stays on this node.
 fn categorize_endpoints(
     candidates: Vec<Candidate>,
     spec: &KubeServiceSpec,
@@ -506,6 +506,7 @@ fn categorize_endpoints(
     // means none (as kube-proxy drops the traffic).
     if spec.internal_traffic_policy.as_deref() == Some("Local") {
         list.retain(|c| c.node.is_some() && c.node == node.name);
+        return list.into_iter().map(|c| c.endpoint).collect();
     }
     let prefer_close = spec.traffic_distribution.as_deref() == Some("PreferClose");
     prefer_zone(list, prefer_close, node)
@@ -922,10 +923,11 @@ pub(super) mod tests {
         assert!(w[0].contains("endpointslice default/web-big: 1001 endpoints"));
     }
 
-    /// kube-proxy applies hints to Cluster-policy endpoints only; here they
-    /// also narrow a Local Service's. This pins what the code does.
+    /// kube-proxy applies hints to Cluster-policy endpoints only
+    /// (CategorizeEndpoints): a Local Service keeps every endpoint on this
+    /// node, whatever zone its hints name.
     #[test]
-    fn hints_also_narrow_a_local_services_endpoints() {
+    fn hints_do_not_narrow_a_local_services_endpoints() {
         let node = NodeInfo {
             name: Some("n1".into()),
             zone: Some("a".into()),
@@ -946,6 +948,6 @@ pub(super) mod tests {
             .iter()
             .map(|e| e.address.to_string())
             .collect();
-        assert_eq!(eps, vec!["10.0.0.1"]);
+        assert_eq!(eps, vec!["10.0.0.1", "10.0.0.2"]);
     }
 }
