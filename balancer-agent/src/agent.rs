@@ -35,6 +35,10 @@ pub struct Agent {
     pub ender: Option<crate::gone::Ender>,
     /// What became of those sockets, per service, since start.
     pub ended: BTreeMap<String, crate::gone::Ended>,
+    /// The data path was adopted from an earlier agent: once the first
+    /// whole state is applied, end the sockets of endpoints removed while
+    /// no agent ran.
+    sweep_pending: bool,
 }
 
 fn now_ms() -> u64 {
@@ -58,6 +62,7 @@ impl Agent {
             reload: ReloadView::default(),
             ender: None,
             ended: BTreeMap::new(),
+            sweep_pending: false,
         }
     }
 
@@ -85,6 +90,9 @@ impl Agent {
                     self.end_connections_of(&gone);
                 }
                 self.state = state;
+                if std::mem::take(&mut self.sweep_pending) {
+                    self.end_orphans();
+                }
                 Ok(())
             }
             Err(e) => {
@@ -96,14 +104,40 @@ impl Agent {
         }
     }
 
+    /// Set when the data path was adopted: see `sweep_pending`.
+    pub fn sweep_after_first_state(&mut self) {
+        self.sweep_pending = true;
+    }
+
+    /// End the balanced sockets of endpoints their Service no longer
+    /// lists (removed while no agent ran).
+    fn end_orphans(&mut self) {
+        if self.ender.is_none() {
+            return;
+        }
+        let state = &self.state;
+        let sockets = self
+            .dataplane
+            .balanced_where(|s| crate::gone::orphaned(state, s));
+        self.end_sockets(sockets, "endpoints removed while no agent ran");
+    }
+
     /// End the balanced client sockets whose backend is one of `gone`
     /// (endpoints that just left their Services; the maps no longer
     /// choose them), and count what became of them per service.
     fn end_connections_of(&mut self, gone: &std::collections::HashSet<std::net::IpAddr>) {
+        if self.ender.is_none() {
+            return;
+        }
+        let sockets = self.dataplane.balanced_to(gone);
+        self.end_sockets(sockets, "removed endpoints");
+    }
+
+    /// End `sockets` and count what became of them per service.
+    fn end_sockets(&mut self, sockets: Vec<(u64, balancer_common::BalancedSock)>, whose: &str) {
         let Some(ender) = &self.ender else {
             return;
         };
-        let sockets = self.dataplane.balanced_to(gone);
         if sockets.is_empty() {
             return;
         }
@@ -122,10 +156,9 @@ impl Agent {
         crate::gone::tally(&sockets, &outcomes, service_of, &mut self.ended);
         let after: u64 = self.ended.values().map(|e| e.ended).sum();
         tracing::info!(
-            endpoints = gone.len(),
             sockets = sockets.len(),
             ended = after - before,
-            "ended the connections of removed endpoints"
+            "ended the connections of {whose}"
         );
     }
 

@@ -94,6 +94,9 @@ pub async fn run(args: crate::args::RunArgs) -> anyhow::Result<()> {
     agent.l4 = crate::eject::L4Accrual::new(accrual);
     if end_removed_connections {
         agent.ender = Some(crate::gone::Ender::new(netns_dir)?);
+        if agent.dataplane.adopted {
+            agent.sweep_after_first_state();
+        }
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let watch_task = match source {

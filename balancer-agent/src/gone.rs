@@ -332,6 +332,23 @@ fn parse_ack(m: &[u8]) -> Option<(u32, i32)> {
     Some((seq, code))
 }
 
+/// Whether balanced socket `s` goes to an endpoint its Service no longer
+/// lists: its VIP:port is a port of a Service in `state` and its backend's
+/// address is none of that Service's endpoints (whatever their
+/// conditions). What an agent that adopted the data path ends once it has
+/// the whole state: endpoints removed while no agent ran. A socket whose
+/// VIP is no Service's any more is kept, as when a Service is deleted.
+pub fn orphaned(state: &crate::state::DesiredState, s: &BalancedSock) -> bool {
+    let vip = balancer_common::addr::words_addr(s.vip.addr);
+    let port = u16::from_be(s.vip.port);
+    let backend = balancer_common::addr::words_addr(s.remote.addr);
+    state
+        .services
+        .iter()
+        .find(|svc| svc.addresses.contains(&vip) && svc.ports.iter().any(|p| p.port == port))
+        .is_some_and(|svc| !svc.endpoints.iter().any(|e| e.address == backend))
+}
+
 /// The addresses of endpoints that left their Services between `old` and
 /// `new`: in a Service before, in no Service now, whatever their
 /// conditions (an endpoint still listed as terminating, or not ready, is
@@ -408,6 +425,54 @@ mod tests {
         let gone = removed_endpoints(&old, &new);
         let want: HashSet<IpAddr> = ["10.0.0.4".parse().expect("ip")].into();
         assert_eq!(gone, want, "b's .4 left; .5's Service was deleted");
+    }
+
+    #[test]
+    fn a_socket_is_orphaned_when_its_service_stays_and_no_longer_lists_its_backend() {
+        use crate::state::{Algorithm, PortSpec, Protocol};
+        let v4 = |a: [u8; 4]| balancer_common::addr::v4_mapped(u32::from_ne_bytes(a));
+        let sock = |vip: [u8; 4], port: u16, backend: [u8; 4]| BalancedSock {
+            vip: balancer_common::SockKey {
+                addr: v4(vip),
+                port: port.to_be(),
+                _pad: [0; 2],
+            },
+            remote: balancer_common::SockKey {
+                addr: v4(backend),
+                port: 8080u16.to_be(),
+                _pad: [0; 2],
+            },
+            ..Default::default()
+        };
+        let mut web = svc("web", &[("10.0.0.1", false), ("10.0.0.2", true)]);
+        web.ports = vec![PortSpec {
+            name: None,
+            port: 80,
+            target_port: 8080,
+            protocol: Protocol::Tcp,
+            algorithm: Algorithm::LeastConn,
+        }];
+        let state = DesiredState {
+            services: vec![web],
+        };
+        let vip = [10, 96, 0, 1];
+        assert!(
+            orphaned(&state, &sock(vip, 80, [10, 0, 0, 9])),
+            "gone from web"
+        );
+        assert!(!orphaned(&state, &sock(vip, 80, [10, 0, 0, 1])), "listed");
+        assert!(
+            !orphaned(&state, &sock(vip, 80, [10, 0, 0, 2])),
+            "terminating is listed"
+        );
+        assert!(
+            !orphaned(&state, &sock(vip, 81, [10, 0, 0, 9])),
+            "not a port of web"
+        );
+        assert!(
+            !orphaned(&state, &sock([10, 96, 0, 2], 80, [10, 0, 0, 9])),
+            "its Service was deleted: kept"
+        );
     }
 
     #[test]

@@ -143,3 +143,60 @@ fn with_end_removed_connections_false_they_are_left_to_tcp() {
     let status = agent.status_json().expect("status");
     assert!(status["removed_connections"].is_null(), "{status}");
 }
+
+/// An endpoint removed while no agent runs (it was killed; the data path,
+/// pinned, went on balancing): the next agent adopts the pins and, once it
+/// has the whole state, ends the connections of endpoints their Service no
+/// longer lists. Those of a Service it still has and still lists are kept.
+#[test]
+fn connections_to_an_endpoint_removed_while_no_agent_ran_end_when_the_next_one_adopts() {
+    require_root();
+    let t = Topology::new("rmadopt", 4, &[8080]).expect("topology");
+    let addrs: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+    let all: Vec<(&str, bool)> = addrs.iter().map(|a| (a.as_str(), false)).collect();
+    let pins = balancer_tests::agent::PinDir::new(&t.prefix);
+    let args = ["--pin", "--bpffs", pins.path.as_str()];
+    let mut agent = Agent::start_with(
+        &t.prefix,
+        &t.cgroup.path,
+        &yaml(&all),
+        Some(&t.node.name),
+        &args,
+    )
+    .expect("agent");
+    let cg = Some(t.cgroup.path.as_path());
+    let pods = EchoClient::start(&t.client.name, cg, VIP, 8).expect("pod client");
+    std::thread::sleep(Duration::from_millis(300));
+    agent.kill_agent().expect("kill -9 the agent");
+    // While no agent runs: pod0's endpoint is removed from the file.
+    let rest: Vec<(&str, bool)> = all[1..].to_vec();
+    let tmp = agent.dir.join("endpoints.yaml.tmp");
+    std::fs::write(&tmp, yaml(&rest)).expect("write");
+    std::fs::rename(&tmp, &agent.endpoints_file).expect("rename");
+    std::thread::sleep(Duration::from_millis(500));
+    let restarted = now_ms();
+    agent.start_agent().expect("the next agent");
+    std::thread::sleep(Duration::from_millis(1500));
+    let report = pods.report().expect("report");
+    eprintln!("{report:?}");
+    for c in &report {
+        if c.pod == "pod0" {
+            let (err, at) = c.error.clone().unwrap_or_else(|| {
+                panic!("pod0's connection saw no error: {c:?}\n{}", agent.log())
+            });
+            assert_eq!(err, "ECONNABORTED", "{c:?}");
+            eprintln!(
+                "ended {} ms after the new agent was started",
+                at.saturating_sub(restarted)
+            );
+        } else {
+            assert_eq!(c.error, None, "{c:?}");
+        }
+    }
+    let status = agent.status_json().expect("status");
+    assert_eq!(status["adopted"], true, "{status}");
+    assert_eq!(
+        status["removed_connections"]["services"]["default/db"]["ended"], 2,
+        "{status}"
+    );
+}

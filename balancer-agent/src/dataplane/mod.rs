@@ -866,11 +866,17 @@ impl Dataplane {
         &self,
         gone: &std::collections::HashSet<IpAddr>,
     ) -> Vec<(u64, BalancedSock)> {
+        self.balanced_where(|s| gone.contains(&words_addr(s.remote.addr)))
+    }
+
+    /// The open balanced client sockets `keep` selects (one walk of
+    /// `BALANCED`).
+    pub fn balanced_where(&self, keep: impl Fn(&BalancedSock) -> bool) -> Vec<(u64, BalancedSock)> {
         self.maps
             .balanced
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, s)| gone.contains(&words_addr(s.remote.addr)))
+            .filter(|(_, s)| keep(s))
             .collect()
     }
 
