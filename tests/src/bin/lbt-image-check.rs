@@ -24,7 +24,7 @@ use anyhow::{Context, bail};
 use balancer_tests::{
     agent::{PinDir, agent_bin},
     cgroup::cgroup2_root,
-    peers::{H2_PORT, H2Hold, h2_client, hold_connections},
+    peers::{EchoClient, H2_PORT, H2Hold, h2_client, hold_connections},
     topology::Topology,
 };
 use k8s_openapi::api::{
@@ -224,10 +224,19 @@ impl Run<'_> {
         })
     }
 
-    fn start(&self, c: &Container, name: &str, seccomp: Option<&Path>) -> anyhow::Result<Podman> {
+    /// `podman run` arguments for container `c` as the DaemonSet runs it;
+    /// with `command`, that command line instead of the manifest's args,
+    /// run in the foreground and removed after.
+    fn run_args(
+        &self,
+        c: &Container,
+        name: &str,
+        seccomp: Option<&Path>,
+        command: Option<&[&str]>,
+    ) -> anyhow::Result<Vec<String>> {
         let mut a: Vec<String> = vec![
             "run".into(),
-            "-d".into(),
+            if command.is_some() { "--rm" } else { "-d" }.into(),
             format!("--name={name}"),
             // Within this host's hard limits (podman's defaults exceed them).
             format!(
@@ -250,14 +259,86 @@ impl Run<'_> {
         }
         a.extend(security(c, seccomp)?);
         a.push(self.image.into());
-        a.extend(args(c, self.cgroup_in, self.bpffs));
-        if c.name == "agent" {
-            a.push("--endpoints-file=/etc/balancer/endpoints.yaml".into());
+        match command {
+            Some(cmd) => a.extend(cmd.iter().map(|s| (*s).to_owned())),
+            None => {
+                a.extend(args(c, self.cgroup_in, self.bpffs));
+                if c.name == "agent" {
+                    a.push("--endpoints-file=/etc/balancer/endpoints.yaml".into());
+                }
+            }
         }
+        Ok(a)
+    }
+
+    fn start(&self, c: &Container, name: &str, seccomp: Option<&Path>) -> anyhow::Result<Podman> {
+        let a = self.run_args(c, name, seccomp, None)?;
         let refs: Vec<&str> = a.iter().map(String::as_str).collect();
         podman(&refs)?;
         Ok(Podman { name: name.into() })
     }
+
+    /// `balancer-agent check --preflight -o json` in container `c`'s
+    /// settings: its report and its exit code.
+    fn preflight(
+        &self,
+        c: &Container,
+        name: &str,
+        seccomp: Option<&Path>,
+    ) -> anyhow::Result<(serde_json::Value, Option<i32>)> {
+        let cgroup = format!("--cgroup={}", self.cgroup_in);
+        let bpffs = format!("--bpffs={}", self.bpffs);
+        let cmd = [
+            "check",
+            "--preflight",
+            "-o",
+            "json",
+            cgroup.as_str(),
+            bpffs.as_str(),
+            "--netns-dir=/var/run/netns",
+        ];
+        let a = self.run_args(c, name, seccomp, Some(&cmd))?;
+        let out = Command::new("podman").args(&a).output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "check --preflight in a container: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok((v, out.status.code()))
+    }
+}
+
+/// Container `c` as the DaemonSet has it, less CAP_SYS_ADMIN.
+fn without_sys_admin(c: &Container) -> Container {
+    let mut c = c.clone();
+    if let Some(caps) = c
+        .security_context
+        .as_mut()
+        .and_then(|sc| sc.capabilities.as_mut())
+    {
+        caps.add
+            .get_or_insert_default()
+            .retain(|c| c != "SYS_ADMIN" && c != "CAP_SYS_ADMIN");
+    }
+    c
+}
+
+/// The level and detail of item `name` of a `check` report.
+fn check_item(v: &serde_json::Value, name: &str) -> (String, String) {
+    v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["name"] == name)
+        .map(|i| {
+            (
+                i["level"].as_str().unwrap_or("").to_owned(),
+                i["detail"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .unwrap_or_default()
 }
 
 /// The hard limit of `r`.
@@ -348,7 +429,7 @@ fn main() -> anyhow::Result<()> {
     for p in &t.pods {
         yaml += &format!("      - address: {}\n", p.v4);
     }
-    std::fs::write(etc_dir.join("endpoints.yaml"), yaml)?;
+    std::fs::write(etc_dir.join("endpoints.yaml"), &yaml)?;
     let rel = t.cgroup.path.strip_prefix(cgroup2_root())?;
     let cgroup_in = format!("/host/sys/fs/cgroup/{}", rel.display());
     let run = Run {
@@ -363,9 +444,45 @@ fn main() -> anyhow::Result<()> {
     let admin = run_dir.join("admin.sock");
     let router_sock = run_dir.join("router.sock");
 
-    // 1. The runtime's default seccomp profile stops the agent.
-    println!("1. agent with the runtime's default seccomp profile");
-    let c = run.start(&agent_c, &format!("{}-default", t.prefix), None)?;
+    // 1. The runtime's default seccomp profile stops the agent. It lets
+    // bpf(2) through only with CAP_SYS_ADMIN, which the DaemonSet gives
+    // the agent (setns, to end a removed endpoint's connections in client
+    // namespaces; the shipped profile narrows it to that): so this is the
+    // agent as run without it.
+    println!("1. agent with the runtime's default seccomp profile, without SYS_ADMIN");
+    let plain = without_sys_admin(&agent_c);
+    let (report, code) = run.preflight(&plain, &format!("{}-check-default", t.prefix), None)?;
+    let (level, detail) = check_item(&report, "seccomp");
+    anyhow::ensure!(
+        code == Some(1) && level == "fail" && detail.contains("seccomp"),
+        "check --preflight under the default profile was expected to fail on seccomp: {report}"
+    );
+    println!("   check --preflight: fail seccomp: {detail}");
+    let (report, code) = run.preflight(
+        &agent_c,
+        &format!("{}-check-shipped", t.prefix),
+        Some(&seccomp),
+    )?;
+    for item in [
+        "seccomp",
+        "capabilities",
+        "capabilities (namespaces)",
+        "netns",
+        "bpffs",
+        "cgroup",
+    ] {
+        let (level, detail) = check_item(&report, item);
+        anyhow::ensure!(
+            level == "ok",
+            "check --preflight with the shipped profile: {item} is {level}: {detail}: {report}"
+        );
+    }
+    anyhow::ensure!(
+        code == Some(0),
+        "check --preflight exited {code:?}: {report}"
+    );
+    println!("   check --preflight with the DaemonSet's settings: every item ok");
+    let c = run.start(&plain, &format!("{}-default", t.prefix), None)?;
     let mut ok = false;
     for _ in 0..100 {
         if !c.running() {
@@ -389,16 +506,7 @@ fn main() -> anyhow::Result<()> {
     // 1b. The router without SYS_ADMIN (and so without setns) refuses to
     // start with --source-identity pod, and says what it lacks.
     println!("   router without SYS_ADMIN");
-    let mut weak = router_c.clone();
-    if let Some(caps) = weak
-        .security_context
-        .as_mut()
-        .and_then(|sc| sc.capabilities.as_mut())
-    {
-        caps.add
-            .get_or_insert_default()
-            .retain(|c| c != "SYS_ADMIN" && c != "CAP_SYS_ADMIN");
-    }
+    let weak = without_sys_admin(&router_c);
     let c = run.start(&weak, &format!("{}-nosysadmin", t.prefix), Some(&seccomp))?;
     let exited = c.exits_within(Duration::from_secs(10));
     let logs = c.logs();
@@ -447,22 +555,31 @@ fn main() -> anyhow::Result<()> {
         status["generation"]
     );
 
-    // The router's SYS_ADMIN is for setns into network namespaces alone:
-    // the profile refuses what else it would allow (remounting its
-    // read-only mounts writable, renaming the node, new namespaces).
-    // Tried with the image's own tools, if it has them (this check's
-    // Debian runtime base does; distroless does not).
-    for cmd in [
+    // Both containers' SYS_ADMIN is for setns into network namespaces
+    // alone (the router's for client identity, the agent's to end removed
+    // endpoints' connections): the profile refuses what else it would
+    // allow (remounting read-only mounts writable, renaming the node, new
+    // namespaces). Tried with the image's own tools, if it has them (this
+    // check's Debian runtime base does; distroless does not).
+    for (who, cmd) in [
         &["mount", "-o", "remount,rw", "/host/sys/fs/cgroup"][..],
         &["mount", "-t", "tmpfs", "none", "/tmp"],
         &["hostname", "lbt-renamed"],
         &["nsenter", "--uts=/proc/1/ns/uts", "true"],
         &["unshare", "--mount", "true"],
-    ] {
-        let mut a = vec!["exec", router.name.as_str()];
+    ]
+    .iter()
+    .flat_map(|cmd| [(&router, *cmd), (&agent, *cmd)])
+    {
+        let mut a = vec!["exec", who.name.as_str()];
         a.extend_from_slice(cmd);
+        let who = if std::ptr::eq(who, &router) {
+            "router"
+        } else {
+            "agent"
+        };
         match podman(&a) {
-            Ok(_) => bail!("the router container could run {cmd:?}"),
+            Ok(_) => bail!("the {who} container could run {cmd:?}"),
             Err(e) if e.to_string().contains("executable file") => {
                 println!("   (no {} in the image: not tried)", cmd[0]);
             }
@@ -473,7 +590,7 @@ fn main() -> anyhow::Result<()> {
                     .lines()
                     .find_map(|l| l.split_once(&format!("{}: ", cmd[0])).map(|(_, m)| m))
                     .unwrap_or(&e);
-                println!("   router: {} refused: {}", cmd.join(" "), said.trim());
+                println!("   {who}: {} refused: {}", cmd.join(" "), said.trim());
             }
         }
     }
@@ -638,6 +755,57 @@ fn main() -> anyhow::Result<()> {
         status["namespace_connections"]
     );
     drop(late);
+
+    // 4b. A removed endpoint's connections end, in the client's own
+    // namespace: the agent container enters it (SYS_ADMIN, setns only,
+    // through its HostToContainer mount) and asks sock_diag there
+    // (NET_ADMIN), under the shipped profile.
+    let echo = EchoClient::start(
+        &t.client.name,
+        Some(&t.cgroup.path),
+        &format!("{TCP_VIP}:80"),
+        8,
+    )?;
+    let before = cli(&admin, &["status"])?["last_reload"]["applied"]
+        .as_u64()
+        .unwrap_or(0);
+    let pod0 = format!("      - address: {}\n", t.pods[0].v4);
+    let tmp = etc_dir.join("endpoints.yaml.tmp");
+    std::fs::write(&tmp, yaml.replace(&pod0, ""))?;
+    std::fs::rename(&tmp, etc_dir.join("endpoints.yaml"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cli(&admin, &["status"])?["last_reload"]["applied"]
+        .as_u64()
+        .unwrap_or(0)
+        <= before
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the agent did not reload"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let report = echo.report()?;
+    let ended: Vec<_> = report.iter().filter(|c| c.error.is_some()).collect();
+    anyhow::ensure!(
+        ended.len() == 2
+            && ended
+                .iter()
+                .all(|c| c.pod == "pod0" && c.error.as_ref().is_some_and(|e| e.0 == "ECONNABORTED")),
+        "the removed pod's 2 connections, and only they, were to end with ECONNABORTED: {report:?}"
+    );
+    let status = cli(&admin, &["status"])?;
+    anyhow::ensure!(
+        status["removed_connections"]["services"]["default/tcp"]["ended"] == 2
+            && status["removed_connections"]["enters_namespaces"] == true,
+        "status: {}",
+        status["removed_connections"]
+    );
+    println!(
+        "4b. pod0 removed: its 2 connections (from namespace {}) ended with ECONNABORTED, the 6 others kept echoing",
+        t.client.name
+    );
 
     // 5. SIGTERM: both exit 0.
     let (r, a) = (router.stop()?, agent.stop()?);
