@@ -301,132 +301,155 @@ impl Core {
         }
     }
 
+    /// One frame from client `id`: a dispatch on its type, as `h2` does.
     fn client_frame(&mut self, id: ConnId, h: FrameHeader, p: Bytes) -> Result<(), Error> {
-        let now = self.now;
-        let c = self.clients.get_mut(&id).expect("client exists");
         match h.kind {
             frame::DATA => self.client_data(id, h, p),
-            frame::HEADERS | frame::CONTINUATION => match c.fragments.push(h, p)? {
-                Some(block) => self.client_block(id, block),
-                None => Ok(()),
-            },
-            frame::PRIORITY => {
-                if h.stream == 0 {
-                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
-                }
-                c.calm.control(1)?;
-                if h.length != 5 {
-                    return Err(Error::stream(
-                        h.stream,
-                        Reason::FRAME_SIZE_ERROR,
-                        "PRIORITY length",
-                    ));
-                }
-                if Priority::parse(&p).dependency == h.stream {
-                    return Err(Error::stream(
-                        h.stream,
-                        Reason::PROTOCOL_ERROR,
-                        "stream depends on itself",
-                    ));
-                }
-                Ok(())
-            }
-            frame::RST_STREAM => {
-                if h.stream == 0 || h.stream > c.last_stream || h.stream.is_multiple_of(2) {
-                    return Err(Error::conn(
-                        Reason::PROTOCOL_ERROR,
-                        "RST_STREAM on an idle stream",
-                    ));
-                }
-                let reason = frame::reason_at(&p, 0);
-                let Some(cs) = c.streams.remove(&h.stream) else {
-                    // Closed already: ignored (5.1), but not free.
-                    return c.calm.control(1);
-                };
-                c.recent.insert(
-                    h.stream,
-                    if cs.state.recv_closed() {
-                        Closed::Ended
-                    } else {
-                        Closed::ByPeer
-                    },
-                );
-                // A reset before any response is the shape of a rapid
-                // reset (CVE-2023-44487); one that we pass on to a pod
-                // spends that pod connection's reset budget, which all
-                // clients share: both count.
-                let costly = !cs.responded || matches!(cs.up, Up::Open(..));
-                let r = if costly { c.calm.reset() } else { Ok(()) };
-                self.drop_stream(id, h.stream, cs, reason);
-                self.after_stream_end(id);
-                r
-            }
+            frame::HEADERS | frame::CONTINUATION => self.client_headers(id, h, p),
+            frame::PRIORITY => self.client_priority(id, h, &p),
+            frame::RST_STREAM => self.client_rst_stream(id, h, &p),
             frame::SETTINGS => self.client_settings(id, h, &p),
             frame::PUSH_PROMISE => Err(Error::conn(
                 Reason::PROTOCOL_ERROR,
                 "PUSH_PROMISE from a client",
             )),
-            frame::PING => {
-                if h.stream != 0 {
-                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "PING on a stream"));
-                }
-                c.calm.control(1)?;
-                let payload: [u8; 8] = p[..8].try_into().expect("8 bytes");
-                if h.flags & frame::FLAG_ACK == 0 {
-                    frame::ping(&mut c.out, true, payload);
-                    self.wake(id);
-                    self.client_pinged(id);
-                } else if payload == super::DRAIN_PING && c.drain == Drain::Pinged {
-                    self.drain_final(id);
-                }
-                Ok(())
-            }
-            frame::GOAWAY => {
-                if h.stream != 0 {
-                    return Err(Error::conn(Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
-                }
-                // The client opens no more streams; the open ones finish.
-                c.calm.control(1)
-            }
-            frame::WINDOW_UPDATE => {
-                c.calm.control(1)?;
-                let inc = i64::from(frame::u31(&p));
-                if h.stream == 0 {
-                    c.send.connection_update(inc)?;
-                    self.unblock_down(id);
-                    return Ok(());
-                }
-                if h.stream > c.last_stream || h.stream.is_multiple_of(2) {
-                    return Err(Error::conn(
-                        Reason::PROTOCOL_ERROR,
-                        "WINDOW_UPDATE on an idle stream",
-                    ));
-                }
-                let Some(cs) = c.streams.get_mut(&h.stream) else {
-                    // A closed stream: ignored (5.1).
-                    return Ok(());
-                };
-                if inc == 0 {
-                    return Err(Error::stream(
-                        h.stream,
-                        Reason::PROTOCOL_ERROR,
-                        "WINDOW_UPDATE of 0",
-                    ));
-                }
-                cs.down_window.adjust(inc).map_err(|_| {
-                    Error::stream(
-                        h.stream,
-                        Reason::FLOW_CONTROL_ERROR,
-                        "stream window overflow",
-                    )
-                })?;
-                cs.last_active = now;
-                self.pump_down(id, h.stream);
-                Ok(())
-            }
+            frame::PING => self.client_ping(id, h, &p),
+            frame::GOAWAY => self.client_goaway(id, h),
+            frame::WINDOW_UPDATE => self.client_window_update(id, h, &p),
             // Unknown frame types are ignored (RFC 9113 4.1), but not free.
-            _ => c.calm.control(1),
+            _ => self.client(id).calm.control(1),
         }
+    }
+
+    fn client(&mut self, id: ConnId) -> &mut Client {
+        self.clients.get_mut(&id).expect("client exists")
+    }
+
+    /// HEADERS or CONTINUATION: a piece of a header block; the block, once
+    /// whole, goes to `client_block`.
+    fn client_headers(&mut self, id: ConnId, h: FrameHeader, p: Bytes) -> Result<(), Error> {
+        match self.client(id).fragments.push(h, p)? {
+            Some(block) => self.client_block(id, block),
+            None => Ok(()),
+        }
+    }
+
+    fn client_priority(&mut self, id: ConnId, h: FrameHeader, p: &[u8]) -> Result<(), Error> {
+        if h.stream == 0 {
+            return Err(Error::conn(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
+        }
+        self.client(id).calm.control(1)?;
+        if h.length != 5 {
+            return Err(Error::stream(
+                h.stream,
+                Reason::FRAME_SIZE_ERROR,
+                "PRIORITY length",
+            ));
+        }
+        if Priority::parse(p).dependency == h.stream {
+            return Err(Error::stream(
+                h.stream,
+                Reason::PROTOCOL_ERROR,
+                "stream depends on itself",
+            ));
+        }
+        Ok(())
+    }
+
+    fn client_rst_stream(&mut self, id: ConnId, h: FrameHeader, p: &[u8]) -> Result<(), Error> {
+        let c = self.client(id);
+        if h.stream == 0 || h.stream > c.last_stream || h.stream.is_multiple_of(2) {
+            return Err(Error::conn(
+                Reason::PROTOCOL_ERROR,
+                "RST_STREAM on an idle stream",
+            ));
+        }
+        let reason = frame::reason_at(p, 0);
+        let Some(cs) = c.streams.remove(&h.stream) else {
+            // Closed already: ignored (5.1), but not free.
+            return c.calm.control(1);
+        };
+        c.recent.insert(
+            h.stream,
+            if cs.state.recv_closed() {
+                Closed::Ended
+            } else {
+                Closed::ByPeer
+            },
+        );
+        // A reset before any response is the shape of a rapid
+        // reset (CVE-2023-44487); one that we pass on to a pod
+        // spends that pod connection's reset budget, which all
+        // clients share: both count.
+        let costly = !cs.responded || matches!(cs.up, Up::Open(..));
+        let r = if costly { c.calm.reset() } else { Ok(()) };
+        self.drop_stream(id, h.stream, cs, reason);
+        self.after_stream_end(id);
+        r
+    }
+
+    fn client_ping(&mut self, id: ConnId, h: FrameHeader, p: &[u8]) -> Result<(), Error> {
+        if h.stream != 0 {
+            return Err(Error::conn(Reason::PROTOCOL_ERROR, "PING on a stream"));
+        }
+        let c = self.client(id);
+        c.calm.control(1)?;
+        let payload: [u8; 8] = p[..8].try_into().expect("8 bytes");
+        if h.flags & frame::FLAG_ACK == 0 {
+            frame::ping(&mut c.out, true, payload);
+            self.wake(id);
+            self.client_pinged(id);
+        } else if payload == super::DRAIN_PING && c.drain == Drain::Pinged {
+            self.drain_final(id);
+        }
+        Ok(())
+    }
+
+    fn client_goaway(&mut self, id: ConnId, h: FrameHeader) -> Result<(), Error> {
+        if h.stream != 0 {
+            return Err(Error::conn(Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
+        }
+        // The client opens no more streams; the open ones finish.
+        self.client(id).calm.control(1)
+    }
+
+    fn client_window_update(&mut self, id: ConnId, h: FrameHeader, p: &[u8]) -> Result<(), Error> {
+        let now = self.now;
+        let c = self.client(id);
+        c.calm.control(1)?;
+        let inc = i64::from(frame::u31(p));
+        if h.stream == 0 {
+            c.send.connection_update(inc)?;
+            self.unblock_down(id);
+            return Ok(());
+        }
+        if h.stream > c.last_stream || h.stream.is_multiple_of(2) {
+            return Err(Error::conn(
+                Reason::PROTOCOL_ERROR,
+                "WINDOW_UPDATE on an idle stream",
+            ));
+        }
+        let Some(cs) = c.streams.get_mut(&h.stream) else {
+            // A closed stream: ignored (5.1).
+            return Ok(());
+        };
+        if inc == 0 {
+            return Err(Error::stream(
+                h.stream,
+                Reason::PROTOCOL_ERROR,
+                "WINDOW_UPDATE of 0",
+            ));
+        }
+        cs.down_window.adjust(inc).map_err(|_| {
+            Error::stream(
+                h.stream,
+                Reason::FLOW_CONTROL_ERROR,
+                "stream window overflow",
+            )
+        })?;
+        cs.last_active = now;
+        self.pump_down(id, h.stream);
+        Ok(())
     }
 
     fn client_settings(&mut self, id: ConnId, h: FrameHeader, p: &[u8]) -> Result<(), Error> {
