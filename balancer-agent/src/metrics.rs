@@ -104,6 +104,11 @@ struct AlgorithmLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FloodLabels {
     kind: &'static str,
 }
@@ -371,11 +376,19 @@ pub fn render_router(status: &RouterStatusView) -> String {
         "Endpoints the router's failure accrual has ejected now.",
         count(status.ejected),
     );
-    counter(
-        &mut reg,
+    let ejections = Family::<ReasonLabels, Counter>::default();
+    for why in accrual::Failure::ALL {
+        ejections
+            .get_or_create(&ReasonLabels {
+                reason: why.as_str(),
+            })
+            .inc_by(why.ejections());
+    }
+    reg.register(
         "balancer_router_ejections",
-        "Ejections by failure accrual (consecutive failed streams, and failed probes).",
-        accrual::EJECTIONS.load(std::sync::atomic::Ordering::Relaxed),
+        "Ejections by failure accrual (consecutive failed streams, and failed probes), by the \
+         failure that caused them: connect, reset, 5xx, grpc, connection-lost.",
+        ejections,
     );
     gauge(
         &mut reg,

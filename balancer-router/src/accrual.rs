@@ -77,6 +77,20 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Every kind, in value order.
+    pub const ALL: [Self; 5] = [
+        Self::Connect,
+        Self::Reset,
+        Self::Status5xx,
+        Self::Grpc,
+        Self::ConnectionLost,
+    ];
+
+    /// Ejections it caused since start.
+    pub fn ejections(self) -> u64 {
+        EJECTIONS[self as usize].load(Ordering::Relaxed)
+    }
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Connect => "connect",
@@ -151,8 +165,9 @@ pub struct Accrual {
     pub ejections: AtomicU64,
 }
 
-/// Ejections since start.
-pub static EJECTIONS: AtomicU64 = AtomicU64::new(0);
+/// Ejections since start, by the [`Failure`] that caused them (indexed by
+/// its value; 0 is unused).
+pub static EJECTIONS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
 
 impl Accrual {
     /// Not ejected (nor probing): the check a pick makes first, without
@@ -221,7 +236,7 @@ impl Accrual {
         self.until_ms
             .store(now_ms(now) + backoff, Ordering::Release);
         self.ejections.fetch_add(1, Ordering::Relaxed);
-        EJECTIONS.fetch_add(1, Ordering::Relaxed);
+        EJECTIONS[why as usize].fetch_add(1, Ordering::Relaxed);
         true
     }
 
