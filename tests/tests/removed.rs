@@ -41,15 +41,28 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Batches of short connections a loader made: when each started and
+/// ended (unix ms), and what it got.
+type Batches = Vec<(u64, u64, balancer_tests::peers::ClientResult)>;
+
 /// Pods 0..4 of the service, pod0's node dies (interface down), and a
 /// second later its endpoint is removed while pod1 turns terminating.
-/// Returns the topology and the agent (in the order they must drop), the
-/// echo reports of the pod client and the hostNetwork one, and the time of
-/// the removal.
+/// With `load`, a third client namespace makes short connections in
+/// batches of 10 the whole time. Returns the topology and the agent (in the
+/// order they must drop), the echo reports of the pod client and the
+/// hostNetwork one, the time of the removal, and the loader's batches.
 fn pod0_dies(
     tag: &str,
     extra: &[&str],
-) -> (Topology, Agent, Vec<EchoReport>, Vec<EchoReport>, u64) {
+    load: bool,
+) -> (
+    Topology,
+    Agent,
+    Vec<EchoReport>,
+    Vec<EchoReport>,
+    u64,
+    Batches,
+) {
     require_root();
     let t = Topology::new(tag, 4, &[8080]).expect("topology");
     let addrs: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
@@ -73,6 +86,24 @@ fn pod0_dies(
     };
     assert_eq!(per_pod(&pods), [2, 2, 2, 2], "{:?}", pods.result);
     assert_eq!(per_pod(&host), [1, 1, 1, 1], "{:?}", host.result);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loader = load.then(|| {
+        let ns = t
+            .extra_client("load", "198.18.201.1", "fd00:18::c9:1")
+            .expect("load namespace");
+        let cg = t.cgroup.path.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut batches = Batches::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = now_ms();
+                let r = balancer_tests::peers::short_connections(&ns.name, Some(&cg), VIP, 10)
+                    .expect("load client");
+                batches.push((started, now_ms(), r));
+            }
+            batches
+        })
+    });
     std::thread::sleep(Duration::from_millis(500));
     sh(
         "ip",
@@ -92,12 +123,16 @@ fn pod0_dies(
     let pods = pods.report().expect("pod client report");
     let host = host.report().expect("hostNetwork client report");
     eprintln!("pod client: {pods:?}\nhostNetwork client: {host:?}");
-    (t, agent, pods, host, removed_at)
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let batches = loader
+        .map(|l| l.join().expect("loader"))
+        .unwrap_or_default();
+    (t, agent, pods, host, removed_at, batches)
 }
 
 #[test]
 fn connections_to_a_removed_endpoint_end_within_2s_and_no_other_is_touched() {
-    let (_t, agent, pods, host, removed_at) = pod0_dies("rmend", &[]);
+    let (_t, agent, pods, host, removed_at, _) = pod0_dies("rmend", &[], false);
     for c in pods.iter().chain(&host) {
         if c.pod == "pod0" {
             let (err, at) = c.error.clone().unwrap_or_else(|| {
@@ -134,7 +169,8 @@ fn connections_to_a_removed_endpoint_end_within_2s_and_no_other_is_touched() {
 
 #[test]
 fn with_end_removed_connections_false_they_are_left_to_tcp() {
-    let (_t, agent, pods, host, _) = pod0_dies("rmkeep", &["--end-removed-connections", "false"]);
+    let (_t, agent, pods, host, _, _) =
+        pod0_dies("rmkeep", &["--end-removed-connections", "false"], false);
     for c in pods.iter().chain(&host) {
         assert_eq!(c.error, None, "{c:?}");
     }
@@ -199,4 +235,41 @@ fn connections_to_an_endpoint_removed_while_no_agent_ran_end_when_the_next_one_a
         status["removed_connections"]["services"]["default/db"]["ended"], 2,
         "{status}"
     );
+}
+
+/// The same under load: a third client makes short connections the whole
+/// time. The echo connections fare as without load; every connection made
+/// after the removal succeeds and none goes to pod0 (before it, while
+/// pod0 is dead but listed, a connect to it waits for its SYN until the
+/// client gives up, as at L4, and the kernel then passes it over).
+#[test]
+fn under_load_a_removed_endpoints_connections_end_and_new_ones_all_succeed_elsewhere() {
+    let (_t, agent, pods, host, removed_at, batches) = pod0_dies("rmload", &[], true);
+    for c in pods.iter().chain(&host) {
+        if c.pod == "pod0" {
+            let (err, at) = c.error.clone().expect("pod0's connection ended");
+            assert_eq!(err, "ECONNABORTED", "{c:?}");
+            assert!(at.saturating_sub(removed_at) <= 2000, "{c:?}");
+        } else {
+            assert_eq!(c.error, None, "{c:?}\n{}", agent.log());
+        }
+    }
+    let after: Vec<_> = batches
+        .iter()
+        .filter(|(started, _, _)| *started >= removed_at + 100)
+        .collect();
+    let made: u64 = after
+        .iter()
+        .map(|(_, _, r)| r.pods.values().sum::<u64>())
+        .sum();
+    eprintln!(
+        "{} batches of 10 in all, {} after the removal: {made} connections, none failed",
+        batches.len(),
+        after.len()
+    );
+    assert!(made >= 50, "the load ran on: {batches:?}");
+    for (_, _, r) in &after {
+        assert!(r.errors.is_empty(), "{r:?}");
+        assert_eq!(r.count("pod0"), 0, "{r:?}");
+    }
 }
