@@ -5,11 +5,12 @@
 //! one can crash, OOM or restart without touching a client.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
+use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -115,18 +116,11 @@ pub async fn run(args: crate::args::RunArgs) -> anyhow::Result<()> {
     let affinity = Arc::new(agent.dataplane.affinity_reader()?);
     let agent = Arc::new(Mutex::new(agent));
     let owned_router = match (&spawn_router, &pinned) {
-        (Some(spawn), Some(_)) => Some(
-            ensure_router(
-                spawn,
-                &router_socket,
-                &admin_socket,
-                &cgroup,
-                pin_root
-                    .as_deref()
-                    .unwrap_or(Path::new("/sys/fs/bpf/balancer")),
-            )
-            .await?,
-        ),
+        (Some(spawn), Some(_)) => {
+            // Pinned, so there is a root: the router reads the pins there.
+            let bpffs = pin_root.as_deref().context("--pin without --bpffs")?;
+            Some(ensure_router(spawn, &router_socket, &admin_socket, &cgroup, bpffs).await?)
+        }
         _ => None,
     };
 

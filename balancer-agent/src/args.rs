@@ -134,7 +134,9 @@ pub struct RunArgs {
     /// KUBECONFIG, ~/.kube/config, or the in-cluster service account).
     #[arg(long)]
     pub endpoints_file: Option<PathBuf>,
-    /// This node's name, for topology hints and internalTrafficPolicy.
+    /// This node's name, for topology hints and internalTrafficPolicy
+    /// (the Kubernetes source; unused with --endpoints-file, whose
+    /// endpoints name no node).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
     /// cgroup v2 directory to attach to (default: the cgroup v2 root).

@@ -1,7 +1,9 @@
 //! balancer-agent: the node agent (`run`, the control plane), the HTTP/2
 //! router (`router`, its own process) and the CLI (`status`, `services`,
-//! `endpoints`, `top`, `cleanup`).
-// No unsafe code but in `dataplane::query` (BPF_PROG_QUERY), which says why.
+//! `endpoints`, `top`, `check`, `cleanup`).
+// No unsafe code but where a module says why with `#![expect(unsafe_code)]`:
+// `dataplane::query` (BPF_PROG_QUERY), `fdpass` (SCM_RIGHTS),
+// `router::netns` (SO_NETNS_COOKIE) and `check` (the bpf(2) probe).
 #![deny(unsafe_code)]
 
 mod admin;

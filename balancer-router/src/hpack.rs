@@ -1,5 +1,6 @@
-//! HPACK, only as far as a router that forwards header blocks must go
-//! (DESIGN.md 3), and the checks that make a header block safe to forward.
+//! HPACK, only as far as a router that forwards header blocks unchanged
+//! must go (it routes by stream id, so blocks pass as they are once no
+//! dynamic table can be in play), and the checks that make a header block safe to forward.
 //!
 //! The router advertises SETTINGS_HEADER_TABLE_SIZE = 0 to every peer. Once
 //! a peer has applied it, every header block it sends is self-contained: it

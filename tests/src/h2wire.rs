@@ -412,7 +412,9 @@ pub struct Case {
     pub name: &'static str,
     pub group: Group,
     /// Send our SETTINGS ACK before the case: the router then forwards
-    /// header blocks as they are (DESIGN.md 3), the path to be proven safe.
+    /// header blocks as they are (once a client acknowledged our header
+    /// table size of 0, its blocks can refer to no dynamic table entry),
+    /// the path to be proven safe.
     /// Without it the router still decodes our blocks.
     pub ack: bool,
     /// The bytes to send after the handshake, in chunks (a flood stops

@@ -1,7 +1,7 @@
 //! The local cluster of one test: a node namespace with a bridge, pods and
 //! clients on it.
 //!
-//! Layout (DESIGN.md 5): a node namespace holding a bridge; pods and clients
+//! Layout (no test traffic ever leaves the machine): a node namespace holding a bridge; pods and clients
 //! on veth pairs into it. Pods live in 198.18.0.0/16 and fd00:18::/64, VIPs
 //! in 198.19.0.0/16 and fd00:19::/64. No namespace has a default route, so an
 //! unrewritten connect to a VIP fails with ENETUNREACH and never leaves.

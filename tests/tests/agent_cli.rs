@@ -360,3 +360,68 @@ fn metrics_and_health_endpoints_report_live_counts() {
     assert!(body.contains("balancer_sync_errors_total 1"), "{body}");
     assert!(body.contains("balancer_sync_last_ok 0"), "{body}");
 }
+
+/// The router's `/readyz` means something: ready while it serves its
+/// newest table and its listener accepts; on SIGTERM it drains (its
+/// listener shut, a new router takes new connections) and says so at
+/// once, while `/healthz` stays 200 until it exits.
+#[test]
+fn the_routers_readiness_is_serving_then_draining() {
+    let t = Topology::new("rtready", 2, &[8080]).expect("topology");
+    let eps: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+    // The router's metrics on the node's address, in the node namespace.
+    let metrics = "198.18.0.1:19465";
+    let agent = Agent::start_with(
+        &t.prefix,
+        &t.cgroup.path,
+        &endpoints_yaml(SVC, &[VIP], 80, 8080, "least-conn", &eps),
+        Some(&t.node.name),
+        &[
+            "--proxy-addr",
+            balancer_tests::topology::ROUTER_ADDR,
+            "--router-metrics-addr",
+            metrics,
+            "--drain-timeout",
+            "5s",
+        ],
+    )
+    .expect("agent");
+    let get = |path: &str| -> (String, String) {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &t.node.name,
+                "curl",
+                "-s",
+                "-w",
+                "\n%{http_code}",
+            ])
+            .arg(format!("http://{metrics}{path}"))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_owned(), body.to_owned())
+    };
+    assert_eq!(get("/readyz"), ("200".into(), "ready\n".into()));
+    assert_eq!(get("/healthz").0, "200");
+    let pid = agent.router_pid().expect("router pid");
+    let term = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let mut seen = (String::new(), String::new());
+    Topology::wait_for(
+        "the router to say it drains",
+        Duration::from_secs(2),
+        || {
+            seen = get("/readyz");
+            Ok(seen.0 == "503")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {seen:?}"));
+    assert!(seen.1.contains("draining"), "{seen:?}");
+    assert_eq!(get("/healthz").0, "200", "alive while it drains");
+}

@@ -6,7 +6,8 @@
 //! client's pod connections from it (`lbt-image-check`). `cargo xtask
 //! seccomp` writes the seccomp profile.
 //!
-//! How (DESIGN.md 8): a Debian bookworm base from `debootstrap --variant=
+//! How (no Docker engine here; Debian's buildah and podman with runc build
+//! and run images): a Debian bookworm base from `debootstrap --variant=
 //! minbase`, imported with podman; `buildah bud` with Debian's toolchain
 //! (rustup cannot reach its servers here) and the host's CA bundle for
 //! cargo; runc with the cgroupfs manager; explicit ulimits.

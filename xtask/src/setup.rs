@@ -12,7 +12,7 @@ use crate::util::{self, is_root, ok, output};
 /// and the demo drive (grpc-go pods are built from Debian's Go and grpc-go
 /// packages, in GOPATH mode: nothing is downloaded), perf (the HTTP/2 benchmark counts syscalls and
 /// context switches with it), and what builds and runs the image without a
-/// Docker engine (DESIGN.md 8).
+/// Docker engine (buildah, podman, runc, debootstrap).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iptables",
@@ -34,8 +34,8 @@ const PACKAGES: &[&str] = &[
     "golang-google-grpc-dev",
 ];
 
-/// The nightly that DESIGN.md 4 pins: its LLVM (22) is the one bpf-linker
-/// links against.
+/// The pinned nightly: its LLVM (22) is the one bpf-linker links against
+/// (a newer nightly's LLVM would not match the linker's).
 const PINNED_NIGHTLY: &str = "nightly-2026-05-20";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";

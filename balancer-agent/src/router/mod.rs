@@ -545,7 +545,7 @@ impl Router {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
                 // Draining: stop accepting at once. With SO_REUSEPORT the
-                // next agent's listener takes the new connections (and, with
+                // next router's listener takes the new connections (and, with
                 // net.ipv4.tcp_migrate_req=1, those queued on this one).
                 _ = shutdown.changed() => {
                     tracing::info!("router: stopped accepting, draining");

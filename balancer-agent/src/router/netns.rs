@@ -7,7 +7,9 @@
 //! NetworkPolicy, source checks and access logs apply), and the answer
 //! comes back to that socket with no help. Istio ambient's ztunnel does
 //! the same in its "in-pod" mode. A socket keeps the namespace it was made
-//! in (DESIGN.md 9), so a worker thread enters the namespace with
+//! in for its whole life, whatever namespace the thread using it is in
+//! (checked on this kernel: SO_NETNS_COOKIE of such a socket stays its
+//! namespace's), so a worker thread enters the namespace with
 //! `setns(CLONE_NEWNET)`, makes the socket, and goes back at once; the
 //! socket is then used from the router's own namespace like any other.
 //!

@@ -112,6 +112,32 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .is_some_and(|t| t.elapsed() < STUCK)
     }
+
+    /// Ready: its event loop checks in, its listener still accepts (not
+    /// draining: SIGTERM shuts it, and a new router takes the new
+    /// connections), and the newest table was read (not only an older
+    /// one kept serving).
+    fn ready(&self) -> Result<(), String> {
+        if !self.alive() {
+            return Err("the router's event loop is not checking in".into());
+        }
+        if !nix::sys::socket::getsockopt(&self.listener, nix::sys::socket::sockopt::AcceptConn)
+            .unwrap_or(false)
+        {
+            return Err("draining: its listener accepts no more connections".into());
+        }
+        if let Some(e) = self
+            .table_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Err(format!(
+                "serving an older table: the newest could not be read: {e}"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The maps besides the table, opened from the pins.
@@ -323,9 +349,10 @@ fn metrics_handler(shared: Arc<Shared>) -> metrics::Handler {
                 // restarted; its clients fall back to L4 meanwhile).
                 "/healthz" if shared.alive() => metrics::ok("ok\n".into()),
                 "/healthz" => metrics::unavailable("the router's event loop is not checking in"),
-                // Ready: serving a table and steered to by the kernel.
-                "/readyz" if shared.alive() => metrics::ok("ready\n".into()),
-                "/readyz" => metrics::unavailable("no table yet, or not checking in"),
+                "/readyz" => match shared.ready() {
+                    Ok(()) => metrics::ok("ready\n".into()),
+                    Err(why) => metrics::unavailable(&why),
+                },
                 _ => metrics::not_found(),
             }
         })
