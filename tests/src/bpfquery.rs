@@ -1,62 +1,31 @@
 //! What is attached to a cgroup, asked of the kernel with BPF_PROG_QUERY
-//! (the same question `bpftool cgroup show` asks).
-//!
-//! The agent asks the same in `dataplane/query.rs`, for `status`. This one
-//! is the tests' own on purpose: it is the oracle that checks what the
-//! agent says it attached and detached, so it shares no code with it (a
-//! bug in a shared query would pass both).
+//! (the same question `bpftool cgroup show` asks), through the agent's own
+//! query module (`balancer-agent/src/dataplane/query.rs`, compiled in here
+//! whole): one implementation of the call, a thin wrapper whose answer the
+//! tests check against behaviour (connects balanced or not) besides.
 
-use std::{os::fd::AsRawFd, path::Path};
+use std::{os::fd::AsFd, path::Path};
+
+#[path = "../../balancer-agent/src/dataplane/query.rs"]
+#[expect(
+    dead_code,
+    reason = "the agent's module whole: the tests use `attached` and the cgroup attach types"
+)]
+mod query;
 
 /// The attach points the agent uses, with their `bpf_attach_type` numbers.
 pub const ATTACH_POINTS: [(&str, u32); 5] = [
-    ("sock_ops", 3),
-    ("connect4", 10),
-    ("connect6", 11),
-    ("getpeername4", 29),
-    ("getpeername6", 30),
+    ("sock_ops", query::CGROUP_SOCK_OPS),
+    ("connect4", query::CGROUP_INET4_CONNECT),
+    ("connect6", query::CGROUP_INET6_CONNECT),
+    ("getpeername4", query::CGROUP_INET4_GETPEERNAME),
+    ("getpeername6", query::CGROUP_INET6_GETPEERNAME),
 ];
-
-#[repr(C)]
-#[derive(Default)]
-struct QueryAttr {
-    target_fd: u32,
-    attach_type: u32,
-    query_flags: u32,
-    attach_flags: u32,
-    prog_ids: u64,
-    prog_cnt: u32,
-    _pad: u32,
-    prog_attach_flags: u64,
-    link_ids: u64,
-    link_attach_flags: u64,
-    revision: u64,
-}
 
 /// Number of programs attached to `cgroup` at `attach_type`.
 pub fn attached_count(cgroup: &Path, attach_type: u32) -> std::io::Result<u32> {
-    const BPF_PROG_QUERY: libc::c_long = 16;
     let dir = std::fs::File::open(cgroup)?;
-    let mut attr = QueryAttr {
-        target_fd: dir.as_raw_fd() as u32,
-        attach_type,
-        ..Default::default()
-    };
-    // SAFETY: `attr` is a valid, zero-initialised bpf_attr prefix for
-    // BPF_PROG_QUERY of the size passed; with prog_ids == 0 the kernel only
-    // writes prog_cnt (and attach_flags/revision) into it.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &mut attr as *mut QueryAttr,
-            std::mem::size_of::<QueryAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(attr.prog_cnt)
+    query::attached(dir.as_fd(), attach_type).map(|ids| ids.len() as u32)
 }
 
 /// (attach point, count) for every attach point the agent uses.

@@ -15,6 +15,22 @@ fn probes(out: &[F]) -> usize {
         .count()
 }
 
+/// Stream 1 of `out` ends with trailers carrying grpc-status 14
+/// (UNAVAILABLE), as a lost pod connection ends a gRPC stream.
+fn ends_unavailable(out: &[F]) {
+    let trailers = out
+        .iter()
+        .find(|f| f.kind == frame::HEADERS && f.stream == 1)
+        .unwrap_or_else(|| panic!("the stream ends: {out:?}"));
+    let list = loona_hpack::Decoder::new()
+        .decode(&trailers.payload)
+        .expect("decodes");
+    assert!(
+        list.contains(&(b"grpc-status".to_vec(), b"14".to_vec())),
+        "{list:?}"
+    );
+}
+
 /// A client with a gRPC stream open on the pod's connection, at `t0`.
 fn streaming(h: &mut H, t0: Instant) -> (ConnId, ConnId) {
     h.core.tick(t0);
@@ -100,18 +116,7 @@ fn a_pod_connection_that_does_not_answer_its_probe_is_lost_and_grpc_streams_end_
         None,
         "the pod connection is forgotten"
     );
-    let out = h.out(c);
-    let trailers = out
-        .iter()
-        .find(|f| f.kind == frame::HEADERS && f.stream == 1)
-        .unwrap_or_else(|| panic!("the stream ends: {out:?}"));
-    let list = loona_hpack::Decoder::new()
-        .decode(&trailers.payload)
-        .expect("decodes");
-    assert!(
-        list.contains(&(b"grpc-status".to_vec(), b"14".to_vec())),
-        "{list:?}"
-    );
+    ends_unavailable(&h.out(c));
 }
 
 #[test]
@@ -179,16 +184,5 @@ fn a_silent_pod_connection_is_probed_even_when_no_client_pings_and_lost_if_it_ne
     h.core
         .tick(quiet + SILENT_PROBE_INTERVAL + Limits::default().probe_timeout);
     h.pump_io();
-    let out = h.out(c);
-    let trailers = out
-        .iter()
-        .find(|f| f.kind == frame::HEADERS && f.stream == 1)
-        .unwrap_or_else(|| panic!("the stream ends: {out:?}"));
-    let list = loona_hpack::Decoder::new()
-        .decode(&trailers.payload)
-        .expect("decodes");
-    assert!(
-        list.contains(&(b"grpc-status".to_vec(), b"14".to_vec())),
-        "{list:?}"
-    );
+    ends_unavailable(&h.out(c));
 }
