@@ -290,8 +290,6 @@ pub struct CheckArgs {
     pub bpffs: PathBuf,
     #[arg(long, default_value = "/var/run/netns")]
     pub netns_dir: PathBuf,
-    #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
-    pub admin_socket: PathBuf,
-    #[arg(short, long, value_enum, default_value_t)]
-    pub output: Output,
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }

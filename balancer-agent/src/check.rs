@@ -760,9 +760,9 @@ pub async fn run(args: crate::args::CheckArgs) -> anyhow::Result<()> {
         })
         .await
     } else {
-        running(&args.admin_socket).await
+        running(&args.admin.admin_socket).await
     };
-    print(&report, args.output.is_json())
+    print(&report, args.admin.output.is_json())
 }
 
 /// Print `r` (or its JSON); an error when an item failed.
