@@ -17,6 +17,18 @@ use crate::{
     topology::Topology,
 };
 
+/// Every `balancer-agent` subcommand, in `--help`'s order.
+pub const SUBCOMMANDS: [&str; 8] = [
+    "run",
+    "router",
+    "check",
+    "status",
+    "services",
+    "endpoints",
+    "top",
+    "cleanup",
+];
+
 pub fn agent_bin() -> PathBuf {
     workspace_bin("balancer-agent")
 }

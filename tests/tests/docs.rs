@@ -10,7 +10,7 @@ use std::{
     process::Command,
 };
 
-use balancer_tests::agent::agent_bin;
+use balancer_tests::agent::{SUBCOMMANDS, agent_bin};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -118,16 +118,7 @@ fn every_path_architecture_names_exists() {
 #[test]
 fn every_flag_architecture_names_is_taken_by_a_command() {
     let mut help = String::new();
-    for cmd in [
-        "run",
-        "router",
-        "check",
-        "status",
-        "services",
-        "endpoints",
-        "top",
-        "cleanup",
-    ] {
+    for cmd in SUBCOMMANDS {
         let out = Command::new(agent_bin())
             .args([cmd, "--help"])
             .output()

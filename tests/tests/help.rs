@@ -5,23 +5,13 @@
 
 use std::process::Command;
 
-use balancer_tests::agent::agent_bin;
+use balancer_tests::agent::{SUBCOMMANDS, agent_bin};
 
 #[test]
 fn every_commands_help_reads_as_the_golden_text() {
     let golden = concat!(env!("CARGO_MANIFEST_DIR"), "/golden/help");
     let mut differ = Vec::new();
-    for cmd in [
-        "",
-        "run",
-        "router",
-        "check",
-        "status",
-        "services",
-        "endpoints",
-        "top",
-        "cleanup",
-    ] {
+    for cmd in std::iter::once("").chain(SUBCOMMANDS) {
         let mut c = Command::new(agent_bin());
         if !cmd.is_empty() {
             c.arg(cmd);
