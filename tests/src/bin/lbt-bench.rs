@@ -608,27 +608,52 @@ fn summarize(runs: &[H2Run]) -> H2Summary {
 }
 
 /// A configuration's figures as ratios to its baselines (see
-/// [`Config::baselines`]).
+/// [`Config::baselines`]), each the median of the ratios within a round.
+/// Why per round: this VM's speed drifts by 10% and more from one minute
+/// to the next, and a configuration and its baseline run in the same
+/// round, seconds apart, so a round's ratio cancels the drift that a
+/// ratio of two medians taken over minutes keeps.
 #[derive(Debug, serde::Serialize)]
 struct H2Ratios {
     rps_vs_direct: Option<f64>,
     p99_vs_direct: Option<f64>,
     rps_vs_relay: f64,
     cpu_vs_relay: Option<f64>,
+    /// `rps_vs_relay` of each round.
+    rps_vs_relay_rounds: Vec<f64>,
+    /// `cpu_vs_relay` of each round.
+    cpu_vs_relay_rounds: Vec<f64>,
 }
 
-fn ratios(s: &BTreeMap<&str, H2Summary>, c: &Config) -> H2Ratios {
+/// `f(me, base)` of each round both ran, and their median.
+fn paired(
+    me: &[H2Run],
+    base: &[H2Run],
+    f: impl Fn(&H2Run, &H2Run) -> Option<f64>,
+) -> (Option<f64>, Vec<f64>) {
+    let v: Vec<f64> = me.iter().zip(base).filter_map(|(a, b)| f(a, b)).collect();
+    ((!v.is_empty()).then(|| median(v.clone())), v)
+}
+
+fn ratios(runs: &BTreeMap<&str, &[H2Run]>, c: &Config) -> H2Ratios {
     let (direct, relay) = c.baselines();
-    let (me, relay) = (&s[c.name], &s[relay]);
-    let direct = direct.map(|d| &s[d]);
+    let (me, relay) = (runs[c.name], runs[relay]);
+    let direct = direct.map(|d| runs[d]);
+    let vs_direct =
+        |f: fn(&H2Run) -> f64| direct.and_then(|d| paired(me, d, |a, b| Some(f(a) / f(b))).0);
+    let (rps_vs_relay, rps_vs_relay_rounds) = paired(me, relay, |a, b| Some(a.rps / b.rps));
+    let (cpu_vs_relay, cpu_vs_relay_rounds) = paired(me, relay, |a, b| {
+        a.cpu_us_per_request()
+            .zip(b.cpu_us_per_request())
+            .map(|(a, b)| a / b)
+    });
     H2Ratios {
-        rps_vs_direct: direct.map(|d| me.rps / d.rps),
-        p99_vs_direct: direct.map(|d| me.p99_us / d.p99_us),
-        rps_vs_relay: me.rps / relay.rps,
-        cpu_vs_relay: me
-            .cpu_us_per_request
-            .zip(relay.cpu_us_per_request)
-            .map(|(a, b)| a / b),
+        rps_vs_direct: vs_direct(|r| r.rps),
+        p99_vs_direct: vs_direct(|r| r.p99_us),
+        rps_vs_relay: rps_vs_relay.unwrap_or(f64::NAN),
+        cpu_vs_relay,
+        rps_vs_relay_rounds,
+        cpu_vs_relay_rounds,
     }
 }
 
@@ -961,7 +986,7 @@ fn identity_rows(
 fn http2(out: PathBuf) -> anyhow::Result<()> {
     let secs: u64 = env_or("LBT_H2_SECS", 3);
     anyhow::ensure!(secs >= 2, "LBT_H2_SECS must be at least 2");
-    let rounds: usize = env_or("LBT_ROUNDS", 3);
+    let rounds: usize = env_or("LBT_ROUNDS", 5);
     anyhow::ensure!(rounds >= 1, "LBT_ROUNDS must be at least 1");
     let t = Topology::new("h2bench", PODS, &[])?;
     let dir = std::env::temp_dir().join(format!("{}-files", t.prefix));
@@ -1110,6 +1135,11 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         .zip(&runs)
         .map(|(c, r)| (c.name, summarize(r)))
         .collect();
+    let by_name: BTreeMap<&str, &[H2Run]> = configs
+        .iter()
+        .zip(&runs)
+        .map(|(c, r)| (c.name, r.as_slice()))
+        .collect();
     let (identity_table, identity) = identity_rows(&t, &yaml, rounds, secs)?;
     let router_pid = agent.router_pid().context("router pid")?;
     let (rss, hwm) = (
@@ -1121,7 +1151,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
     let mut rows = serde_json::Map::new();
     let mut table = format!(
         "HTTP/2 benchmark: h2load -D {secs} --warm-up-time {}ms -m 32 over {PODS} nghttpd pods, median of {rounds} interleaved rounds\n\
-         -c 1 -t 1, ratios to direct and tcp_relay; _c2 rows -c 2 -t 2, ratios to tcp_relay_c2.\n\
+         -c 1 -t 1, ratios to direct and tcp_relay; _c2 rows -c 2 -t 2, ratios to tcp_relay_c2; each ratio the median of the rounds' own ratios.\n\
          rounds: slowest-fastest round, % of the median req/s. cpu: the proxy's processes (router + agent for the balancer), us per request.\n\
          sys, cs: the proxy's (router's) syscalls and context switches per request (perf stat).\n\n\
          {:<16} {:>8} {:>8} {:>6} {:>7} {:>7} {:>7} {:>6} {:>8} {:>6} {:>5} {:>5} {:>6} {:>6}  per-pod share\n",
@@ -1142,7 +1172,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         "failed",
     );
     for c in &configs {
-        let (s, r) = (&summaries[c.name], ratios(&summaries, c));
+        let (s, r) = (&summaries[c.name], ratios(&by_name, c));
         table += &table_row(c.name, s, &r);
         let mut row = serde_json::to_value(s)?;
         row.as_object_mut().context("row")?.extend(
@@ -1160,7 +1190,7 @@ fn http2(out: PathBuf) -> anyhow::Result<()> {
         .iter()
         .find(|c| c.name == "balancer")
         .context("balancer config")?;
-    let checks = targets(&summaries["balancer"], &ratios(&summaries, default));
+    let checks = targets(&summaries["balancer"], &ratios(&by_name, default));
     table += "\ntargets for balancer (default threads, -c 1):\n";
     for (what, bound, value, met) in &checks {
         table += &format!(
