@@ -9,7 +9,8 @@ use std::{
 use crate::{
     api::{
         DrainingView, EndpointView, EndpointsView, MapView, PortView, ProgramView, ReloadView,
-        Request, RouterEndpointView, RouterView, ServiceView, SourceView, StatusView,
+        Request, RouterEndpointView, RouterPoolsView, RouterView, ServiceView, SourceView,
+        StatusView,
     },
     dataplane::Dataplane,
     state::DesiredState,
@@ -333,6 +334,16 @@ impl Agent {
     pub fn endpoints(&self, only: Option<&str>) -> EndpointsView {
         let mut v = self.endpoints_shape(only);
         fill_kernel(&mut v, |id| self.dataplane.stats(id));
+        v.router = self.dataplane.router_config().map(|_| RouterPoolsView {
+            l4_by_reason: self
+                .dataplane
+                .counters()
+                .into_iter()
+                .filter(|(name, _)| L4_REASONS.contains(name))
+                .map(|(name, n)| (name.to_owned(), n))
+                .collect(),
+            ..RouterPoolsView::default()
+        });
         v
     }
 
@@ -385,6 +396,7 @@ impl Agent {
                         ejections: 0,
                         ejected: l4.map(|_| "connect".to_owned()),
                         ejected_for_ms: l4.unwrap_or(0),
+                        router_connections: 0,
                         backend_id: self.dataplane.backend_id(&addr),
                         socket: Some(addr),
                     });
@@ -419,7 +431,31 @@ impl Agent {
                 backend_id: id,
             })
             .collect();
-        EndpointsView { services, draining }
+        EndpointsView {
+            services,
+            draining,
+            router: None,
+        }
+    }
+}
+
+/// The kernel counters of connections to http2 ports balanced at L4
+/// instead of routed (`endpoints`' `l4_by_reason`).
+const L4_REASONS: [&str; 2] = [
+    balancer_common::Counter::RouterDown.name(),
+    balancer_common::Counter::RouterUnserved.name(),
+];
+
+/// Add what the router says of its pools (`router-status`) to an
+/// endpoints view that has a router.
+pub fn fill_router_pools(view: &mut EndpointsView, status: &crate::api::RouterStatusView) {
+    if let Some(r) = view.router.as_mut() {
+        r.source_identity.clone_from(&status.source_identity);
+        r.namespaces = status.namespaces;
+        r.namespace_pools = status.namespace_pools;
+        r.namespace_connections = status.namespace_connections;
+        r.l4_by_reason
+            .insert("unserved_closed".to_owned(), status.unserved_closed);
     }
 }
 
@@ -458,6 +494,7 @@ pub fn fill_router(view: &mut EndpointsView, router: &[RouterEndpointView]) {
             e.ewma_us = r.ewma_us;
             e.failures += r.failures;
             e.ejections = r.ejections;
+            e.router_connections = r.pod_connections;
             if r.ejected.is_some() {
                 e.ejected.clone_from(&r.ejected);
                 e.ejected_for_ms = r.ejected_for_ms;
@@ -525,6 +562,16 @@ pub fn admin_answer(
                     .await
                     {
                         fill_router(&mut view, &r);
+                    }
+                    if view.router.is_some()
+                        && let Ok(s) =
+                            crate::router_link::ask_router::<crate::api::RouterStatusView>(
+                                &router_socket,
+                                &Request::RouterStatus,
+                            )
+                            .await
+                    {
+                        fill_router_pools(&mut view, &s);
                     }
                     serde_json::to_value(view)
                         .map(|v| (v, None))

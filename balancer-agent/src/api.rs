@@ -304,6 +304,9 @@ pub struct EndpointStats {
     /// Until its probe, milliseconds (0 once the probe is due).
     #[serde(default)]
     pub ejected_for_ms: u64,
+    /// The router's pod connections to it now, of every client namespace.
+    #[serde(default)]
+    pub pod_connections: u64,
 }
 
 /// One endpoint's streams through the router (`router-endpoints`).
@@ -355,6 +358,10 @@ pub struct EndpointView {
     /// How long until its probe, milliseconds.
     #[serde(default)]
     pub ejected_for_ms: u64,
+    /// The router's pod connections to it now, of every client namespace
+    /// (http2 ports).
+    #[serde(default)]
+    pub router_connections: u64,
     /// Where its counts are read: the data path's backend id, and the
     /// address the router knows it by.
     #[serde(skip)]
@@ -387,4 +394,35 @@ pub struct EndpointsView {
     /// Backends no longer in any service whose connections are still open.
     #[serde(default)]
     pub draining: Vec<DrainingView>,
+    /// With a router (`run --proxy-addr`): its pools per client namespace
+    /// and the http2 connections balanced at L4 instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RouterPoolsView>,
+}
+
+/// The router's pools as `endpoints` shows them: whose address its pod
+/// connections carry, its pools per client namespace, and the
+/// connections to http2 ports that did not go through it, by reason.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RouterPoolsView {
+    /// `pod` or `node` (`--source-identity`); empty when the router did
+    /// not answer.
+    #[serde(default)]
+    pub source_identity: String,
+    /// Client network namespaces it can serve now.
+    #[serde(default)]
+    pub namespaces: usize,
+    /// Client namespaces with pod connections of their own now.
+    #[serde(default)]
+    pub namespace_pools: u64,
+    /// Their pod connections now.
+    #[serde(default)]
+    pub namespace_connections: u64,
+    /// Connections to http2 ports balanced at L4 instead of routed, by
+    /// reason, since the data path was loaded: `router_down` (no router
+    /// alive), `router_unserved` (a client namespace the router cannot
+    /// enter), `unserved_closed` (closed by the router on accept: their
+    /// namespace went away since the kernel steered them; they reconnect
+    /// at L4).
+    pub l4_by_reason: std::collections::BTreeMap<String, u64>,
 }

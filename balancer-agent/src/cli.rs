@@ -681,6 +681,7 @@ mod tests {
             ejections: 0,
             ejected: None,
             ejected_for_ms: 0,
+            router_connections: 0,
             backend_id: None,
             socket: None,
         }
@@ -695,6 +696,7 @@ mod tests {
                 endpoints: eps,
             }],
             draining: vec![],
+            router: None,
         }
     }
 

@@ -730,6 +730,7 @@ mod tests {
         let mut v = EndpointsView {
             services: vec![],
             draining: vec![],
+            router: None,
         };
         let mut s: ServiceView = serde_json::from_value(serde_json::json!({
             "name": "default/a\"b", "addresses": [], "ports": [], "endpoints": [],

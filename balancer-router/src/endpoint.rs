@@ -56,6 +56,8 @@ pub struct Endpoint {
     pub failures: AtomicU64,
     /// Set when the endpoint left every service: no new streams.
     pub draining: AtomicBool,
+    /// Pod connections open to it now, of every origin and worker.
+    pub connections: AtomicU64,
     /// Failure accrual: ejected after consecutive failures.
     pub accrual: crate::accrual::Accrual,
     ewma: Mutex<Ewma>,
@@ -71,6 +73,7 @@ impl Endpoint {
             streams_total: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
             accrual: crate::accrual::Accrual::default(),
             ewma: Mutex::new(Ewma {
                 estimate: DEFAULT_RTT.as_nanos() as f64,

@@ -773,6 +773,28 @@ fn two_client_namespaces_at_once_each_seen_as_itself() {
     let vb = h2_client_wait_timeout(b, limit).expect("client two");
     assert_routed_as(&va, 2000, c.0.0, &s.agent);
     assert_routed_as(&vb, 2000, c.1.0, &s.agent);
+
+    // `endpoints -o json` shows the two pools (ORIGIN_POOL_IDLE keeps
+    // them 10 s), and its per-pod pod connections add up to theirs.
+    Topology::wait_for(
+        "endpoints to show both pools",
+        Duration::from_secs(5),
+        || {
+            let e = s.agent.endpoints_json()?;
+            let r = &e["router"];
+            let per_pod: u64 = e["services"][0]["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|ep| ep["router_connections"].as_u64().unwrap_or(0))
+                .sum();
+            Ok(r["source_identity"] == "pod"
+                && r["namespace_pools"] == 2
+                && r["namespace_connections"].as_u64().is_some_and(|n| n >= 2)
+                && per_pod == r["namespace_connections"].as_u64().unwrap_or(0))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", s.agent.endpoints_json().expect("endpoints")));
 }
 
 /// The router restarts (`kill -9`, then a new one): the new one learns
@@ -875,6 +897,12 @@ fn a_client_in_a_namespace_the_router_does_not_know_is_balanced_at_l4_as_itself(
             (k1.steered - k0.steered, k1.unserved - k0.unserved),
             (0, 1),
             "{why}: not steered, counted in router_unserved"
+        );
+        let e = s.agent.endpoints_json().expect("endpoints");
+        assert_eq!(
+            e["router"]["l4_by_reason"]["router_unserved"].as_u64(),
+            Some(k1.unserved),
+            "{why}: endpoints -o json counts it by reason: {e}"
         );
     };
     at_l4(&unnamed.path, u4, "an unnamed namespace");

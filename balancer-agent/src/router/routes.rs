@@ -101,6 +101,7 @@ impl RouteTable {
                         ejections: e.accrual.ejections.load(Relaxed),
                         ejected: ejected.map(|(why, _)| why.as_str().to_owned()),
                         ejected_for_ms: ejected.map_or(0, |(_, ms)| ms),
+                        pod_connections: e.connections.load(Relaxed),
                     },
                 )
             })

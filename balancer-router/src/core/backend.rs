@@ -54,6 +54,7 @@ impl Core {
         let Some(mut be) = self.backends.remove(&b) else {
             return;
         };
+        be.ep.connections.fetch_sub(1, Ordering::Relaxed);
         let key = (be.origin, be.ep.addr);
         unpool(&mut self.pool, key, b);
         // Streams may have been processed only by a backend that spoke

@@ -4,7 +4,10 @@
 //! process (RFC 9113 8.7: REFUSED_STREAM, above a GOAWAY's last id, or a
 //! connection that never came up), replayed elsewhere.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{
+    collections::VecDeque,
+    sync::{Arc, atomic::Ordering},
+};
 
 use bytes::BytesMut;
 
@@ -98,6 +101,7 @@ impl Core {
             (BACKEND_CONN_WINDOW - frame::DEFAULT_WINDOW) as u32,
         );
         let addr = ep.addr;
+        ep.connections.fetch_add(1, Ordering::Relaxed);
         self.backends.insert(
             id,
             Backend {
