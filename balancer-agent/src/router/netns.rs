@@ -118,6 +118,11 @@ pub struct Namespaces {
     /// Cookie -> a handle on the namespace (kept open while its file is
     /// there; a pod connection made in it keeps it alive by itself).
     known: RwLock<HashMap<u64, Arc<OwnedFd>>>,
+    /// How many of `known` the kernel has been told of (`SERVED_NETNS`):
+    /// the table is filled first, so that a connection the kernel steers
+    /// finds its namespace, and this counts a namespace only once it is
+    /// served both ways (what `router-status` reports).
+    served: std::sync::atomic::AtomicUsize,
 }
 
 impl Namespaces {
@@ -143,12 +148,15 @@ impl Namespaces {
             own,
             own_cookie,
             known: RwLock::new(HashMap::new()),
+            served: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
-    /// Client namespaces served now (not counting the router's own).
+    /// Client namespaces served now (not counting the router's own): in
+    /// the table and in the kernel's `SERVED_NETNS`, so a client that
+    /// connects once this counts its namespace is routed.
     pub fn len(&self) -> usize {
-        self.known.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.served.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The origin of a client connection from namespace `cookie`: the
@@ -392,6 +400,9 @@ impl Watch {
                     .is_none();
                 if fresh {
                     self.served.set(cookie, true);
+                    self.ns
+                        .served
+                        .fetch_add(1, std::sync::atomic::Ordering::Release);
                     tracing::debug!(name = ?name, cookie, "client network namespace served");
                 }
             }
@@ -422,11 +433,17 @@ impl Watch {
         }
         // The kernel first, so no new connection is steered here for it.
         self.served.set(cookie, false);
-        self.ns
+        let was = self
+            .ns
             .known
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&cookie);
+        if was.is_some() {
+            self.ns
+                .served
+                .fetch_sub(1, std::sync::atomic::Ordering::Release);
+        }
         tracing::debug!(name = ?name, cookie, "client network namespace gone");
     }
 
@@ -705,10 +722,11 @@ mod tests {
         // A second one whose file is there 100 ms before its namespace.
         let second = dir.join("second");
         make_netns(&second, Duration::from_millis(100));
-        // The table is filled before the served map is told: wait for both.
-        wait("the second namespace", || {
-            ns.len() == 2 && served.list().len() == 3
-        });
+        // Counted once both the table and the served map have it (the
+        // table is filled first), so a client that connects once the
+        // count shows its namespace is steered to the router.
+        wait("the second namespace", || ns.len() == 2);
+        assert_eq!(served.list().len(), 3, "the node and both namespaces");
         let cookies: Vec<u64> = served
             .list()
             .into_iter()
@@ -734,9 +752,8 @@ mod tests {
         assert_eq!(ns.origin(ns.own_cookie), Some(Origin::NODE));
         // Deleted: no longer served, no longer entered.
         remove_netns(&first);
-        wait("the first namespace to go", || {
-            ns.len() == 1 && served.list().len() == 2
-        });
+        wait("the first namespace to go", || ns.len() == 1);
+        assert_eq!(served.list().len(), 2, "the node and the second");
         let gone: Vec<u64> = cookies
             .iter()
             .copied()
