@@ -288,6 +288,34 @@ fn a_client_that_does_not_speak_http2_is_passed_through() {
     assert_eq!(r.pods.values().sum::<u64>(), 2);
 }
 
+/// Clients that do not speak HTTP/2 on an http2 port are picked for by
+/// the port's own pool, over live counts (each passed-through connection
+/// is one in flight while it lasts): 40 held connections over 4 pods land
+/// as least-conn lands them at L4, 10 each (a throwaway pool per
+/// connection, whose rotation always started at the first pod, gave
+/// 14/9/9/8).
+#[test]
+fn passed_through_connections_spread_as_the_ports_algorithm_spreads_them() {
+    let s = setup("h2plainspread", 4);
+    let held = balancer_tests::peers::hold_connections(
+        &s.t.client.name,
+        Some(&s.t.cgroup.path),
+        "198.19.0.51:80",
+        40,
+    )
+    .expect("plain client");
+    let r = &held.result;
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.pods.values().sum::<u64>(), 40, "{r:?}");
+    assert_eq!(r.pods.len(), 4, "every pod: {r:?}");
+    assert!(
+        r.pods.values().all(|n| (9..=11).contains(n)),
+        "10 each, as least-conn at L4: {r:?}"
+    );
+    eprintln!("40 passed-through connections: {:?}", r.pods);
+    held.close().expect("close");
+}
+
 #[test]
 fn agent_shutdown_drains_http2_clients_without_failing_a_stream() {
     let mut s = setup("h2drain", 2);
