@@ -48,17 +48,6 @@ impl Default for Policy {
     }
 }
 
-static POLICY: OnceLock<Policy> = OnceLock::new();
-
-/// Set the policy once, at the router's start (later calls are ignored).
-pub fn set_policy(p: Policy) {
-    let _ = POLICY.set(p);
-}
-
-pub fn policy() -> Policy {
-    POLICY.get().copied().unwrap_or_default()
-}
-
 /// Why a stream counted as a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -154,6 +143,9 @@ pub enum Standing {
 /// Failure accrual state of one endpoint.
 #[derive(Debug, Default)]
 pub struct Accrual {
+    /// The router's policy, handed in where the endpoint is made
+    /// (`Endpoint::with_policy`), not read from a process-wide static.
+    policy: Policy,
     consecutive: AtomicU32,
     /// 0: not ejected; else the clock (ms) its ejection ends.
     until_ms: AtomicU64,
@@ -163,6 +155,26 @@ pub struct Accrual {
     /// The last [`Failure`] that ejected it.
     reason: AtomicU8,
     pub ejections: AtomicU64,
+}
+
+impl Accrual {
+    /// An endpoint's accrual under `policy`.
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            policy,
+            consecutive: AtomicU32::new(0),
+            until_ms: AtomicU64::new(0),
+            backoff_ms: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+            reason: AtomicU8::new(0),
+            ejections: AtomicU64::new(0),
+        }
+    }
+
+    /// The policy it was made with.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
 }
 
 /// Ejections since start, by the [`Failure`] that caused them (indexed by
@@ -212,7 +224,7 @@ impl Accrual {
     /// A failed stream: eject after `consecutive` of them, or again, for
     /// twice as long, after a failed probe. Returns true if it ejected.
     pub fn failure(&self, why: Failure, now: Instant) -> bool {
-        let p = policy();
+        let p = self.policy;
         if p.consecutive == 0 {
             return false;
         }

@@ -66,7 +66,13 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// An endpoint under the default accrual policy (tests, fuzzing).
     pub fn new(addr: SocketAddr) -> Self {
+        Self::with_policy(addr, crate::accrual::Policy::default())
+    }
+
+    /// An endpoint under the router's accrual `policy`.
+    pub fn with_policy(addr: SocketAddr, policy: crate::accrual::Policy) -> Self {
         Self {
             addr,
             outstanding: AtomicU64::new(0),
@@ -74,7 +80,7 @@ impl Endpoint {
             failures: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             connections: AtomicU64::new(0),
-            accrual: crate::accrual::Accrual::default(),
+            accrual: crate::accrual::Accrual::new(policy),
             ewma: Mutex::new(Ewma {
                 estimate: DEFAULT_RTT.as_nanos() as f64,
                 at: Instant::now(),
@@ -265,14 +271,28 @@ pub struct Pool {
     pub algorithm: Algorithm,
     pub endpoints: Vec<Arc<Endpoint>>,
     cursor: AtomicU64,
+    /// Its share of endpoints that may be ejected at once
+    /// (`max_ejected_percent`) comes from here.
+    policy: crate::accrual::Policy,
 }
 
 impl Pool {
+    /// A pool under the default accrual policy (tests, fuzzing).
     pub fn new(algorithm: Algorithm, endpoints: Vec<Arc<Endpoint>>) -> Self {
+        Self::with_policy(algorithm, endpoints, crate::accrual::Policy::default())
+    }
+
+    /// A pool under the router's accrual `policy`.
+    pub fn with_policy(
+        algorithm: Algorithm,
+        endpoints: Vec<Arc<Endpoint>>,
+        policy: crate::accrual::Policy,
+    ) -> Self {
         Self {
             algorithm,
             endpoints,
             cursor: AtomicU64::new(0),
+            policy,
         }
     }
 
@@ -293,7 +313,7 @@ impl Pool {
                 Standing::ProbeDue | Standing::Probing => out.push((0, e)),
             }
         }
-        let cap = crate::accrual::max_ejected(&crate::accrual::policy(), self.endpoints.len());
+        let cap = crate::accrual::max_ejected(&self.policy, self.endpoints.len());
         if out.len() > cap {
             out.sort_by_key(|(until, _)| *until);
             let back = out.len() - cap;
@@ -314,7 +334,7 @@ impl Pool {
                 _ => Some((0, e.addr)),
             })
             .collect();
-        let cap = crate::accrual::max_ejected(&crate::accrual::policy(), self.endpoints.len());
+        let cap = crate::accrual::max_ejected(&self.policy, self.endpoints.len());
         out.sort_by_key(|(until, _)| *until);
         // The cap lets in those whose ejection ends first.
         let back = out.len().saturating_sub(cap);

@@ -171,6 +171,7 @@ impl Router {
     pub fn new(
         maps: Maps,
         limits: core::Limits,
+        accrual: balancer_router::accrual::Policy,
         namespaces: Option<Arc<netns::Namespaces>>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -181,7 +182,7 @@ impl Router {
             maps_epoch: std::sync::atomic::AtomicU64::new(0),
             limits,
             splice: maps.splice.is_some(),
-            routes: RouteTable::default(),
+            routes: RouteTable::new(accrual),
             maps: Mutex::new(maps),
             shutdown: watch::channel(false).0,
             connections: std::sync::atomic::AtomicUsize::new(0),

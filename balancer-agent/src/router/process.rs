@@ -386,7 +386,6 @@ pub async fn run(args: crate::args::RouterArgs) -> anyhow::Result<()> {
         buffer_limit: router_buffer_limit,
         ..Default::default()
     };
-    balancer_router::accrual::set_policy(accrual.policy());
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
             "balancer-agent router must run as root: it opens the agent's pinned maps (CAP_BPF)"
@@ -411,7 +410,7 @@ pub async fn run(args: crate::args::RouterArgs) -> anyhow::Result<()> {
     let _socket_guard = RemoveOnDrop(admin_socket.clone());
     let metrics_listener = socket::bind_metrics(metrics_addr)?;
     let (table, maps) = wait_for_pins(&dir, splice).await;
-    let router = Router::new(maps, limits, namespaces.clone());
+    let router = Router::new(maps, limits, accrual.policy(), namespaces.clone());
     let stop = Arc::new(AtomicBool::new(false));
     // The namespaces that exist are in SERVED_NETNS before the kernel
     // steers anything here; new ones are added as they appear.

@@ -17,6 +17,8 @@ use crate::api::EndpointStats;
 
 #[derive(Default)]
 pub struct RouteTable {
+    /// Failure accrual for every endpoint and pool it makes (`--accrual-*`).
+    policy: balancer_router::accrual::Policy,
     /// VIP:port -> endpoints of that http2 frontend. Replaced whole.
     table: RwLock<Arc<HashMap<SocketAddr, Arc<Pool>>>>,
     /// Every endpoint the router knows, so counters survive updates.
@@ -24,6 +26,13 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    pub fn new(policy: balancer_router::accrual::Policy) -> Self {
+        Self {
+            policy,
+            ..Self::default()
+        }
+    }
+
     /// Publish the http2 routes: build the new table, then swap it in.
     /// Endpoints that left drain: their streams finish, and no new one is
     /// sent to them.
@@ -39,14 +48,17 @@ impl RouteTable {
                     live.insert(*b);
                     let ep = registry
                         .entry(*b)
-                        .or_insert_with(|| Arc::new(Endpoint::new(*b)))
+                        .or_insert_with(|| Arc::new(Endpoint::with_policy(*b, self.policy)))
                         .clone();
                     ep.draining
                         .store(false, std::sync::atomic::Ordering::Relaxed);
                     ep
                 })
                 .collect();
-            table.insert(f.vip, Arc::new(Pool::new(f.algorithm, eps)));
+            table.insert(
+                f.vip,
+                Arc::new(Pool::with_policy(f.algorithm, eps, self.policy)),
+            );
         }
         registry.retain(|addr, ep| {
             if live.contains(addr) {
@@ -146,6 +158,34 @@ mod tests {
         v.sort();
         v.dedup();
         v
+    }
+
+    /// The router's accrual policy reaches every endpoint and pool the
+    /// table makes (it is handed in, not read from a static): with
+    /// `consecutive` 1 and up to 100% ejected, one failed stream ejects a
+    /// pod and the pool stops picking it; under the default policy (5 in
+    /// a row) one failure ejects nothing.
+    #[test]
+    fn the_tables_accrual_policy_is_the_one_it_was_given() {
+        use balancer_router::accrual::{Failure, Policy};
+        let now = std::time::Instant::now();
+        let strict = RouteTable::new(Policy {
+            consecutive: 1,
+            max_ejected_percent: 100,
+            ..Policy::default()
+        });
+        strict.update(&[route(&[0, 1])]);
+        let pool = strict.pool(vip()).expect("pool");
+        pool.endpoints[0].failed(Failure::Reset, now);
+        assert!(pool.endpoints[0].accrual.view(now).is_some(), "ejected");
+        assert_eq!(picks(&strict, 8), vec![addr(1)]);
+
+        let lenient = RouteTable::default();
+        lenient.update(&[route(&[0, 1])]);
+        let pool = lenient.pool(vip()).expect("pool");
+        pool.endpoints[0].failed(Failure::Reset, now);
+        assert!(pool.endpoints[0].accrual.view(now).is_none());
+        assert_eq!(picks(&lenient, 8), vec![addr(0), addr(1)]);
     }
 
     #[test]
