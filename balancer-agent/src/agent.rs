@@ -335,12 +335,9 @@ impl Agent {
         let mut v = self.endpoints_shape(only);
         fill_kernel(&mut v, |id| self.dataplane.stats(id));
         v.router = self.dataplane.router_config().map(|_| RouterPoolsView {
-            l4_by_reason: self
-                .dataplane
-                .counters()
-                .into_iter()
-                .filter(|(name, _)| L4_REASONS.contains(name))
-                .map(|(name, n)| (name.to_owned(), n))
+            l4_by_reason: L4_REASONS
+                .iter()
+                .map(|&c| (c.name().to_owned(), self.dataplane.counter(c)))
                 .collect(),
             ..RouterPoolsView::default()
         });
@@ -441,19 +438,16 @@ impl Agent {
 
 /// The kernel counters of connections to http2 ports balanced at L4
 /// instead of routed (`endpoints`' `l4_by_reason`).
-const L4_REASONS: [&str; 2] = [
-    balancer_common::Counter::RouterDown.name(),
-    balancer_common::Counter::RouterUnserved.name(),
+const L4_REASONS: [balancer_common::Counter; 2] = [
+    balancer_common::Counter::RouterDown,
+    balancer_common::Counter::RouterUnserved,
 ];
 
 /// Add what the router says of its pools (`router-status`) to an
 /// endpoints view that has a router.
 pub fn fill_router_pools(view: &mut EndpointsView, status: &crate::api::RouterStatusView) {
     if let Some(r) = view.router.as_mut() {
-        r.source_identity.clone_from(&status.source_identity);
-        r.namespaces = status.namespaces;
-        r.namespace_pools = status.namespace_pools;
-        r.namespace_connections = status.namespace_connections;
+        r.pools.clone_from(&status.pools);
         r.l4_by_reason
             .insert("unserved_closed".to_owned(), status.unserved_closed);
     }

@@ -251,19 +251,10 @@ pub struct RouterStatusView {
     /// Response bytes its clients make it hold (see `core::Limits`).
     #[serde(default)]
     pub held_bytes: i64,
-    /// Whose address pod connections carry: `pod` or `node`
-    /// (`--source-identity`).
-    #[serde(default)]
-    pub source_identity: String,
-    /// Client network namespaces it can serve now (not counting its own).
-    #[serde(default)]
-    pub namespaces: usize,
-    /// Client namespaces with pod connections of their own now.
-    #[serde(default)]
-    pub namespace_pools: u64,
-    /// Pod connections of client namespaces (not the node's) now.
-    #[serde(default)]
-    pub namespace_connections: u64,
+    /// Whose address pod connections carry, and its pools per client
+    /// namespace.
+    #[serde(flatten)]
+    pub pools: NamespacePoolsView,
     /// Accepted connections closed because their namespace could not be
     /// entered (gone since the kernel steered them).
     #[serde(default)]
@@ -400,24 +391,32 @@ pub struct EndpointsView {
     pub router: Option<RouterPoolsView>,
 }
 
-/// The router's pools as `endpoints` shows them: whose address its pod
-/// connections carry, its pools per client namespace, and the
-/// connections to http2 ports that did not go through it, by reason.
+/// Whose address the router's pod connections carry and its pools per
+/// client namespace: in `router-status`, and in `endpoints`' router
+/// section.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RouterPoolsView {
-    /// `pod` or `node` (`--source-identity`); empty when the router did
-    /// not answer.
+pub struct NamespacePoolsView {
+    /// `pod` or `node` (`--source-identity`); empty in `endpoints` when
+    /// the router did not answer.
     #[serde(default)]
     pub source_identity: String,
-    /// Client network namespaces it can serve now.
+    /// Client network namespaces it can serve now (not counting its own).
     #[serde(default)]
     pub namespaces: usize,
     /// Client namespaces with pod connections of their own now.
     #[serde(default)]
     pub namespace_pools: u64,
-    /// Their pod connections now.
+    /// Pod connections of client namespaces (not the node's) now.
     #[serde(default)]
     pub namespace_connections: u64,
+}
+
+/// The router's pools as `endpoints` shows them, and the connections to
+/// http2 ports that did not go through it, by reason.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RouterPoolsView {
+    #[serde(flatten)]
+    pub pools: NamespacePoolsView,
     /// Connections to http2 ports balanced at L4 instead of routed, by
     /// reason, since the data path was loaded: `router_down` (no router
     /// alive), `router_unserved` (a client namespace the router cannot

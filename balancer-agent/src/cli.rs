@@ -161,7 +161,7 @@ pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
                 let _ = writeln!(
                     o,
                     "identity:  {}",
-                    if p.source_identity == "node" {
+                    if p.pools.source_identity == "node" {
                         "node (pods see the node's address for streams through the router)"
                             .to_owned()
                     } else {
@@ -169,9 +169,9 @@ pub fn print_status(v: &StatusView, as_json: bool) -> anyhow::Result<()> {
                             "pod ({} client namespaces served, {} with pod connections of their \
                              own ({} connections), {} connections closed for a namespace it \
                              could not enter)",
-                            p.namespaces,
-                            p.namespace_pools,
-                            p.namespace_connections,
+                            p.pools.namespaces,
+                            p.pools.namespace_pools,
+                            p.pools.namespace_connections,
                             p.unserved_closed
                         )
                     }

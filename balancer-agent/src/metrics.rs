@@ -400,19 +400,19 @@ pub fn render_router(status: &RouterStatusView) -> String {
         &mut reg,
         "balancer_router_client_namespaces",
         "Client network namespaces the router can open pod connections from (--source-identity pod), not counting its own.",
-        count(status.namespaces),
+        count(status.pools.namespaces),
     );
     gauge(
         &mut reg,
         "balancer_router_namespace_pools",
         "Client network namespaces with pod connections of their own now.",
-        count(status.namespace_pools),
+        count(status.pools.namespace_pools),
     );
     gauge(
         &mut reg,
         "balancer_router_namespace_connections",
         "Pod connections opened from client network namespaces (not the node's) now.",
-        count(status.namespace_connections),
+        count(status.pools.namespace_connections),
     );
     counter(
         &mut reg,

@@ -170,11 +170,6 @@ impl Accrual {
             ejections: AtomicU64::new(0),
         }
     }
-
-    /// The policy it was made with.
-    pub fn policy(&self) -> Policy {
-        self.policy
-    }
 }
 
 /// Ejections since start, by the [`Failure`] that caused them (indexed by
