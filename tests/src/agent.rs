@@ -146,6 +146,20 @@ impl Agent {
         Self::start_file(prefix, cgroup, endpoints_yaml, netns, extra, None)
     }
 
+    /// The agent and its router in `t`'s node namespace, with every pod of
+    /// `t` behind one least-conn tcp Service `default/web` at `vip`:80
+    /// (target port 8080).
+    pub fn start_web_with_router(t: &Topology, vip: &str) -> anyhow::Result<Self> {
+        let pods: Vec<String> = t.pods.iter().map(|p| p.v4.to_string()).collect();
+        Self::start_with(
+            &t.prefix,
+            &t.cgroup.path,
+            &crate::yaml::endpoints_yaml("default/web", &[vip], 80, 8080, "least-conn", &pods),
+            Some(&t.node.name),
+            &["--proxy-addr", crate::topology::ROUTER_ADDR],
+        )
+    }
+
     /// As [`Agent::start_with`], with the agent process in `agent_cgroup`
     /// (from [`Topology::agent_cgroup`]).
     pub fn start_in_cgroup(

@@ -15,7 +15,7 @@ use balancer_tests::{
     fakeapi::FakeApi,
     netns::unique_prefix,
     process::require_root,
-    topology::{ROUTER_ADDR, Topology},
+    topology::Topology,
 };
 use serde_json::Value;
 
@@ -181,21 +181,7 @@ fn preflight_against_an_apiserver_asks_rbac_and_fails_on_a_denied_verb_or_a_403(
 fn a_running_agent_checks_ok_and_a_dead_router_fails() {
     require_root();
     let t = Topology::new("chkrun", 2, &[8080]).expect("topology");
-    let mut agent = Agent::start_with(
-        &t.prefix,
-        &t.cgroup.path,
-        &balancer_tests::yaml::endpoints_yaml(
-            "default/web",
-            &["198.19.0.81"],
-            80,
-            8080,
-            "least-conn",
-            &t.pods.iter().map(|p| p.v4.to_string()).collect::<Vec<_>>(),
-        ),
-        Some(&t.node.name),
-        &["--proxy-addr", ROUTER_ADDR],
-    )
-    .expect("agent");
+    let mut agent = Agent::start_web_with_router(&t, "198.19.0.81").expect("agent");
     let check = |agent: &Agent| {
         run(Command::new(agent_bin())
             .args(["check", "-o", "json", "--admin-socket"])

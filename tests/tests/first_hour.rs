@@ -11,7 +11,7 @@ use balancer_tests::{
     fakeapi::FakeApi,
     netns::unique_prefix,
     process::require_root,
-    topology::{ROUTER_ADDR, Topology},
+    topology::Topology,
 };
 use k8s_openapi::api::apps::v1::DaemonSet;
 
@@ -57,21 +57,7 @@ fn every_command_of_the_first_hour_runs_as_written() {
         .spec
         .expect("pod spec");
     let t = Topology::new("firsthour", 2, &[8080]).expect("topology");
-    let agent = Agent::start_with(
-        &t.prefix,
-        &t.cgroup.path,
-        &balancer_tests::yaml::endpoints_yaml(
-            "default/web",
-            &["198.19.0.82"],
-            80,
-            8080,
-            "least-conn",
-            &t.pods.iter().map(|p| p.v4.to_string()).collect::<Vec<_>>(),
-        ),
-        Some(&t.node.name),
-        &["--proxy-addr", ROUTER_ADDR],
-    )
-    .expect("agent");
+    let agent = Agent::start_web_with_router(&t, "198.19.0.82").expect("agent");
     let dir = std::env::temp_dir().join(unique_prefix("firsthourapi"));
     let api = FakeApi::start(&dir).expect("fake apiserver");
     for line in &cmds {
